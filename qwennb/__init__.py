@@ -1,0 +1,48 @@
+"""qwennb: run Qwen-Image from a notebook.
+
+The library core has no IPython import; ``%load_ext qwennb`` reaches the magics through
+``load_ipython_extension``. Heavy modules (torch, diffusers) load on first use.
+
+Example:
+    >>> import qwennb
+    >>> qwennb.get_model("qwen-image").hub_id
+    'Qwen/Qwen-Image'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "detect": "hardware",
+    "Hardware": "hardware",
+    "get_model": "models",
+    "component_sizes": "models",
+    "find_local_models": "models",
+    "REGISTRY": "models",
+    "make_plan": "plan",
+    "describe_machine": "plan",
+    "OptimizationConfig": "plan",
+    "Plan": "plan",
+    "ModelDetectionService": "compat",
+    "PipelineOptimizer": "compat",
+    "QwennbError": "errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qwennb' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["__version__", *_LAZY]

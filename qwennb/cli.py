@@ -1,0 +1,173 @@
+"""The ``qwennb`` command: detect, models, plan, generate.
+
+Every user error exits with status 2 and one line on stderr (no traceback).
+
+Example:
+    $ qwennb plan --model qwen-image --gpu-memory 24GB --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import QwennbError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, status 2 (argparse's own convention)
+        self.exit(2, f"qwennb: error: {message}\n")
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .hardware import detect
+    from .models import find_local_models
+
+    hw = detect()
+    models = find_local_models(args.dir) if args.dir else find_local_models()
+    if args.json:
+        out = hw.to_dict()
+        out["models"] = [m.to_dict() for m in models]
+        print(json.dumps(out, indent=2))
+        return 0
+    if hw.gpus:
+        for g in hw.gpus:
+            peak = f", ~{g.peak_bf16_tflops:.0f} TFLOP/s bf16" if g.peak_bf16_tflops else ""
+            print(
+                f"GPU {g.index}: {g.name}, {g.total_memory_gb:.1f} GiB ({g.free_memory_gb:.1f} free), "
+                f"compute {g.compute_capability}, bf16 {'yes' if g.bf16 else 'no'}{peak}"
+            )
+    else:
+        print("GPU: none")
+    print(
+        f"host: {hw.host_ram_gb:.1f} GiB RAM ({hw.host_ram_available_gb:.1f} available), {hw.cpu_count} CPUs"
+    )
+    print(f"front end: {hw.frontend}")
+    for note in hw.notes:
+        print(f"note: {note}")
+    if models:
+        for m in models:
+            state = "complete" if m.complete else f"INCOMPLETE (missing {', '.join(m.missing[:3])})"
+            print(f"model: {m.name} [{m.architecture}] at {m.path}: {state}")
+    else:
+        print("models: no Qwen-Image snapshot found locally (the tiny stand-in will be used)")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import REGISTRY, component_sizes
+
+    rows = []
+    for spec in REGISTRY.values():
+        sizes = component_sizes(spec.name)
+        rows.append(
+            {
+                "name": spec.name,
+                "hub_id": spec.hub_id,
+                "task": spec.task,
+                "architecture": spec.architecture,
+                "stand_in": spec.stand_in,
+                "description": spec.description,
+                "components": {k: v.to_dict() for k, v in sizes.items()},
+                "total_params": sum(v.params for v in sizes.values()),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<22}{'hub id':<30}{'params':>16}  {'bf16 GiB':>9}  task")
+    for r in rows:
+        gib = r["total_params"] * 2 / 1024**3
+        print(f"{r['name']:<22}{r['hub_id'] or '-':<30}{r['total_params']:>16,}  {gib:>9.2f}  {r['task']}")
+    return 0
+
+
+def _machine_from_args(args: argparse.Namespace) -> Any:
+    from .hardware import detect
+    from .plan import describe_machine, parse_memory
+
+    if args.gpu_memory is None and args.gpu_name is None and not args.no_bf16 and args.host_ram is None:
+        return detect()
+    host = parse_memory(args.host_ram) if args.host_ram else 64.0
+    if args.gpu_memory is None:
+        if args.gpu_name or args.no_bf16:
+            raise QwennbError("--gpu-name and --no-bf16 describe a card: give its --gpu-memory too")
+        hw = detect()
+        hw.host_ram_gb = hw.host_ram_available_gb = host
+        return hw
+    return describe_machine(
+        gpu_memory_gb=parse_memory(args.gpu_memory),
+        gpu_name=args.gpu_name,
+        bf16=not args.no_bf16,
+        host_ram_gb=host,
+    )
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import OptimizationConfig, make_plan
+
+    overrides = OptimizationConfig(force=args.force, dtype="float32" if args.fp32 else None)
+    plan = make_plan(_machine_from_args(args), args.model, overrides)
+    print(plan.to_json() if args.json else plan.table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``qwennb`` command."""
+    p = _Parser(prog="qwennb", description="Run Qwen-Image from a notebook or the shell.")
+    p.add_argument("--version", action="version", version=f"qwennb {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("detect", help="what GPU, memory, front end and local models this machine has")
+    d.add_argument("--json", action="store_true", help="one JSON object")
+    d.add_argument("--dir", help="look for models in this folder instead of the Hugging Face cache")
+    d.set_defaults(func=_cmd_detect)
+
+    m = sub.add_parser("models", help="the models qwennb knows, with parameter counts")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_cmd_models)
+
+    pl = sub.add_parser("plan", help="how a model would be loaded on this (or a described) machine")
+    pl.add_argument("--model", default="qwen-image")
+    pl.add_argument("--gpu-memory", help="plan for a card with this much memory, e.g. 24GB")
+    pl.add_argument("--gpu-name", help="name of the described card")
+    pl.add_argument("--no-bf16", action="store_true", help="the described card has no bf16 (pre-Ampere)")
+    pl.add_argument("--host-ram", help="host RAM of the described machine, e.g. 64GB")
+    pl.add_argument("--fp32", action="store_true", help="run in float32 (twice the memory)")
+    pl.add_argument(
+        "--force", action="store_true", help="plan even where it would be very slow (CPU, no bf16)"
+    )
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plan)
+
+    try:
+        from .generate import add_generate_parser
+    except ImportError:  # pragma: no cover - while generate is being written
+        pass
+    else:
+        add_generate_parser(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qwennb`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except QwennbError as exc:
+        print(f"qwennb: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qwennb: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `qwennb ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,396 @@
+"""The registry of models qwennb knows, their sizes computed from configs, and finding them on disk.
+
+Component configs ship in ``qwennb/configs/<name>/``. Parameter counts are not typed in anywhere:
+they come from building each component on the meta device from those configs (a few seconds, no
+memory), so they stay true when a config changes.
+
+Example:
+    >>> from qwennb.models import get_model, component_sizes
+    >>> get_model("qwen-image").hub_id
+    'Qwen/Qwen-Image'
+    >>> component_sizes("qwen-image")["transformer"].params
+    20430401088
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import UnknownModelError
+
+CONFIG_ROOT = "configs"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry."""
+
+    name: str
+    hub_id: str | None
+    task: str  # "text-to-image", "image-edit" or "vision-language"
+    architecture: str  # "MMDiT" or "VL"
+    pipeline_class: str
+    config_dir: str
+    components: tuple[str, ...]
+    stand_in: bool = False
+    description: str = ""
+    aliases: tuple[str, ...] = ()
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec(
+            "qwen-image",
+            "Qwen/Qwen-Image",
+            "text-to-image",
+            "MMDiT",
+            "QwenImagePipeline",
+            "qwen-image",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image 20B MMDiT text-to-image model (about 57 GB in bf16).",
+            aliases=("qwen/qwen-image",),
+        ),
+        ModelSpec(
+            "qwen-image-edit",
+            "Qwen/Qwen-Image-Edit",
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPipeline",
+            "qwen-image",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-Edit: the same size class, trained to edit an input image. "
+            "The wrong model for text-to-image.",
+            aliases=("qwen/qwen-image-edit",),
+        ),
+        ModelSpec(
+            "qwen2-vl-7b",
+            "Qwen/Qwen2-VL-7B-Instruct",
+            "vision-language",
+            "VL",
+            "Qwen2VLForConditionalGeneration",
+            "qwen2-vl-7b",
+            ("model",),
+            description="Qwen2-VL 7B Instruct: prompt enhancement and image description.",
+            aliases=("qwen/qwen2-vl-7b-instruct",),
+        ),
+        ModelSpec(
+            "qwen2.5-vl-7b",
+            "Qwen/Qwen2.5-VL-7B-Instruct",
+            "vision-language",
+            "VL",
+            "Qwen2_5_VLForConditionalGeneration",
+            "qwen2.5-vl-7b",
+            ("model",),
+            description="Qwen2.5-VL 7B Instruct (Qwen-Image's own text encoder as a chat model).",
+            aliases=("qwen/qwen2.5-vl-7b-instruct",),
+        ),
+        ModelSpec(
+            "tiny",
+            None,
+            "text-to-image",
+            "MMDiT",
+            "QwenImagePipeline",
+            "tiny",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Embedded stand-in: Qwen-Image's classes with tiny configs, built in code. "
+            "Its images are noise.",
+        ),
+        ModelSpec(
+            "qwen-image-synthetic",
+            None,
+            "text-to-image",
+            "MMDiT",
+            "QwenImagePipeline",
+            "qwen-image",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Qwen-Image's real configs with random weights: real shapes, speed and memory; "
+            "images are noise.",
+            aliases=("synthetic",),
+        ),
+    ]
+}
+
+
+def get_model(name: str) -> ModelSpec:
+    """Look a model up by short name, alias or hub id (case-insensitive).
+
+    Example:
+        >>> get_model("Qwen/Qwen-Image-Edit").name
+        'qwen-image-edit'
+    """
+    key = name.strip().lower()
+    for spec in REGISTRY.values():
+        if key == spec.name or key in spec.aliases or (spec.hub_id and key == spec.hub_id.lower()):
+            return spec
+    known = ", ".join(REGISTRY)
+    raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
+
+
+def load_config(config_dir: str, component: str) -> dict[str, Any]:
+    """Read a shipped component config (``configs/<dir>/<component>.json``)."""
+    ref = resources.files("qwennb").joinpath(CONFIG_ROOT).joinpath(config_dir).joinpath(f"{component}.json")
+    return json.loads(ref.read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class ComponentSize:
+    """Parameter counts of one component, computed on the meta device."""
+
+    name: str
+    class_name: str
+    params: int
+    linear_params: int  # in nn.Linear / nn.Conv weights: what fp8 storage or quantisation shrinks
+    blocks: int = 0  # repeated blocks (transformer blocks, decoder layers)
+    block_params: int = 0  # parameters of one repeated block
+    groups: dict[str, int] = field(default_factory=dict)  # named sub-parts (language model, vision...)
+
+    def gib(self, bytes_per_param: float = 2.0) -> float:
+        return self.params * bytes_per_param / 1024**3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bf16_gib"] = round(self.gib(2.0), 3)
+        return d
+
+
+def _count(module: Any) -> tuple[int, int]:
+    import torch
+
+    total = linear = 0
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            total += p.numel()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
+            linear += m.weight.numel()
+    return total, linear
+
+
+def build_on_meta(config_dir: str, component: str) -> Any:
+    """Build one component from its shipped config on the meta device (no memory, no weights)."""
+    from accelerate import init_empty_weights
+
+    cfg = load_config(config_dir, component)
+    with init_empty_weights(include_buffers=False):
+        if "_class_name" in cfg:
+            import diffusers
+
+            cls = getattr(diffusers, cfg["_class_name"])
+            return cls.from_config(cfg)
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**cfg)
+        cls = getattr(transformers, cfg["architectures"][0])
+        return cls(config)
+
+
+@cache
+def _size_of(config_dir: str, component: str) -> ComponentSize:
+    module = build_on_meta(config_dir, component)
+    total, linear = _count(module)
+    blocks = block_params = 0
+    groups: dict[str, int] = {}
+    if hasattr(module, "transformer_blocks"):  # the MMDiT
+        blocks = len(module.transformer_blocks)
+        block_params = _count(module.transformer_blocks[0])[0]
+    else:
+        inner = getattr(module, "model", module)
+        lm = getattr(inner, "language_model", None)
+        layers = getattr(lm, "layers", None) if lm is not None else getattr(inner, "layers", None)
+        if layers is not None:
+            blocks = len(layers)
+            block_params = _count(layers[0])[0]
+        for name in ("language_model", "visual"):
+            sub = getattr(inner, name, None) or getattr(module, name, None)
+            if sub is not None:
+                groups[name] = _count(sub)[0]
+        if getattr(module, "lm_head", None) is not None:
+            groups["lm_head"] = module.lm_head.weight.numel()
+        if hasattr(module, "decoder"):
+            groups["decoder"] = _count(module.decoder)[0]
+    return ComponentSize(component, type(module).__name__, total, linear, blocks, block_params, groups)
+
+
+def component_sizes(name: str) -> dict[str, ComponentSize]:
+    """Parameter counts for every component of a registry model, from its configs on the meta device.
+
+    Example:
+        >>> sizes = component_sizes("qwen-image")
+        >>> sizes["vae"].params
+        126892531
+    """
+    spec = get_model(name)
+    if spec.architecture == "VL":
+        return {"model": _size_of(spec.config_dir, "config")}
+    return {c: _size_of(spec.config_dir, c) for c in spec.components}
+
+
+# --------------------------------------------------------------------------- finding models on disk
+
+
+@dataclass
+class LocalModel:
+    """A model snapshot found on disk (Hugging Face cache or a folder)."""
+
+    name: str  # registry name, or the folder's name when unknown
+    path: str
+    hub_id: str | None
+    architecture: str  # "MMDiT", "UNet", "VL" or "unknown"
+    pipeline_class: str | None
+    task: str
+    complete: bool
+    missing: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_model_index(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The parsed ``model_index.json`` of a diffusers folder, or None."""
+    p = Path(path) / "model_index.json"
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def architecture_of(path: str | os.PathLike[str]) -> str:
+    """MMDiT, UNet or VL for a model folder, from its ``model_index.json`` or ``config.json``.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+        ...      "unet": ["diffusers", "UNet2DConditionModel"]}))
+        >>> architecture_of(d)
+        'UNet'
+    """
+    index = read_model_index(path)
+    if index is not None:
+        if "unet" in index:
+            return "UNet"
+        transformer = index.get("transformer")
+        if transformer or "QwenImage" in str(index.get("_class_name", "")):
+            return "MMDiT"
+        return "unknown"
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "unknown"
+    if "vision_config" in cfg:
+        return "VL"
+    return "unknown"
+
+
+def missing_files(path: str | os.PathLike[str]) -> list[str]:
+    """Files a diffusers snapshot names but does not have (component configs, weight shards)."""
+    root = Path(path)
+    index = read_model_index(root)
+    if index is None:
+        return [] if (root / "config.json").exists() else ["model_index.json"]
+    missing: list[str] = []
+    for comp, value in index.items():
+        if comp.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        sub = root / comp
+        if not sub.is_dir():
+            missing.append(f"{comp}/")
+            continue
+        if comp in ("tokenizer", "processor", "scheduler"):
+            continue
+        if not (sub / "config.json").exists():
+            missing.append(f"{comp}/config.json")
+        shard_indexes = list(sub.glob("*.safetensors.index.json"))
+        for idx in shard_indexes:
+            try:
+                shards = set(json.loads(idx.read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError):
+                missing.append(f"{comp}/{idx.name} (unreadable)")
+                continue
+            missing += [f"{comp}/{s}" for s in sorted(shards) if not (sub / s).exists()]
+        if not shard_indexes and not list(sub.glob("*.safetensors")):
+            missing.append(f"{comp}/*.safetensors")
+    return missing
+
+
+def _spec_for(index: dict[str, Any] | None, hub_id: str | None) -> ModelSpec | None:
+    if hub_id:
+        try:
+            return get_model(hub_id)
+        except UnknownModelError:
+            pass
+    if index is not None:
+        cls = index.get("_class_name", "")
+        for spec in REGISTRY.values():
+            if not spec.stand_in and spec.pipeline_class == cls:
+                return spec
+    return None
+
+
+def inspect_folder(path: str | os.PathLike[str], hub_id: str | None = None) -> LocalModel:
+    """Describe a model folder: which model, which architecture, whether it is complete."""
+    index = read_model_index(path)
+    spec = _spec_for(index, hub_id)
+    missing = missing_files(path)
+    return LocalModel(
+        name=spec.name if spec else Path(path).name,
+        path=str(path),
+        hub_id=hub_id or (spec.hub_id if spec else None),
+        architecture=architecture_of(path),
+        pipeline_class=(index or {}).get("_class_name") or (spec.pipeline_class if spec else None),
+        task=spec.task if spec else "unknown",
+        complete=not missing,
+        missing=missing,
+    )
+
+
+def find_local_models(
+    folder: str | os.PathLike[str] | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> list[LocalModel]:
+    """Registry models present in the Hugging Face cache, or the model(s) in ``folder``.
+
+    Nothing is fetched: this only reads the disk, so it works offline.
+
+    Example:
+        >>> find_local_models("/nonexistent")
+        []
+    """
+    if folder is not None:
+        root = Path(folder)
+        if not root.is_dir():
+            return []
+        if (root / "model_index.json").exists() or (root / "config.json").exists():
+            return [inspect_folder(root)]
+        return [inspect_folder(p) for p in sorted(root.iterdir()) if (p / "model_index.json").exists()]
+    found: list[LocalModel] = []
+    try:
+        from huggingface_hub import scan_cache_dir
+        from huggingface_hub.errors import CacheNotFound
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return found
+    from huggingface_hub import constants
+
+    try:
+        cache = scan_cache_dir(cache_dir or constants.HF_HUB_CACHE)
+    except (CacheNotFound, OSError):
+        return found
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        try:
+            spec = get_model(repo.repo_id)
+        except UnknownModelError:
+            continue
+        # The newest revision is the one a load without a revision would use.
+        revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+        if revisions:
+            found.append(inspect_folder(revisions[0].snapshot_path, hub_id=spec.hub_id))
+    return found
