@@ -29,6 +29,14 @@ _LAZY = {
     "ModelDetectionService": "compat",
     "PipelineOptimizer": "compat",
     "QwennbError": "errors",
+    "generate": "generation",
+    "GenerationResult": "generation",
+    "StopSignal": "generation",
+    "load_params": "generation",
+    "build": "pipeline",
+    "validate_optimization": "pipeline",
+    "resolve_model": "pipeline",
+    "PRESETS": "presets",
 }
 
 

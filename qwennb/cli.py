@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=_cmd_plan)
 
     try:
-        from .generate import add_generate_parser
+        from .generation import add_generate_parser
     except ImportError:  # pragma: no cover - while generate is being written
         pass
     else:

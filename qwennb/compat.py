@@ -136,4 +136,56 @@ class ModelDetectionService:
         }
 
 
-__all__ = ["ModelDetectionService", "OptimizationConfig"]
+class PipelineOptimizer:
+    """Load a tuned pipeline from an ``OptimizationConfig`` (the original project's entry point).
+
+    Example:
+        >>> from qwennb import OptimizationConfig, PipelineOptimizer
+        >>> optimizer = PipelineOptimizer(OptimizationConfig(architecture_type="MMDiT"))
+        >>> pipe = optimizer.create_optimized_pipeline("tiny", "MMDiT")
+        >>> optimizer.validate_optimization(pipe)["matches_plan"]
+        True
+    """
+
+    def __init__(self, config: OptimizationConfig | None = None, hardware: Hardware | None = None) -> None:
+        self.config = config or OptimizationConfig()
+        self._hardware = hardware
+        self.plan: Plan | None = None
+
+    @property
+    def hardware(self) -> Hardware:
+        if self._hardware is None:
+            self._hardware = detect()
+        return self._hardware
+
+    def create_optimized_pipeline(
+        self, model_path: str | os.PathLike[str] | None = None, architecture: str = "MMDiT"
+    ) -> Any:
+        """Resolve the model (registry name, hub id or folder; default: the local Qwen-Image, else tiny), plan
+        it for this machine with this config, load it and apply the plan."""
+        from .errors import PlanError
+        from .pipeline import build, resolve_model
+
+        if architecture and architecture.upper() != "MMDIT":
+            raise PlanError(
+                f"architecture {architecture!r} is not supported: qwennb loads MMDiT (Qwen-Image) pipelines"
+            )
+        name, path, notice = resolve_model(str(model_path) if model_path else None)
+        if notice:
+            import logging
+
+            logging.getLogger("qwennb").warning(notice)
+        hw = self.hardware
+        if name != "tiny" and hw.best_gpu is None and not self.config.force:
+            raise PlanError(f"no CUDA GPU for {name}; use 'tiny' or OptimizationConfig(force=True)")
+        self.plan = make_plan(hw, name, self.config)
+        return build(self.plan, path)
+
+    def validate_optimization(self, pipeline: Any) -> dict[str, Any]:
+        """What is really active on ``pipeline`` (see :func:`qwennb.pipeline.validate_optimization`)."""
+        from .pipeline import validate_optimization
+
+        return validate_optimization(pipeline)
+
+
+__all__ = ["ModelDetectionService", "OptimizationConfig", "PipelineOptimizer"]

@@ -1,0 +1,321 @@
+"""Turn a plan into a loaded diffusers ``QwenImagePipeline``, and read back what is really active.
+
+Every memory and speed choice is applied with diffusers' own mechanisms: ``enable_layerwise_casting``
+(fp8 storage), ``enable_group_offload`` / ``apply_group_offloading`` (streams), ``enable_model_cpu_offload``,
+``enable_sequential_cpu_offload``, ``set_attention_backend``, ``compile_repeated_blocks``, VAE tiling and
+slicing.
+
+Example:
+    >>> from qwennb.hardware import detect
+    >>> from qwennb.plan import make_plan
+    >>> from qwennb.pipeline import build, validate_optimization
+    >>> pipe = build(make_plan(detect(), "tiny"))
+    >>> validate_optimization(pipe)["components"]["transformer"]["device"]
+    'cpu'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import LoadError, UnknownModelError
+from .models import find_local_models, get_model, inspect_folder
+from .plan import Plan
+
+log = logging.getLogger("qwennb")
+
+TINY_NOTICE = (
+    "No Qwen-Image weights found: loaded the tiny stand-in (real classes, tiny configs); its images are noise. "
+    "Run `qwennb download --model qwen-image` or set QWENNB_MODEL to a model folder."
+)
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
+
+
+def offline() -> bool:
+    """True when the Hugging Face hub must not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[str, str | None, str | None]:
+    """Which model to load: ``(registry name, local path or None, notice or None)``.
+
+    Order: ``name`` (a registry name, hub id or folder), the ``QWENNB_MODEL`` environment variable, a
+    complete Qwen-Image snapshot on disk (the Hugging Face cache or ``folder``), else ``tiny`` with a notice.
+
+    Example:
+        >>> resolve_model("tiny")
+        ('tiny', None, None)
+    """
+    name = name or os.environ.get("QWENNB_MODEL") or None
+    if name:
+        if os.path.isdir(name):
+            local = inspect_folder(name)
+            if local.architecture != "MMDiT":
+                raise LoadError(
+                    f"{name} holds no diffusers MMDiT pipeline (architecture {local.architecture})"
+                )
+            if not local.complete:
+                raise LoadError(
+                    f"{name} is incomplete (missing {', '.join(local.missing[:3])}); complete it with `qwennb download`"
+                )
+            try:
+                reg = get_model(local.name).name
+            except UnknownModelError:
+                reg = "qwen-image"
+            return reg, str(Path(name).resolve()), None
+        spec = get_model(name)
+        if spec.stand_in:
+            return spec.name, None, None
+        for m in find_local_models(folder):
+            if m.hub_id == spec.hub_id or m.name == spec.name:
+                if not m.complete:
+                    raise LoadError(
+                        f"the local {spec.name} snapshot is incomplete (missing {', '.join(m.missing[:3])}); "
+                        f"run `qwennb download --model {spec.name}` to complete it"
+                    )
+                return spec.name, m.path, None
+        if offline():
+            raise LoadError(
+                f"{spec.hub_id} is not in the local cache and the hub is offline; run `qwennb download --model {spec.name}` where the hub is reachable"
+            )
+        return spec.name, None, None  # from_pretrained fetches it
+    for m in find_local_models(folder):
+        if m.name == "qwen-image" and m.complete:
+            return "qwen-image", m.path, None
+    return "tiny", None, TINY_NOTICE
+
+
+def _load_pretrained(plan: Plan, path: str | None) -> Any:
+    import torch
+    from diffusers import QwenImagePipeline
+
+    spec = get_model(plan.model)
+    source = path or spec.hub_id
+    if source is None:
+        raise LoadError(f"{plan.model} has no weights to load")
+    kwargs: dict[str, Any] = {
+        "torch_dtype": _torch_dtype(plan.dtype),
+        "use_safetensors": True,
+        "local_files_only": path is not None or offline(),
+    }
+    t = plan.components["transformer"]
+    if t.quantization:
+        from diffusers.quantizers import PipelineQuantizationConfig
+
+        backend_kwargs = (
+            {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16}
+            if t.quantization == "nf4"
+            else {"load_in_8bit": True}
+        )
+        kwargs["quantization_config"] = PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit" if t.quantization == "nf4" else "bitsandbytes_8bit",
+            quant_kwargs=backend_kwargs,
+            components_to_quantize=["transformer"],
+        )
+    try:
+        # Qwen-Image-Edit's weights load into the text-to-image pipeline too (same transformer class).
+        return QwenImagePipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoadError(f"could not load {source}: {first}") from exc
+
+
+def _build_stand_in(plan: Plan) -> Any:
+    import torch
+
+    from . import stand_ins
+
+    dtype = _torch_dtype(plan.dtype)
+    if plan.model == "tiny":
+        device = "cuda" if plan.device == "cuda" else "cpu"
+        return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
+    # Synthetic: materialise each component where the plan keeps it, never a full host copy of the rest.
+    devices = {}
+    for name, comp in plan.components.items():
+        on_gpu = plan.device == "cuda" and comp.placement == "gpu" and comp.storage_dtype == plan.dtype
+        devices[name] = torch.device("cuda") if on_gpu else torch.device("cpu")
+    return stand_ins.build_synthetic_pipeline(device=devices, dtype=dtype)
+
+
+def apply_plan(pipe: Any, plan: Plan) -> Any:
+    """Apply a plan's placement and speed options to a pipeline whose weights are loaded (on any device)."""
+    import torch
+
+    dtype = _torch_dtype(plan.dtype)
+    if plan.device != "cuda":
+        pipe.to(plan.device)
+        return pipe
+    cuda = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = plan.tf32
+    torch.backends.cudnn.allow_tf32 = plan.tf32
+    torch.backends.cudnn.benchmark = plan.cudnn_benchmark
+
+    t, te = plan.components["transformer"], plan.components["text_encoder"]
+    if t.placement == "model_offload":
+        pipe.enable_model_cpu_offload()
+    elif t.placement == "sequential_offload":
+        pipe.enable_sequential_cpu_offload()
+    else:
+        if t.storage_dtype == "float8_e4m3fn" and not t.quantization:
+            pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        if t.placement == "group_offload":
+            pipe.transformer.enable_group_offload(
+                onload_device=cuda,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+                low_cpu_mem_usage=t.host_gb < 2 * t.gpu_gb,
+            )
+        elif not t.quantization:
+            pipe.transformer.to(cuda)
+        pipe.vae.to(cuda)
+        if pipe.text_encoder is not None:
+            if te.placement == "gpu":
+                pipe.text_encoder.to(cuda)
+            elif te.placement in ("group_offload", "model_offload"):
+                from diffusers.hooks import apply_group_offloading
+
+                pipe.text_encoder.to("cpu")
+                apply_group_offloading(
+                    pipe.text_encoder, onload_device=cuda, offload_type="leaf_level", use_stream=True
+                )
+            else:  # cpu: encodes there; qwennb.generate moves the embeddings to the GPU
+                pipe.text_encoder.to("cpu")
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+    if plan.vae_slicing:
+        pipe.vae.enable_slicing()
+    if plan.attention_backend and plan.attention_backend != "native":
+        pipe.transformer.set_attention_backend(plan.attention_backend)
+    if plan.compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    if plan.cache:
+        from diffusers import FirstBlockCacheConfig
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    return pipe
+
+
+def build(plan: Plan, path: str | None = None) -> Any:
+    """Load the pipeline a plan describes and apply the plan; returns a ``QwenImagePipeline``.
+
+    ``path`` is a local snapshot (from :func:`resolve_model`); without it real models come from the
+    Hugging Face cache or hub. The plan, the model name and the load time are attached to the pipeline
+    (``pipe.qwennb``) so that generation and ``validate_optimization`` can report them.
+
+    Example:
+        >>> from qwennb.plan import make_plan, describe_machine
+        >>> pipe = build(make_plan(describe_machine(host_ram_gb=8), "tiny"))
+        >>> type(pipe).__name__
+        'QwenImagePipeline'
+    """
+    t0 = time.perf_counter()
+    spec = get_model(plan.model)
+    pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
+    apply_plan(pipe, plan)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.qwennb = {"model": plan.model, "path": path, "plan": plan, "load_s": time.perf_counter() - t0}
+    return pipe
+
+
+def _module_report(module: Any) -> dict[str, Any]:
+    from collections import Counter
+
+    devices: Counter[str] = Counter()
+    dtypes: Counter[str] = Counter()
+    for p in module.parameters():
+        devices[str(p.device.type)] += p.numel()
+        dtypes[str(p.dtype).replace("torch.", "")] += p.numel()
+    names: set[str] = set()
+    for m in module.modules():
+        reg = getattr(m, "_diffusers_hook", None)
+        if reg is not None:
+            names.update(getattr(reg, "hooks", {}).keys())
+        if getattr(m, "_hf_hook", None) is not None:
+            names.add("accelerate_offload")
+    hooks = sorted(names)
+    return {
+        "device": devices.most_common(1)[0][0] if devices else "none",
+        "devices": dict(devices),
+        "storage_dtype": dtypes.most_common(1)[0][0] if dtypes else "none",
+        "hooks": hooks,
+        "params": sum(devices.values()),
+    }
+
+
+def validate_optimization(pipe: Any) -> dict[str, Any]:
+    """What is really active on a loaded pipeline, read back from its modules (not from the plan).
+
+    Returns per component the device holding most parameters, the storage dtype, and the diffusers or
+    accelerate hooks installed (group offloading, layerwise casting, offload); plus the attention
+    backend, whether the repeated blocks are compiled, VAE tiling/slicing and the TF32/cuDNN flags.
+    """
+    import torch
+
+    out: dict[str, Any] = {"components": {}}
+    for name in ("transformer", "text_encoder", "vae"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            out["components"][name] = _module_report(module)
+    tr = pipe.transformer
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        global_backend = str(_AttentionBackendRegistry.get_active_backend()[0].value)
+    except Exception:  # noqa: BLE001 - private API: report what we can
+        global_backend = "unknown"
+    backends = set()
+    for m in tr.modules():
+        proc = getattr(m, "processor", None)
+        if proc is not None and hasattr(proc, "_attention_backend"):
+            backends.add(
+                str(getattr(proc._attention_backend, "value", proc._attention_backend) or global_backend)
+            )
+    out["attention_backend"] = ",".join(sorted(backends)) or global_backend
+    blocks = getattr(tr, "transformer_blocks", [])
+    out["compiled_blocks"] = sum(1 for b in blocks if getattr(b, "_compiled_call_impl", None) is not None)
+    out["vae_tiling"] = bool(getattr(pipe.vae, "use_tiling", False))
+    out["vae_slicing"] = bool(getattr(pipe.vae, "use_slicing", False))
+    out["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    out["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+    info = getattr(pipe, "qwennb", {})
+    out["model"] = info.get("model")
+    plan = info.get("plan")
+    if plan is not None:
+        mismatches = []
+        for name, comp in plan.components.items():
+            got = out["components"].get(name)
+            if got is None:
+                continue
+            want_hook = {
+                "group_offload": "group_offloading",
+                "model_offload": "accelerate_offload",
+                "sequential_offload": "accelerate_offload",
+            }.get(comp.placement)
+            if want_hook and want_hook not in got["hooks"]:
+                mismatches.append(f"{name}: plan says {comp.placement} but no {want_hook} hook is installed")
+            if (
+                comp.placement == "gpu"
+                and plan.device == "cuda"
+                and got["device"] != "cuda"
+                and not comp.quantization
+            ):
+                mismatches.append(f"{name}: plan says gpu but its weights are on {got['device']}")
+            if comp.storage_dtype == "float8_e4m3fn" and "layerwise_casting" not in got["hooks"]:
+                mismatches.append(f"{name}: plan says fp8 storage but layerwise casting is not active")
+        out["matches_plan"] = not mismatches
+        out["mismatches"] = mismatches
+    return out
