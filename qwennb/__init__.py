@@ -37,7 +37,27 @@ _LAZY = {
     "validate_optimization": "pipeline",
     "resolve_model": "pipeline",
     "PRESETS": "presets",
+    "Session": "session",
 }
+
+
+_EXTENSION: Any = None
+
+
+def load_ipython_extension(ip: Any) -> None:
+    """``%load_ext qwennb``: register the magics, detect the GPU, plan and load the model."""
+    global _EXTENSION
+    from .magics import load_extension
+
+    _EXTENSION = load_extension(ip)
+
+
+def unload_ipython_extension(ip: Any) -> None:
+    """``%unload_ext qwennb`` (and ``%reload_ext``): free the model and its GPU memory."""
+    global _EXTENSION
+    if _EXTENSION is not None:
+        _EXTENSION.session.unload()
+        _EXTENSION = None
 
 
 def __getattr__(name: str) -> Any:

@@ -150,6 +150,17 @@ class GenerationResult:
     def __repr__(self) -> str:
         return f"<GenerationResult {self.model}: {self.caption()}; {self.prompt[:40]!r}>"
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        from .display import result_html, result_text
+
+        return {"text/plain": result_text(self), "text/html": result_html(self)}
+
+    def timing_figure(self) -> Any:
+        """A matplotlib Figure of the per-step times (text encoding and decoding apart, median marked)."""
+        from .display import timing_figure
+
+        return timing_figure(self)
+
     def save(self, out_dir: str | os.PathLike[str], embed_metadata: bool = True) -> list[str]:
         """Write the images as PNG (never overwriting a file); returns and records their paths."""
         self.paths = save_images(self, out_dir, embed_metadata)

@@ -202,6 +202,11 @@ class Plan:
     def __str__(self) -> str:
         return self.table()
 
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        from .display import plan_html
+
+        return {"text/plain": self.table(), "text/html": plan_html(self)}
+
 
 # --------------------------------------------------------------------------- describing a machine
 

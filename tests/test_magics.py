@@ -1,0 +1,189 @@
+"""The magics in a real IPython shell, on the real tiny pipeline."""
+
+import time
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import qwennb
+from qwennb.errors import QwennbError
+from qwennb.generation import GenerationResult
+
+
+@pytest.fixture(scope="module")
+def ip(tmp_path_factory):
+    shell = InteractiveShell.instance()
+    out = tmp_path_factory.mktemp("outputs")
+    shell.run_line_magic("config", f"QwenMagics.save_dir = {str(out)!r}")
+    shell.run_line_magic("load_ext", "qwennb")
+    yield shell
+    shell.run_line_magic("unload_ext", "qwennb")
+
+
+def magics(ip):
+    return ip.magics_manager.registry["QwenMagics"]
+
+
+def test_load_ext_is_quick_and_loads_tiny_with_a_notice(capsys):
+    shell = InteractiveShell.instance()
+    if "qwennb" in shell.extension_manager.loaded:
+        shell.run_line_magic("unload_ext", "qwennb")
+    t0 = time.perf_counter()
+    shell.run_line_magic("load_ext", "qwennb")
+    elapsed = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert elapsed < 10, f"%load_ext took {elapsed:.1f} s"
+    assert "loaded tiny" in out and "its images are noise" in out
+    assert magics(shell).session.loaded
+
+
+def test_generate_cell_returns_the_result_and_saves(ip, capsys):
+    r = ip.run_cell_magic("qwen_generate", "--steps 3 --size 64x64 --seed 5", "a red fox\nin the snow")
+    assert isinstance(r, GenerationResult)
+    assert (
+        r.prompt == "a red fox\nin the snow"
+        and r.seed == 5
+        and r.steps == 3
+        and (r.width, r.height) == (64, 64)
+    )
+    assert len(r.paths) == 1 and qwennb.load_params(r.paths[0])["seed"] == 5
+    assert magics(ip).session.history[-1] is r
+    bundle = r._repr_mimebundle_()
+    assert "qwennb-timing" in bundle["text/html"] and "<img" in bundle["text/html"]
+    assert "seed 5" in bundle["text/plain"]
+    assert "done: 3/3 steps" in capsys.readouterr().out
+
+
+def test_run_cell_sets_underscore(ip):
+    ip.run_cell("%%qwen_generate --steps 2 --size 64x64 --seed 8 --no-save\na small boat", store_history=True)
+    assert isinstance(ip.user_ns["_"], GenerationResult) and ip.user_ns["_"].seed == 8
+
+
+def test_prompt_variables_are_filled(ip):
+    ip.user_ns["animal"] = "otter"
+    r = ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --no-save", "a {animal} with {{braces}}")
+    assert r.prompt == "a otter with {braces}"
+    with pytest.raises(UsageError, match="no variable named 'nothing_here'"):
+        ip.run_cell_magic("qwen_generate", "--steps 2 --no-save", "a {nothing_here}")
+
+
+def test_options_cfg_preset_aspect_negative(ip):
+    r = ip.run_cell_magic("qwen_generate", "--preset ultra-fast --size 64x64 --no-save --seed 1", "x")
+    assert (r.steps, r.cfg) == (12, 3.0)
+    r = ip.run_cell_magic(
+        "qwen_generate", "--steps 2 --cfg 1 --aspect 16:9 --no-save --negative 'blurry, dark'", "x"
+    )
+    assert r.cfg == 1 and r.width > r.height and r.transformer_passes_per_step == 1
+    r = ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --n 2 --no-save", "x")
+    assert len(r.images) == 2
+
+
+@pytest.mark.parametrize(
+    "line, cell, message",
+    [
+        ("--steps 0", "x", "steps must be"),
+        ("--size banana", "x", "size must look like"),
+        ("--preset nope", "x", "unknown preset"),
+        ("--aspect 5:4", "x", "unknown aspect"),
+        ("--cfg 0.2", "x", "CFG must be"),
+        ("--seed -4", "x", "seed must be"),
+        ("--bogus 3", "x", "unrecognized arguments"),
+        ("", "   ", "cell is empty"),
+    ],
+)
+def test_bad_options_raise_usage_error(ip, line, cell, message):
+    with pytest.raises(UsageError, match=message):
+        ip.run_cell_magic("qwen_generate", line, cell)
+
+
+def test_usage_error_shows_one_line_without_traceback(ip, capsys):
+    res = ip.run_cell("%%qwen_generate --steps 0\nx")
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "UsageError" in text and "steps must be" in text and "Traceback" not in text
+    assert res.error_in_exec is not None
+    ok = ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --no-save", "the kernel still works")
+    assert ok.images
+
+
+def test_interrupt_inside_a_run_stops_and_the_next_cell_works(ip):
+    session = magics(ip).session
+    pipe = session.pipe
+    calls = {"n": 0}
+
+    def boom(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+
+    handle = pipe.transformer.register_forward_pre_hook(boom)
+    try:
+        r = ip.run_cell_magic("qwen_generate", "--steps 6 --size 64x64 --no-save", "x")
+    finally:
+        handle.remove()
+    assert r.interrupted and r.steps_completed < 6
+    ok = ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --no-save", "x")
+    assert not ok.interrupted and ok.images
+
+
+def test_config_traitlets(ip):
+    ip.run_line_magic("config", "QwenMagics.default_steps = 3")
+    ip.run_line_magic("config", "QwenMagics.default_cfg = 2.5")
+    try:
+        r = ip.run_cell_magic("qwen_generate", "--size 64x64 --no-save", "x")
+        assert (r.steps, r.cfg) == (3, 2.5)
+    finally:
+        ip.run_line_magic("config", "QwenMagics.default_steps = 0")
+        ip.run_line_magic("config", "QwenMagics.default_cfg = 0.0")
+    ip.run_line_magic("config", "QwenMagics.preset = 'balanced'")
+    try:
+        r = ip.run_cell_magic("qwen_generate", "--size 64x64 --no-save --steps 2", "x")
+        assert (r.steps, r.cfg) == (2, 3.5)
+    finally:
+        ip.run_line_magic("config", "QwenMagics.preset = ''")
+
+
+def test_qwen_subcommands(ip, capsys):
+    info = ip.run_line_magic("qwen", "info")
+    assert info["loaded"] and info["active"]["matches_plan"]
+    assert "model: tiny" in capsys.readouterr().out
+    plan = ip.run_line_magic("qwen", "plan")
+    assert plan.model == "tiny"
+    other = ip.run_line_magic("qwen", "plan tiny enable_vae_slicing=True")
+    assert other.vae_slicing
+    ip.run_line_magic("qwen", "presets")
+    assert "high-quality" in capsys.readouterr().out
+    hist = ip.run_line_magic("qwen", "history")
+    assert "#0" in hist._repr_mimebundle_()["text/plain"]
+    ip.run_line_magic("qwen", "help")
+    assert "%qwen load" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="unknown %qwen command"):
+        ip.run_line_magic("qwen", "frobnicate")
+    with pytest.raises(UsageError, match="unknown model"):
+        ip.run_line_magic("qwen", "load not-a-model")
+    with pytest.raises(UsageError, match="unknown plan option"):
+        ip.run_line_magic("qwen", "load tiny bogus=1")
+    assert magics(ip).session.loaded  # a failed load keeps the loaded model
+
+
+def test_unload_and_load(ip, capsys):
+    ip.run_line_magic("qwen", "unload")
+    assert not magics(ip).session.loaded and "unloaded tiny" in capsys.readouterr().out
+    ip.run_line_magic("qwen", "info")
+    assert "model: none loaded" in capsys.readouterr().out
+    with pytest.raises(QwennbError, match="no model is loaded"):
+        magics(ip).session.require()
+    ip.run_line_magic("qwen", "load tiny")
+    assert magics(ip).session.loaded
+
+
+def test_reload_ext_frees_and_reloads(ip):
+    old = magics(ip).session
+    ip.run_line_magic("reload_ext", "qwennb")
+    assert old.pipe is None and magics(ip).session.loaded
+
+
+def test_help_is_available(ip):
+    doc = ip.find_cell_magic("qwen_generate").__doc__
+    assert "--steps" in doc and "{name}" in doc
