@@ -49,20 +49,20 @@ def timing_figure(result: GenerationResult) -> Any:
     steps = result.step_times_s
     fig = Figure(figsize=(6.4, 2.6), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
-    xs = list(range(1, len(steps) + 1))
+    n = len(steps)
+    xs = list(range(1, n + 1))
     ax.bar(xs, steps, color="#4c72b0", label="denoising step")
-    extra_x = len(steps) + 1.5
     ax.bar(
-        [0 - 0.5],
-        [result.text_encoding_s],
-        color="#dd8452",
-        label=f"text encoding {result.text_encoding_s:.2f} s",
+        [0], [result.text_encoding_s], color="#dd8452", label=f"text encoding {result.text_encoding_s:.2f} s"
     )
-    ax.bar([extra_x], [result.decode_s], color="#55a868", label=f"decode {result.decode_s:.2f} s")
+    ax.bar([n + 1], [result.decode_s], color="#55a868", label=f"decode {result.decode_s:.2f} s")
+    every = max(1, n // 10)
+    ticks = [0, *[x for x in xs if x == 1 or x % every == 0], n + 1]
+    ax.set_xticks(ticks, ["text", *[str(t) for t in ticks[1:-1]], "decode"], fontsize=8)
     if steps:
         med = statistics.median(steps)
         ax.axhline(med, color="#c44e52", linestyle="--", linewidth=1, label=f"median {med:.3f} s/step")
-    ax.set_xlabel("step")
+    ax.set_xlabel("denoising step")
     ax.set_ylabel("seconds")
     state = " (stopped early)" if result.interrupted else ""
     ax.set_title(f"{result.model}: {len(steps)} steps, {result.total_s:.1f} s total{state}", fontsize=9)

@@ -95,6 +95,8 @@ class Session:
         from .pipeline import build, resolve_model
 
         name, path, notice = resolve_model(model)
+        if name == "tiny" and notice is None:
+            notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
         plan = make_plan(self.hardware, name, overrides)
         self.unload()
         t0 = time.perf_counter()

@@ -1,0 +1,164 @@
+"""A real browser on a real JupyterLab: %load_ext, a %%qwen_generate cell and the %qwen_ui panel.
+
+JupyterLab runs on loopback; headless Chromium (Debian's package) is driven by Playwright. A screenshot is
+saved to ``test-artifacts/jupyterlab.png``. Skipped when Chromium, JupyterLab or Playwright is missing,
+unless ``QWENNB_REQUIRE_BROWSER=1`` (CI sets it), in which case it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _missing() -> str | None:
+    if CHROMIUM is None:
+        return "Debian's chromium is not installed"
+    for mod in ("playwright", "jupyterlab", "ipykernel"):
+        try:
+            __import__(mod)
+        except ImportError:
+            return f"{mod} is not installed"
+    return None
+
+
+missing = _missing()
+if missing and os.environ.get("QWENNB_REQUIRE_BROWSER") == "1":
+    raise RuntimeError(f"the browser test is required here but {missing}")
+pytestmark = pytest.mark.skipif(missing is not None, reason=missing or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _notebook(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell("%load_ext qwennb"),
+        nbformat.v4.new_code_cell(
+            "%%qwen_generate --steps 3 --size 128x128 --seed 1 --no-save\na red fox in the snow"
+        ),
+        nbformat.v4.new_code_cell("%qwen_ui"),
+    ]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.write_text(nbformat.writes(nb))
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lab")
+    _notebook(root / "qwen.ipynb")
+    port, token = _free_port(), "qwennb-test"
+    env = dict(os.environ, QWENNB_MODEL="tiny", QWENNB_AUTOLOAD="1", JUPYTER_PLATFORM_DIRS="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    env["HF_HUB_OFFLINE"] = "1"
+    log = open(root / "lab.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.open_browser=False",
+            "--allow-root",
+            "--LabApp.news_url=",
+            "--LabServerApp.extra_labextensions_path=[]",
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                json.load(r)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail("JupyterLab did not start: " + (root / "lab.log").read_text()[-2000:])
+    if proc.poll() is not None:
+        pytest.fail("JupyterLab exited: " + (root / "lab.log").read_text()[-2000:])
+    yield base, token, root
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_notebook_in_jupyterlab_shows_image_timing_plot_and_panel(lab):
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token, root = lab
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 2000})
+        try:
+            page.goto(f"{base}/lab/tree/qwen.ipynb?token={token}", timeout=60_000)
+            # Run All queues the cells until the kernel is up.
+            page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
+            page.locator(".jp-Notebook").first.click()
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_text("Run All Cells", exact=True).click()
+            # %load_ext banner, then the generated image with its timing plot.
+            expect(page.get_by_text("loaded tiny").first).to_be_visible(timeout=90_000)
+            expect(page.locator(".qwennb-result img").first).to_be_visible(timeout=90_000)
+            expect(page.locator("img.qwennb-timing").first).to_be_visible(timeout=30_000)
+            # The widget panel: type a prompt, press Generate, get an image and a timing plot.
+            panel = page.locator(".qwennb-panel").first
+            expect(panel).to_be_visible(timeout=60_000)
+            panel.locator("textarea").first.fill("a lighthouse at dusk")
+            panel.get_by_role("button", name="Generate").click()
+            expect(panel.get_by_text("seed").last).to_be_visible(timeout=60_000)
+            imgs = panel.locator("img")
+            expect(imgs).to_have_count(2, timeout=60_000)
+            page.wait_for_function(
+                "els => els.every(e => e.naturalWidth > 0)", arg=imgs.element_handles(), timeout=60_000
+            )
+            expect(panel.get_by_role("button", name="Generate")).to_be_enabled(timeout=60_000)
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
+            browser.close()
+    assert (ARTIFACTS / "jupyterlab.png").stat().st_size > 10_000
