@@ -105,14 +105,14 @@ class ModelDetectionService:
         warnings = list(plan.warnings)
         if plan.device != "cuda":
             bottlenecks.append(f"runs on the {plan.device}: no CUDA GPU")
-        t = plan.components.get("transformer")
+        t = plan.components.get("transformer") if plan.device == "cuda" else None
         if t is not None and t.placement != "gpu":
             bottlenecks.append(f"transformer {t.placement}: {t.reason}")
         if t is not None and (t.storage_dtype != plan.dtype or t.quantization):
             bottlenecks.append(
                 f"transformer weights are converted on every use ({t.quantization or t.storage_dtype})"
             )
-        te = plan.components.get("text_encoder")
+        te = plan.components.get("text_encoder") if plan.device == "cuda" else None
         if te is not None and te.placement != "gpu":
             bottlenecks.append(f"text encoder {te.placement}: adds time once per prompt")
         if plan.device == "cuda" and not bottlenecks:

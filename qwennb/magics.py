@@ -41,6 +41,17 @@ class _Text:
         return out
 
 
+class _Info(_Text):
+    """``%qwen info``: shown as text; the full data stays reachable as ``_.data`` or ``_["plan"]``."""
+
+    def __init__(self, text: str, data: dict[str, Any]) -> None:
+        super().__init__(text)
+        self.data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+
 class _PromptNamespace(dict):
     def __missing__(self, key: str) -> Any:
         raise UsageError(
@@ -249,7 +260,7 @@ class QwenMagics(Magics):
             "%qwen_ui                 the widget panel"
         )
 
-    def _qwen_info(self, rest: str) -> dict[str, Any]:
+    def _qwen_info(self, rest: str) -> _Info:
         info = self.session.info()
         hw = self.session.hardware
         g = hw.best_gpu
@@ -269,8 +280,7 @@ class QwenMagics(Magics):
                 f"attention {a['attention_backend']}; compiled blocks {a['compiled_blocks']}; VAE tiling "
                 f"{a['vae_tiling']}; TF32 {a['tf32']}; matches plan: {a.get('matches_plan')}"
             )
-        print("\n".join(lines))
-        return info
+        return _Info("\n".join(lines), info)
 
     def _qwen_plan(self, rest: str) -> Any:
         words = rest.split()

@@ -147,7 +147,7 @@ def test_config_traitlets(ip):
 def test_qwen_subcommands(ip, capsys):
     info = ip.run_line_magic("qwen", "info")
     assert info["loaded"] and info["active"]["matches_plan"]
-    assert "model: tiny" in capsys.readouterr().out
+    assert "model: tiny" in info._repr_mimebundle_()["text/plain"]
     plan = ip.run_line_magic("qwen", "plan")
     assert plan.model == "tiny"
     other = ip.run_line_magic("qwen", "plan tiny enable_vae_slicing=True")
@@ -170,8 +170,7 @@ def test_qwen_subcommands(ip, capsys):
 def test_unload_and_load(ip, capsys):
     ip.run_line_magic("qwen", "unload")
     assert not magics(ip).session.loaded and "unloaded tiny" in capsys.readouterr().out
-    ip.run_line_magic("qwen", "info")
-    assert "model: none loaded" in capsys.readouterr().out
+    assert "model: none loaded" in ip.run_line_magic("qwen", "info").text
     with pytest.raises(QwennbError, match="no model is loaded"):
         magics(ip).session.require()
     ip.run_line_magic("qwen", "load tiny")
