@@ -614,3 +614,119 @@ def count_parameters(module: nn.Module | None) -> int:
     if module is None:
         return 0
     return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny vision-language models (prompt enhancement and image description, offline)
+# --------------------------------------------------------------------------------------------------
+
+# Smallest and largest image (in pixels) the tiny VL processor passes to the vision tower: 56x56 to 224x224,
+# i.e. 4 to 64 image tokens after the 2x2 merge. Large images are resized down to fit.
+TINY_VL_MIN_PIXELS = 56 * 56
+TINY_VL_MAX_PIXELS = 224 * 224
+
+_TINY_VL_KINDS = {"qwen2.5-vl": "tiny-vl", "qwen2-vl": "tiny-vl2"}
+
+
+def qwen2vl_image_processor(
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 28 * 28 * 16384,
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+) -> Any:
+    """A Qwen2-VL / Qwen2.5-VL image processor built in code (both families share it).
+
+    The defaults are Qwen2.5-VL-7B-Instruct's ``preprocessor_config.json``: 14-pixel patches, 2x2 merge,
+    temporal patch 2, 3136 to 12845056 pixels, CLIP mean and std. The torchvision-backed class is used
+    when torchvision is installed, else the PIL one (the same numbers, without a warning).
+
+    Example:
+        >>> ip = qwen2vl_image_processor(max_pixels=224 * 224)
+        >>> ip.merge_size, ip.patch_size
+        (2, 14)
+    """
+    import transformers
+
+    try:
+        import torchvision  # noqa: F401
+
+        cls = transformers.Qwen2VLImageProcessor
+    except ImportError:
+        cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    return cls(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size,
+        merge_size=merge_size,
+        image_mean=mean,
+        image_std=std,
+    )
+
+
+def build_tiny_vl_processor(
+    kind: str = "qwen2.5-vl",
+    min_pixels: int = TINY_VL_MIN_PIXELS,
+    max_pixels: int = TINY_VL_MAX_PIXELS,
+) -> Any:
+    """The processor of a tiny VL model: the tiny tokenizer plus a small-image Qwen2-VL image processor.
+
+    It is transformers' ``Qwen2_5_VLProcessor`` / ``Qwen2VLProcessor`` where that can be built here (it
+    needs torchvision for its video half), else a plain object with the same ``tokenizer``,
+    ``image_processor`` and ``chat_template`` attributes, which is all qwennb uses.
+
+    Example:
+        >>> proc = build_tiny_vl_processor()
+        >>> proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == proc.tokenizer.vocab["<|image_pad|>"]
+        True
+    """
+    from types import SimpleNamespace
+
+    import transformers
+
+    if kind not in _TINY_VL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_TINY_VL_KINDS)}, got {kind!r}")
+    tokenizer = build_tiny_tokenizer()
+    image_processor = qwen2vl_image_processor(min_pixels=min_pixels, max_pixels=max_pixels)
+    cls = transformers.Qwen2_5_VLProcessor if kind == "qwen2.5-vl" else transformers.Qwen2VLProcessor
+    try:
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHATML_TEMPLATE)
+    except Exception:  # noqa: BLE001 - e.g. no video processor without torchvision
+        return SimpleNamespace(
+            tokenizer=tokenizer, image_processor=image_processor, chat_template=CHATML_TEMPLATE
+        )
+
+
+def build_tiny_vl(
+    kind: str = "qwen2.5-vl",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[nn.Module, Any]:
+    """A tiny Qwen2.5-VL (``kind="qwen2.5-vl"``) or Qwen2-VL (``"qwen2-vl"``) chat model and its processor.
+
+    The real ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` classes with the
+    configs in ``configs/tiny-vl`` / ``configs/tiny-vl2`` (LM head and vision tower included), seeded
+    random weights drawn as for :func:`build_tiny_pipeline`, and :func:`build_tiny_vl_processor`. Its
+    answers are random text; it exists so that the enhancement and description code runs anywhere.
+
+    Example:
+        >>> model, processor = build_tiny_vl("qwen2-vl", seed=0)
+        >>> type(model).__name__, model.get_output_embeddings() is not None
+        ('Qwen2VLForConditionalGeneration', True)
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    if kind not in _TINY_VL_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_TINY_VL_KINDS)}, got {kind!r}")
+    cfg = load_component_config(_TINY_VL_KINDS[kind], "config")
+    config = transformers.AutoConfig.for_model(**cfg)
+    with init_empty_weights(include_buffers=False):
+        model = getattr(transformers, cfg["architectures"][0])(config)
+    materialize_(model, device=device, dtype=dtype, init=_tiny_init(_cpu_generator(int(seed))))
+    model.eval()
+    model.requires_grad_(False)
+    return model, build_tiny_vl_processor(kind)
