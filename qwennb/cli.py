@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_generate_parser(sub)
+    from .enhance import add_enhance_parser
+
+    add_enhance_parser(sub)
+    from .download import add_download_parser
+
+    add_download_parser(sub)
     return p
 
 
