@@ -118,13 +118,15 @@ class QwenMagics(Magics):
         """Load a model (replacing the current one) and show the banner."""
         name = model or self.model or None
         if show:
-            handle = display(_Text(f"qwennb: loading {name or 'the default model'}..."), display_id=True)
+            # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
+            # banner as a separate output so that notebooks store and compare it.
+            display(_Text(f"qwennb: loading {name or 'the default model'}..."))
         try:
             report = self.session.load(name, overrides)
         except QwennbError as exc:
             raise UsageError(str(exc)) from None
         if show:
-            handle.update(report)
+            display(report)
         return report
 
     def generate_cell(self, prompt: str, options: Any) -> GenerationResult:

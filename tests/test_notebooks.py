@@ -1,0 +1,66 @@
+"""The guided notebooks: shape, and that nbval really catches a changed output."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NAMES = ["00_quickstart", "01_setup", "02_optimization", "03_multimodal", "04_migration"]
+
+
+def load(name):
+    return json.loads((NOTEBOOKS / f"{name}.ipynb").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_shape(name):
+    nb = load(name)
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "colab" in "".join(cells[0]["source"]).lower()
+    assert cells[-1]["cell_type"] == "markdown" and "Next" in "".join(cells[-1]["source"])
+    code = [c for c in cells if c["cell_type"] == "code"]
+    # Standalone: every notebook loads the extension itself.
+    assert any("%load_ext qwennb" in "".join(c["source"]) for c in code)
+    # Outputs are stored (nbval compares them), and none is an error.
+    assert sum(bool(c["outputs"]) for c in code) >= len(code) // 2
+    assert not any(o["output_type"] == "error" for c in code for o in c["outputs"])
+    # Compared text outputs are the rule; only picture/widget cells are exempt.
+    ignored = [c for c in code if "nbval-ignore-output" in c.get("metadata", {}).get("tags", [])]
+    assert len(ignored) <= 2
+
+
+def test_nbval_fails_when_a_meaningful_output_changes(tmp_path):
+    nb = load("00_quickstart")
+    edited = False
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            text = out.get("data", {}).get("text/plain")
+            if text and "loaded tiny" in "".join(text):
+                out["data"]["text/plain"] = "".join(text).replace("loaded tiny", "loaded qwen-image")
+                edited = True
+    assert edited
+    (tmp_path / "edited.ipynb").write_text(json.dumps(nb))
+    shutil.copy(NOTEBOOKS / "sanitize.cfg", tmp_path / "sanitize.cfg")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "--rootdir",
+        str(tmp_path),
+        "--nbval",
+        "--nbval-sanitize-with",
+        "sanitize.cfg",
+        "edited.ipynb",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "loaded qwen-image" in proc.stdout and "1 failed" in proc.stdout
