@@ -655,29 +655,10 @@ def current_vl_model() -> VLModel | None:
     return _CURRENT
 
 
-def _hooked(module: Any) -> bool:
-    for m in module.modules():
-        reg = getattr(m, "_diffusers_hook", None)
-        if reg is not None and getattr(reg, "hooks", None):
-            return True
-        if getattr(m, "_hf_hook", None) is not None:
-            return True
-    return False
-
-
 def _input_device(model: Any, pipe: Any = None) -> Any:
-    """Where the inputs must go: the pipeline's execution device when the module is hooked, else its own."""
-    import torch
+    from .pipeline import input_device
 
-    if pipe is not None and _hooked(model):
-        return pipe._execution_device
-    if _hooked(model):
-        for m in model.modules():
-            dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
-            if dev is not None:
-                return torch.device(dev)
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    return input_device(model, pipe)
 
 
 def _lm_head_missing_from_checkpoint(pipe: Any) -> bool:

@@ -297,9 +297,11 @@ def resolve_options(
 def _encode(pipe: Any, text: str, n: int, device: Any) -> tuple[Any, Any]:
     import torch
 
-    te_device = next(pipe.text_encoder.parameters()).device if pipe.text_encoder is not None else device
-    on_cpu = te_device.type == "cpu" and getattr(device, "type", "cpu") == "cuda"
-    embeds, mask = pipe.encode_prompt(text, device=te_device if on_cpu else device, num_images_per_prompt=n)
+    from .pipeline import input_device
+
+    # A text encoder kept on the CPU encodes there; a hooked (streamed) one takes its inputs on the GPU.
+    te_device = input_device(pipe.text_encoder, pipe) if pipe.text_encoder is not None else device
+    embeds, mask = pipe.encode_prompt(text, device=te_device, num_images_per_prompt=n)
     if mask is None:  # all tokens valid: say so explicitly (diffusers warns on a missing mask)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     return embeds.to(device), mask.to(device)
@@ -407,7 +409,8 @@ def generate(
         return {}
 
     try:
-        with _sigint_stops(stop), torch.inference_mode():
+        # no_grad, as diffusers' own __call__ (inference_mode tensors trip compiled graphs that are reused later).
+        with _sigint_stops(stop), torch.no_grad():
             _sync(device)
             t0 = time.perf_counter()
             embeds, mask = _encode(pipe, text, num_images, device)

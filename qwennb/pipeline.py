@@ -156,6 +156,10 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     dtype = _torch_dtype(plan.dtype)
     if plan.device != "cuda":
         pipe.to(plan.device)
+        if plan.vae_tiling:
+            pipe.vae.enable_tiling()
+        if plan.vae_slicing:
+            pipe.vae.enable_slicing()
         return pipe
     cuda = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = plan.tf32
@@ -171,13 +175,8 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
         if t.storage_dtype == "float8_e4m3fn" and not t.quantization:
             pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
         if t.placement == "group_offload":
-            pipe.transformer.enable_group_offload(
-                onload_device=cuda,
-                offload_device=torch.device("cpu"),
-                offload_type="block_level",
-                num_blocks_per_group=1,
-                use_stream=True,
-                low_cpu_mem_usage=t.host_gb < 2 * t.gpu_gb,
+            group_offload_with_resident_blocks(
+                pipe.transformer, t.resident_blocks or 0, cuda, low_cpu_mem_usage=t.low_cpu_mem_usage
             )
         elif not t.quantization:
             pipe.transformer.to(cuda)
@@ -200,13 +199,98 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
         pipe.vae.enable_slicing()
     if plan.attention_backend and plan.attention_backend != "native":
         pipe.transformer.set_attention_backend(plan.attention_backend)
-    if plan.compile:
+    if plan.compile and getattr(plan, "fast_path", False):
+        from .speed import enable_fast_path  # the tuned path (same math); it compiles its block function
+
+        fp8 = getattr(plan, "fp8_matmul", False)
+        enable_fast_path(pipe.transformer, compile=True, fp8=fp8, scheduler=pipe.scheduler)
+    elif plan.compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     if plan.cache:
-        from diffusers import FirstBlockCacheConfig
+        from .speed import apply_cache  # after the tuned path: its hooks wrap the compiled blocks
 
-        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+        apply_cache(pipe.transformer, plan.cache)
     return pipe
+
+
+def is_hooked(module: Any) -> bool:
+    """True when diffusers or accelerate hooks move this module's weights (offloading, group offload...)."""
+    for m in module.modules():
+        reg = getattr(m, "_diffusers_hook", None)
+        if reg is not None and getattr(reg, "hooks", None):
+            return True
+        if getattr(m, "_hf_hook", None) is not None:
+            return True
+    return False
+
+
+def input_device(model: Any, pipe: Any = None) -> Any:
+    """Where a module's inputs must go: the pipeline's execution device when hooks move the module, else the
+    device of its own parameters."""
+    import torch
+
+    if is_hooked(model):
+        if pipe is not None:
+            return pipe._execution_device
+        for m in model.modules():
+            dev = getattr(getattr(m, "_hf_hook", None), "execution_device", None)
+            if dev is not None:
+                return torch.device(dev)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def resident_block_indices(n_blocks: int, resident: int) -> list[int]:
+    """Which of ``n_blocks`` stay on the GPU when ``resident`` of them fit: spread evenly, so that every streamed
+    block is computed between resident ones and its copy overlaps their compute.
+
+    Example:
+        >>> resident_block_indices(10, 5)
+        [0, 2, 4, 6, 8]
+        >>> resident_block_indices(6, 0), resident_block_indices(3, 5)
+        ([], [0, 1, 2])
+    """
+    resident = max(0, min(n_blocks, resident))
+    if resident == 0:
+        return []
+    step = n_blocks / resident
+    return sorted({min(n_blocks - 1, int(i * step)) for i in range(resident)})
+
+
+def group_offload_with_resident_blocks(
+    transformer: Any, resident: int, device: Any, low_cpu_mem_usage: bool = False
+) -> list[int]:
+    """diffusers' block-level group offload with CUDA streams, keeping ``resident`` blocks on the GPU.
+
+    Group offload is applied to every block (so diffusers' stream prefetching and its lazy execution-order
+    tracing are used unchanged); then the resident blocks' offload hooks are removed and they move to the GPU
+    for good. The prefetch chain only links the blocks that still stream, so each copy starts a resident
+    block earlier. Returns the resident indices.
+    """
+    import torch
+    from diffusers.hooks import HookRegistry
+
+    transformer.enable_group_offload(
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        use_stream=True,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
+    blocks = transformer.transformer_blocks
+    keep = resident_block_indices(len(blocks), resident)
+    # diffusers has no option to exclude blocks, so undo its hooks on the resident ones: the group-offload hook
+    # and the tracer that the lazy prefetch hook put on every offloaded block to learn the execution order.
+    lazy = HookRegistry.check_if_exists_or_initialize(transformer).get_hook("lazy_prefetch_group_offloading")
+    for i in keep:
+        registry = HookRegistry.check_if_exists_or_initialize(blocks[i])
+        registry.remove_hook("layer_execution_tracker", recurse=False)
+        registry.remove_hook("group_offloading", recurse=False)
+        if lazy is not None:
+            lazy._layer_execution_tracker_module_names.discard(f"transformer_blocks.{i}")
+        blocks[i].to(device)
+    return keep
 
 
 def build(plan: Plan, path: str | None = None) -> Any:
@@ -287,6 +371,11 @@ def validate_optimization(pipe: Any) -> dict[str, Any]:
     out["attention_backend"] = ",".join(sorted(backends)) or global_backend
     blocks = getattr(tr, "transformer_blocks", [])
     out["compiled_blocks"] = sum(1 for b in blocks if getattr(b, "_compiled_call_impl", None) is not None)
+    from .speed import is_fast
+
+    out["fast_path"] = bool(is_fast(tr))
+    if out["fast_path"]:  # the tuned path compiles one shared block function instead of each block
+        out["compiled_blocks"] = len(blocks)
     out["vae_tiling"] = bool(getattr(pipe.vae, "use_tiling", False))
     out["vae_slicing"] = bool(getattr(pipe.vae, "use_slicing", False))
     out["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)

@@ -33,9 +33,19 @@ GIB = 1024**3
 # Share of the card's nominal dense bf16 rate (SMs x max clock x FLOPs/clock) that stock diffusers
 # reaches on the transformer: 0.1845 s a forward at 1024x1024 = 377 TFLOP/s of 1070 nominal on an H100.
 EAGER_EFFICIENCY = 0.352
-# fp8 storage (layerwise casting) upcasts every weight before use: about 80 ms a forward on an H100
-# for 20.4 B weights, i.e. about 260 GB of fp8 weights a second.
-UPCAST_GBPS = 260.0
+# fp8 storage (layerwise casting) upcasts every weight before use. Measured on an H100 (memory tiers, 24 GB
+# cap, 54 of 60 blocks resident): 0.134 s a forward for 20.4 B weights, i.e. about 152 GB of fp8 weights a
+# second (a separate copy op predicted 80 ms; the hooks' per-layer casts and launches cost more).
+UPCAST_GBPS = 152.0
+# Share of the nominal rate that qwennb's tuned path (qwennb.speed: regional compile, real-arithmetic RoPE,
+# GELU epilogue, modulation once per image) reaches: 0.253 s/step against stock's 0.369 at 1024x1024 with
+# CFG on an H100 (benchmarks/speed.py; benchmarks/NOTES.md, issue #6).
+FAST_EFFICIENCY = EAGER_EFFICIENCY * 0.369 / 0.253
+CACHE_MODES = ("first_block", "taylorseer")
+# Host RAM of the Python process itself (torch, diffusers, transformers, CUDA context).
+PROCESS_HOST_GIB = 2.0
+# What a text encoder kept on the CPU computes at (TFLOP/s, bf16 on a many-core host): seconds a prompt.
+CPU_TFLOPS = 0.5
 # Rate assumed to rank arrangements when the card's compute rate is unknown (a described card).
 FALLBACK_TFLOPS = 150.0
 # Host-to-device copies from pageable memory run at about a third of the pinned rate (19 vs 54 GB/s).
@@ -100,6 +110,7 @@ class OptimizationConfig:
     attention_backend: str | None = None  # a diffusers backend name; "native" is PyTorch SDPA
     compile: bool | None = None  # regional compile of the repeated transformer blocks
     cache: str | None = None  # "first_block" or "taylorseer" (diffusers caches); lossy
+    fp8_matmul: bool | None = None  # fp8 matmuls on compute capability 8.9+ (qwennb.speed.FP8Linear); lossy
     enable_vae_tiling: bool | None = None
     allow_lossy: bool | None = None  # may the plan pick fp8/quantised storage to fit memory?
     force: bool = False  # plan the real model on CPU, or a card without bf16 in fp32
@@ -133,6 +144,7 @@ class ComponentPlan:
     host_gb: float = 0.0  # host RAM this placement needs
     resident_blocks: int | None = None  # group offload: blocks kept on the GPU
     reason: str = ""
+    low_cpu_mem_usage: bool = False  # group offload: pin on the fly (host RAM too small for pinned copies)
 
 
 @dataclass
@@ -164,6 +176,9 @@ class Plan:
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
+    estimated_for: tuple[int, int] = (1024, 1024)  # the size (width, height) the estimates are for
+    fast_path: bool = False  # qwennb.speed's tuned transformer path (with compile, model whole on the GPU)
+    fp8_matmul: bool = False  # the tuned path's fp8 matmuls (lossy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -350,6 +365,7 @@ class _Candidate:
     lossless: bool
     resident_blocks: int | None = None
     reason: str = ""
+    low_cpu_mem_usage: bool = False
 
 
 def _weights_gib(size: ComponentSize, dtype_bytes: float, linear_bytes: float | None = None) -> float:
@@ -425,6 +441,7 @@ def _transformer_candidates(
                 per_fwd,
                 lossless,
                 resident_blocks=resident,
+                low_cpu_mem_usage=not pinned,
                 reason=f"streams {streamed} blocks ({streamed * blk:.1f} GiB) a forward over PCIe "
                 + (
                     "from pinned memory, overlapped with compute"
@@ -495,6 +512,8 @@ def make_plan(
         )
     reasons: list[str] = []
     warnings: list[str] = []
+    if cfg.cache is not None and cfg.cache not in CACHE_MODES:
+        raise PlanError(f"unknown cache {cfg.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
     if spec.name == "qwen-image-edit":
         warnings.append(
             "Qwen-Image-Edit is trained to edit an input image: the wrong model for text-to-image; "
@@ -582,6 +601,7 @@ def make_plan(
             )
         if spec.name == "tiny":
             reasons.append("tiny stand-in: the real classes with tiny configs; its images are noise.")
+
         peak = (
             weights + (_act_gib(w, h, 2) * 0.01 if spec.name == "tiny" else _act_gib(w, h, 1))
             if device != "cpu"
@@ -613,6 +633,7 @@ def make_plan(
             reasons=reasons,
             warnings=warnings,
             overrides=cfg.set_fields(),
+            estimated_for=(w, h),
         )
 
     # ---- a CUDA GPU: cost the arrangements ---------------------------------------------------------
@@ -628,6 +649,14 @@ def make_plan(
     act = _act_gib(w, h, batch)
     vae_tiling = bool(cfg.enable_vae_tiling)
     decode = _vae_gib(w, h, batch, vae_tiling)
+    if cfg.enable_vae_tiling is None and decode > 0.25 * budget:
+        # Decided before the arrangement: the memory a whole-image decode would take goes to resident blocks.
+        vae_tiling = True
+        decode = _vae_gib(w, h, batch, True)
+        reasons.append(
+            f"VAE tiling on: decoding {w}x{h} at once would take {_vae_gib(w, h, batch, False):.1f} GiB, over a "
+            "quarter of the budget; tiles take about 0.6."
+        )
     flops = transformer_flops(tconf, w, h)
     host_free = hardware.host_ram_gb
 
@@ -699,13 +728,31 @@ def make_plan(
             f"{spec.name} does not fit {gpu.name} ({gpu.total_memory_gb:.1f} GiB) even streamed: about "
             f"{need:.1f} GiB is needed at {w}x{h}; try a smaller size"
         )
-    # The fastest transformer wins (the text encoder runs once a prompt, the transformer every step);
-    # among equals, the text encoder placement that copies least.
+    # The fastest wins: time per step, plus the text encoder's cost once a prompt spread over the steps (a
+    # streamed encoder copies its 15 GiB once; one on the CPU computes for seconds). Among equals, the text
+    # encoder placement that copies least.
     text_order = {"gpu": 0, "group_offload": 1, "model_offload": 2, "cpu": 3}
+    h2d = gpu.host_to_device_gbps or 25.0
+    text_flops = 2 * e_size.params * 2 * TEXT_TOKENS  # prompt and negative prompt
+    text_cost = {
+        "gpu": 0.0,
+        "group_offload": text_gb * GIB / (h2d * 1e9),
+        "model_offload": text_gb * GIB / (h2d * PAGEABLE_SHARE * 1e9),
+        "cpu": text_flops / (CPU_TFLOPS * 1e12),
+    }
+    passes = 2 if defaults["cfg"] > 1 else 1
+
+    def per_step(o: tuple[str, _Candidate, float, float]) -> float:
+        return o[1].s_per_forward * passes + text_cost[o[0]] / defaults["steps"]
+
     fits_host = [o for o in options if o[3] <= host_free * 0.9]
-    tp, tc, peak, host = min(
-        fits_host or options, key=lambda o: (round(o[1].s_per_forward, 3), text_order[o[0]])
-    )
+    tp, tc, peak, host = min(fits_host or options, key=lambda o: (round(per_step(o), 3), text_order[o[0]]))
+    # Loading peaks above the steady state: a transformer that is streamed or stored in fp8 passes through host
+    # RAM whole in its load dtype before it is cast and pinned (measured on an H100 host: 72.5 GiB at the 24,
+    # 16 and 12 GB caps against 69 GiB from this sum), plus about 2 GiB for the Python process itself.
+    text_host = 0.0 if tp == "gpu" else text_gb * (2 if tp == "group_offload" else 1)
+    staged = tc.placement != "gpu" or tc.storage != dtype
+    host = max(host, (t_size.gib(dbytes) if staged else 0.0) + text_host) + PROCESS_HOST_GIB
     if host > host_free * 0.9:
         warnings.append(
             f"this arrangement wants about {host:.0f} GiB of host RAM; the machine has {host_free:.0f} GiB"
@@ -720,6 +767,7 @@ def make_plan(
         round(tc.host_gb, 2),
         tc.resident_blocks,
         tc.reason,
+        tc.low_cpu_mem_usage,
     )
     text_reason = {
         "gpu": "fits beside the transformer: no copies per prompt",
@@ -736,12 +784,6 @@ def make_plan(
         host_gb=round(0.0 if tp == "gpu" else text_gb * (2 if tp == "group_offload" else 1), 2),
         reason=text_reason[tp],
     )
-    if not vae_tiling and decode > 0.25 * budget:
-        vae_tiling = True
-        decode = _vae_gib(w, h, batch, True)
-        reasons.append(
-            "VAE tiling on: decoding the whole image at once would take a large part of the budget."
-        )
     comps["vae"] = ComponentPlan(
         "gpu" if not forced_offload else "model_offload",
         dtype,
@@ -766,14 +808,51 @@ def make_plan(
             "attention: PyTorch SDPA ('native'); it picks the fastest kernel for the card (cuDNN on Hopper), "
             "and diffusers' other backends measured slower on an H100."
         )
-    compile_ = bool(cfg.compile) if cfg.compile is not None else False
-    if cfg.compile is None:
+    # The tuned path (qwennb.speed) needs the transformer whole on the GPU in its compute dtype, no hooks.
+    whole_on_gpu = all_gpu and tc.storage == dtype and device == "cuda"
+    fp8_mm = False
+    if cfg.fp8_matmul:
+        cc = float(gpu.compute_capability or 0)
+        fp8_gib = _fp8_extra_gib(t_size, tconf)
+        if not whole_on_gpu:
+            warnings.append("fp8_matmul needs the transformer whole on the GPU in bf16; ignored")
+        elif cc < 8.9:
+            warnings.append(f"fp8_matmul needs compute capability 8.9 or newer (this card: {cc:g}); ignored")
+        elif peak + fp8_gib > budget:
+            warnings.append(
+                f"fp8_matmul keeps fp8 copies of the block weights ({fp8_gib:.1f} GiB) beside bf16 ones: "
+                f"{peak + fp8_gib:.1f} GiB does not fit {budget:.1f}; ignored"
+            )
+        else:
+            fp8_mm = True
+            peak += fp8_gib
+            reasons.append(
+                f"fp8 matmuls (asked for): the blocks' large Linears run as e4m3 x e4m3 with per-token and "
+                f"per-channel scales (+{fp8_gib:.1f} GiB of fp8 weights); outputs drift beyond rounding."
+            )
+    # Default: on where the tuned path applies (the model whole on the GPU). Measured on an H100 (1024x1024,
+    # CFG 4): 0.253 s/step against stock's 0.369 (1.46x), the first image 15 s later (compile), a later
+    # session's first image 1.4 s later (inductor's on-disk cache), drift at the rounding floor.
+    compile_ = bool(cfg.compile) if cfg.compile is not None else (whole_on_gpu or fp8_mm)
+    fast = compile_ and whole_on_gpu
+    if cfg.compile is None and not compile_:
         reasons.append(
-            "compile off by default: regional compile saves about a quarter of each step (0.369 -> 0.280 s on an "
-            "H100) but adds about 14 s to the first image; turn it on with compile=True."
+            "compile off: the transformer is not whole on the GPU, where regional compile is untested with "
+            "offloading; turn it on with compile=True."
         )
     elif compile_ and not all_gpu:
         warnings.append("compile with offloading or quantisation is untested; it may recompile or fall back")
+    if fast:
+        reasons.append(
+            "compile "
+            + ("(default)" if cfg.compile is None else "(asked for)")
+            + ": qwennb's tuned path (regional compile of one block function shared by all blocks, RoPE in "
+            "real arithmetic, GELU in the matmul epilogue, modulation once per image); same math as stock, "
+            "drift at the rounding floor. On an H100 at 1024x1024 with CFG: 0.253 s/step against 0.369 for "
+            "stock diffusers (1.46x) and 0.280 for stock plus compile_repeated_blocks; the first image of a "
+            "session costs about 15 s more (compile), about 1.5 s in later sessions (cached). compile=False "
+            "turns it off."
+        )
     tf32 = True if cfg.enable_tf32 is None else cfg.enable_tf32
     cudnn = True if cfg.enable_cudnn_benchmark is None else cfg.enable_cudnn_benchmark
     if cfg.enable_attention_slicing:
@@ -783,9 +862,10 @@ def make_plan(
     if cfg.cache:
         warnings.append(f"cache {cfg.cache!r} reuses work between steps: faster, but outputs change")
 
-    lossless = tc.lossless and not cfg.cache
+    lossless = tc.lossless and not cfg.cache and not fp8_mm
     passes = 2 if defaults["cfg"] > 1 else 1
-    s_step = tc.s_per_forward * passes if gpu.peak_bf16_tflops else None
+    s_fwd = tc.s_per_forward * (EAGER_EFFICIENCY / FAST_EFFICIENCY if fast else 1.0)
+    s_step = s_fwd * passes if gpu.peak_bf16_tflops else None
     desc = tc.name
     text_short = {
         "gpu": "text encoder on GPU",
@@ -836,19 +916,45 @@ def make_plan(
         reasons=reasons,
         warnings=warnings,
         overrides=cfg.set_fields(),
+        estimated_for=(w, h),
+        fast_path=fast,
+        fp8_matmul=fp8_mm,
     )
+
+
+def _fp8_extra_gib(size: ComponentSize, tconf: dict[str, Any]) -> float:
+    """GiB of fp8 copies of the blocks' Linears that fp8_matmul quantises (all but the modulation)."""
+    d = tconf["num_attention_heads"] * tconf["attention_head_dim"]
+    modulation = 2 * (d * 6 * d + 6 * d)
+    return (size.block_params - modulation) * size.blocks / GIB
+
+
+def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:
+    """What the plan's components hold on the GPU at the highest point of a generation at this size."""
+    comps = plan.components
+    t, te, vae = comps["transformer"], comps["text_encoder"], comps["vae"]
+    act = _act_gib(width, height, batch)
+    decode = _vae_gib(width, height, batch, plan.vae_tiling)
+    if t.placement == "model_offload":  # one component on the GPU at a time
+        return max(te.host_gb + TEXT_ACT_GIB, t.gpu_gb + act, vae.gpu_gb + decode)
+    text_phase = {
+        "group_offload": TEXT_STREAM_GIB + TEXT_ACT_GIB,
+        "model_offload": te.host_gb + TEXT_ACT_GIB,
+    }.get(te.placement, 0.0)
+    resident = t.gpu_gb + vae.gpu_gb + (te.gpu_gb if te.placement == "gpu" else 0.0)
+    return resident + max(act, decode, text_phase)
 
 
 def with_size(plan: Plan, width: int, height: int, batch: int = 1) -> float:
-    """Estimated peak GPU memory (GiB) of ``plan`` for one generation at ``width``x``height``."""
+    """Estimated peak GPU memory (GiB) of ``plan`` for one generation at ``width``x``height``.
+
+    It is the plan's own estimate moved by the change in activations and decode memory, so at the size the
+    plan was made for it equals ``plan.estimated_peak_gpu_gb``.
+    """
     if plan.device != "cuda":
         return plan.estimated_peak_gpu_gb
-    comps = plan.components
-    weights = sum(
-        c.gpu_gb for c in comps.values() if c.placement in ("gpu", "group_offload", "sequential_offload")
-    )
-    decode = _vae_gib(width, height, batch, plan.vae_tiling)
-    return weights + max(_act_gib(width, height, batch), decode, TEXT_ACT_GIB)
+    w0, h0 = plan.estimated_for
+    return plan.estimated_peak_gpu_gb + _phase_peak(plan, width, height, batch) - _phase_peak(plan, w0, h0, 1)
 
 
 __all__ = [

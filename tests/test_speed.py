@@ -1,0 +1,231 @@
+"""The tuned path (qwennb.speed) on the tiny model, on the CPU: same function as stock diffusers."""
+
+import pytest
+import torch
+from diffusers.models.transformers.transformer_qwenimage import (
+    QwenDoubleStreamAttnProcessor2_0,
+    apply_rotary_emb_qwen,
+)
+
+from qwennb import speed
+from qwennb.plan import OptimizationConfig, describe_machine, make_plan
+from qwennb.stand_ins import build_tiny_pipeline
+
+H100 = dict(compute_capability="9.0", sm_count=132, max_sm_clock_mhz=1980, pcie_gen=5)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = build_tiny_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def latents(pipe, prompt="a red fox", size=128, steps=4, cfg=4.0, n=1):
+    g = torch.Generator().manual_seed(3)
+    out = pipe(
+        prompt,
+        negative_prompt=" ",
+        true_cfg_scale=cfg,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=g,
+        output_type="latent",
+        num_images_per_prompt=n,
+    )
+    return out.images
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_rope_matches_complex_rope(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 3, 16, generator=g).to(dtype)
+    angles = torch.randn(37, 8, generator=g, dtype=torch.float64).float()
+    freqs = torch.polar(torch.ones_like(angles), angles)  # complex64, as diffusers builds it
+    ref = apply_rotary_emb_qwen(x, freqs, use_real=False)
+    cos, sin = speed.rope_to_real(freqs)
+    assert cos.shape == sin.shape == (37, 16) and cos.dtype == torch.float32
+    out = speed.apply_rotary_emb_real(x, cos, sin)
+    assert out.dtype == dtype and out.shape == x.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    else:  # the same float32 values rounded to bf16: equal but for a rare last-bit tie
+        assert (out != ref).float().mean() < 1e-3
+        torch.testing.assert_close(out, ref, rtol=8e-3, atol=8e-3)
+    stacked = speed._apply_rotary_emb_stack(x, cos, sin)
+    torch.testing.assert_close(stacked.float(), out.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_processor_matches_stock_processor(pipe, fused, mask):
+    attn = pipe.transformer.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(1)
+    d = attn.inner_dim
+    img = torch.randn(2, 24, d, generator=g)
+    txt = torch.randn(2, 7, d, generator=g)
+    m = torch.ones(2, 7, dtype=torch.bool)  # the transformer passes the text mask as bool
+    m[1, 4:] = False
+    angles = torch.randn(31, attn.inner_dim // attn.heads // 2, generator=g)
+    freqs = torch.polar(torch.ones_like(angles), angles)
+    rope = (freqs[7:], freqs[:7])
+    kwargs = dict(encoder_hidden_states_mask=m if mask else None)
+    with torch.no_grad():
+        ref = QwenDoubleStreamAttnProcessor2_0()(attn, img, txt, image_rotary_emb=rope, **kwargs)
+        if fused:
+            speed.fuse_qkv_(attn)
+        proc = speed.QwenRealRopeAttnProcessor()
+        out_complex = proc(attn, img, txt, image_rotary_emb=rope, **kwargs)
+        real = (speed.rope_to_real(rope[0]), speed.rope_to_real(rope[1]))
+        out_real = proc(attn, img, txt, image_rotary_emb=real, **kwargs)
+        proc.sdpa_op = True
+        out_op = proc(attn, img, txt, image_rotary_emb=real, **kwargs)
+        attn.fused_projections = False
+    for out in (out_complex, out_real, out_op):
+        for o, r in zip(out, ref, strict=True):
+            torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_qkv_shares_the_weights(pipe):
+    attn = pipe.transformer.transformer_blocks[1].attn
+    before = sum(p.numel() for p in pipe.transformer.parameters())
+    speed.fuse_qkv_(attn)
+    q = attn.to_q.weight
+    assert q.data_ptr() == attn.to_qkv.weight.data_ptr()
+    assert attn.to_k.weight.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+    # Parameters are deduplicated by object, not storage: the fused ones are new objects over old storage.
+    assert attn.to_qkv.weight.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in pipe.transformer.parameters()) > before
+    attn.fused_projections = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_matches_stock_pipeline_and_restores_it(dtype):
+    pipe = build_tiny_pipeline(seed=0, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    tr = pipe.transformer
+    ref, ref1, ref2 = latents(pipe), latents(pipe, cfg=1.0), latents(pipe, n=2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for sched in (None, pipe.scheduler):
+        state = speed.enable_fast_path(tr, compile=False, scheduler=sched)
+        assert speed.is_fast(tr)
+        assert type(tr.transformer_blocks[0].attn.processor) is speed.QwenRealRopeAttnProcessor
+        assert rel(latents(pipe), ref) < tol
+        assert rel(latents(pipe, cfg=1.0), ref1) < tol
+        assert rel(latents(pipe, n=2), ref2) < tol
+        if sched is None:  # CFG: the second pass of each step reuses the first pass's modulation
+            assert state.stats["modulation_reused"] == 4 + 0 + 4
+        else:  # every step's modulation comes from the table built at the image's first step
+            assert state.stats["modulation_from_schedule"] == state.stats["forwards"] == 8 + 4 + 8
+        speed.disable_fast_path(tr)
+        assert not speed.is_fast(tr)
+        assert type(tr.transformer_blocks[0].attn.processor) is QwenDoubleStreamAttnProcessor2_0
+        assert "forward" not in tr.__dict__ and "forward" not in tr.transformer_blocks[0].__dict__
+        assert torch.equal(latents(pipe), ref)
+
+
+def test_modulation_cache_follows_weight_changes(pipe):
+    tr = pipe.transformer
+    ref = latents(pipe)
+    speed.enable_fast_path(tr, compile=False)
+    latents(pipe)
+    with torch.no_grad():
+        w = tr.transformer_blocks[0].img_mod[1].weight
+        w.mul_(1.5)  # an in-place change (a LoRA fuse, a reload) bumps the version: no stale vectors
+    changed = latents(pipe)
+    speed.disable_fast_path(tr)
+    expect = latents(pipe)
+    with torch.no_grad():
+        w.div_(1.5)
+    assert rel(changed, expect) < 1e-5 and rel(changed, ref) > 1e-4
+
+
+def test_compiled_fast_path_one_graph_for_all_lengths_and_sizes(pipe):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    tr = pipe.transformer
+    ref = latents(pipe)
+    speed.enable_fast_path(tr, compile=True, backend="aot_eager", scheduler=pipe.scheduler)
+    try:
+        assert rel(latents(pipe), ref) < 1e-5
+        latents(pipe, prompt="a much longer prompt with many more words in it than before", size=160)
+        latents(pipe, size=96, cfg=1.0)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        speed.disable_fast_path(tr)
+
+
+def test_fp8_linear_approximates_linear():
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 7, 64, generator=g)
+    f = speed.FP8Linear(lin)
+    assert f.weight_fp8.dtype == torch.float8_e4m3fn and f.weight_scale.shape == (1, 48)
+    with torch.no_grad():
+        ref = lin(x)
+        try:
+            out = f(x)
+        except (RuntimeError, NotImplementedError) as exc:  # no fp8 matmul on this CPU build
+            pytest.skip(f"torch._scaled_mm unavailable here: {exc}")
+    assert out.shape == ref.shape
+    assert 1e-4 < rel(out, ref) < 0.08  # lossy, but close
+
+
+def test_fp8_path_swaps_and_restores_the_linears(pipe):
+    tr = pipe.transformer
+    block = tr.transformer_blocks[0]
+    up = block.img_mlp.net[0].proj
+    speed.enable_fast_path(tr, compile=False, fp8=True)
+    try:
+        assert isinstance(block.img_mlp.net[0].proj, speed.FP8Linear)
+        assert isinstance(block.attn.to_q, speed.FP8Linear)
+        assert type(block.img_mod[1]) is torch.nn.Linear  # modulation stays in bf16
+    finally:
+        speed.disable_fast_path(tr)
+    assert block.img_mlp.net[0].proj is up
+
+
+def test_caches_compose_with_the_fast_path(pipe):
+    tr = pipe.transformer
+    ref = latents(pipe, steps=8)
+    speed.enable_fast_path(tr, compile=False, scheduler=pipe.scheduler)
+    try:
+        for mode in speed.CACHE_MODES:
+            speed.apply_cache(tr, mode)
+            out = latents(pipe, steps=8)
+            assert torch.isfinite(out).all()
+            if mode == "taylorseer":
+                assert rel(out, ref) > 1e-4  # predicted steps: not the same function
+            tr.disable_cache()
+        with pytest.raises(RuntimeError, match="before diffusers hooks"):
+            speed.apply_cache(tr, "first_block")
+            speed.disable_fast_path(tr)
+            speed.enable_fast_path(tr, compile=False)
+    finally:
+        if getattr(tr, "is_cache_enabled", False):
+            tr.disable_cache()
+        speed.disable_fast_path(tr)
+    with pytest.raises(ValueError, match="unknown cache mode"):
+        speed.cache_config("bogus")
+
+
+def test_plan_turns_on_the_fast_path_only_where_it_applies():
+    big = describe_machine(80, **H100)
+    plan = make_plan(big, "qwen-image", OptimizationConfig(compile=True))
+    assert plan.compile and plan.fast_path and plan.lossless and not plan.fp8_matmul
+    fp8 = make_plan(big, "qwen-image", OptimizationConfig(fp8_matmul=True))
+    assert fp8.fp8_matmul and fp8.fast_path and fp8.compile and not fp8.lossless
+    assert fp8.estimated_peak_gpu_gb > plan.estimated_peak_gpu_gb
+    small = make_plan(describe_machine(24, host_ram_gb=128, **H100), "qwen-image", {"compile": True})
+    assert small.compile and not small.fast_path  # streamed blocks: stock regional compile
+    ada = make_plan(describe_machine(80, compute_capability="8.6"), "qwen-image", {"fp8_matmul": True})
+    assert not ada.fp8_matmul and any("8.9" in w for w in ada.warnings)
+    with pytest.raises(Exception, match="unknown cache"):
+        make_plan(big, "qwen-image", {"cache": "bogus"})
