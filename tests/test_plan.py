@@ -163,3 +163,23 @@ def test_performance_analysis_is_computed_from_the_plan():
     )
     assert fast["expected_s_per_step"] < r["expected_s_per_step"]
     assert any("Edit" in w for w in svc.analyze_performance_characteristics("qwen-image-edit")["warnings"])
+
+
+def test_streamed_blocks_are_spread_between_resident_ones():
+    from qwennb.pipeline import resident_block_indices
+
+    keep = resident_block_indices(60, 20)
+    assert len(keep) == 20 and keep[0] == 0 and max(b - a for a, b in zip(keep, keep[1:], strict=False)) == 3
+    assert resident_block_indices(60, 0) == [] and resident_block_indices(60, 99) == list(range(60))
+
+
+def test_small_host_ram_pins_on_the_fly():
+    def plan(host):
+        hw = describe_machine(gpu_memory_gb=16, host_ram_gb=host, **H100)
+        return make_plan(hw, "qwen-image", OptimizationConfig(transformer_placement="group_offload"))
+
+    roomy = plan(256).components["transformer"]
+    tight = plan(24).components["transformer"]
+    assert roomy.placement == tight.placement == "group_offload"
+    assert not roomy.low_cpu_mem_usage and tight.low_cpu_mem_usage
+    assert tight.host_gb < roomy.host_gb

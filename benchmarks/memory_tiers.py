@@ -1,0 +1,164 @@
+"""Memory tiers on real shapes: full-size Qwen-Image (random weights) under GPU memory caps of 80 to 12 GB.
+
+For each cap, a fresh process limits its usable GPU memory with ``torch.cuda.set_per_process_memory_fraction``,
+asks qwennb's plan for a card of that size (the real card's compute and PCIe link, the cap as its memory),
+loads ``qwen-image-synthetic`` with the plan, generates 1024x1024 with CFG 4 for a few steps, and records the
+arrangement, measured peak GPU memory beside the plan's estimate, host RAM peak, load time, median s/step and
+whether it ran out of memory.
+
+    python benchmarks/memory_tiers.py --out benchmarks/results [--caps 80 48 24 16 12] [--steps 4]
+
+Writes ``memory-tiers-<card>.json`` and ``.md`` and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def one(cap: float, steps: int, size: int) -> dict:
+    import torch
+
+    from qwennb.generation import generate
+    from qwennb.hardware import detect
+    from qwennb.pipeline import build
+    from qwennb.plan import make_plan
+
+    hw = detect()
+    gpu = hw.best_gpu
+    real_total = torch.cuda.get_device_properties(0).total_memory / 1024**3
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / real_total))
+    gpu.total_memory_gb = gpu.free_memory_gb = float(cap)
+    plan = make_plan(hw, "qwen-image-synthetic", width=size, height=size)
+    row = {
+        "cap_gb": cap,
+        "arrangement": plan.arrangement,
+        "estimated_peak_gb": plan.estimated_peak_gpu_gb,
+        "estimated_host_gb": plan.estimated_host_ram_gb,
+        "estimated_s_per_step": plan.estimated_s_per_step,
+        "resident_blocks": plan.components["transformer"].resident_blocks,
+        "oom": False,
+    }
+    try:
+        t0 = time.perf_counter()
+        pipe = build(plan)
+        torch.cuda.synchronize()
+        row["load_s"] = round(time.perf_counter() - t0, 1)
+        row["weights_gpu_gb"] = round(torch.cuda.memory_allocated() / 1024**3, 2)
+        generate(pipe, "warm up", steps=2, width=size, height=size, cfg=4.0, seed=0)
+        torch.cuda.reset_peak_memory_stats()
+        r = generate(
+            pipe,
+            "a red fox reading a newspaper in a cafe, watercolor",
+            steps=steps,
+            width=size,
+            height=size,
+            cfg=4.0,
+            seed=1,
+        )
+        row["measured_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        row["denoise_peak_gb"] = r.denoise_peak_gpu_memory_gb
+        row["s_per_step"] = round(statistics.median(r.step_times_s), 3)
+        row["text_encoding_s"] = round(r.text_encoding_s, 2)
+        row["decode_s"] = round(r.decode_s, 2)
+    except torch.OutOfMemoryError as exc:
+        row["oom"] = True
+        row["error"] = str(exc).splitlines()[0][:300]
+        row["measured_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+    except Exception as exc:  # noqa: BLE001 - record and go on to the next cap
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    row["host_ram_peak_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2)
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--caps", type=float, nargs="+", default=[80, 48, 24, 16, 12])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one is not None:
+        print("ROW " + json.dumps(one(args.one, args.steps, args.size)), flush=True)
+        return 0
+    import torch
+
+    card = torch.cuda.get_device_name(0)
+    rows = []
+    for cap in args.caps:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(cap),
+                "--steps",
+                str(args.steps),
+                "--size",
+                str(args.size),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+        row = (
+            json.loads(line[-1][4:])
+            if line
+            else {"cap_gb": cap, "error": proc.stderr.strip().splitlines()[-1:]}
+        )
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next(
+        (r.get("s_per_step") for r in rows if r.get("cap_gb") == max(args.caps) and r.get("s_per_step")), None
+    )
+    for r in rows:
+        r["slowdown_vs_uncapped"] = round(r["s_per_step"] / base, 2) if base and r.get("s_per_step") else None
+        if r.get("measured_peak_gb") and r.get("estimated_peak_gb"):
+            r["estimate_error"] = round(r["estimated_peak_gb"] / r["measured_peak_gb"] - 1, 3)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "card": card,
+        "torch": torch.__version__,
+        "size": args.size,
+        "steps": args.steps,
+        "cfg": 4.0,
+        "tiers": rows,
+    }
+    (out / f"memory-tiers-{slug}.json").write_text(json.dumps(record, indent=2))
+    lines = [
+        f"# Memory tiers on {card}",
+        "",
+        f"Full-size Qwen-Image with random weights, {args.size}x{args.size}, CFG 4, median of {args.steps} steps after "
+        "a 2-step warm-up; one fresh process per cap (`torch.cuda.set_per_process_memory_fraction`).",
+        "",
+        "| cap GB | arrangement | est. peak GiB | measured peak GiB | host RAM peak GiB | load s | s/step | x uncapped | OOM |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cap_gb']:g} | {r.get('arrangement', '-')} | {r.get('estimated_peak_gb', '-')} | "
+            f"{r.get('measured_peak_gb', '-')} | {r.get('host_ram_peak_gb', '-')} | {r.get('load_s', '-')} | "
+            f"{r.get('s_per_step', '-')} | {r.get('slowdown_vs_uncapped', '-')} | "
+            f"{'yes' if r.get('oom') else ('error' if r.get('error') else 'no')} |"
+        )
+    md = "\n".join(lines) + "\n"
+    (out / f"memory-tiers-{slug}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
