@@ -25,7 +25,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import gc
 import inspect
 import io
 import json
@@ -955,14 +954,9 @@ def unload_vl_model() -> bool:
     _CURRENT.model = None
     _CURRENT.processor = None
     _CURRENT = None
-    gc.collect()
-    try:
-        import torch
+    from .generation import free_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    free_memory()
     return True
 
 

@@ -200,7 +200,8 @@ def _sigint_stops(stop: StopSignal) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
+    """Collect garbage and return cached CUDA memory to the driver (after a stop, an error or an unload)."""
     import torch
 
     gc.collect()
@@ -444,7 +445,7 @@ def generate(
     except torch.OutOfMemoryError as exc:
         del exc
         last.clear()
-        _free_memory()
+        free_memory()
         raise GenerationError(
             f"out of GPU memory at {width}x{height} x{num_images}; use a smaller size or fewer images, or load a "
             "plan that keeps less on the GPU (e.g. OptimizationConfig(transformer_placement='group_offload'))"
@@ -455,7 +456,7 @@ def generate(
     latents = last.pop("latents", None)
     if latents is not None and not bool(torch.isfinite(latents).all()):
         del latents
-        _free_memory()
+        free_memory()
         raise GenerationError(
             "the output has NaN or inf values (it would be a black image); the likely cause is fp16 weights or "
             "compute: Qwen-Image needs bf16 or fp32"
@@ -463,7 +464,7 @@ def generate(
     del latents
     last.clear()
     if interrupted:
-        _free_memory()
+        free_memory()
         if images:
             notices.append(f"stopped after {len(step_times)} of {steps} steps; the image is partly denoised")
     peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else None

@@ -11,13 +11,12 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import QwennbError
-from .generation import GenerationResult, generate
+from .generation import GenerationResult, free_memory, generate
 from .hardware import Hardware, detect
 from .plan import OptimizationConfig, Plan, make_plan
 
@@ -110,14 +109,7 @@ class Session:
             return
         self.pipe = None
         self.report = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        free_memory()
 
     def require(self) -> Any:
         if self.pipe is None:
