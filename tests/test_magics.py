@@ -186,3 +186,28 @@ def test_reload_ext_frees_and_reloads(ip):
 def test_help_is_available(ip):
     doc = ip.find_cell_magic("qwen_generate").__doc__
     assert "--steps" in doc and "{name}" in doc
+
+
+def test_enhance_option_and_subcommands(ip, tmp_path):
+    r = ip.run_cell_magic(
+        "qwen_generate", "--enhance --steps 2 --size 64x64 --seed 2", 'a sign that reads "Qwen"'
+    )
+    # The tiny model's rewrite is noise (greedy, so always the same noise): qwennb falls back to the prompt and
+    # still records both.
+    assert r.original_prompt == 'a sign that reads "Qwen"' and r.prompt == r.original_prompt
+    import json
+
+    from PIL import Image
+
+    meta = json.loads(Image.open(r.paths[0]).info["qwennb"])
+    assert meta["original_prompt"] == r.original_prompt and meta["prompt"] == r.prompt
+    e = ip.run_line_magic("qwen", "enhance a quiet harbour at dusk")
+    assert e.original == "a quiet harbour at dusk" and e.language == "en" and e.chat[0]["role"] == "system"
+    picture = tmp_path / "ref.png"
+    Image.new("RGB", (96, 64), (200, 120, 40)).save(picture)
+    d = ip.run_line_magic("qwen", f"describe {picture}")
+    assert d.focus == "style" and d.image_tokens > 0
+    with pytest.raises(UsageError, match="no such file"):
+        ip.run_line_magic("qwen", "describe /nonexistent.png")
+    with pytest.raises(UsageError, match="usage"):
+        ip.run_line_magic("qwen", "enhance")

@@ -107,3 +107,16 @@ def test_empty_prompt_and_errors_are_shown_not_raised(panel):
     panel.wait()
     assert panel.last_error and "seed must be" in panel.status.value
     assert not panel.generate_button.disabled
+
+
+def test_enhance_toggle_records_both_prompts(panel):
+    panel.prompt.value = "a tea house"
+    panel.enhance.value = True
+    panel.randomize.value = False
+    panel.seed.value = 3
+    panel.steps.value = 2
+    panel._stand_in_side = 64
+    panel.generate_button.click()
+    result = panel.wait()
+    assert panel.last_error is None
+    assert result.original_prompt == "a tea house"
