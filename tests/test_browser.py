@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -116,6 +117,7 @@ def lab(tmp_path_factory):
 
 
 def test_notebook_in_jupyterlab_shows_image_timing_plot_and_panel(lab):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     base, token, root = lab
@@ -137,11 +139,20 @@ def test_notebook_in_jupyterlab_shows_image_timing_plot_and_panel(lab):
         page = browser.new_page(viewport={"width": 1400, "height": 2000})
         try:
             page.goto(f"{base}/lab/tree/qwen.ipynb?token={token}", timeout=60_000)
-            # Run All queues the cells until the kernel is up.
             page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
-            page.locator(".jp-Notebook").first.click()
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_text("Run All Cells", exact=True).click()
+            # The kernel is ready when the status bar reads "... | Idle".
+            page.get_by_text(re.compile(r"\| Idle")).first.wait_for(timeout=120_000)
+            started = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(e => /\\[[0-9*]+\\]/.test(e.textContent))"
+            for attempt in range(3):  # a click that lands while the page is still settling can be lost
+                page.locator(".jp-Notebook").first.click()
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.get_by_text("Run All Cells", exact=True).click()
+                try:
+                    page.wait_for_function(started, timeout=30_000)
+                    break
+                except PlaywrightTimeout:
+                    if attempt == 2:
+                        raise
             # %load_ext banner, then the generated image with its timing plot.
             expect(page.get_by_text("loaded tiny").first).to_be_visible(timeout=90_000)
             expect(page.locator(".qwennb-result img").first).to_be_visible(timeout=90_000)
