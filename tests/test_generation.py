@@ -271,3 +271,18 @@ def test_cli_generate_errors(tmp_path, capsys, argv, message):
     assert main(["generate", "a cat", "--model", "tiny", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_out_of_memory_is_a_clear_error_and_the_pipeline_stays_usable(pipe):
+    import torch
+
+    def oom(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    handle = pipe.transformer.register_forward_pre_hook(oom)
+    try:
+        with pytest.raises(GenerationError, match="out of GPU memory at 64x64.*group_offload"):
+            generate(pipe, "a cat", **SMALL)
+    finally:
+        handle.remove()
+    assert generate(pipe, "a cat", **SMALL).images
