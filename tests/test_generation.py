@@ -286,3 +286,17 @@ def test_out_of_memory_is_a_clear_error_and_the_pipeline_stays_usable(pipe):
     finally:
         handle.remove()
     assert generate(pipe, "a cat", **SMALL).images
+
+
+def test_a_real_ctrl_c_stops_at_the_next_step_with_a_partial_image(pipe):
+    import os
+    import signal
+
+    def on_step(info):
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C or the notebook's Stop button sends
+
+    before = signal.getsignal(signal.SIGINT)
+    r = generate(pipe, "a cat", seed=1, on_step=on_step, width=64, height=64, steps=6)
+    assert r.interrupted and r.steps_completed == 2 and len(r.images) == 1
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
