@@ -4,9 +4,15 @@ For each cap, a fresh process limits its usable GPU memory with ``torch.cuda.set
 asks qwennb's plan for a card of that size (the real card's compute and PCIe link, the cap as its memory),
 loads ``qwen-image-synthetic`` with the plan, generates 1024x1024 with CFG 4 for a few steps, and records the
 arrangement, measured peak GPU memory beside the plan's estimate, host RAM peak, load time, median s/step and
-whether it ran out of memory.
+whether it ran out of memory. Each run's final latents (same prompt, seed and weights) are compared with the
+uncapped run's: the drift that fp8 storage or fp8 matmuls cost (relative L2 error).
 
     python benchmarks/memory_tiers.py --out benchmarks/results [--caps 80 48 24 16 12] [--steps 4]
+        [--variant 24:fp8_matmul=false]   # also a cap with plan overrides, for comparison
+        [--run B --merge]                 # add this run's rows to the file's rows of other runs
+
+Each run measures its own uncapped row (the largest cap, no overrides): slowdowns and latent errors are against
+the uncapped row of the same run.
 
 Writes ``memory-tiers-<card>.json`` and ``.md`` and prints the table last.
 """
@@ -24,7 +30,18 @@ import time
 from pathlib import Path
 
 
-def one(cap: float, steps: int, size: int) -> dict:
+def parse_variant(text: str) -> tuple[float, dict]:
+    """``"24:fp8_matmul=false,compile=false"`` -> ``(24.0, {"fp8_matmul": False, "compile": False})``."""
+    cap, _, opts = text.partition(":")
+    out: dict = {}
+    for item in filter(None, opts.split(",")):
+        key, _, value = item.partition("=")
+        low = value.strip().lower()
+        out[key.strip()] = {"true": True, "false": False, "none": None}.get(low, value.strip())
+    return float(cap), out
+
+
+def one(cap: float, steps: int, size: int, overrides: dict, latents_path: str | None) -> dict:
     import torch
 
     from qwennb.generation import generate
@@ -37,9 +54,13 @@ def one(cap: float, steps: int, size: int) -> dict:
     real_total = torch.cuda.get_device_properties(0).total_memory / 1024**3
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / real_total))
     gpu.total_memory_gb = gpu.free_memory_gb = float(cap)
-    plan = make_plan(hw, "qwen-image-synthetic", width=size, height=size)
+    plan = make_plan(hw, "qwen-image-synthetic", overrides, width=size, height=size)
     row = {
         "cap_gb": cap,
+        "overrides": overrides,
+        "lossless": plan.lossless,
+        "fp8_matmul": plan.fp8_matmul,
+        "fast_path": plan.fast_path,
         "arrangement": plan.arrangement,
         "estimated_peak_gb": plan.estimated_peak_gpu_gb,
         "estimated_host_gb": plan.estimated_host_ram_gb,
@@ -55,6 +76,7 @@ def one(cap: float, steps: int, size: int) -> dict:
         row["weights_gpu_gb"] = round(torch.cuda.memory_allocated() / 1024**3, 2)
         generate(pipe, "warm up", steps=2, width=size, height=size, cfg=4.0, seed=0)
         torch.cuda.reset_peak_memory_stats()
+        final: dict = {}
         r = generate(
             pipe,
             "a red fox reading a newspaper in a cafe, watercolor",
@@ -63,7 +85,11 @@ def one(cap: float, steps: int, size: int) -> dict:
             height=size,
             cfg=4.0,
             seed=1,
+            on_step=lambda info: final.__setitem__("latents", info.latents),
         )
+        if latents_path and final.get("latents") is not None:
+            torch.save(final["latents"].float().cpu(), latents_path)
+            row["latents_file"] = latents_path
         row["measured_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
         row["denoise_peak_gb"] = r.denoise_peak_gpu_memory_gb
         row["s_per_step"] = round(statistics.median(r.step_times_s), 3)
@@ -85,27 +111,37 @@ def main() -> int:
     ap.add_argument("--caps", type=float, nargs="+", default=[80, 48, 24, 16, 12])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--one", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", action="append", default=[], help="CAP:option=value,... (plan overrides)")
+    ap.add_argument("--latents-dir", default="/tmp/qwennb-tiers")
+    ap.add_argument("--run", default="A", help="label of this run (rows of other runs are kept with --merge)")
+    ap.add_argument("--merge", action="store_true", help="keep the result file's rows of other runs")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
-        print("ROW " + json.dumps(one(args.one, args.steps, args.size)), flush=True)
+        cap, overrides = parse_variant(args.one)
+        tag = args.one.replace(":", "-").replace(",", "-").replace("=", "")
+        Path(args.latents_dir).mkdir(parents=True, exist_ok=True)
+        latents = str(Path(args.latents_dir) / f"latents-{tag}.pt")
+        print("ROW " + json.dumps(one(cap, args.steps, args.size, overrides, latents)), flush=True)
         return 0
     import torch
 
     card = torch.cuda.get_device_name(0)
     rows = []
-    for cap in args.caps:
+    for spec in [f"{c:g}" for c in args.caps] + args.variant:
         t0 = time.perf_counter()
         proc = subprocess.run(
             [
                 sys.executable,
                 __file__,
                 "--one",
-                str(cap),
+                spec,
                 "--steps",
                 str(args.steps),
                 "--size",
                 str(args.size),
+                "--latents-dir",
+                args.latents_dir,
             ],
             capture_output=True,
             text=True,
@@ -114,21 +150,36 @@ def main() -> int:
         row = (
             json.loads(line[-1][4:])
             if line
-            else {"cap_gb": cap, "error": proc.stderr.strip().splitlines()[-1:]}
+            else {"cap_gb": parse_variant(spec)[0], "error": proc.stderr.strip().splitlines()[-3:]}
         )
         row["wall_s"] = round(time.perf_counter() - t0, 1)
+        row["run"] = args.run
         rows.append(row)
         print(json.dumps(row), flush=True)
-    base = next(
-        (r.get("s_per_step") for r in rows if r.get("cap_gb") == max(args.caps) and r.get("s_per_step")), None
+    uncapped = next(
+        (
+            r
+            for r in rows
+            if r.get("cap_gb") == max(args.caps) and not r.get("overrides") and r.get("s_per_step")
+        ),
+        None,
     )
+    ref = torch.load(uncapped["latents_file"]) if uncapped and uncapped.get("latents_file") else None
     for r in rows:
+        base = uncapped["s_per_step"] if uncapped else None
         r["slowdown_vs_uncapped"] = round(r["s_per_step"] / base, 2) if base and r.get("s_per_step") else None
         if r.get("measured_peak_gb") and r.get("estimated_peak_gb"):
             r["estimate_error"] = round(r["estimated_peak_gb"] / r["measured_peak_gb"] - 1, 3)
+        if ref is not None and r.get("latents_file"):
+            x = torch.load(r["latents_file"])
+            r["latent_rel_err"] = float((x - ref).norm() / ref.norm())
     slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / f"memory-tiers-{slug}.json"
+    if args.merge and previous.exists():
+        kept = [r for r in json.loads(previous.read_text())["tiers"] if r.get("run", "A") != args.run]
+        rows = sorted(kept + rows, key=lambda r: (r.get("run", "A"), -r["cap_gb"], bool(r.get("overrides"))))
     record = {
         "card": card,
         "torch": torch.__version__,
@@ -144,15 +195,21 @@ def main() -> int:
         f"Full-size Qwen-Image with random weights, {args.size}x{args.size}, CFG 4, median of {args.steps} steps after "
         "a 2-step warm-up; one fresh process per cap (`torch.cuda.set_per_process_memory_fraction`).",
         "",
-        "| cap GB | arrangement | est. peak GiB | measured peak GiB | host RAM peak GiB | load s | s/step | x uncapped | OOM |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Latent error: relative L2 of the final latents against the uncapped run (same prompt, seed, weights).",
+        "",
+        "| cap GB | arrangement | est. peak GiB | measured peak GiB | host RAM peak GiB | load s | s/step "
+        "| x uncapped | latent err | OOM | run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
+        err = r.get("latent_rel_err")
+        over = "".join(f", {k}={v}" for k, v in (r.get("overrides") or {}).items())
         lines.append(
-            f"| {r['cap_gb']:g} | {r.get('arrangement', '-')} | {r.get('estimated_peak_gb', '-')} | "
+            f"| {r['cap_gb']:g}{over} | {r.get('arrangement', '-')} | {r.get('estimated_peak_gb', '-')} | "
             f"{r.get('measured_peak_gb', '-')} | {r.get('host_ram_peak_gb', '-')} | {r.get('load_s', '-')} | "
             f"{r.get('s_per_step', '-')} | {r.get('slowdown_vs_uncapped', '-')} | "
-            f"{'yes' if r.get('oom') else ('error' if r.get('error') else 'no')} |"
+            f"{f'{err:.2e}' if err is not None else '-'} | "
+            f"{'yes' if r.get('oom') else ('error' if r.get('error') else 'no')} | {r.get('run', 'A')} |"
         )
     md = "\n".join(lines) + "\n"
     (out / f"memory-tiers-{slug}.md").write_text(md)

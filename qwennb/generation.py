@@ -72,6 +72,7 @@ class StepInfo:
     total: int
     step_s: float
     elapsed_s: float
+    latents: Any = None  # the packed latents after this step (on the pipeline's device), e.g. for previews
 
     @property
     def eta_s(self) -> float:
@@ -404,7 +405,7 @@ def generate(
         if cuda:
             denoise_peak = torch.cuda.max_memory_allocated() / 1024**3
         if on_step is not None:
-            on_step(StepInfo(len(step_times), steps, step_times[-1], now - last["t0"]))
+            on_step(StepInfo(len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"]))
         if stop and len(step_times) < steps:
             p_._interrupt = True
         return {}

@@ -41,6 +41,9 @@ UPCAST_GBPS = 152.0
 # GELU epilogue, modulation once per image) reaches: 0.253 s/step against stock's 0.369 at 1024x1024 with
 # CFG on an H100 (benchmarks/speed.py; benchmarks/NOTES.md, issue #6).
 FAST_EFFICIENCY = EAGER_EFFICIENCY * 0.369 / 0.253
+# fp8 matmuls in the tuned path (qwennb.speed.FP8Linear: e4m3 x e4m3, per-token and per-channel scales) against
+# its bf16 matmuls: 0.233 against 0.253 s/step at 1024x1024, CFG 4, on an H100 (benchmarks/speed.py, run 1).
+FP8_MATMUL_SPEEDUP = 0.253 / 0.233
 CACHE_MODES = ("first_block", "taylorseer")
 # Host RAM of the Python process itself (torch, diffusers, transformers, CUDA context).
 PROCESS_HOST_GIB = 2.0
@@ -366,6 +369,8 @@ class _Candidate:
     resident_blocks: int | None = None
     reason: str = ""
     low_cpu_mem_usage: bool = False
+    fp8_matmul: bool = False  # fp8 weights consumed by fp8 matmuls (the tuned path's FP8Linear)
+    tuned: bool = False  # s_per_forward already assumes the tuned path (qwennb.speed)
 
 
 def _weights_gib(size: ComponentSize, dtype_bytes: float, linear_bytes: float | None = None) -> float:
@@ -381,13 +386,16 @@ def _transformer_candidates(
     flops: float,
     cfg: OptimizationConfig,
     host_room: float,
+    fp8_mm: bool = False,
 ) -> list[_Candidate]:
     """Every arrangement of the transformer, costed. ``room`` is what the budget leaves for its weights.
 
     Times are seconds per forward; they use an assumed compute rate when the card's is unknown, so
-    that arrangements can still be ranked.
+    that arrangements can still be ranked. ``fp8_mm`` adds the arrangements whose fp8 weights feed fp8
+    matmuls in the tuned path (whole on the GPU, or streamed by group offload), costed with that path's rate.
     """
     compute = flops / ((gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * EAGER_EFFICIENCY)
+    compute_fp8 = compute * EAGER_EFFICIENCY / FAST_EFFICIENCY / FP8_MATMUL_SPEEDUP
     h2d = gpu.host_to_device_gbps or 25.0
     full_bf16 = _weights_gib(size, dtype_bytes)
     full_fp8 = _weights_gib(size, dtype_bytes, 1)
@@ -398,7 +406,21 @@ def _transformer_candidates(
     out: list[_Candidate] = []
     dt = "bfloat16" if dtype_bytes == 2 else "float32"
 
-    out.append(_Candidate("bf16 on GPU", "gpu", dt, None, full_bf16, 0.0, compute, True, reason="fits whole"))
+    tuned = cfg.compile is not False  # whole on the GPU, the tuned path is on unless compile is turned off
+    out.append(
+        _Candidate(
+            "bf16 on GPU",
+            "gpu",
+            dt,
+            None,
+            full_bf16,
+            0.0,
+            compute * EAGER_EFFICIENCY / FAST_EFFICIENCY if tuned else compute,
+            True,
+            reason="fits whole",
+            tuned=tuned,
+        )
+    )
     if cfg.allow_lossy is not False and dtype_bytes == 2:
         out.append(
             _Candidate(
@@ -413,11 +435,30 @@ def _transformer_candidates(
                 reason="weights stored in fp8, computed in bf16",
             )
         )
-    for storage, blk, lossless, extra in (
-        (dt, block, True, 0.0),
-        ("float8_e4m3fn", block_fp8, False, upcast),
+    if fp8_mm:
+        out.append(
+            _Candidate(
+                "fp8 matmuls on GPU",
+                "gpu",
+                "float8_e4m3fn",
+                None,
+                full_fp8,
+                0.0,
+                compute_fp8,
+                False,
+                reason="weights stored in fp8 and multiplied in fp8 (per-token and per-channel scales)",
+                fp8_matmul=True,
+                tuned=True,
+            )
+        )
+    for storage, blk, lossless, extra, mm in (
+        (dt, block, True, 0.0, False),
+        ("float8_e4m3fn", block_fp8, False, upcast, False),
+        ("float8_e4m3fn", block_fp8, False, 0.0, True),
     ):
         if not lossless and (cfg.allow_lossy is False or dtype_bytes != 2):
+            continue
+        if mm and not fp8_mm:
             continue
         # Keep as many blocks resident as fit beside two blocks in flight; stream the rest.
         fit = int((room - nonblock - 2 * blk) // blk)
@@ -429,10 +470,11 @@ def _transformer_candidates(
         rate = h2d if pinned else h2d * PAGEABLE_SHARE
         stream_s = streamed * blk * GIB / (rate * 1e9)
         gpu_gb = nonblock + (resident + 2) * blk
-        per_fwd = max(compute + extra, stream_s + extra)
+        per_fwd = max(compute_fp8, stream_s) if mm else max(compute + extra, stream_s + extra)
+        label = "fp8 matmuls" if mm else ("fp8" if storage != dt else "bf16")
         out.append(
             _Candidate(
-                f"group offload ({'fp8' if storage != dt else 'bf16'}, {resident}/{size.blocks} blocks resident)",
+                f"group offload ({label}, {resident}/{size.blocks} blocks resident)",
                 "group_offload",
                 storage,
                 None,
@@ -447,7 +489,10 @@ def _transformer_candidates(
                     "from pinned memory, overlapped with compute"
                     if pinned
                     else "pinning on the fly (low host RAM)"
-                ),
+                )
+                + ("; fp8 weights multiplied in fp8" if mm else ""),
+                fp8_matmul=mm,
+                tuned=mm,
             )
         )
     if cfg.allow_lossy is not False:
@@ -662,9 +707,27 @@ def make_plan(
 
     # Text encoder: resident beside everything if it fits, else streamed in while encoding.
     # Transformer: the fastest arrangement that fits what is left.
+    # fp8 matmuls (qwennb.speed.FP8Linear) need compute capability 8.9+ (Ada, Hopper, Blackwell) and the tuned
+    # path, which compiles; they are lossy, so only asked for or where nothing lossless fits.
+    cc = float(gpu.compute_capability or 0)
+    fp8_mm_ok = dbytes == 2 and cc >= 8.9 and cfg.compile is not False and cfg.allow_lossy is not False
+    if cfg.fp8_matmul and not fp8_mm_ok:
+        why = (
+            f"compute capability 8.9 or newer (this card: {cc:g})"
+            if cc < 8.9
+            else "compile (the tuned path) and allow_lossy"
+            if dbytes == 2
+            else "bf16 weights"
+        )
+        warnings.append(f"fp8_matmul needs {why}; ignored")
+
     def pick_transformer(room: float, host_room: float) -> _Candidate | None:
-        cands = _transformer_candidates(t_size, gpu, dbytes, room, flops, cfg, host_room)
+        cands = _transformer_candidates(
+            t_size, gpu, dbytes, room, flops, cfg, host_room, fp8_mm_ok and cfg.fp8_matmul is not False
+        )
         cands = [c for c in cands if c.gpu_gb <= room]
+        if cfg.fp8_matmul and fp8_mm_ok:
+            cands = [c for c in cands if c.fp8_matmul]
         if cfg.quantization:
             cands = [c for c in cands if c.quant == cfg.quantization]
         if cfg.storage_dtype:
@@ -745,8 +808,15 @@ def make_plan(
     def per_step(o: tuple[str, _Candidate, float, float]) -> float:
         return o[1].s_per_forward * passes + text_cost[o[0]] / defaults["steps"]
 
-    fits_host = [o for o in options if o[3] <= host_free * 0.9]
-    tp, tc, peak, host = min(fits_host or options, key=lambda o: (round(per_step(o), 3), text_order[o[0]]))
+    fits_host = [o for o in options if o[3] <= host_free * 0.9] or options
+    rank = lambda o: (round(per_step(o), 3), text_order[o[0]])  # noqa: E731
+    tp, tc, peak, host = min(fits_host, key=rank)
+    lossless_opts = [o for o in fits_host if o[1].lossless]
+    if lossless_opts and not cfg.fp8_matmul:
+        # As within each text placement: exact outputs unless a lossy arrangement is clearly faster.
+        best_exact = min(lossless_opts, key=rank)
+        if per_step(best_exact) <= 1.25 * per_step((tp, tc, peak, host)):
+            tp, tc, peak, host = best_exact
     # Loading peaks above the steady state: a transformer that is streamed or stored in fp8 passes through host
     # RAM whole in its load dtype before it is cast and pinned (measured on an H100 host: 72.5 GiB at the 24,
     # 16 and 12 GB caps against 69 GiB from this sum), plus about 2 GiB for the Python process itself.
@@ -808,39 +878,30 @@ def make_plan(
             "attention: PyTorch SDPA ('native'); it picks the fastest kernel for the card (cuDNN on Hopper), "
             "and diffusers' other backends measured slower on an H100."
         )
-    # The tuned path (qwennb.speed) needs the transformer whole on the GPU in its compute dtype, no hooks.
+    # The tuned path (qwennb.speed) needs the transformer whole on the GPU in its compute dtype, no hooks; or
+    # an fp8-matmul arrangement (its FP8Linear layers are the tuned path's), streamed blocks included.
     whole_on_gpu = all_gpu and tc.storage == dtype and device == "cuda"
-    fp8_mm = False
-    if cfg.fp8_matmul:
-        cc = float(gpu.compute_capability or 0)
-        fp8_gib = _fp8_extra_gib(t_size, tconf)
-        if not whole_on_gpu:
-            warnings.append("fp8_matmul needs the transformer whole on the GPU in bf16; ignored")
-        elif cc < 8.9:
-            warnings.append(f"fp8_matmul needs compute capability 8.9 or newer (this card: {cc:g}); ignored")
-        elif peak + fp8_gib > budget:
-            warnings.append(
-                f"fp8_matmul keeps fp8 copies of the block weights ({fp8_gib:.1f} GiB) beside bf16 ones: "
-                f"{peak + fp8_gib:.1f} GiB does not fit {budget:.1f}; ignored"
-            )
-        else:
-            fp8_mm = True
-            peak += fp8_gib
-            reasons.append(
-                f"fp8 matmuls (asked for): the blocks' large Linears run as e4m3 x e4m3 with per-token and "
-                f"per-channel scales (+{fp8_gib:.1f} GiB of fp8 weights); outputs drift beyond rounding."
-            )
+    fp8_mm = tc.fp8_matmul
+    if fp8_mm:
+        reasons.append(
+            "fp8 matmuls"
+            + (" (asked for)" if cfg.fp8_matmul else ": the fastest arrangement that fits")
+            + ": the blocks' large Linears hold e4m3 weights with per-channel scales and multiply e4m3 "
+            "activations with per-token scales (torch._scaled_mm); the modulation weights are stored in fp8 "
+            "too. On an H100 at 1024x1024 with CFG: 0.233 s/step against 0.253 in bf16; outputs drift about "
+            "3x the rounding floor (relative error of the final latents 7e-2)."
+        )
     # Default: on where the tuned path applies (the model whole on the GPU). Measured on an H100 (1024x1024,
     # CFG 4): 0.253 s/step against stock's 0.369 (1.46x), the first image 15 s later (compile), a later
     # session's first image 1.4 s later (inductor's on-disk cache), drift at the rounding floor.
     compile_ = bool(cfg.compile) if cfg.compile is not None else (whole_on_gpu or fp8_mm)
-    fast = compile_ and whole_on_gpu
+    fast = compile_ and (whole_on_gpu or fp8_mm)
     if cfg.compile is None and not compile_:
         reasons.append(
             "compile off: the transformer is not whole on the GPU, where regional compile is untested with "
             "offloading; turn it on with compile=True."
         )
-    elif compile_ and not all_gpu:
+    elif compile_ and not (all_gpu or fp8_mm):
         warnings.append("compile with offloading or quantisation is untested; it may recompile or fall back")
     if fast:
         reasons.append(
@@ -864,7 +925,7 @@ def make_plan(
 
     lossless = tc.lossless and not cfg.cache and not fp8_mm
     passes = 2 if defaults["cfg"] > 1 else 1
-    s_fwd = tc.s_per_forward * (EAGER_EFFICIENCY / FAST_EFFICIENCY if fast else 1.0)
+    s_fwd = tc.s_per_forward * (EAGER_EFFICIENCY / FAST_EFFICIENCY if fast and not tc.tuned else 1.0)
     s_step = s_fwd * passes if gpu.peak_bf16_tflops else None
     desc = tc.name
     text_short = {
@@ -885,11 +946,11 @@ def make_plan(
             reasons.append(
                 "this storage rounds the weights: outputs differ slightly from bf16 (allow_lossy=False refuses it)."
             )
-    whole = flops / ((gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * EAGER_EFFICIENCY)
-    if tc.s_per_forward > 1.05 * whole:
-        reasons.append(
-            f"cost: about {tc.s_per_forward / whole:.1f}x the time per step of the model held whole in bf16."
-        )
+    whole = flops / (
+        (gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * (FAST_EFFICIENCY if fast else EAGER_EFFICIENCY)
+    )
+    if s_fwd > 1.05 * whole:
+        reasons.append(f"cost: about {s_fwd / whole:.1f}x the time per step of the model held whole in bf16.")
     return Plan(
         model=spec.name,
         hub_id=spec.hub_id,
@@ -920,13 +981,6 @@ def make_plan(
         fast_path=fast,
         fp8_matmul=fp8_mm,
     )
-
-
-def _fp8_extra_gib(size: ComponentSize, tconf: dict[str, Any]) -> float:
-    """GiB of fp8 copies of the blocks' Linears that fp8_matmul quantises (all but the modulation)."""
-    d = tconf["num_attention_heads"] * tconf["attention_head_dim"]
-    modulation = 2 * (d * 6 * d + 6 * d)
-    return (size.block_params - modulation) * size.blocks / GIB
 
 
 def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:

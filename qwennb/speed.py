@@ -277,25 +277,35 @@ def fuse_qkv_(attn: Any) -> None:
 # --------------------------------------------------------------------------- fp8 matmuls
 
 
+def _quantize_rows(w: torch.Tensor, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` ``[N, K]`` as e4m3 values and per-row scales ``[N, 1]`` (``w ~ q * scale``), computed on ``device``
+    (default: where ``w`` is) and returned where ``w`` is."""
+    home = w.device
+    work = w.detach().to(device) if device is not None else w.detach()
+    scale = work.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    q = (work.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.to(home), scale.to(home)
+
+
 class FP8Linear(nn.Module):
     """A Linear computed in fp8 (e4m3): per-channel weight scales, per-row (per-token) activation scales.
 
     ``torch._scaled_mm`` on CUDA (Hopper or newer), accumulating in fp32 and writing the input dtype,
     with the bias added in the epilogue. Lossy: each operand is rounded to 3 mantissa bits. The weights
-    are quantised once, from the Linear given; the Linear itself is not changed.
+    are quantised once, from the Linear given (on ``quantize_on`` if given, e.g. the GPU for a Linear held
+    in host RAM; the result stays where the Linear is); the Linear itself is not changed, so dropping it
+    (``enable_fast_path(..., fp8="replace")``) frees its bf16 weights. The fp8 weight is a parameter
+    (``requires_grad=False``) so that offloading hooks and memory reports see it as the layer's weight.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, quantize_on: Any = None) -> None:
         super().__init__()
-        w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [N, 1]
-        self.register_buffer(
-            "weight_fp8", (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        )
+        q, scale = _quantize_rows(linear.weight, quantize_on)
+        self.weight_fp8 = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N]
         self.bias = linear.bias
-        self.out_dtype = w.dtype
+        self.out_dtype = linear.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -315,6 +325,29 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
+
+
+class FP8WeightLinear(nn.Module):
+    """A Linear whose weight is stored in fp8 (e4m3, per-channel scales) and computed in the input's dtype.
+
+    For the modulation Linears: they see one row per timestep (the tuned path computes a whole image's
+    modulation in one call), so their cost is reading the weight, which fp8 halves; the activations stay exact.
+    """
+
+    def __init__(self, linear: nn.Linear, quantize_on: Any = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = _quantize_rows(linear.weight, quantize_on)
+        self.weight_fp8 = nn.Parameter(q, requires_grad=False)
+        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N]
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight_fp8.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 storage"
 
 
 def _fp8_targets(block: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -423,7 +456,7 @@ class FastPathState:
 
     compile: bool
     dynamic: bool
-    fp8: bool
+    fp8: bool | str
     mode: str | None
     cache_modulation: bool
     backend: str = "inductor"
@@ -674,7 +707,7 @@ def enable_fast_path(
     transformer: Any,
     compile: bool = True,
     dynamic: bool = True,
-    fp8: bool = False,
+    fp8: bool | str = False,
     fuse_qkv: bool = False,
     cache_modulation: bool = True,
     gelu_epilogue: bool = True,
@@ -683,6 +716,7 @@ def enable_fast_path(
     mode: str | None = None,
     backend: str = "inductor",
     scheduler: Any = None,
+    quantize_on: Any = None,
 ) -> FastPathState:
     """Switch a ``QwenImageTransformer2DModel`` to the tuned path (see the module docstring).
 
@@ -692,19 +726,28 @@ def enable_fast_path(
     measured 2 ms a step slower on an H100), ``gelu_epilogue``, ``cache_modulation``, ``sdpa_op`` (off: no
     measurable gain; ``None`` turns it on when diffusers' global attention backend is PyTorch's native
     one) and ``rope_style`` ("pairs", or "stack": 7.6 ms a step slower) select the pieces. ``scheduler``
-    (the pipeline's) lets the modulation of a whole image be computed at its first step. ``fp8`` replaces the blocks' large Linears with :class:`FP8Linear` (lossy; the bf16
-    weights are kept, so it adds half their size). Call it on a model whose weights sit on one device in
+    (the pipeline's) lets the modulation of a whole image be computed at its first step.
+
+    ``fp8`` (lossy): ``True`` or ``"copy"`` computes the blocks' large Linears in fp8 (:class:`FP8Linear`)
+    and keeps the bf16 Linears, so :func:`disable_fast_path` can restore them (adds half their size);
+    ``"replace"`` also stores the modulation Linears in fp8 (:class:`FP8WeightLinear`) and drops the bf16
+    weights: the transformer's blocks then take half the memory, for good. ``quantize_on`` is where the
+    weights are quantised (e.g. ``"cuda"`` for a transformer held in host RAM; the fp8 weights stay where
+    the bf16 ones were). Call it on a model whose weights sit on one device in
     one dtype, before any diffusers hooks (cache, offload) are added. Idempotent for the same options;
     returns the :class:`FastPathState` stored on the model.
     """
     if sdpa_op is None:
         sdpa_op = _native_attention_is_global()
+    if fp8 not in (False, True, "copy", "replace"):
+        raise ValueError(f"fp8 must be False, True, 'copy' or 'replace', got {fp8!r}")
     if rope_style not in ("pairs", "stack"):
         raise ValueError(f"rope_style must be 'pairs' or 'stack', got {rope_style!r}")
     options = {
         "compile": compile,
         "dynamic": dynamic,
         "fp8": fp8,
+        "quantize_on": str(quantize_on) if quantize_on is not None else None,
         "fuse_qkv": fuse_qkv,
         "cache_modulation": cache_modulation,
         "gelu_epilogue": gelu_epilogue,
@@ -752,10 +795,17 @@ def enable_fast_path(
             fuse_qkv_(block.attn)
         elif getattr(block.attn, "fused_projections", False):
             block.attn.fused_projections = False  # fused weights stay as views; the processor skips them
-        if fp8:
+        if fp8 == "replace":
+            for parent, name in _fp8_targets(block):
+                if type(parent._modules[name]) is nn.Linear:
+                    _swap(parent, name, FP8Linear(parent._modules[name], quantize_on))
+            for mod in (block.img_mod, block.txt_mod):
+                if type(mod[1]) is nn.Linear:
+                    _swap(mod, "1", FP8WeightLinear(mod[1], quantize_on))
+        elif fp8:
             for parent, name in _fp8_targets(block):
                 old = parent._modules[name]
-                state.fp8_swaps.append((parent, name, _swap(parent, name, FP8Linear(old))))
+                state.fp8_swaps.append((parent, name, _swap(parent, name, FP8Linear(old, quantize_on))))
         block.forward = _block_forward(block, state)
     state.mod_params = [p for b in blocks for m in (b.img_mod, b.txt_mod) for p in m.parameters()]
     transformer.forward = _model_forward(transformer, state)
@@ -766,7 +816,8 @@ def enable_fast_path(
 def disable_fast_path(transformer: Any) -> None:
     """Undo :func:`enable_fast_path` (stock processors, forwards and Linears back); remove cache hooks first.
 
-    Fused projections stay (the stock processor reads the views of the fused weights).
+    Fused projections stay (the stock processor reads the views of the fused weights), and so do the fp8
+    layers of ``fp8="replace"`` (their bf16 weights are gone; they run in the stock block too).
     """
     state: FastPathState | None = getattr(transformer, STATE_ATTR, None)
     if state is None:
@@ -819,6 +870,7 @@ def apply_cache(transformer: Any, mode: str) -> None:
 __all__ = [
     "QwenRealRopeAttnProcessor",
     "FP8Linear",
+    "FP8WeightLinear",
     "FastPathState",
     "apply_rotary_emb_real",
     "rope_to_real",

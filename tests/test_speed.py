@@ -192,6 +192,42 @@ def test_fp8_path_swaps_and_restores_the_linears(pipe):
     assert block.img_mlp.net[0].proj is up
 
 
+def test_fp8_replace_halves_the_blocks_and_runs_under_group_offload_compiled():
+    """fp8="replace": every block Linear becomes fp8 (modulation as weight-only fp8), the bf16 weights are freed,
+    and the compiled tuned path runs under diffusers' block-level group offload (the 24 GB arrangement)."""
+    from diffusers.hooks import apply_group_offloading
+    from torch._dynamo.utils import counters
+
+    p = build_tiny_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    tr = p.transformer
+    ref = latents(p)
+    blocks_bytes = sum(t.numel() * t.element_size() for t in tr.transformer_blocks.parameters())
+    torch._dynamo.reset()
+    counters.clear()
+    speed.enable_fast_path(tr, compile=True, backend="aot_eager", fp8="replace", scheduler=p.scheduler)
+    block = tr.transformer_blocks[0]
+    assert isinstance(block.attn.to_q, speed.FP8Linear) and isinstance(
+        block.img_mod[1], speed.FP8WeightLinear
+    )
+    assert not any(type(m) is torch.nn.Linear for m in tr.transformer_blocks.modules())
+    fp8_bytes = sum(t.numel() * t.element_size() for t in tr.transformer_blocks.parameters())
+    assert fp8_bytes < 0.3 * blocks_bytes  # float32 tiny model: a quarter, plus norms and biases
+    apply_group_offloading(
+        tr, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
+    try:
+        out = latents(p)
+    except (RuntimeError, NotImplementedError) as exc:  # no fp8 matmul on this CPU build
+        pytest.skip(f"torch._scaled_mm unavailable here: {exc}")
+    assert torch.isfinite(out).all()
+    assert 1e-4 < rel(out, ref) < 0.2  # lossy, but the same image
+    latents(p, prompt="a much longer prompt with many more words in it than before")
+    assert counters["stats"]["unique_graphs"] == 1
+    speed.disable_fast_path(tr) if not getattr(tr, "_diffusers_hook", None) else None
+    assert isinstance(block.attn.to_q, speed.FP8Linear)  # replaced for good
+
+
 def test_caches_compose_with_the_fast_path(pipe):
     tr = pipe.transformer
     ref = latents(pipe, steps=8)
@@ -222,9 +258,18 @@ def test_plan_turns_on_the_fast_path_only_where_it_applies():
     assert plan.compile and plan.fast_path and plan.lossless and not plan.fp8_matmul
     fp8 = make_plan(big, "qwen-image", OptimizationConfig(fp8_matmul=True))
     assert fp8.fp8_matmul and fp8.fast_path and fp8.compile and not fp8.lossless
-    assert fp8.estimated_peak_gpu_gb > plan.estimated_peak_gpu_gb
-    small = make_plan(describe_machine(24, host_ram_gb=128, **H100), "qwen-image", {"compile": True})
-    assert small.compile and not small.fast_path  # streamed blocks: stock regional compile
+    # fp8 weights replace the bf16 ones: the transformer takes about half.
+    assert fp8.estimated_peak_gpu_gb < plan.estimated_peak_gpu_gb - 15
+    assert fp8.components["transformer"].storage_dtype == "float8_e4m3fn"
+    # 24 GB on Hopper: fp8 matmuls with streamed blocks, in the tuned path.
+    small = make_plan(describe_machine(24, host_ram_gb=128, **H100), "qwen-image")
+    t = small.components["transformer"]
+    assert small.fp8_matmul and small.fast_path and t.placement == "group_offload" and t.resident_blocks > 40
+    exact = make_plan(describe_machine(24, host_ram_gb=128, **H100), "qwen-image", {"allow_lossy": False})
+    assert exact.lossless and not exact.fp8_matmul and not exact.fast_path
+    ampere = dict(H100, compute_capability="8.6")
+    old = make_plan(describe_machine(24, host_ram_gb=128, **ampere), "qwen-image", {"compile": True})
+    assert old.compile and not old.fast_path and not old.fp8_matmul  # streamed bf16: stock regional compile
     ada = make_plan(describe_machine(80, compute_capability="8.6"), "qwen-image", {"fp8_matmul": True})
     assert not ada.fp8_matmul and any("8.9" in w for w in ada.warnings)
     with pytest.raises(Exception, match="unknown cache"):
