@@ -185,6 +185,11 @@ class Bench:
         self.fwd_ref: torch.Tensor | None = None
         self.variants: dict[str, dict[str, Any]] = {}
         self.mark = {"t": 0.0}
+        self.kept: list[dict[str, Any]] = []
+        if getattr(args, "keep", None) and Path(args.keep).exists():
+            old = json.loads(Path(args.keep).read_text())
+            note = f"{old.get('date', 'an earlier run')} ({old.get('card')})"
+            self.kept = [dict(r, source=r.get("source") or note) for r in old.get("raw_runs", [])]
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -199,7 +204,12 @@ class Bench:
         return False
 
     def save(self) -> None:
-        self.record["raw_runs"] = self.raw
+        self.record["raw_runs"] = self.raw + [
+            r
+            for r in self.kept
+            if (r["config"], r["width"], r["height"], r["cfg"], r["steps"])
+            not in {(x["config"], x["width"], x["height"], x["cfg"], x["steps"]) for x in self.raw}
+        ]
         self.record["runs"] = self.summary()
         self.record["elapsed_s"] = round(self.elapsed(), 1)
         (self.out / f"speed-{self.slug}.json").write_text(json.dumps(self.record, indent=2, default=str))
@@ -236,11 +246,19 @@ class Bench:
             else:
                 for b, c in zip(tr.transformer_blocks, self.stock_compiled, strict=True):
                     b._compiled_call_impl = c
+        elif name in ("qwennb+fp8", "qwennb-nobatch"):
+            # fp8: the plan's fp8 arrangement replaces the bf16 weights for good; here they are kept (fp8="copy",
+            # the same matmuls) so that the other configurations can run after it on the same weights.
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = DEVICE == "cuda"
+            extra = {} if DEVICE == "cuda" else {"backend": "aot_eager"}
+            opts = {"fp8": "copy"} if name == "qwennb+fp8" else {"batch_cfg": False}
+            speed.enable_fast_path(tr, compile=True, scheduler=self.pipe.scheduler, **opts, **extra)
         elif name.startswith("qwennb"):
-            fp8 = "fp8" in name
-            cache = name.split("+", 1)[1] if "+" in name and not fp8 else None
+            fp8 = False
+            cache = name.split("+", 1)[1] if "+" in name else None
             if DEVICE == "cuda":
-                plan = self.plan_fp8 if fp8 else self.plan
+                plan = self.plan
                 plan.cache = cache
                 apply_plan(self.pipe, plan)
                 plan.cache = None
@@ -367,6 +385,12 @@ class Bench:
             if r["phase"] not in ("timed", "floor") or r["prompt"] != PROMPT:
                 continue
             groups.setdefault((r["config"], r["width"], r["height"], r["cfg"], r["steps"]), []).append(r)
+        kept: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for r in self.kept:  # --keep: rows of an earlier run for what this run did not measure
+            key = (r["config"], r["width"], r["height"], r["cfg"], r["steps"])
+            if key not in groups and r["phase"] in ("timed", "floor") and r["prompt"] == PROMPT:
+                kept.setdefault(key, []).append(r)
+        groups.update(kept)
         rows = []
         for (config, w, h, cfg, steps), rs in groups.items():
 
@@ -561,7 +585,7 @@ class Bench:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             ctx = sdpa_kernel(SDPBackend.FLASH_ATTENTION)
-        with torch.inference_mode(), ctx:
+        with torch.no_grad(), ctx:  # as the pipeline (the CFG pairing needs version counters)
             cond, _ = pipe.encode_prompt(PROMPT, device=DEVICE)
             unc, _ = pipe.encode_prompt(" ", device=DEVICE)
             g = torch.Generator(DEVICE).manual_seed(0)
@@ -780,7 +804,7 @@ class Bench:
 
         def timed(size: int, repeats: int) -> Any:
             def go() -> None:
-                configs = ["stock", "stock+compile", "qwennb"]
+                configs = ["stock", "stock+compile", "qwennb", "qwennb-nobatch"]
                 if size != base:  # a new size: warm every configuration up (stock+compile recompiles)
                     for c in configs:
                         self.image(c, size, 4.0, 3, phase="warmup")
@@ -796,7 +820,7 @@ class Bench:
 
         def profiles() -> None:
             profs = self.record.setdefault("profiles", {})
-            for c in ("stock", "stock+compile", "qwennb"):
+            for c in ("stock", "stock+compile", "qwennb", "qwennb-nobatch"):
                 try:
                     profs[c] = self.profile_step(c, base)
                 except Exception as exc:  # noqa: BLE001
@@ -908,6 +932,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cache", action="store_true")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new section after this many s")
     ap.add_argument("--smoke", action="store_true", help="the whole flow on the tiny model on the CPU")
+    ap.add_argument(
+        "--keep", help="an earlier speed-<card>.json: keep its rows for what this run does not measure"
+    )
     ap.add_argument(
         "--ablate", action="store_true", help="only time variants of the tuned path (one CFG step)"
     )

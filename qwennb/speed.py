@@ -16,6 +16,11 @@
 - **Regional compile** of one block function shared by all 60 blocks, with the text and image lengths
   marked dynamic from the start, so a new prompt length or image size does not recompile. Diffusers'
   cache hooks (First Block Cache, TaylorSeer) sit outside the compiled region and keep working.
+- **True CFG's two passes as one batch** (``batch_cfg``). The pipeline calls the transformer twice a step
+  on the same latents; from the second step on both passes run as one forward: the image tokens as a batch
+  of two, the two texts side by side without padding, and each sample attending only to its own tokens
+  (two unmasked attention calls), so no padding mask and no slow masked kernel. Under group offload each
+  streamed block is copied once a step instead of twice.
 
 Measured on an H100 at 1024x1024 with CFG 4: 0.253 s/step against 0.369 for stock diffusers and 0.280 for
 stock plus ``compile_repeated_blocks`` (``benchmarks/NOTES.md``). Options that measured no faster and stay
@@ -23,7 +28,8 @@ off: fused Q/K/V projections (:func:`fuse_qkv_`, the separate weights become vie
 attention op that keeps eager's memory layout (:func:`sdpa_bshd`).
 
 Optional and lossy (off by default): fp8 matmuls (:class:`FP8Linear`, ``torch._scaled_mm`` with per-row
-activation and per-channel weight scales, Hopper and newer) and step caching (:func:`apply_cache`).
+activation and per-channel weight scales, Ada/Hopper and newer; with ``fp8="replace"`` the fp8 weights take
+the bf16 ones' place, which is how the plan fits 24 GB cards) and step caching (:func:`apply_cache`).
 
 ``disable_fast_path(transformer)`` restores stock behaviour. Measurements: ``benchmarks/speed.py``.
 
@@ -58,6 +64,9 @@ STATE_ATTR = "_qwennb_fast"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 RealRope = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# A CFG pair's RoPE: the image tables, the two texts' tables side by side, and the conditional text's cosine
+# table (its length is where the texts split).
+PairRope = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- RoPE in real arithmetic
@@ -440,13 +449,95 @@ def _fast_block(
     return encoder_hidden_states, hidden_states
 
 
+def _pair_attention(
+    attn: Any, img: torch.Tensor, txt: torch.Tensor, rope: PairRope
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint attention of a CFG pair in one call: ``img`` ``[2B, S, C]`` (conditional images first), ``txt``
+    ``[B, Lc + Lu, C]`` (the two texts side by side, unpadded). The projections, norms and RoPE run once on
+    both; each sample then attends over its own text and image, unmasked, as two separate calls would."""
+    (img_cos, img_sin), (txt_cos, txt_sin), cond_table = rope
+    lc = cond_table.shape[0]
+    b = txt.shape[0]
+    head_dim = attn.inner_dim // attn.heads
+    iq = attn.to_q(img).unflatten(-1, (-1, head_dim))
+    ik = attn.to_k(img).unflatten(-1, (-1, head_dim))
+    iv = attn.to_v(img).unflatten(-1, (-1, head_dim))
+    tq = attn.add_q_proj(txt).unflatten(-1, (-1, head_dim))
+    tk = attn.add_k_proj(txt).unflatten(-1, (-1, head_dim))
+    tv = attn.add_v_proj(txt).unflatten(-1, (-1, head_dim))
+    if attn.norm_q is not None:
+        iq = attn.norm_q(iq)
+    if attn.norm_k is not None:
+        ik = attn.norm_k(ik)
+    if attn.norm_added_q is not None:
+        tq = attn.norm_added_q(tq)
+    if attn.norm_added_k is not None:
+        tk = attn.norm_added_k(tk)
+    iq, ik = apply_rotary_emb_real(iq, img_cos, img_sin), apply_rotary_emb_real(ik, img_cos, img_sin)
+    tq, tk = apply_rotary_emb_real(tq, txt_cos, txt_sin), apply_rotary_emb_real(tk, txt_cos, txt_sin)
+    processor = attn.processor
+    outs = []
+    for part, rows in ((slice(None, lc), slice(None, b)), (slice(lc, None), slice(b, None))):
+        out = dispatch_attention_fn(
+            torch.cat([tq[:, part], iq[rows]], dim=1),
+            torch.cat([tk[:, part], ik[rows]], dim=1),
+            torch.cat([tv[:, part], iv[rows]], dim=1),
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=getattr(processor, "_attention_backend", None),
+            parallel_config=getattr(processor, "_parallel_config", None),
+        )
+        outs.append(out.flatten(2, 3).to(iq.dtype))
+    (oc, ou), lu = outs, txt.shape[1] - lc
+    img_out = torch.cat([oc[:, lc:], ou[:, lu:]], dim=0)
+    txt_out = torch.cat([oc[:, :lc], ou[:, :lu]], dim=1)
+    img_out = attn.to_out[0](img_out)
+    if len(attn.to_out) > 1:
+        img_out = attn.to_out[1](img_out)
+    return img_out, attn.to_add_out(txt_out)
+
+
+def _fast_block_pair(
+    block: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    mods: tuple[torch.Tensor, torch.Tensor],
+    rope: PairRope,
+    gelu_epilogue: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_fast_block` on a CFG pair: ``hidden_states`` ``[2B, S, C]`` (both passes' images: the same
+    latents, so the same timestep and modulation), ``encoder_hidden_states`` ``[B, Lc + Lu, C]`` (both
+    texts, unpadded). Every op but attention works token by token, so it runs once on both."""
+    img_mod, txt_mod = mods
+    if img_mod.shape[0] != 1:
+        img_mod = torch.cat([img_mod, img_mod])
+    img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
+    txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
+
+    img_modulated, img_gate1 = block._modulate(block.img_norm1(hidden_states), img_mod1)
+    txt_modulated, txt_gate1 = block._modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
+    img_attn_output, txt_attn_output = _pair_attention(block.attn, img_modulated, txt_modulated, rope)
+    hidden_states = hidden_states + img_gate1 * img_attn_output
+    encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
+
+    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
+    hidden_states = hidden_states + img_gate2 * _feed_forward(block.img_mlp, img_modulated2, gelu_epilogue)
+    txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
+    encoder_hidden_states = encoder_hidden_states + txt_gate2 * _feed_forward(
+        block.txt_mlp, txt_modulated2, gelu_epilogue
+    )
+    return encoder_hidden_states, hidden_states
+
+
 _COMPILED: dict[tuple[Any, ...], Any] = {}
 
 
-def _compiled_block(mode: str | None, backend: str) -> Any:
-    key = (mode, backend)
+def _compiled_block(mode: str | None, backend: str, pair: bool = False) -> Any:
+    key = (mode, backend, pair)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_fast_block, fullgraph=True, mode=mode, backend=backend)
+        fn = _fast_block_pair if pair else _fast_block
+        _COMPILED[key] = torch.compile(fn, fullgraph=True, mode=mode, backend=backend)
     return _COMPILED[key]
 
 
@@ -473,8 +564,20 @@ class FastPathState:
     sched_values: dict[float, int] = field(default_factory=dict)
     sched_temb: torch.Tensor | None = None
     sched_mods: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    batch_cfg: bool = True
+    cfg_last: tuple[Any, ...] | None = None  # the previous call: (latents, version, timestep values, text)
+    cfg_pair: tuple[Any, ...] | None = (
+        None  # learned: (conditional text, its version, unconditional, version)
+    )
+    cfg_stash: tuple[Any, ...] | None = None  # the unconditional output computed with the conditional one
+    cfg_misses: int = 0  # stored unconditional outputs not asked for, in a row
     stats: dict[str, int] = field(
-        default_factory=lambda: {"forwards": 0, "modulation_reused": 0, "modulation_from_schedule": 0}
+        default_factory=lambda: {
+            "forwards": 0,
+            "modulation_reused": 0,
+            "modulation_from_schedule": 0,
+            "cfg_pairs": 0,
+        }
     )
 
     def real_rope(self, img_freqs: torch.Tensor, txt_freqs: torch.Tensor) -> RealRope:
@@ -495,8 +598,16 @@ class _Modulation:
     at its first step, one batched matmul per Linear instead of one weight read per step.
     """
 
-    def __init__(self, state: FastPathState, model: Any, timestep: torch.Tensor, temb: torch.Tensor) -> None:
+    def __init__(
+        self,
+        state: FastPathState,
+        model: Any,
+        timestep: torch.Tensor,
+        temb: torch.Tensor,
+        values: tuple[float, ...] | None = None,
+    ) -> None:
         self.state, self.model, self.timestep, self.temb = state, model, timestep, temb
+        self.values = values
         self.checked = False
         self.row: int | None = None
 
@@ -524,7 +635,9 @@ class _Modulation:
         if not state.cache_modulation:
             return block.img_mod(temb), block.txt_mod(temb)
         if not self.checked:
-            values = tuple(self.timestep.detach().float().cpu().tolist())  # one small device-to-host copy
+            values = self.values
+            if values is None:
+                values = tuple(self.timestep.detach().float().cpu().tolist())  # one small device-to-host copy
             versions = tuple(p._version for p in state.mod_params)
             self.row = self._schedule_row(values, versions) if state.scheduler is not None else None
             if self.row is None:
@@ -555,10 +668,10 @@ class _Modulation:
 class _ModRef:
     """Passed to a block as its ``temb``: where to get its modulation vectors."""
 
-    __slots__ = ("modulation", "index")
+    __slots__ = ("modulation", "index", "pair")
 
-    def __init__(self, modulation: _Modulation, index: int) -> None:
-        self.modulation, self.index = modulation, index
+    def __init__(self, modulation: _Modulation, index: int, pair: bool = False) -> None:
+        self.modulation, self.index, self.pair = modulation, index, pair
 
 
 def _block_forward(block: Any, state: FastPathState) -> Any:
@@ -591,6 +704,16 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
             mods = temb.modulation.get(temb.index)
         else:
             mods = (block.img_mod(temb), block.txt_mod(temb))
+        if isinstance(temb, _ModRef) and temb.pair:  # a CFG pair (see _model_forward)
+            if state.compile and state.dynamic:
+                torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
+                torch._dynamo.maybe_mark_dynamic(encoder_hidden_states, 1)
+                for t in (*image_rotary_emb[0], *image_rotary_emb[1], image_rotary_emb[2]):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+            fn = _compiled_block(state.mode, state.backend, pair=True) if state.compile else _fast_block_pair
+            return fn(
+                block, hidden_states, encoder_hidden_states, mods, image_rotary_emb, state.gelu_epilogue
+            )
         rope = as_real_rope(image_rotary_emb)
         if state.compile:
             if state.dynamic:
@@ -614,6 +737,134 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
 
     forward._qwennb_fast = True  # type: ignore[attr-defined]
     return forward
+
+
+def _single_forward(
+    model: Any,
+    state: FastPathState,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    encoder_hidden_states_mask: torch.Tensor | None,
+    timestep: torch.Tensor,
+    img_shapes: Any,
+    values: tuple[float, ...] | None = None,
+) -> torch.Tensor:
+    """One transformer forward on the tuned path: real RoPE once, modulation from the cache."""
+    hidden_states = model.img_in(hidden_states)
+    timestep = timestep.to(hidden_states.dtype)
+    encoder_hidden_states = model.txt_in(model.txt_norm(encoder_hidden_states))
+    text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
+        encoder_hidden_states, encoder_hidden_states_mask
+    )
+    temb = model.time_text_embed(timestep, hidden_states, None)
+    img_freqs, txt_freqs = model.pos_embed(
+        img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
+    )
+    rope = state.real_rope(img_freqs, txt_freqs)
+    modulation = _Modulation(state, model, timestep, temb, values)
+    for index, block in enumerate(model.transformer_blocks):
+        encoder_hidden_states, hidden_states = block(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states_mask=encoder_hidden_states_mask,
+            temb=_ModRef(modulation, index),
+            image_rotary_emb=rope,
+        )
+    hidden_states = model.norm_out(hidden_states, temb)
+    return model.proj_out(hidden_states)
+
+
+def _pair_forward(
+    model: Any,
+    state: FastPathState,
+    hidden_states: torch.Tensor,
+    text_cond: torch.Tensor,
+    text_uncond: torch.Tensor,
+    timestep: torch.Tensor,
+    img_shapes: Any,
+    values: tuple[float, ...],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conditional and unconditional forwards of a CFG step as one: the latents go through the blocks as a
+    batch of two (the same values, so the same modulation), the two texts side by side without padding, and
+    each sample attends only to its own tokens (:func:`_pair_attention`). The same math as two calls."""
+    b = hidden_states.shape[0]
+    x = model.img_in(hidden_states)
+    timestep = timestep.to(x.dtype)
+    txt_c = model.txt_in(model.txt_norm(text_cond))
+    txt_u = model.txt_in(model.txt_norm(text_uncond))
+    lc, lu = txt_c.shape[1], txt_u.shape[1]
+    temb = model.time_text_embed(timestep, x, None)
+    img_freqs, txt_freqs = model.pos_embed(img_shapes, max_txt_seq_len=max(lc, lu), device=x.device)
+    img_rope, (cos, sin) = state.real_rope(img_freqs, txt_freqs)
+    rope = (img_rope, (torch.cat([cos[:lc], cos[:lu]]), torch.cat([sin[:lc], sin[:lu]])), cos[:lc])
+    modulation = _Modulation(state, model, timestep, temb, values)
+    x = torch.cat([x, x])
+    txt = torch.cat([txt_c, txt_u], dim=1)
+    for index, block in enumerate(model.transformer_blocks):
+        txt, x = block(
+            hidden_states=x,
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=None,
+            temb=_ModRef(modulation, index, pair=True),
+            image_rotary_emb=rope,
+        )
+    x = model.norm_out(x, temb if b == 1 else torch.cat([temb, temb]))
+    out = model.proj_out(x)
+    return out[:b], out[b:]
+
+
+def _cfg_forward(
+    model: Any,
+    state: FastPathState,
+    hidden_states: torch.Tensor,
+    text: torch.Tensor,
+    timestep: torch.Tensor,
+    img_shapes: Any,
+) -> torch.Tensor:
+    """A forward that batches true CFG's two passes when it recognises them.
+
+    Diffusers' pipeline calls the transformer twice a step on the same latents tensor and timestep, first with
+    the prompt's embeddings, then with the negative prompt's. qwennb learns that pattern from the first step
+    (the two text tensors, by identity and version) and, from the second step on, computes both outputs at the
+    conditional call (:func:`_pair_forward`) and returns the stored unconditional one at the next call if it
+    comes with the same latents (same tensor, unchanged), timestep and negative text. Anything else runs a
+    plain forward; when a stored output goes unused twice in a row, the pattern is forgotten.
+    """
+    values = tuple(timestep.detach().float().cpu().tolist())  # one small device-to-host copy a call
+    version = hidden_states._version
+    stash, state.cfg_stash = state.cfg_stash, None
+    if stash is not None:
+        if stash[0] is hidden_states and stash[1] == version and stash[2] == values and stash[3] is text:
+            state.cfg_misses = 0
+            return stash[4]
+        state.cfg_misses += 1  # the stored half was not asked for
+        if state.cfg_misses >= 2:  # twice running: the caller does something else; stop pairing
+            state.cfg_pair, state.cfg_misses = None, 0
+    pair = state.cfg_pair
+    if (
+        pair is not None
+        and pair[0] is text
+        and pair[1] == text._version
+        and pair[3] == pair[2]._version
+        and pair[2].shape[0] == text.shape[0]
+    ):
+        out_c, out_u = _pair_forward(model, state, hidden_states, text, pair[2], timestep, img_shapes, values)
+        state.cfg_stash = (hidden_states, version, values, pair[2], out_u)
+        state.stats["cfg_pairs"] += 1
+        return out_c
+    output = _single_forward(model, state, hidden_states, text, None, timestep, img_shapes, values)
+    last = state.cfg_last
+    if (
+        last is not None
+        and last[0] is hidden_states
+        and last[1] == version
+        and last[2] == values
+        and last[3] is not text
+        and last[3].shape[0] == text.shape[0]
+    ):
+        state.cfg_pair = (last[3], last[3]._version, text, text._version)
+    state.cfg_last = (hidden_states, version, values, text)
+    return output
 
 
 def _model_forward(model: Any, state: FastPathState) -> Any:
@@ -656,28 +907,26 @@ def _model_forward(model: Any, state: FastPathState) -> Any:
                 return_dict=return_dict,
             )
         state.stats["forwards"] += 1
-        hidden_states = model.img_in(hidden_states)
-        timestep = timestep.to(hidden_states.dtype)
-        encoder_hidden_states = model.txt_in(model.txt_norm(encoder_hidden_states))
-        text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
-            encoder_hidden_states, encoder_hidden_states_mask
+        pairable = (
+            state.batch_cfg
+            and encoder_hidden_states_mask is None
+            and hidden_states.dtype != torch.float16
+            and not getattr(model, "is_cache_enabled", False)
+            and not hidden_states.is_inference()  # no version counters to prove the latents unchanged
+            and not encoder_hidden_states.is_inference()
         )
-        temb = model.time_text_embed(timestep, hidden_states, None)
-        img_freqs, txt_freqs = model.pos_embed(
-            img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
-        )
-        rope = state.real_rope(img_freqs, txt_freqs)
-        modulation = _Modulation(state, model, timestep, temb)
-        for index, block in enumerate(model.transformer_blocks):
-            encoder_hidden_states, hidden_states = block(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                encoder_hidden_states_mask=encoder_hidden_states_mask,
-                temb=_ModRef(modulation, index),
-                image_rotary_emb=rope,
+        if not pairable:
+            output = _single_forward(
+                model,
+                state,
+                hidden_states,
+                encoder_hidden_states,
+                encoder_hidden_states_mask,
+                timestep,
+                img_shapes,
             )
-        hidden_states = model.norm_out(hidden_states, temb)
-        output = model.proj_out(hidden_states)
+        else:
+            output = _cfg_forward(model, state, hidden_states, encoder_hidden_states, timestep, img_shapes)
         if not return_dict:
             return (output,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -717,6 +966,7 @@ def enable_fast_path(
     backend: str = "inductor",
     scheduler: Any = None,
     quantize_on: Any = None,
+    batch_cfg: bool = True,
 ) -> FastPathState:
     """Switch a ``QwenImageTransformer2DModel`` to the tuned path (see the module docstring).
 
@@ -727,6 +977,8 @@ def enable_fast_path(
     measurable gain; ``None`` turns it on when diffusers' global attention backend is PyTorch's native
     one) and ``rope_style`` ("pairs", or "stack": 7.6 ms a step slower) select the pieces. ``scheduler``
     (the pipeline's) lets the modulation of a whole image be computed at its first step.
+    ``batch_cfg`` computes true CFG's two passes of a step as one batch (:func:`_cfg_forward`; exact per
+    sample, no padding mask); diffusers' cache hooks and masked (padded) texts turn it off for that call.
 
     ``fp8`` (lossy): ``True`` or ``"copy"`` computes the blocks' large Linears in fp8 (:class:`FP8Linear`)
     and keeps the bf16 Linears, so :func:`disable_fast_path` can restore them (adds half their size);
@@ -748,6 +1000,7 @@ def enable_fast_path(
         "dynamic": dynamic,
         "fp8": fp8,
         "quantize_on": str(quantize_on) if quantize_on is not None else None,
+        "batch_cfg": batch_cfg,
         "fuse_qkv": fuse_qkv,
         "cache_modulation": cache_modulation,
         "gelu_epilogue": gelu_epilogue,
@@ -779,6 +1032,7 @@ def enable_fast_path(
         gelu_epilogue=gelu_epilogue,
         options=options,
         scheduler=scheduler,
+        batch_cfg=batch_cfg,
     )
     state.processors = dict(transformer.attn_processors)
     new = {}

@@ -104,29 +104,70 @@ def test_fused_qkv_shares_the_weights(pipe):
     attn.fused_projections = False
 
 
+@pytest.mark.parametrize("batch_cfg", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fast_path_matches_stock_pipeline_and_restores_it(dtype):
+def test_fast_path_matches_stock_pipeline_and_restores_it(dtype, batch_cfg):
     pipe = build_tiny_pipeline(seed=0, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     tr = pipe.transformer
     ref, ref1, ref2 = latents(pipe), latents(pipe, cfg=1.0), latents(pipe, n=2)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for sched in (None, pipe.scheduler):
-        state = speed.enable_fast_path(tr, compile=False, scheduler=sched)
+        state = speed.enable_fast_path(tr, compile=False, scheduler=sched, batch_cfg=batch_cfg)
         assert speed.is_fast(tr)
         assert type(tr.transformer_blocks[0].attn.processor) is speed.QwenRealRopeAttnProcessor
         assert rel(latents(pipe), ref) < tol
         assert rel(latents(pipe, cfg=1.0), ref1) < tol
         assert rel(latents(pipe, n=2), ref2) < tol
+        assert state.stats["forwards"] == 8 + 4 + 8  # the pipeline's calls
+        # With batch_cfg, steps 2-4 of a CFG image compute both passes in one forward (step 1 learns the pair).
+        assert state.stats["cfg_pairs"] == (3 + 0 + 3 if batch_cfg else 0)
+        computed = 5 + 4 + 5 if batch_cfg else 8 + 4 + 8
         if sched is None:  # CFG: the second pass of each step reuses the first pass's modulation
-            assert state.stats["modulation_reused"] == 4 + 0 + 4
+            assert state.stats["modulation_reused"] == (1 + 0 + 1 if batch_cfg else 4 + 0 + 4)
         else:  # every step's modulation comes from the table built at the image's first step
-            assert state.stats["modulation_from_schedule"] == state.stats["forwards"] == 8 + 4 + 8
+            assert state.stats["modulation_from_schedule"] == computed
         speed.disable_fast_path(tr)
         assert not speed.is_fast(tr)
         assert type(tr.transformer_blocks[0].attn.processor) is QwenDoubleStreamAttnProcessor2_0
         assert "forward" not in tr.__dict__ and "forward" not in tr.transformer_blocks[0].__dict__
         assert torch.equal(latents(pipe), ref)
+
+
+def test_batched_cfg_is_exact_per_sample_and_only_pairs_the_pipelines_pattern():
+    """The pair forward equals two separate forwards (float32: to rounding), and a call sequence other than
+    "prompt, then negative prompt, on the same unchanged latents" never gets a stored result."""
+    pipe = build_tiny_pipeline(seed=0)
+    tr = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 64, 64, generator=g)
+    cond, uncond = torch.randn(1, 9, 32, generator=g), torch.randn(1, 3, 32, generator=g)
+    t = torch.full((1,), 0.7)
+    shapes = [[(1, 8, 8)]]
+
+    def call(h, text):
+        return tr(
+            hidden_states=h, encoder_hidden_states=text, timestep=t, img_shapes=shapes, return_dict=False
+        )[0]
+
+    with torch.no_grad():
+        ref_c, ref_u = call(x, cond), call(x, uncond)
+        state = speed.enable_fast_path(tr, compile=False)
+        try:
+            assert rel(call(x, cond), ref_c) < 1e-5 and rel(call(x, uncond), ref_u) < 1e-5  # learns the pair
+            assert state.cfg_pair is not None and state.stats["cfg_pairs"] == 0
+            out_c = call(x, cond)  # computes both
+            assert state.stats["cfg_pairs"] == 1 and state.cfg_stash is not None
+            assert rel(out_c, ref_c) < 1e-5 and rel(call(x, uncond), ref_u) < 1e-5  # the stored half
+            assert state.cfg_stash is None
+            call(x, cond)
+            x.add_(0)  # the latents changed in place: the stored half must not be used
+            assert rel(call(x, uncond), ref_u) < 1e-5 and state.cfg_stash is None
+            assert rel(call(x, cond), ref_c) < 1e-5 and state.cfg_stash is not None  # still paired
+            assert rel(call(x.clone(), uncond), ref_u) < 1e-5  # other latents: computed, not the stored half
+            assert state.cfg_stash is None and state.cfg_pair is None  # unused twice: pattern forgotten
+        finally:
+            speed.disable_fast_path(tr)
 
 
 def test_modulation_cache_follows_weight_changes(pipe):
@@ -155,9 +196,11 @@ def test_compiled_fast_path_one_graph_for_all_lengths_and_sizes(pipe):
     speed.enable_fast_path(tr, compile=True, backend="aot_eager", scheduler=pipe.scheduler)
     try:
         assert rel(latents(pipe), ref) < 1e-5
+        assert counters["stats"]["unique_graphs"] == 2  # one block, and the CFG pair's block
         latents(pipe, prompt="a much longer prompt with many more words in it than before", size=160)
         latents(pipe, size=96, cfg=1.0)
-        assert counters["stats"]["unique_graphs"] == 1
+        latents(pipe, prompt="short", size=128)
+        assert counters["stats"]["unique_graphs"] == 2
     finally:
         speed.disable_fast_path(tr)
 
@@ -223,7 +266,8 @@ def test_fp8_replace_halves_the_blocks_and_runs_under_group_offload_compiled():
     assert torch.isfinite(out).all()
     assert 1e-4 < rel(out, ref) < 0.2  # lossy, but the same image
     latents(p, prompt="a much longer prompt with many more words in it than before")
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2  # the block and the CFG pair's block
+    assert tr._qwennb_fast.stats["cfg_pairs"] == 3 + 3
     speed.disable_fast_path(tr) if not getattr(tr, "_diffusers_hook", None) else None
     assert isinstance(block.attn.to_q, speed.FP8Linear)  # replaced for good
 
