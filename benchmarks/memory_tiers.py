@@ -10,6 +10,7 @@ uncapped run's: the drift that fp8 storage or fp8 matmuls cost (relative L2 erro
     python benchmarks/memory_tiers.py --out benchmarks/results [--caps 80 48 24 16 12] [--steps 4]
         [--variant 24:fp8_matmul=false]   # also a cap with plan overrides, for comparison
         [--run B --merge]                 # add this run's rows to the file's rows of other runs
+    python benchmarks/memory_tiers.py --combine old.json new.json --out benchmarks/results [--note C=...]
 
 Each run measures its own uncapped row (the largest cap, no overrides): slowdowns and latent errors are against
 the uncapped row of the same run.
@@ -115,8 +116,14 @@ def main() -> int:
     ap.add_argument("--latents-dir", default="/tmp/qwennb-tiers")
     ap.add_argument("--run", default="A", help="label of this run (rows of other runs are kept with --merge)")
     ap.add_argument("--merge", action="store_true", help="keep the result file's rows of other runs")
+    ap.add_argument(
+        "--note", action="append", default=[], help="RUN=text describing a run (kept in the files)"
+    )
+    ap.add_argument("--combine", nargs="+", help="merge these result files into --out (no GPU needed)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out, args.note)
     if args.one is not None:
         cap, overrides = parse_variant(args.one)
         tag = args.one.replace(":", "-").replace(",", "-").replace("=", "")
@@ -173,30 +180,53 @@ def main() -> int:
         if ref is not None and r.get("latents_file"):
             x = torch.load(r["latents_file"])
             r["latent_rel_err"] = float((x - ref).norm() / ref.norm())
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / f"memory-tiers-{slug}.json"
-    if args.merge and previous.exists():
-        kept = [r for r in json.loads(previous.read_text())["tiers"] if r.get("run", "A") != args.run]
-        rows = sorted(kept + rows, key=lambda r: (r.get("run", "A"), -r["cap_gb"], bool(r.get("overrides"))))
+    previous = Path(args.out) / f"memory-tiers-{slug_of(card)}.json"
+    old = json.loads(previous.read_text()) if args.merge and previous.exists() else {}
     record = {
         "card": card,
         "torch": torch.__version__,
         "size": args.size,
         "steps": args.steps,
         "cfg": 4.0,
-        "tiers": rows,
+        "run_notes": {**old.get("run_notes", {}), **dict(n.split("=", 1) for n in args.note)},
+        "tiers": merge_rows(old.get("tiers", []), rows),
     }
+    write(Path(args.out), record)
+    return 0
+
+
+def slug_of(card: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows of runs that ``new`` does not have, then ``new``; sorted by run, cap, variant."""
+    runs = {r.get("run", "A") for r in new}
+    rows = [r for r in old if r.get("run", "A") not in runs] + new
+    return sorted(rows, key=lambda r: (r.get("run", "A"), -r["cap_gb"], bool(r.get("overrides"))))
+
+
+def write(out: Path, record: dict) -> None:
+    """Write ``memory-tiers-<card>.json`` and ``.md`` and print the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    card, rows = record["card"], record["tiers"]
+    slug = slug_of(card)
     (out / f"memory-tiers-{slug}.json").write_text(json.dumps(record, indent=2))
     lines = [
         f"# Memory tiers on {card}",
         "",
-        f"Full-size Qwen-Image with random weights, {args.size}x{args.size}, CFG 4, median of {args.steps} steps after "
-        "a 2-step warm-up; one fresh process per cap (`torch.cuda.set_per_process_memory_fraction`).",
+        f"Full-size Qwen-Image with random weights, {record['size']}x{record['size']}, CFG 4, median of "
+        f"{record['steps']} steps after a 2-step warm-up; one fresh process per cap "
+        "(`torch.cuda.set_per_process_memory_fraction`); torch "
+        f"{record.get('torch')}. Slowdown and latent error (relative L2 of the final latents, same prompt, seed "
+        "and weights) are against the uncapped row of the same run.",
         "",
-        "Latent error: relative L2 of the final latents against the uncapped run (same prompt, seed, weights).",
-        "",
+    ]
+    for label, note in sorted(record.get("run_notes", {}).items()):
+        lines.append(f"- run {label}: {note}")
+    if record.get("run_notes"):
+        lines.append("")
+    lines += [
         "| cap GB | arrangement | est. peak GiB | measured peak GiB | host RAM peak GiB | load s | s/step "
         "| x uncapped | latent err | OOM | run |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -214,6 +244,20 @@ def main() -> int:
     md = "\n".join(lines) + "\n"
     (out / f"memory-tiers-{slug}.md").write_text(md)
     print(md)
+
+
+def combine(paths: list[str], out: str, notes: list[str]) -> int:
+    """Merge result files of separate runs (later files win for the same run label); no GPU needed."""
+    record: dict = {}
+    for p in paths:
+        rec = json.loads(Path(p).read_text())
+        if record and rec["card"] != record["card"]:
+            raise SystemExit(f"{p} is from {rec['card']}, not {record['card']}")
+        tiers = merge_rows(record.get("tiers", []), rec["tiers"])
+        notes_so_far = {**record.get("run_notes", {}), **rec.get("run_notes", {})}
+        record = {**record, **rec, "tiers": tiers, "run_notes": notes_so_far}
+    record["run_notes"] = {**record.get("run_notes", {}), **dict(n.split("=", 1) for n in notes)}
+    write(Path(out), record)
     return 0
 
 
