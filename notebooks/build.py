@@ -338,11 +338,11 @@ fig
 | --- | --- | --- |
 | everything on the GPU in bf16 | no copies, no conversions | yes (the reference) |
 | TF32, cuDNN benchmark | faster fp32 matmuls, tuned conv kernels | yes for a bf16 model |
-| qwennb's tuned path (`compile`, on by default when the transformer sits whole on the GPU) | compiles one shared block function, RoPE in real arithmetic, GELU fused into the matmul, modulation once per image (0.369 → 0.253 s/step measured on an H100) | yes, rounding-level |
-| fp8 matmuls (`fp8_matmul=True`) | fp8 tensor-core products (0.233 s/step on an H100) | no: drift 3x rounding |
+| qwennb's tuned path (`compile`, on by default on a GPU) | compiles one shared block function, RoPE in real arithmetic, GELU fused into the matmul, modulation once per image, CFG's two passes as one batch (0.374 → 0.256 s/step measured on an H100) | yes, rounding-level |
+| fp8 matmuls (`fp8_matmul=True`; the plan's choice below 48 GB on Ada/Hopper) | fp8 weights and fp8 tensor-core products: half the memory (0.217 s/step on an H100; 0.302 with a 24 GB cap) | no: drift 3x rounding |
 | text encoder streamed (group offload) | keeps 15 GiB off the GPU; costs a copy once per prompt | yes |
 | transformer streamed with resident blocks | keeps part of it on the host, copies the rest each step over PCIe, overlapped | yes |
-| fp8 storage (layerwise casting) | halves the transformer's memory; weights rounded to fp8 | no: outputs change slightly |
+| fp8 storage (layerwise casting; older cards) | halves the transformer's memory; weights rounded to fp8, upcast per layer (slow) | no: outputs change slightly |
 | NF4 / int8 quantisation | quarter / half the memory | no |
 | step caching (`cache=...`) | skips work between similar steps | no |
 

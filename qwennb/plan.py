@@ -42,9 +42,17 @@ UPCAST_GBPS = 152.0
 # CFG on an H100 (benchmarks/speed.py; benchmarks/NOTES.md, issue #6).
 FAST_EFFICIENCY = EAGER_EFFICIENCY * 0.369 / 0.253
 # fp8 matmuls in the tuned path (qwennb.speed.FP8Linear: e4m3 x e4m3, per-token and per-channel scales) against
-# its bf16 matmuls: 0.233 against 0.253 s/step at 1024x1024, CFG 4, on an H100 (benchmarks/speed.py, run 1).
-FP8_MATMUL_SPEEDUP = 0.253 / 0.233
+# its bf16 matmuls: 0.217 against 0.256 s/step at 1024x1024, CFG 4, on an H100 (benchmarks/speed.py, run 4).
+FP8_MATMUL_SPEEDUP = 0.256 / 0.217
+# The tuned path under block-level group offload runs slower than whole on the GPU even when the copies hide
+# under compute (the offload hooks, stream waits and an allocator near its cap): measured on an H100 with a 24 GB
+# cap, 6 of 60 fp8 blocks streamed, 0.302 s/step against 0.217 for fp8 matmuls whole on the card.
+GROUP_OFFLOAD_OVERHEAD = 0.302 / 0.217
 CACHE_MODES = ("first_block", "taylorseer")
+# A lossy arrangement (fp8, NF4) is chosen over the fastest exact one only if it is at least this much faster:
+# on a 48 GB H100 cap bf16 with the text encoder streamed (0.259 s/step, +0.7 s a prompt) stays the choice over
+# fp8 matmuls (0.217); at 24 GB and below the exact arrangements stream the transformer and are 3-5x slower.
+LOSSY_MIN_GAIN = 1.5
 # Host RAM of the Python process itself (torch, diffusers, transformers, CUDA context).
 PROCESS_HOST_GIB = 2.0
 # What a text encoder kept on the CPU computes at (TFLOP/s, bf16 on a many-core host): seconds a prompt.
@@ -387,12 +395,15 @@ def _transformer_candidates(
     cfg: OptimizationConfig,
     host_room: float,
     fp8_mm: bool = False,
+    passes: int = 1,
 ) -> list[_Candidate]:
     """Every arrangement of the transformer, costed. ``room`` is what the budget leaves for its weights.
 
     Times are seconds per forward; they use an assumed compute rate when the card's is unknown, so
     that arrangements can still be ranked. ``fp8_mm`` adds the arrangements whose fp8 weights feed fp8
-    matmuls in the tuned path (whole on the GPU, or streamed by group offload), costed with that path's rate.
+    matmuls in the tuned path (whole on the GPU, or streamed by group offload), costed with that path's rate;
+    with ``passes`` = 2 (true CFG) the tuned path computes both passes in one forward, so streamed blocks are
+    copied once a step, and their time is the step's divided by the passes.
     """
     compute = flops / ((gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * EAGER_EFFICIENCY)
     compute_fp8 = compute * EAGER_EFFICIENCY / FAST_EFFICIENCY / FP8_MATMUL_SPEEDUP
@@ -470,7 +481,10 @@ def _transformer_candidates(
         rate = h2d if pinned else h2d * PAGEABLE_SHARE
         stream_s = streamed * blk * GIB / (rate * 1e9)
         gpu_gb = nonblock + (resident + 2) * blk
-        per_fwd = max(compute_fp8, stream_s) if mm else max(compute + extra, stream_s + extra)
+        if mm:  # the tuned path: one stream a step (CFG batched), hooks' overhead on the compute
+            per_fwd = max(passes * compute_fp8 * GROUP_OFFLOAD_OVERHEAD, stream_s) / passes
+        else:  # eager: each pass streams the blocks again
+            per_fwd = max(compute + extra, stream_s + extra)
         label = "fp8 matmuls" if mm else ("fp8" if storage != dt else "bf16")
         out.append(
             _Candidate(
@@ -691,7 +705,8 @@ def make_plan(
     t_size, e_size, v_size = sizes["transformer"], sizes["text_encoder"], sizes["vae"]
     vae_gb = v_size.gib(dbytes)
     text_gb = e_size.gib(dbytes)
-    act = _act_gib(w, h, batch)
+    # The tuned path (on by default) runs true CFG's two passes as one batch: twice the activations.
+    act = _act_gib(w, h, batch * (2 if defaults["cfg"] > 1 and cfg.compile is not False else 1))
     vae_tiling = bool(cfg.enable_vae_tiling)
     decode = _vae_gib(w, h, batch, vae_tiling)
     if cfg.enable_vae_tiling is None and decode > 0.25 * budget:
@@ -723,7 +738,15 @@ def make_plan(
 
     def pick_transformer(room: float, host_room: float) -> _Candidate | None:
         cands = _transformer_candidates(
-            t_size, gpu, dbytes, room, flops, cfg, host_room, fp8_mm_ok and cfg.fp8_matmul is not False
+            t_size,
+            gpu,
+            dbytes,
+            room,
+            flops,
+            cfg,
+            host_room,
+            fp8_mm_ok and cfg.fp8_matmul is not False,
+            2 if defaults["cfg"] > 1 else 1,
         )
         cands = [c for c in cands if c.gpu_gb <= room]
         if cfg.fp8_matmul and fp8_mm_ok:
@@ -741,7 +764,7 @@ def make_plan(
         if lossless:
             best_lossless = min(lossless, key=lambda c: c.s_per_forward)
             # Keep exact outputs unless a lossy arrangement is clearly faster.
-            if best_lossless.s_per_forward <= 1.25 * best.s_per_forward:
+            if best_lossless.s_per_forward <= LOSSY_MIN_GAIN * best.s_per_forward:
                 return best_lossless
         return best
 
@@ -815,7 +838,7 @@ def make_plan(
     if lossless_opts and not cfg.fp8_matmul:
         # As within each text placement: exact outputs unless a lossy arrangement is clearly faster.
         best_exact = min(lossless_opts, key=rank)
-        if per_step(best_exact) <= 1.25 * per_step((tp, tc, peak, host)):
+        if per_step(best_exact) <= LOSSY_MIN_GAIN * per_step((tp, tc, peak, host)):
             tp, tc, peak, host = best_exact
     # Loading peaks above the steady state: a transformer that is streamed or stored in fp8 passes through host
     # RAM whole in its load dtype before it is cast and pinned (measured on an H100 host: 72.5 GiB at the 24,
@@ -888,8 +911,9 @@ def make_plan(
             + (" (asked for)" if cfg.fp8_matmul else ": the fastest arrangement that fits")
             + ": the blocks' large Linears hold e4m3 weights with per-channel scales and multiply e4m3 "
             "activations with per-token scales (torch._scaled_mm); the modulation weights are stored in fp8 "
-            "too. On an H100 at 1024x1024 with CFG: 0.233 s/step against 0.253 in bf16; outputs drift about "
-            "3x the rounding floor (relative error of the final latents 7e-2)."
+            "too. On an H100 at 1024x1024 with CFG: 0.217 s/step against 0.256 in bf16, and with a 24 GB cap "
+            "(streamed blocks) 0.302; outputs drift about 3x the rounding floor (relative error of the final "
+            "latents 7e-2 after 20 steps)."
         )
     # Default: on where the tuned path applies (the model whole on the GPU). Measured on an H100 (1024x1024,
     # CFG 4): 0.253 s/step against stock's 0.369 (1.46x), the first image 15 s later (compile), a later
@@ -908,11 +932,11 @@ def make_plan(
             "compile "
             + ("(default)" if cfg.compile is None else "(asked for)")
             + ": qwennb's tuned path (regional compile of one block function shared by all blocks, RoPE in "
-            "real arithmetic, GELU in the matmul epilogue, modulation once per image); same math as stock, "
-            "drift at the rounding floor. On an H100 at 1024x1024 with CFG: 0.253 s/step against 0.369 for "
-            "stock diffusers (1.46x) and 0.280 for stock plus compile_repeated_blocks; the first image of a "
-            "session costs about 15 s more (compile), about 1.5 s in later sessions (cached). compile=False "
-            "turns it off."
+            "real arithmetic, GELU in the matmul epilogue, modulation once per image, CFG's two passes as one "
+            "batch); same math as stock, drift at the rounding floor. On an H100 at 1024x1024 with CFG: 0.256 "
+            "s/step against 0.374 for stock diffusers in the same run (1.46x) and 0.289 for stock plus "
+            "compile_repeated_blocks; the first image of a session costs about 25 s more (compile), about 5 s "
+            "in later sessions (cached). compile=False turns it off."
         )
     tf32 = True if cfg.enable_tf32 is None else cfg.enable_tf32
     cudnn = True if cfg.enable_cudnn_benchmark is None else cfg.enable_cudnn_benchmark
@@ -987,7 +1011,7 @@ def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:
     """What the plan's components hold on the GPU at the highest point of a generation at this size."""
     comps = plan.components
     t, te, vae = comps["transformer"], comps["text_encoder"], comps["vae"]
-    act = _act_gib(width, height, batch)
+    act = _act_gib(width, height, batch * (2 if plan.fast_path else 1))  # CFG batched on the tuned path
     decode = _vae_gib(width, height, batch, plan.vae_tiling)
     if t.placement == "model_offload":  # one component on the GPU at a time
         return max(te.host_gb + TEXT_ACT_GIB, t.gpu_gb + act, vae.gpu_gb + decode)
