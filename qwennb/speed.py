@@ -452,9 +452,11 @@ def _fast_block(
 def _pair_attention(
     attn: Any, img: torch.Tensor, txt: torch.Tensor, rope: PairRope
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint attention of a CFG pair in one call: ``img`` ``[2B, S, C]`` (conditional images first), ``txt``
-    ``[B, Lc + Lu, C]`` (the two texts side by side, unpadded). The projections, norms and RoPE run once on
-    both; each sample then attends over its own text and image, unmasked, as two separate calls would."""
+    """Joint attention of a CFG pair: ``img`` ``[2B, S, C]`` (conditional images first), ``txt``
+    ``[B, Lc + Lu, C]`` (the two texts side by side, unpadded). The projections run once on both; then each
+    sample's query, key and value are normalised, rotated and laid out from its own slices (so the compiler
+    writes them straight into the joint buffers, as in a single forward) and it attends over its own text and
+    image, unmasked. Returns the two joint outputs ``[B, Lc + S, C]`` and ``[B, Lu + S, C]`` (text first)."""
     (img_cos, img_sin), (txt_cos, txt_sin), cond_table = rope
     lc = cond_table.shape[0]
     b = txt.shape[0]
@@ -465,37 +467,41 @@ def _pair_attention(
     tq = attn.add_q_proj(txt).unflatten(-1, (-1, head_dim))
     tk = attn.add_k_proj(txt).unflatten(-1, (-1, head_dim))
     tv = attn.add_v_proj(txt).unflatten(-1, (-1, head_dim))
-    if attn.norm_q is not None:
-        iq = attn.norm_q(iq)
-    if attn.norm_k is not None:
-        ik = attn.norm_k(ik)
-    if attn.norm_added_q is not None:
-        tq = attn.norm_added_q(tq)
-    if attn.norm_added_k is not None:
-        tk = attn.norm_added_k(tk)
-    iq, ik = apply_rotary_emb_real(iq, img_cos, img_sin), apply_rotary_emb_real(ik, img_cos, img_sin)
-    tq, tk = apply_rotary_emb_real(tq, txt_cos, txt_sin), apply_rotary_emb_real(tk, txt_cos, txt_sin)
+
+    def norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+        return module(x) if module is not None else x
+
     processor = attn.processor
     outs = []
     for part, rows in ((slice(None, lc), slice(None, b)), (slice(lc, None), slice(b, None))):
+        tc, ts = txt_cos[part], txt_sin[part]
+        query = torch.cat(
+            [
+                apply_rotary_emb_real(norm(attn.norm_added_q, tq[:, part]), tc, ts),
+                apply_rotary_emb_real(norm(attn.norm_q, iq[rows]), img_cos, img_sin),
+            ],
+            dim=1,
+        )
+        key = torch.cat(
+            [
+                apply_rotary_emb_real(norm(attn.norm_added_k, tk[:, part]), tc, ts),
+                apply_rotary_emb_real(norm(attn.norm_k, ik[rows]), img_cos, img_sin),
+            ],
+            dim=1,
+        )
+        value = torch.cat([tv[:, part], iv[rows]], dim=1)
         out = dispatch_attention_fn(
-            torch.cat([tq[:, part], iq[rows]], dim=1),
-            torch.cat([tk[:, part], ik[rows]], dim=1),
-            torch.cat([tv[:, part], iv[rows]], dim=1),
+            query,
+            key,
+            value,
             attn_mask=None,
             dropout_p=0.0,
             is_causal=False,
             backend=getattr(processor, "_attention_backend", None),
             parallel_config=getattr(processor, "_parallel_config", None),
         )
-        outs.append(out.flatten(2, 3).to(iq.dtype))
-    (oc, ou), lu = outs, txt.shape[1] - lc
-    img_out = torch.cat([oc[:, lc:], ou[:, lu:]], dim=0)
-    txt_out = torch.cat([oc[:, :lc], ou[:, :lu]], dim=1)
-    img_out = attn.to_out[0](img_out)
-    if len(attn.to_out) > 1:
-        img_out = attn.to_out[1](img_out)
-    return img_out, attn.to_add_out(txt_out)
+        outs.append(out.flatten(2, 3).to(query.dtype))
+    return outs[0], outs[1]
 
 
 def _fast_block_pair(
@@ -508,17 +514,31 @@ def _fast_block_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_fast_block` on a CFG pair: ``hidden_states`` ``[2B, S, C]`` (both passes' images: the same
     latents, so the same timestep and modulation), ``encoder_hidden_states`` ``[B, Lc + Lu, C]`` (both
-    texts, unpadded). Every op but attention works token by token, so it runs once on both."""
+    texts, unpadded). Every op but attention works token by token, so it runs once on both; each sample's
+    attention output goes through the output projection and its gated residual on its own, so no copy joins
+    them before the residual does."""
     img_mod, txt_mod = mods
     if img_mod.shape[0] != 1:
         img_mod = torch.cat([img_mod, img_mod])
     img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
     txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
+    b = encoder_hidden_states.shape[0]
+    lc = rope[2].shape[0]
+    attn = block.attn
 
     img_modulated, img_gate1 = block._modulate(block.img_norm1(hidden_states), img_mod1)
     txt_modulated, txt_gate1 = block._modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
-    img_attn_output, txt_attn_output = _pair_attention(block.attn, img_modulated, txt_modulated, rope)
-    hidden_states = hidden_states + img_gate1 * img_attn_output
+    out_c, out_u = _pair_attention(attn, img_modulated, txt_modulated, rope)
+    lu = out_u.shape[1] - hidden_states.shape[1]
+    halves = []
+    for out, text_len, rows in ((out_c, lc, slice(None, b)), (out_u, lu, slice(b, None))):
+        img_attn_output = attn.to_out[0](out[:, text_len:])
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)
+        gate = img_gate1 if img_gate1.shape[0] == 1 else img_gate1[rows]
+        halves.append(hidden_states[rows] + gate * img_attn_output)
+    hidden_states = torch.cat(halves)
+    txt_attn_output = attn.to_add_out(torch.cat([out_c[:, :lc], out_u[:, :lu]], dim=1))
     encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
     img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
