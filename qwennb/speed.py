@@ -296,16 +296,9 @@ def _quantize_rows(w: torch.Tensor, device: Any = None) -> tuple[torch.Tensor, t
     return q.to(home), scale.to(home)
 
 
-class FP8Linear(nn.Module):
-    """A Linear computed in fp8 (e4m3): per-channel weight scales, per-row (per-token) activation scales.
-
-    ``torch._scaled_mm`` on CUDA (Hopper or newer), accumulating in fp32 and writing the input dtype,
-    with the bias added in the epilogue. Lossy: each operand is rounded to 3 mantissa bits. The weights
-    are quantised once, from the Linear given (on ``quantize_on`` if given, e.g. the GPU for a Linear held
-    in host RAM; the result stays where the Linear is); the Linear itself is not changed, so dropping it
-    (``enable_fast_path(..., fp8="replace")``) frees its bf16 weights. The fp8 weight is a parameter
-    (``requires_grad=False``) so that offloading hooks and memory reports see it as the layer's weight.
-    """
+class _FP8Weights(nn.Module):
+    """A Linear's weight as e4m3 values (a parameter, ``requires_grad=False``) and per-channel scales ``[1, N]``;
+    its bias is shared with the Linear."""
 
     def __init__(self, linear: nn.Linear, quantize_on: Any = None) -> None:
         super().__init__()
@@ -315,6 +308,18 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N]
         self.bias = linear.bias
         self.out_dtype = linear.weight.dtype
+
+
+class FP8Linear(_FP8Weights):
+    """A Linear computed in fp8 (e4m3): per-channel weight scales, per-row (per-token) activation scales.
+
+    ``torch._scaled_mm`` on CUDA (Hopper or newer), accumulating in fp32 and writing the input dtype,
+    with the bias added in the epilogue. Lossy: each operand is rounded to 3 mantissa bits. The weights
+    are quantised once, from the Linear given (on ``quantize_on`` if given, e.g. the GPU for a Linear held
+    in host RAM; the result stays where the Linear is); the Linear itself is not changed, so dropping it
+    (``enable_fast_path(..., fp8="replace")``) frees its bf16 weights. The fp8 weight is a parameter
+    (``requires_grad=False``) so that offloading hooks and memory reports see it as the layer's weight.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -336,20 +341,12 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3"
 
 
-class FP8WeightLinear(nn.Module):
+class FP8WeightLinear(_FP8Weights):
     """A Linear whose weight is stored in fp8 (e4m3, per-channel scales) and computed in the input's dtype.
 
     For the modulation Linears: they see one row per timestep (the tuned path computes a whole image's
     modulation in one call), so their cost is reading the weight, which fp8 halves; the activations stay exact.
     """
-
-    def __init__(self, linear: nn.Linear, quantize_on: Any = None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = _quantize_rows(linear.weight, quantize_on)
-        self.weight_fp8 = nn.Parameter(q, requires_grad=False)
-        self.register_buffer("weight_scale", scale.t().contiguous())  # [1, N]
-        self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight_fp8.to(x.dtype)) * self.weight_scale.to(x.dtype)
@@ -410,6 +407,24 @@ def _feed_forward(ff: nn.Module, x: torch.Tensor, gelu_epilogue: bool = True) ->
     return h
 
 
+def _mlp_half(
+    block: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    img_mod2: torch.Tensor,
+    txt_mod2: torch.Tensor,
+    gelu_epilogue: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second half of a block: each stream's modulated MLP and gated residual."""
+    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
+    hidden_states = hidden_states + img_gate2 * _feed_forward(block.img_mlp, img_modulated2, gelu_epilogue)
+    txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
+    encoder_hidden_states = encoder_hidden_states + txt_gate2 * _feed_forward(
+        block.txt_mlp, txt_modulated2, gelu_epilogue
+    )
+    return hidden_states, encoder_hidden_states
+
+
 def _fast_block(
     block: Any,
     hidden_states: torch.Tensor,
@@ -435,11 +450,8 @@ def _fast_block(
     hidden_states = hidden_states + img_gate1 * img_attn_output
     encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
-    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
-    hidden_states = hidden_states + img_gate2 * _feed_forward(block.img_mlp, img_modulated2, gelu_epilogue)
-    txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
-    encoder_hidden_states = encoder_hidden_states + txt_gate2 * _feed_forward(
-        block.txt_mlp, txt_modulated2, gelu_epilogue
+    hidden_states, encoder_hidden_states = _mlp_half(
+        block, hidden_states, encoder_hidden_states, img_mod2, txt_mod2, gelu_epilogue
     )
 
     if encoder_hidden_states.dtype == torch.float16:
@@ -541,11 +553,8 @@ def _fast_block_pair(
     txt_attn_output = attn.to_add_out(torch.cat([out_c[:, :lc], out_u[:, :lu]], dim=1))
     encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
-    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
-    hidden_states = hidden_states + img_gate2 * _feed_forward(block.img_mlp, img_modulated2, gelu_epilogue)
-    txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
-    encoder_hidden_states = encoder_hidden_states + txt_gate2 * _feed_forward(
-        block.txt_mlp, txt_modulated2, gelu_epilogue
+    hidden_states, encoder_hidden_states = _mlp_half(
+        block, hidden_states, encoder_hidden_states, img_mod2, txt_mod2, gelu_epilogue
     )
     return encoder_hidden_states, hidden_states
 
