@@ -412,7 +412,9 @@ def generate(
 
     try:
         # no_grad, as diffusers' own __call__ (inference_mode tensors trip compiled graphs that are reused later).
-        with _sigint_stops(stop), torch.no_grad():
+        from .speed import expect_cfg  # tells the tuned path (if on) whether passes come in CFG pairs
+
+        with _sigint_stops(stop), torch.no_grad(), expect_cfg(pipe.transformer, cfg > 1):
             _sync(device)
             t0 = time.perf_counter()
             embeds, mask = _encode(pipe, text, num_images, device)

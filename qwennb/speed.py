@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -595,17 +596,18 @@ class FastPathState:
     sched_mods: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     batch_cfg: bool = True
     cfg_last: tuple[Any, ...] | None = None  # the previous call: (latents, version, timestep values, text)
-    cfg_pair: tuple[Any, ...] | None = (
-        None  # learned: (conditional text, its version, unconditional, version)
-    )
-    cfg_stash: tuple[Any, ...] | None = None  # the unconditional output computed with the conditional one
-    cfg_misses: int = 0  # stored unconditional outputs not asked for, in a row
+    cfg_guess: torch.Tensor | None = None  # the last negative-prompt text seen: the next pair's partner
+    cfg_solo: torch.Tensor | None = None  # a text whose passes come alone (an image without CFG)
+    cfg_stash: tuple[Any, ...] | None = None  # (latents, version, values, text, partner, partner's output)
+    cfg_hint: bool | None = None  # set by expect_cfg(): False = no CFG, never pair
+    single_ran: bool = False  # the compiled single-forward block has run (its graph exists)
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "forwards": 0,
             "modulation_reused": 0,
             "modulation_from_schedule": 0,
             "cfg_pairs": 0,
+            "cfg_self_pairs": 0,
         }
     )
 
@@ -752,6 +754,7 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
                     for t in (*rope[0], *rope[1]):
                         torch._dynamo.maybe_mark_dynamic(t, 0)
             fn = _compiled_block(state.mode, state.backend)
+            state.single_ran = True
         else:
             fn = _fast_block
         return fn(
@@ -842,6 +845,13 @@ def _pair_forward(
     return out[:b], out[b:]
 
 
+def _same_text(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same text embeddings: the same tensor, or equal values (one small comparison on the device)."""
+    if a is b:
+        return True
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+
+
 def _cfg_forward(
     model: Any,
     state: FastPathState,
@@ -850,50 +860,89 @@ def _cfg_forward(
     timestep: torch.Tensor,
     img_shapes: Any,
 ) -> torch.Tensor:
-    """A forward that batches true CFG's two passes when it recognises them.
+    """A forward that batches true CFG's two passes of a step.
 
     Diffusers' pipeline calls the transformer twice a step on the same latents tensor and timestep, first with
-    the prompt's embeddings, then with the negative prompt's. qwennb learns that pattern from the first step
-    (the two text tensors, by identity and version) and, from the second step on, computes both outputs at the
-    conditional call (:func:`_pair_forward`) and returns the stored unconditional one at the next call if it
-    comes with the same latents (same tensor, unchanged), timestep and negative text. Anything else runs a
-    plain forward; when a stored output goes unused twice in a row, the pattern is forgotten.
+    the prompt's embeddings, then with the negative prompt's. qwennb keeps the last negative-prompt embeddings
+    it saw (learned from a second pass on the same latents) and computes each first pass together with them
+    (:func:`_pair_forward`); the stored second output is returned only to a call with the same latents tensor,
+    unchanged, the same timestep and equal negative embeddings (the same tensor, or equal values). So from the
+    second image on, every step is one forward, the first included; a new negative prompt is learned at its
+    first step. A first pass that comes alone (an image without CFG) marks its text as solo: plain forwards.
+
+    Before the compiled single-block graph exists, a pass that has no partner runs as a pair with itself, so a
+    session's first images compile one graph, not two.
     """
     values = tuple(timestep.detach().float().cpu().tolist())  # one small device-to-host copy a call
     version = hidden_states._version
+
+    def same_call(rec: tuple[Any, ...] | None) -> bool:
+        return rec is not None and rec[0] is hidden_states and rec[1] == version and rec[2] == values
+
     stash, state.cfg_stash = state.cfg_stash, None
     if stash is not None:
-        if stash[0] is hidden_states and stash[1] == version and stash[2] == values and stash[3] is text:
-            state.cfg_misses = 0
-            return stash[4]
-        state.cfg_misses += 1  # the stored half was not asked for
-        if state.cfg_misses >= 2:  # twice running: the caller does something else; stop pairing
-            state.cfg_pair, state.cfg_misses = None, 0
-    pair = state.cfg_pair
+        if same_call(stash) and _same_text(stash[4], text):
+            state.cfg_guess, state.cfg_last = text, None
+            return stash[5]
+        if not same_call(stash):  # the step moved on without the second pass: its text comes alone
+            state.cfg_solo = stash[3]
+    last, state.cfg_last = state.cfg_last, None
+    if same_call(last) and last is not None and last[3] is not text:
+        state.cfg_guess = text  # a second pass not foreseen (a session's first image, a new negative prompt)
+        return _plain_forward(model, state, hidden_states, text, timestep, img_shapes, values, solo=False)
+    state.cfg_last = (hidden_states, version, values, text)
+    guess = state.cfg_guess
+    solo = state.cfg_hint is False or state.cfg_solo is text
     if (
-        pair is not None
-        and pair[0] is text
-        and pair[1] == text._version
-        and pair[3] == pair[2]._version
-        and pair[2].shape[0] == text.shape[0]
+        not solo
+        and guess is not None
+        and guess.shape[0] == text.shape[0]
+        and guess.dtype == text.dtype
+        and guess.device == text.device
+        and not _same_text(guess, text)  # the negative text itself, on new latents: nothing to pair
     ):
-        out_c, out_u = _pair_forward(model, state, hidden_states, text, pair[2], timestep, img_shapes, values)
-        state.cfg_stash = (hidden_states, version, values, pair[2], out_u)
+        out_c, out_u = _pair_forward(model, state, hidden_states, text, guess, timestep, img_shapes, values)
+        state.cfg_stash = (hidden_states, version, values, text, guess, out_u)
         state.stats["cfg_pairs"] += 1
         return out_c
-    output = _single_forward(model, state, hidden_states, text, None, timestep, img_shapes, values)
-    last = state.cfg_last
-    if (
-        last is not None
-        and last[0] is hidden_states
-        and last[1] == version
-        and last[2] == values
-        and last[3] is not text
-        and last[3].shape[0] == text.shape[0]
-    ):
-        state.cfg_pair = (last[3], last[3]._version, text, text._version)
-    state.cfg_last = (hidden_states, version, values, text)
-    return output
+    return _plain_forward(model, state, hidden_states, text, timestep, img_shapes, values, solo=solo)
+
+
+def _plain_forward(
+    model: Any,
+    state: FastPathState,
+    hidden_states: torch.Tensor,
+    text: torch.Tensor,
+    timestep: torch.Tensor,
+    img_shapes: Any,
+    values: tuple[float, ...],
+    solo: bool,
+) -> torch.Tensor:
+    """One pass without a partner: a single forward, or (while only the pair graph is compiled, and the pass
+    may be part of a CFG step) the pass paired with itself, which costs a forward but no compile."""
+    if not solo and state.compile and not state.single_ran:
+        out, _ = _pair_forward(model, state, hidden_states, text, text, timestep, img_shapes, values)
+        state.stats["cfg_self_pairs"] += 1
+        return out
+    return _single_forward(model, state, hidden_states, text, None, timestep, img_shapes, values)
+
+
+@contextlib.contextmanager
+def expect_cfg(transformer: Any, cfg: bool) -> Any:
+    """Tell the tuned path whether the next pipeline call uses true CFG (``qwennb.generate`` does).
+
+    Without CFG, no pass is paired (otherwise the first step of an image without CFG computes one pair
+    in vain before qwennb sees that no second pass comes). A no-op on a transformer without the tuned path.
+    """
+    state = getattr(transformer, STATE_ATTR, None)
+    if state is None:
+        yield
+        return
+    old, state.cfg_hint = state.cfg_hint, bool(cfg)
+    try:
+        yield
+    finally:
+        state.cfg_hint = old
 
 
 def _model_forward(model: Any, state: FastPathState) -> Any:
@@ -1161,6 +1210,7 @@ __all__ = [
     "fuse_qkv_",
     "enable_fast_path",
     "disable_fast_path",
+    "expect_cfg",
     "is_fast",
     "apply_cache",
     "cache_config",

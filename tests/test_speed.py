@@ -120,8 +120,10 @@ def test_fast_path_matches_stock_pipeline_and_restores_it(dtype, batch_cfg):
         assert rel(latents(pipe, cfg=1.0), ref1) < tol
         assert rel(latents(pipe, n=2), ref2) < tol
         assert state.stats["forwards"] == 8 + 4 + 8  # the pipeline's calls
-        # With batch_cfg, steps 2-4 of a CFG image compute both passes in one forward (step 1 learns the pair).
-        assert state.stats["cfg_pairs"] == (3 + 0 + 3 if batch_cfg else 0)
+        # With batch_cfg: the first CFG image learns the negative text at step 1 and pairs steps 2-4; the image
+        # without CFG pairs its step 1 with that text in vain, then runs alone; the batch of two (a new shape)
+        # learns again at step 1. The pipeline is called directly here: generate() says whether CFG is on.
+        assert state.stats["cfg_pairs"] == (3 + 1 + 3 if batch_cfg else 0)
         computed = 5 + 4 + 5 if batch_cfg else 8 + 4 + 8
         if sched is None:  # CFG: the second pass of each step reuses the first pass's modulation
             assert state.stats["modulation_reused"] == (1 + 0 + 1 if batch_cfg else 4 + 0 + 4)
@@ -135,8 +137,9 @@ def test_fast_path_matches_stock_pipeline_and_restores_it(dtype, batch_cfg):
 
 
 def test_batched_cfg_is_exact_per_sample_and_only_pairs_the_pipelines_pattern():
-    """The pair forward equals two separate forwards (float32: to rounding), and a call sequence other than
-    "prompt, then negative prompt, on the same unchanged latents" never gets a stored result."""
+    """The pair forward equals two separate forwards (float32: to rounding), a stored second output is only
+    handed to the same latents (unchanged), timestep and negative text, and a text that comes alone runs
+    alone."""
     pipe = build_tiny_pipeline(seed=0)
     tr = pipe.transformer
     g = torch.Generator().manual_seed(0)
@@ -155,19 +158,54 @@ def test_batched_cfg_is_exact_per_sample_and_only_pairs_the_pipelines_pattern():
         state = speed.enable_fast_path(tr, compile=False)
         try:
             assert rel(call(x, cond), ref_c) < 1e-5 and rel(call(x, uncond), ref_u) < 1e-5  # learns the pair
-            assert state.cfg_pair is not None and state.stats["cfg_pairs"] == 0
+            assert state.cfg_guess is uncond and state.stats["cfg_pairs"] == 0
             out_c = call(x, cond)  # computes both
             assert state.stats["cfg_pairs"] == 1 and state.cfg_stash is not None
-            assert rel(out_c, ref_c) < 1e-5 and rel(call(x, uncond), ref_u) < 1e-5  # the stored half
-            assert state.cfg_stash is None
+            assert (
+                rel(out_c, ref_c) < 1e-5 and rel(call(x, uncond.clone()), ref_u) < 1e-5
+            )  # equal values: stored
+            assert state.cfg_stash is None and state.stats["cfg_pairs"] == 1
             call(x, cond)
             x.add_(0)  # the latents changed in place: the stored half must not be used
-            assert rel(call(x, uncond), ref_u) < 1e-5 and state.cfg_stash is None
-            assert rel(call(x, cond), ref_c) < 1e-5 and state.cfg_stash is not None  # still paired
-            assert rel(call(x.clone(), uncond), ref_u) < 1e-5  # other latents: computed, not the stored half
-            assert state.cfg_stash is None and state.cfg_pair is None  # unused twice: pattern forgotten
+            assert rel(call(x, uncond), ref_u) < 1e-5 and state.stats["cfg_pairs"] == 2
+            other = torch.randn(1, 3, 32, generator=g)
+            call(x, cond)  # paired with the known negative text...
+            want = call(x.clone(), other)  # ...but another text on other latents is computed, not taken
+            speed.disable_fast_path(tr)
+            assert rel(want, call(x, other)) < 1e-5
+            state = speed.enable_fast_path(tr, compile=False)
+            call(x, cond), call(x, uncond)  # learns
+            y = torch.randn(1, 64, 64, generator=g)
+            call(y, cond)  # paired in vain: no second pass follows on y
+            z = torch.randn(1, 64, 64, generator=g)
+            assert rel(call(z, cond), call(z, cond)) < 1e-6
+            assert state.cfg_solo is cond and state.cfg_stash is None  # cond now runs alone
+            state.cfg_solo = None
+            with speed.expect_cfg(tr, False):  # what generate() says for an image without CFG
+                call(y, cond)
+                assert state.cfg_stash is None  # not paired
+            assert state.cfg_hint is None
+            call(y, cond)
+            assert state.cfg_stash is not None  # without the hint it would have been paired
         finally:
             speed.disable_fast_path(tr)
+
+
+def test_generate_tells_the_fast_path_when_cfg_is_off():
+    from qwennb.generation import generate
+
+    p = build_tiny_pipeline(seed=0)
+    p.set_progress_bar_config(disable=True)
+    state = speed.enable_fast_path(p.transformer, compile=False, scheduler=p.scheduler)
+    try:
+        generate(p, "a red fox", steps=3, cfg=4.0, width=64, height=64, seed=1)
+        assert state.stats["cfg_pairs"] == 2  # steps 2-3 (step 1 learns the negative text)
+        generate(p, "a red fox", steps=3, cfg=1.0, width=64, height=64, seed=1)
+        assert state.stats["cfg_pairs"] == 2 and state.cfg_hint is None  # none in vain, hint restored
+        generate(p, "a blue fox", steps=3, cfg=4.0, width=64, height=64, seed=1)
+        assert state.stats["cfg_pairs"] == 2 + 3  # a known negative text: every step paired
+    finally:
+        speed.disable_fast_path(p.transformer)
 
 
 def test_modulation_cache_follows_weight_changes(pipe):
@@ -196,9 +234,12 @@ def test_compiled_fast_path_one_graph_for_all_lengths_and_sizes(pipe):
     speed.enable_fast_path(tr, compile=True, backend="aot_eager", scheduler=pipe.scheduler)
     try:
         assert rel(latents(pipe), ref) < 1e-5
-        assert counters["stats"]["unique_graphs"] == 2  # one block, and the CFG pair's block
+        assert counters["stats"]["unique_graphs"] == 1  # a CFG image needs only the pair's graph
+        assert (
+            tr._qwennb_fast.stats["cfg_self_pairs"] == 2
+        )  # its first step's passes, each paired with itself
         latents(pipe, prompt="a much longer prompt with many more words in it than before", size=160)
-        latents(pipe, size=96, cfg=1.0)
+        latents(pipe, size=96, cfg=1.0)  # no CFG: the single block's graph
         latents(pipe, prompt="short", size=128)
         assert counters["stats"]["unique_graphs"] == 2
     finally:
@@ -266,8 +307,8 @@ def test_fp8_replace_halves_the_blocks_and_runs_under_group_offload_compiled():
     assert torch.isfinite(out).all()
     assert 1e-4 < rel(out, ref) < 0.2  # lossy, but the same image
     latents(p, prompt="a much longer prompt with many more words in it than before")
-    assert counters["stats"]["unique_graphs"] == 2  # the block and the CFG pair's block
-    assert tr._qwennb_fast.stats["cfg_pairs"] == 3 + 3
+    assert counters["stats"]["unique_graphs"] == 1  # only the CFG pair's block
+    assert tr._qwennb_fast.stats["cfg_pairs"] == 3 + 4  # the second image pairs its first step too
     speed.disable_fast_path(tr) if not getattr(tr, "_diffusers_hook", None) else None
     assert isinstance(block.attn.to_q, speed.FP8Linear)  # replaced for good
 
