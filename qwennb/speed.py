@@ -890,6 +890,8 @@ def _cfg_forward(
     if same_call(last) and last is not None and last[3] is not text:
         state.cfg_guess = text  # a second pass not foreseen (a session's first image, a new negative prompt)
         return _plain_forward(model, state, hidden_states, text, timestep, img_shapes, values, solo=False)
+    if last is not None and last[3] is text and not same_call(last):
+        state.cfg_solo = text  # back on new latents with no second pass between: this image has no CFG
     state.cfg_last = (hidden_states, version, values, text)
     guess = state.cfg_guess
     solo = state.cfg_hint is False or state.cfg_solo is text

@@ -185,8 +185,10 @@ def test_batched_cfg_is_exact_per_sample_and_only_pairs_the_pipelines_pattern():
                 call(y, cond)
                 assert state.cfg_stash is None  # not paired
             assert state.cfg_hint is None
-            call(y, cond)
-            assert state.cfg_stash is not None  # without the hint it would have been paired
+            call(
+                torch.randn(1, 64, 64, generator=g), cond.clone()
+            )  # a new prompt: paired with the known negative
+            assert state.cfg_stash is not None
         finally:
             speed.disable_fast_path(tr)
 
@@ -231,6 +233,7 @@ def test_compiled_fast_path_one_graph_for_all_lengths_and_sizes(pipe):
     counters.clear()
     tr = pipe.transformer
     ref = latents(pipe)
+    latents_ref_cfg1 = latents(pipe, cfg=1.0, steps=5)
     speed.enable_fast_path(tr, compile=True, backend="aot_eager", scheduler=pipe.scheduler)
     try:
         assert rel(latents(pipe), ref) < 1e-5
@@ -242,6 +245,12 @@ def test_compiled_fast_path_one_graph_for_all_lengths_and_sizes(pipe):
         latents(pipe, size=96, cfg=1.0)  # no CFG: the single block's graph
         latents(pipe, prompt="short", size=128)
         assert counters["stats"]["unique_graphs"] == 2
+        # A fresh state (no negative text known yet) and an image without CFG: one pass paired with itself,
+        # then alone (not every step paired with itself).
+        speed.disable_fast_path(tr)
+        state = speed.enable_fast_path(tr, compile=True, backend="aot_eager", scheduler=pipe.scheduler)
+        assert rel(latents(pipe, cfg=1.0, steps=5), latents_ref_cfg1) < 1e-5
+        assert state.stats["cfg_self_pairs"] == 1 and state.stats["forwards"] == 5
     finally:
         speed.disable_fast_path(tr)
 
