@@ -889,6 +889,8 @@ def _cfg_forward(
     last, state.cfg_last = state.cfg_last, None
     if same_call(last) and last is not None and last[3] is not text:
         state.cfg_guess = text  # a second pass not foreseen (a session's first image, a new negative prompt)
+        if state.cfg_solo is last[3]:
+            state.cfg_solo = None  # its first text has a partner after all
         return _plain_forward(model, state, hidden_states, text, timestep, img_shapes, values, solo=False)
     if last is not None and last[3] is text and not same_call(last):
         state.cfg_solo = text  # back on new latents with no second pass between: this image has no CFG

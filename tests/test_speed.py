@@ -180,6 +180,8 @@ def test_batched_cfg_is_exact_per_sample_and_only_pairs_the_pipelines_pattern():
             z = torch.randn(1, 64, 64, generator=g)
             assert rel(call(z, cond), call(z, cond)) < 1e-6
             assert state.cfg_solo is cond and state.cfg_stash is None  # cond now runs alone
+            call(z, uncond)  # ...until a second pass follows it
+            assert state.cfg_solo is None
             state.cfg_solo = None
             with speed.expect_cfg(tr, False):  # what generate() says for an image without CFG
                 call(y, cond)
