@@ -38,12 +38,12 @@ EAGER_EFFICIENCY = 0.352
 # second (a separate copy op predicted 80 ms; the hooks' per-layer casts and launches cost more).
 UPCAST_GBPS = 152.0
 # Share of the nominal rate that qwennb's tuned path (qwennb.speed: regional compile, real-arithmetic RoPE,
-# GELU epilogue, modulation once per image) reaches: 0.253 s/step against stock's 0.369 at 1024x1024 with
-# CFG on an H100 (benchmarks/speed.py; benchmarks/NOTES.md, issue #6).
-FAST_EFFICIENCY = EAGER_EFFICIENCY * 0.369 / 0.253
+# GELU epilogue, modulation once per image, CFG's passes batched) reaches: 0.244 s/step against stock's 0.366
+# in the same run at 1024x1024 with CFG on an H100 (benchmarks/speed.py run 6; benchmarks/NOTES.md).
+FAST_EFFICIENCY = EAGER_EFFICIENCY * 0.366 / 0.244
 # fp8 matmuls in the tuned path (qwennb.speed.FP8Linear: e4m3 x e4m3, per-token and per-channel scales) against
-# its bf16 matmuls: 0.217 against 0.256 s/step at 1024x1024, CFG 4, on an H100 (benchmarks/speed.py, run 4).
-FP8_MATMUL_SPEEDUP = 0.256 / 0.217
+# its bf16 matmuls: 0.208 against 0.244 s/step at 1024x1024, CFG 4, on an H100 (benchmarks/speed.py, run 6).
+FP8_MATMUL_SPEEDUP = 0.244 / 0.208
 # The tuned path under block-level group offload runs slower than whole on the GPU even when the copies hide
 # under compute (the offload hooks, stream waits and an allocator near its cap): measured on an H100 with a 24 GB
 # cap, 6 of 60 fp8 blocks streamed, 0.302 s/step against 0.217 for fp8 matmuls whole on the card.
@@ -51,7 +51,7 @@ GROUP_OFFLOAD_OVERHEAD = 0.302 / 0.217
 CACHE_MODES = ("first_block", "taylorseer")
 # A lossy arrangement (fp8, NF4) is chosen over the fastest exact one only if it is at least this much faster:
 # on a 48 GB H100 cap bf16 with the text encoder streamed (0.259 s/step, +0.7 s a prompt) stays the choice over
-# fp8 matmuls (0.217); at 24 GB and below the exact arrangements stream the transformer and are 3-5x slower.
+# fp8 matmuls (0.208-0.217); at 24 GB and below the exact arrangements stream the transformer and are 3-5x slower.
 LOSSY_MIN_GAIN = 1.5
 # Host RAM of the Python process itself (torch, diffusers, transformers, CUDA context).
 PROCESS_HOST_GIB = 2.0
@@ -911,13 +911,13 @@ def make_plan(
             + (" (asked for)" if cfg.fp8_matmul else ": the fastest arrangement that fits")
             + ": the blocks' large Linears hold e4m3 weights with per-channel scales and multiply e4m3 "
             "activations with per-token scales (torch._scaled_mm); the modulation weights are stored in fp8 "
-            "too. On an H100 at 1024x1024 with CFG: 0.217 s/step against 0.256 in bf16, and with a 24 GB cap "
-            "(streamed blocks) 0.302; outputs drift about 3x the rounding floor (relative error of the final "
-            "latents 7e-2 after 20 steps)."
+            "too. On an H100 at 1024x1024 with CFG: 0.208 s/step against 0.244 in bf16, and with a 24 GB cap "
+            "(streamed blocks) about 0.29-0.30; outputs drift about 3x the rounding floor (relative error of the "
+            "final latents 7e-2 after 20 steps)."
         )
-    # Default: on where the tuned path applies (the model whole on the GPU). Measured on an H100 (1024x1024,
-    # CFG 4): 0.253 s/step against stock's 0.369 (1.46x), the first image 15 s later (compile), a later
-    # session's first image 1.4 s later (inductor's on-disk cache), drift at the rounding floor.
+    # Default: on where the tuned path applies (the model whole on the GPU, or fp8 matmuls). Measured on an H100
+    # (1024x1024, CFG 4): 0.244-0.250 s/step against stock's 0.366-0.370 in the same runs (1.48-1.50x), the
+    # first image 17-25 s later (one compile), drift at the rounding floor.
     compile_ = bool(cfg.compile) if cfg.compile is not None else (whole_on_gpu or fp8_mm)
     fast = compile_ and (whole_on_gpu or fp8_mm)
     if cfg.compile is None and not compile_:
@@ -933,10 +933,10 @@ def make_plan(
             + ("(default)" if cfg.compile is None else "(asked for)")
             + ": qwennb's tuned path (regional compile of one block function shared by all blocks, RoPE in "
             "real arithmetic, GELU in the matmul epilogue, modulation once per image, CFG's two passes as one "
-            "batch); same math as stock, drift at the rounding floor. On an H100 at 1024x1024 with CFG: 0.256 "
-            "s/step against 0.374 for stock diffusers in the same run (1.46x) and 0.289 for stock plus "
-            "compile_repeated_blocks; the first image of a session costs about 25 s more (compile), about 5 s "
-            "in later sessions (cached). compile=False turns it off."
+            "batch); same math as stock, drift at the rounding floor. On an H100 at 1024x1024 with CFG: "
+            "0.244-0.250 s/step against 0.366-0.370 for stock diffusers in the same runs (1.48-1.50x) and "
+            "0.278-0.284 for stock plus compile_repeated_blocks; the first image of a session costs 17-25 s more "
+            "(one compile), a few seconds in later sessions (cached). compile=False turns it off."
         )
     tf32 = True if cfg.enable_tf32 is None else cfg.enable_tf32
     cudnn = True if cfg.enable_cudnn_benchmark is None else cfg.enable_cudnn_benchmark
