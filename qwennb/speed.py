@@ -320,6 +320,11 @@ class FP8Linear(_FP8Weights):
     in host RAM; the result stays where the Linear is); the Linear itself is not changed, so dropping it
     (``enable_fast_path(..., fp8="replace")``) frees its bf16 weights. The fp8 weight is a parameter
     (``requires_grad=False``) so that offloading hooks and memory reports see it as the layer's weight.
+
+    Example:
+        >>> f = FP8Linear(nn.Linear(32, 16))
+        >>> f.weight_fp8.dtype, tuple(f.weight_scale.shape)
+        (torch.float8_e4m3fn, (1, 16))
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,6 +352,12 @@ class FP8WeightLinear(_FP8Weights):
 
     For the modulation Linears: they see one row per timestep (the tuned path computes a whole image's
     modulation in one call), so their cost is reading the weight, which fp8 halves; the activations stay exact.
+
+    Example:
+        >>> lin = nn.Linear(32, 16)
+        >>> x = torch.randn(2, 32)
+        >>> bool((FP8WeightLinear(lin)(x) - lin(x)).abs().max() < 0.1)
+        True
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -937,6 +948,15 @@ def expect_cfg(transformer: Any, cfg: bool) -> Any:
 
     Without CFG, no pass is paired (otherwise the first step of an image without CFG computes one pair
     in vain before qwennb sees that no second pass comes). A no-op on a transformer without the tuned path.
+
+    Example:
+        >>> from qwennb.stand_ins import build_tiny_pipeline
+        >>> pipe = build_tiny_pipeline()
+        >>> state = enable_fast_path(pipe.transformer, compile=False)
+        >>> with expect_cfg(pipe.transformer, False):
+        ...     state.cfg_hint
+        False
+        >>> disable_fast_path(pipe.transformer)
     """
     state = getattr(transformer, STATE_ATTR, None)
     if state is None:
