@@ -17,13 +17,14 @@
   marked dynamic from the start, so a new prompt length or image size does not recompile. Diffusers'
   cache hooks (First Block Cache, TaylorSeer) sit outside the compiled region and keep working.
 - **True CFG's two passes as one batch** (``batch_cfg``). The pipeline calls the transformer twice a step
-  on the same latents; from the second step on both passes run as one forward: the image tokens as a batch
-  of two, the two texts side by side without padding, and each sample attending only to its own tokens
-  (two unmasked attention calls), so no padding mask and no slow masked kernel. Under group offload each
-  streamed block is copied once a step instead of twice.
+  on the same latents; both passes run as one forward: the image tokens as a batch of two, the two texts
+  side by side without padding, and each sample attending only to its own tokens (two unmasked attention
+  calls), so no padding mask and no slow masked kernel. The last negative-prompt embeddings are kept, so
+  later images are paired from their first step (:func:`_cfg_forward` says when a stored half is handed
+  out). Under group offload each streamed block is copied once a step instead of twice.
 
-Measured on an H100 at 1024x1024 with CFG 4: 0.253 s/step against 0.369 for stock diffusers and 0.280 for
-stock plus ``compile_repeated_blocks`` (``benchmarks/NOTES.md``). Options that measured no faster and stay
+Measured on H100s at 1024x1024 with CFG 4: 0.244-0.250 s/step against 0.366-0.370 for stock diffusers and
+0.278-0.284 for stock plus ``compile_repeated_blocks`` in the same runs (``benchmarks/NOTES.md``). Options that measured no faster and stay
 off: fused Q/K/V projections (:func:`fuse_qkv_`, the separate weights become views of the fused one) and an
 attention op that keeps eager's memory layout (:func:`sdpa_bshd`).
 
