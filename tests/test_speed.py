@@ -346,6 +346,9 @@ def test_caches_compose_with_the_fast_path(pipe):
         speed.disable_fast_path(tr)
     with pytest.raises(ValueError, match="unknown cache mode"):
         speed.cache_config("bogus")
+    with pytest.raises(ValueError, match="fp8 must be"):
+        speed.enable_fast_path(tr, compile=False, fp8="bogus")
+    assert not speed.is_fast(tr)
 
 
 def test_plan_turns_on_the_fast_path_only_where_it_applies():
