@@ -348,6 +348,10 @@ fig
 | NF4 / int8 quantisation | quarter / half the memory | no |
 | step caching (`cache=...`) | skips work between similar steps | no |
 
+Three named **modes** set these for you: `%qwen load qwen-image mode=turbo` (fp8 matmuls), `mode=turbo-cache`
+(TaylorSeer, for 50-step schedules) and `mode=exact` (bf16 only, even where that means streaming);
+`%config QwenMagics.mode = "turbo"` makes one the default, `%qwen presets` lists them with their measured cost.
+
 **Next:** `03_multimodal.ipynb` (prompt enhancement) or `04_migration.ipynb` (from the old setup).
 """
     ),

@@ -110,10 +110,21 @@ def _machine_from_args(args: argparse.Namespace) -> Any:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import OptimizationConfig, make_plan
 
-    overrides = OptimizationConfig(force=args.force, dtype="float32" if args.fp32 else None)
+    overrides = OptimizationConfig(force=args.force, dtype="float32" if args.fp32 else None, mode=args.mode)
     plan = make_plan(_machine_from_args(args), args.model, overrides)
     print(plan.to_json() if args.json else plan.table())
     return 0
+
+
+def add_mode_argument(parser: argparse.ArgumentParser) -> None:
+    """``--mode`` with the modes of :data:`qwennb.plan.MODES` and what each trades."""
+    from .plan import MODES
+
+    parser.add_argument(
+        "--mode",
+        choices=list(MODES),
+        help="; ".join(f"{name}: {text}" for name, (_, text) in MODES.items()).replace("%", "%%"),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--force", action="store_true", help="plan even where it would be very slow (CPU, no bf16)"
     )
+    add_mode_argument(pl)
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
 

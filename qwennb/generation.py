@@ -593,6 +593,9 @@ def add_generate_parser(sub: Any) -> None:
     g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
     g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    from .cli import add_mode_argument
+
+    add_mode_argument(g)
     g.set_defaults(func=_cmd_generate)
 
 
@@ -625,7 +628,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     name, path, notice = resolve_model(args.model)
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
-    plan = make_plan(detect(), name)
+    plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)
+    for w in plan.warnings:
+        print(f"qwennb: {w}", file=sys.stderr)
     t0 = time.perf_counter()
     pipe = build(plan, path)
     print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -24,6 +24,7 @@ from traitlets import Bool, Float, Int, Unicode
 from .display import history_html, history_text, progress_line
 from .errors import QwennbError
 from .generation import GenerationResult, StepInfo, parse_size
+from .plan import describe_modes
 from .presets import describe_presets, get_preset
 from .session import Session
 
@@ -102,6 +103,9 @@ class QwenMagics(Magics):
     preset = Unicode(
         "", help="Preset when a cell gives none (ultra-fast, balanced, high-quality, official)"
     ).tag(config=True)
+    mode = Unicode(
+        "", help="Load mode: exact, turbo (fp8 matmuls) or turbo-cache (step cache); empty: the plan decides"
+    ).tag(config=True)
     save_dir = Unicode("outputs", help="Folder for generated PNGs").tag(config=True)
     embed_metadata = Bool(True, help="Store the parameters in the PNG text chunks").tag(config=True)
     show_plot = Bool(True, help="Show the per-step timing plot after each generation").tag(config=True)
@@ -117,6 +121,8 @@ class QwenMagics(Magics):
     ) -> Any:
         """Load a model (replacing the current one) and show the banner."""
         name = model or self.model or None
+        if self.mode and "mode" not in (overrides or {}):
+            overrides = {**(overrides or {}), "mode": self.mode}
         if show:
             # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
             # banner as a separate output so that notebooks store and compare it.
@@ -252,9 +258,9 @@ class QwenMagics(Magics):
         print(
             "%qwen info               card, memory in use, plan, active optimisations\n"
             "%qwen plan [MODEL]       the plan for the loaded (or another) model\n"
-            "%qwen presets            the presets and what they trade\n"
+            "%qwen presets            the presets and load modes, and what they trade\n"
             "%qwen history            recent results with their parameters\n"
-            "%qwen load MODEL [k=v]   load a model, e.g. %qwen load tiny compile=True\n"
+            "%qwen load MODEL [k=v]   load a model, e.g. %qwen load qwen-image mode=turbo\n"
             "%qwen unload             free the model and its GPU memory\n"
             "%qwen enhance PROMPT     rewrite a prompt with the text encoder\n"
             "%qwen describe PATH      describe an image's style for use as a prompt\n"
@@ -294,6 +300,8 @@ class QwenMagics(Magics):
 
     def _qwen_presets(self, rest: str) -> None:
         print(describe_presets())
+        print("\nload modes (%qwen load MODEL mode=..., or %config QwenMagics.mode = ...):")
+        print(describe_modes())
 
     def _qwen_history(self, rest: str) -> Any:
         return _Text(history_text(self.session.history), history_html(self.session.history))

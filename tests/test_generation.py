@@ -222,6 +222,12 @@ def test_seed_facade_loads_and_generates():
     assert qwennb.generate(p, "a cat", **SMALL).images
 
 
+def test_cli_generate_mode_is_planned_and_its_warning_shown(tmp_path, capsys):
+    argv = ["generate", "x", "--model", "tiny", "--steps", "2", "--size", "64x64", "--out", str(tmp_path)]
+    assert main([*argv, "--mode", "turbo"]) == 0
+    assert "mode 'turbo' applies to Qwen-Image on a CUDA GPU; ignored here" in capsys.readouterr().err
+
+
 def test_cli_generate_json(tmp_path, capsys):
     rc = main(
         [

@@ -153,7 +153,10 @@ def test_qwen_subcommands(ip, capsys):
     other = ip.run_line_magic("qwen", "plan tiny enable_vae_slicing=True")
     assert other.vae_slicing
     ip.run_line_magic("qwen", "presets")
-    assert "high-quality" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "high-quality" in out and "turbo" in out and "3x the rounding floor" in out
+    with pytest.raises(UsageError, match="unknown mode 'warp'"):
+        ip.run_line_magic("qwen", "plan tiny mode=warp")
     hist = ip.run_line_magic("qwen", "history")
     assert "#0" in hist._repr_mimebundle_()["text/plain"]
     ip.run_line_magic("qwen", "help")
@@ -165,6 +168,19 @@ def test_qwen_subcommands(ip, capsys):
     with pytest.raises(UsageError, match="unknown plan option"):
         ip.run_line_magic("qwen", "load tiny bogus=1")
     assert magics(ip).session.loaded  # a failed load keeps the loaded model
+
+
+def test_mode_from_config_reaches_the_plan(ip):
+    ip.run_line_magic("config", "QwenMagics.mode = 'turbo'")
+    try:
+        ip.run_line_magic("qwen", "load tiny")
+        plan = magics(ip).session.report.plan
+        assert plan.overrides.get("mode") == "turbo"
+        assert any("mode 'turbo' applies" in w for w in plan.warnings)  # a CPU and the tiny model: no effect
+    finally:
+        ip.run_line_magic("config", "QwenMagics.mode = ''")
+        ip.run_line_magic("qwen", "load tiny")
+    assert "mode" not in magics(ip).session.report.plan.overrides
 
 
 def test_unload_and_load(ip, capsys):

@@ -196,3 +196,23 @@ def test_plan_estimates_match_the_h100_memory_tiers():
     # 48 GB: the exact arrangement (0.259 measured) stays, fp8 (0.217) is not 1.5x faster.
     plan = make_plan(describe_machine(48, host_ram_gb=125, **H100), "qwen-image")
     assert plan.lossless and not plan.fp8_matmul and plan.components["transformer"].placement == "gpu"
+
+
+def test_modes_expand_to_options_and_explicit_options_win():
+    big = describe_machine(80, host_ram_gb=125, **H100)
+    turbo = make_plan(big, "qwen-image", {"mode": "turbo"})
+    assert turbo.fp8_matmul and not turbo.lossless and any("mode 'turbo'" in r for r in turbo.reasons)
+    assert not make_plan(big, "qwen-image", {"mode": "turbo", "fp8_matmul": False}).fp8_matmul
+    cached = make_plan(big, "qwen-image", {"mode": "turbo-cache"})
+    assert cached.cache == "taylorseer" and not cached.lossless
+    exact = make_plan(describe_machine(24, host_ram_gb=125, **H100), "qwen-image", {"mode": "exact"})
+    assert exact.lossless and not exact.fp8_matmul
+    with pytest.raises(PlanError, match="unknown mode 'warp'; choose one of: exact, turbo, turbo-cache"):
+        make_plan(big, "qwen-image", {"mode": "warp"})
+
+
+def test_plan_cli_mode(capsys):
+    argv = ["plan", "--gpu-memory", "24GB", "--host-ram", "128GB", "--mode", "exact", "--json"]
+    assert main(argv) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["lossless"] and plan["overrides"]["mode"] == "exact"
