@@ -804,11 +804,11 @@ def _why(
         f"{c.gpu_peak_gb:.1f} of {budget:.1f} GiB on the GPU, {c.host_peak_gb:.0f} GiB host RAM; "
         f"{len(fits)} arrangements fit."
     ]
-    whole = cost(Arrangement(tuned=a.tuned or a.transformer == "gpu", text_encoder="gpu"), st)
+    whole = cost(Arrangement(), st)  # bf16 whole on the GPU, tuned path: this card's best case
     ratio = c.s_per_step / whole.s_per_step
     if ratio > 1.02:
         out.append(
-            f"cost: {ratio:.2f}x the {whole.s_per_step:.2f} s a step of the model whole on this card in bf16 "
+            f"cost: {ratio:.2f}x the {whole.s_per_step:.2f} s a step of the model whole on this card in bf16 on the tuned path "
             f"({c.s_per_step:.2f}: compute {c.compute_s:.2f}, copies not hidden {c.stream_s:.2f}, "
             f"offload hooks {c.offload_s:.2f})."
         )
@@ -951,7 +951,8 @@ def make_plan(
     warnings = []
     if spec.task == "image-edit":
         warnings.append(
-            f"{spec.name} is trained to edit an input image: the wrong model for text-to-image; use qwen-image for text-to-image."
+            "Qwen-Image-Edit is trained to edit an input image: the wrong model for text-to-image; "
+            "use qwen-image for text-to-image."
         )
     gpu = hardware.best_gpu
     device = cfg.device or ("cuda" if gpu else ("mps" if hardware.mps else "cpu"))
