@@ -553,7 +553,7 @@ def cost(a: Arrangement, st: Setting) -> Cost:
         >>> st = setting(describe_machine(24, compute_capability="9.0", tflops=H100_TFLOPS, pcie_gen=5), "qwen-image")
         >>> c = cost(Arrangement("group_offload", "float8_e4m3fn", "float8", 54, "group_offload"), st)
         >>> round(c.s_per_step, 2), round(c.streamed_gb_per_step, 1)
-        (0.29, 1.9)
+        (0.3, 1.9)
     """
     t, te, vae = st.sizes["transformer"], st.sizes["text_encoder"], st.sizes["vae"]
     db = DTYPE_BYTES[st.dtype]
