@@ -1072,7 +1072,7 @@ def _plan_whole(
         attention_slicing=bool(cfg.enable_attention_slicing),
         defaults=defaults,
         estimated_peak_gpu_gb=round(peak, 2),
-        estimated_host_ram_gb=round(weights if device == "cpu" else 0.0, 2),
+        estimated_host_ram_gb=round((weights if device == "cpu" else 0.0) + PROCESS_HOST_GIB, 2),
         estimated_s_per_step=None,
         arrangement=f"everything on {device} in {dtype}",
         lossless=True,
