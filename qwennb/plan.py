@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -716,7 +717,7 @@ def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arra
     tilings = [bool(cfg.enable_vae_tiling)] if cfg.enable_vae_tiling is not None else [False, True]
     blocks = st.sizes["transformer"].blocks
     out: list[Arrangement] = []
-    for (storage, matmul, tuned, quant), place, text, tiled in _product(
+    for (storage, matmul, tuned, quant), place, text, tiled in itertools.product(
         forms, sorted(set(places)), texts, tilings
     ):
         tuned_here = tuned and (place == "gpu" or matmul == "float8")
@@ -737,12 +738,6 @@ def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arra
     if cfg.transformer_placement is None and not forced and not out:
         out.append(Arrangement("sequential_offload", dt, dt, None, "cpu", True, False, False))
     return out
-
-
-def _product(*seqs: list[Any]) -> list[tuple[Any, ...]]:
-    import itertools
-
-    return list(itertools.product(*seqs))
 
 
 @dataclass(frozen=True)
@@ -972,7 +967,13 @@ def make_plan(
     assert gpu is not None
     dtype = _gpu_dtype(gpu, cfg, reasons)
     budget = _budget(gpu)
-    st = Setting(sizes, dtype, gpu, hardware.host_ram_gb, flops, w, h, defaults["steps"], passes)
+    assumed = [n[len("assumed ") :] for n in hardware.notes if n.startswith("assumed ")]
+    rate = TYPICAL_BF16_TFLOPS.get(gpu.compute_capability, 150.0)
+    if gpu.peak_bf16_tflops is None:
+        assumed.append(f"{rate:g} TFLOP/s dense bf16 (this card's rate is unknown)")
+    if gpu.host_to_device_gbps is None:
+        assumed.append("PCIe gen 4 x16 (this card's link is unknown)")
+    st = Setting(sizes, dtype, gpu, hardware.host_ram_gb, flops, w, h, defaults["steps"], passes, rate)
     if cfg.fp8_matmul and not (gpu.capability >= (8, 9) and dtype == "bfloat16" and cfg.compile is not False):
         warnings.append(
             f"fp8_matmul needs compute capability 8.9 or newer, bf16 and compile (this card: {gpu.compute_capability}); ignored"
@@ -985,7 +986,6 @@ def make_plan(
         f"bf16, host link {st.h2d_gbps:.0f} GB/s."
     )
     reasons += choice.reasons
-    assumed = [n[len("assumed ") :] for n in hardware.notes if n.startswith("assumed ")]
     return _plan_on_gpu(
         spec,
         model,
