@@ -123,9 +123,11 @@ def build_synthetic_transformer(
     seed: int = 0,
     std: float = 0.02,
     layerwise_fp8: bool = False,
+    gpu_blocks: set[int] | None = None,
 ) -> Any:
     """The synthetic stand-in's transformer built block by block into its stored form: each block drawn in
-    ``dtype`` (on the GPU when there is one), quantised to fp8 there if ``fp8``, then moved to ``device``.
+    ``dtype`` (on the GPU when there is one), quantised to fp8 there if ``fp8``, then moved to ``device``, or kept
+    on the GPU if its index is in ``gpu_blocks`` (the blocks a plan keeps resident).
     The draws follow the order of a whole-model build, so the bf16 weights equal
     ``stand_ins.build_synthetic_pipeline``'s for the same seed.
 
@@ -148,11 +150,12 @@ def build_synthetic_transformer(
     init = _normal_init(torch.Generator(device=draw).manual_seed(int(seed)), std)
     for name, child in transformer.named_children():
         parts = list(child) if name == "transformer_blocks" else [child]
-        for part in parts:
+        for i, part in enumerate(parts):
             materialize_(part, device=draw, dtype=dtype, init=init)
             if name == "transformer_blocks":
                 _store_block_(part, fp8, layerwise_fp8, None)
-            part.to(home)
+            resident = name == "transformer_blocks" and i in (gpu_blocks or ()) and draw.type == "cuda"
+            part.to(draw if resident else home)
     transformer.eval()
     transformer.requires_grad_(False)
     return transformer
@@ -164,10 +167,13 @@ def load_transformer(
     fp8: bool,
     quantize_on: Any = None,
     layerwise_fp8: bool = False,
+    device: Any = "cpu",
+    gpu_blocks: set[int] | None = None,
 ) -> Any:
     """A ``QwenImageTransformer2DModel`` read from a diffusers folder's ``transformer/`` safetensors, block by
-    block, into host RAM in its stored form (fp8 blocks when ``fp8``; quantised on ``quantize_on``, e.g. the
-    GPU). Host RAM peaks at the stored model plus one block in ``dtype``.
+    block, into its stored form (fp8 blocks when ``fp8``; quantised on ``quantize_on``, e.g. the GPU): everything
+    on ``device``, except blocks whose index is in ``gpu_blocks``, which go to ``quantize_on``. Host RAM peaks at
+    what stays there plus one block in ``dtype``.
 
     Example:
         >>> import tempfile, torch
@@ -209,6 +215,9 @@ def load_transformer(
                     set_module_tensor_to_device(model, k, "cpu", value=sf.get_tensor(k), dtype=dtype)
 
     load([k for k in where if block_of(k) is None])
+    for name, child in model.named_children():
+        if name != "transformer_blocks":
+            child.to(device)
     by_block: dict[int, list[str]] = {}
     for k in where:
         b = block_of(k)
@@ -217,6 +226,7 @@ def load_transformer(
     for i, block in enumerate(model.transformer_blocks):
         load(by_block.get(i, []))
         _store_block_(block, fp8, layerwise_fp8, quantize_on)
+        block.to(quantize_on if quantize_on is not None and i in (gpu_blocks or ()) else device)
     from .stand_ins import _meta_tensors, _recompute_rotary_
 
     _recompute_rotary_(model)

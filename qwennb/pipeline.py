@@ -134,7 +134,13 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
         layerwise = t.storage_dtype == "float8_e4m3fn" and not fp8
         cuda = torch.device("cuda") if torch.cuda.is_available() else None
         kwargs["transformer"] = load_transformer(
-            folder, kwargs["torch_dtype"], fp8=fp8, quantize_on=cuda, layerwise_fp8=layerwise
+            folder,
+            kwargs["torch_dtype"],
+            fp8=fp8,
+            quantize_on=cuda,
+            layerwise_fp8=layerwise,
+            device=cuda if t.placement == "gpu" and cuda is not None else "cpu",
+            gpu_blocks=_gpu_blocks(plan),
         )
     try:
         # Qwen-Image-Edit's weights load into the text-to-image pipeline too (same transformer class).
@@ -150,6 +156,18 @@ def _stored_form(plan: Plan) -> bool:
     t = plan.components["transformer"]
     stored = t.storage_dtype != plan.dtype and not t.quantization
     return plan.device == "cuda" and (stored or t.placement == "group_offload")
+
+
+def _gpu_blocks(plan: Plan) -> set[int]:
+    """The transformer blocks a group-offload plan keeps on the GPU (loaded there directly)."""
+    from .models import component_sizes
+
+    t = plan.components["transformer"]
+    if t.placement != "group_offload":
+        return set()
+    return set(
+        resident_block_indices(component_sizes(plan.model)["transformer"].blocks, t.resident_blocks or 0)
+    )
 
 
 def _snapshot(repo_id: str, pattern: str, local_only: bool) -> str:
@@ -181,7 +199,13 @@ def _build_stand_in(plan: Plan) -> Any:
         t = plan.components["transformer"]
         fp8 = t.storage_dtype == "float8_e4m3fn" and bool(getattr(plan, "fp8_matmul", False))
         layerwise = t.storage_dtype == "float8_e4m3fn" and not fp8
-        transformer = build_synthetic_transformer(dtype=dtype, fp8=fp8, device="cpu", layerwise_fp8=layerwise)
+        transformer = build_synthetic_transformer(
+            dtype=dtype,
+            fp8=fp8,
+            device="cuda" if t.placement == "gpu" else "cpu",
+            layerwise_fp8=layerwise,
+            gpu_blocks=_gpu_blocks(plan),
+        )
     return stand_ins.build_synthetic_pipeline(device=devices, dtype=dtype, transformer=transformer)
 
 
@@ -319,10 +343,13 @@ def group_offload_with_resident_blocks(
 ) -> list[int]:
     """diffusers' block-level group offload with CUDA streams, keeping ``resident`` blocks on the GPU.
 
-    Group offload is applied to every block (so diffusers' stream prefetching and its lazy execution-order
-    tracing are used unchanged); then the resident blocks' offload hooks are removed and they move to the GPU
-    for good. The prefetch chain only links the blocks that still stream, so each copy starts a resident
-    block earlier. Returns the resident indices.
+    Group offload is applied with the resident blocks out of the list (an empty placeholder takes each one's
+    place, so diffusers never copies them to the host), so diffusers' stream prefetching and its lazy
+    execution-order tracing are used unchanged on the streamed ones; the resident blocks come back without hooks
+    and go to the GPU for good (they may already be there: the loader puts them there). The prefetch chain only
+    links the blocks that still stream, so each copy starts a resident block earlier. Streamed blocks are pinned
+    in place first (:func:`qwennb.loading.pin_in_place`) unless ``low_cpu_mem_usage``. Returns the resident
+    indices.
     """
     import torch
     from diffusers.hooks import HookRegistry
@@ -333,9 +360,11 @@ def group_offload_with_resident_blocks(
     keep = resident_block_indices(len(blocks), resident)
     if not low_cpu_mem_usage:
         # The streamed blocks are page-locked where they lie; diffusers' group offload (told low_cpu_mem_usage, so
-        # it makes no pinned copies of its own) finds them pinned and copies them asynchronously. The resident
-        # blocks are never pinned or copied.
+        # it makes no pinned copies of its own) finds them pinned and copies them asynchronously.
         pin_in_place([b for i, b in enumerate(blocks) if i not in set(keep)])
+    resident_blocks = {i: blocks[i] for i in keep}
+    for i in keep:
+        blocks[i] = torch.nn.Module()
     transformer.enable_group_offload(
         onload_device=device,
         offload_device=torch.device("cpu"),
@@ -344,13 +373,10 @@ def group_offload_with_resident_blocks(
         use_stream=True,
         low_cpu_mem_usage=True,
     )
-    # diffusers has no option to exclude blocks, so undo its hooks on the resident ones: the group-offload hook
-    # and the tracer that the lazy prefetch hook put on every offloaded block to learn the execution order.
+    # The lazy prefetch hook listed the placeholders among the layers whose execution it traces: forget them.
     lazy = HookRegistry.check_if_exists_or_initialize(transformer).get_hook("lazy_prefetch_group_offloading")
     for i in keep:
-        registry = HookRegistry.check_if_exists_or_initialize(blocks[i])
-        registry.remove_hook("layer_execution_tracker", recurse=False)
-        registry.remove_hook("group_offloading", recurse=False)
+        blocks[i] = resident_blocks[i]
         if lazy is not None:
             lazy._layer_execution_tracker_module_names.discard(f"transformer_blocks.{i}")
         blocks[i].to(device)
