@@ -650,7 +650,13 @@ def setting(
     steps: int = 20,
     cfg: float = 4.0,
 ) -> Setting:
-    """The :class:`Setting` of a registry model (or a model folder) on a machine's best GPU, in bf16."""
+    """The :class:`Setting` of a registry model (or a model folder) on a machine's best GPU, in bf16.
+
+    Example:
+        >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
+        >>> st.tflops, round(st.h2d_gbps, 1), st.passes
+        (165.0, 27.1, 2)
+    """
     sizes, tconf, _ = _model_facts(model)
     gpu = hardware.best_gpu
     if gpu is None:
@@ -681,7 +687,14 @@ def _model_facts(model: str) -> tuple[dict[str, ComponentSize], dict[str, Any], 
 
 
 def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arrangement]:
-    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds."""
+    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds.
+
+    Example:
+        >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
+        >>> arrs = candidates(st, OptimizationConfig(allow_lossy=False), 22.3)
+        >>> all(a.lossless for a in arrs), max(a.resident_blocks or 0 for a in arrs) < 60
+        (True, True)
+    """
     dt = st.dtype
     fp8_ok = dt == "bfloat16" and st.gpu.capability >= (8, 9) and cfg.compile is not False
     forms: list[tuple[str, str, bool, str | None]] = [(dt, dt, cfg.compile is not False, None)]
@@ -752,7 +765,14 @@ class Choice:
 
 def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
     """The fastest arrangement that fits the GPU budget and the host RAM, exact unless a lossy one is clearly
-    faster, and the sentences that say why, from the numbers."""
+    faster, and the sentences that say why, from the numbers.
+
+    Example:
+        >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
+        >>> choice = select(st, OptimizationConfig(), 22.3)
+        >>> choice.arrangement.text_encoder, choice.cost.gpu_peak_gb <= 22.3
+        ('group_offload', True)
+    """
     costed = [(a, cost(a, st)) for a in candidates(st, cfg, budget)]
     on_gpu = [ac for ac in costed if ac[1].gpu_peak_gb <= budget]
     if not on_gpu:

@@ -366,3 +366,17 @@ def test_plan_core_imports_no_presentation_module():
     names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not names & {"display", "cli", "magics", "widgets", "IPython"}
     assert len(inspect.getsource(qwennb.plan.make_plan).splitlines()) <= 80
+
+
+def test_a_plan_shows_as_its_table_in_ipython():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from qwennb.display import plan_html, plan_text
+    from qwennb.magics import register_plan_display
+
+    ip = InteractiveShell.instance()
+    register_plan_display(ip)
+    plan = plan_for(16, **RTX4090)
+    data, _ = ip.display_formatter.format(plan)
+    assert data["text/plain"] == plan_text(plan) and data["text/html"] == plan_html(plan)
+    assert f"predicted {plan.predicted_s_per_image:.1f} s an image" in data["text/plain"]
