@@ -783,8 +783,13 @@ def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
         )
     fits = [ac for ac in on_gpu if ac[1].host_peak_gb <= HOST_USABLE * st.host_gb]
     warnings = []
-    if not fits:
-        fits = [min(on_gpu, key=lambda ac: ac[1].host_peak_gb)]
+    if (
+        not fits
+    ):  # none fits the host: the least host RAM (within 1 GiB, the fastest of those), with a warning
+        least = min(c.host_peak_gb for _, c in on_gpu)
+        fits = [
+            min((ac for ac in on_gpu if ac[1].host_peak_gb <= least + 1), key=lambda ac: ac[1].s_per_image)
+        ]
         warnings.append(
             f"this arrangement needs about {fits[0][1].host_peak_gb:.0f} GiB of host RAM; the machine has "
             f"{st.host_gb:.0f} GiB"
@@ -817,7 +822,7 @@ def _why(
     out = [
         f"fastest that fits: {c.s_per_image:.1f} s an image at {st.steps} steps ({split}), "
         f"{c.gpu_peak_gb:.1f} of {budget:.1f} GiB on the GPU, {c.host_peak_gb:.0f} GiB host RAM; "
-        f"{len(fits)} arrangements fit."
+        f"{len(fits)} arrangement{'s' if len(fits) != 1 else ''} fit{'' if len(fits) != 1 else 's'}."
     ]
     whole = cost(Arrangement(), st)  # bf16 whole on the GPU, tuned path: this card's best case
     ratio = c.s_per_step / whole.s_per_step
@@ -1210,8 +1215,6 @@ def _plan_on_gpu(
         warnings.append(
             f"gpus={cfg.gpus}: one image over several GPUs is not planned yet; this plan uses one GPU"
         )
-    if assumed:
-        reasons.append("assumed about the described machine: " + "; ".join(assumed) + ".")
     return Plan(
         model=spec.name,
         hub_id=spec.hub_id,
