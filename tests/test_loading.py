@@ -71,3 +71,20 @@ def test_pack_in_place_keeps_values_and_shares_one_buffer():
         if v.numel():
             assert v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
     assert pin_in_place([block]) == 0.0  # no CUDA here: nothing is page-locked
+
+
+def test_a_saved_small_pipeline_is_planned_from_its_folder_and_runs_on_the_cpu(tmp_path):
+    """A small model of Qwen-Image's classes saved with save_pretrained is planned from its own configs (not as
+    the 54 GiB qwen-image, which a CPU refuses) and loads and generates there."""
+    from qwennb.plan import describe_machine
+    from qwennb.session import Session
+
+    build_tiny_pipeline(seed=4).save_pretrained(tmp_path)
+    session = Session(_hardware=describe_machine(host_ram_gb=8))
+    plan = session.plan_for(str(tmp_path))
+    assert plan.device == "cpu" and plan.source == str(tmp_path.resolve())
+    assert plan.components["transformer"].host_gb == 0.0 and plan.estimated_host_ram_gb < 3
+    report = session.load(str(tmp_path))
+    assert report.plan.source == str(tmp_path.resolve())
+    result = session.generate("a red fox", steps=2, width=64, height=64, seed=1)
+    assert len(result.step_times_s) == 2 and result.images[0].size == (64, 64)
