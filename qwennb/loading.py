@@ -89,18 +89,6 @@ def pin_in_place(modules: Any) -> float:
     return pinned / 1024**3
 
 
-def quantize_blocks_fp8_(transformer: Any, quantize_on: Any = None, home: Any = None) -> None:
-    """Replace every block's large Linears by ``FP8Linear`` and its modulation Linears by ``FP8WeightLinear``
-    (what ``enable_fast_path(fp8="replace")`` does), one block at a time, quantised on ``quantize_on`` and left
-    on ``home`` (default: where the block is)."""
-    from .speed import fp8_replace_block_
-
-    for block in transformer.transformer_blocks:
-        fp8_replace_block_(block, quantize_on)
-        if home is not None:
-            block.to(home)
-
-
 def _store_block_(block: Any, fp8: bool, layerwise_fp8: bool, quantize_on: Any) -> None:
     """A loaded block into its stored form: fp8-matmul layers, or fp8 Linear weights for layerwise casting."""
     import torch
