@@ -59,9 +59,10 @@ GEMM_SHARE = 168.1 / 246.0
 # fp8 matmuls add is what the measured fp8 step leaves over (about 0.18 of the bf16 step, 45 ms on the H100).
 FP8_RATE = 2.0
 FP8_QUANT_SHARE = FP8_S_PER_STEP / TUNED_S_PER_STEP - (1 - GEMM_SHARE) - GEMM_SHARE / FP8_RATE
-# fp8 storage with a bf16 upcast before each use (layerwise casting; eager path): 0.134 s a forward for the
-# transformer's 20.4 B Linear weights (tiers run B at 24 GB: 0.619 s/step against 0.37 eager).
-UPCAST_S_PER_GPARAM = 0.134 / 20.42
+# fp8 storage with a bf16 upcast before each use (layerwise casting; eager path): tiers run B at 24 GB (54 of 60
+# blocks resident, CFG's passes apart) measured 0.619 s/step = stock 0.368 + the offload hooks (0.094, below) + two
+# upcasts of the transformer's 20.4 B Linear weights: 0.079 s each.
+UPCAST_S_PER_GPARAM = 0.0786 / 20.42
 # Group offload with CUDA streams. Copies hide under compute (STREAM_OVERLAP: the share of compute they can hide
 # under; runs A-D saw no cost from copies shorter than the compute), and the hooks cost a fixed time a step plus a
 # time per block each time it streams: a least-squares fit over the batched-CFG capped runs (H100 tiers runs C and D

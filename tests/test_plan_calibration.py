@@ -122,6 +122,16 @@ def test_text_encoder_and_decode_constants_match_the_records():
     assert close(P.TILED_DECODE_SLOWDOWN, tiled / whole)
 
 
+def test_upcast_constant_matches_the_layerwise_run():
+    """Run B's 24 GB row without fp8 matmuls: stock eager + offload hooks + two upcasts of the Linear weights."""
+    row = next(t for t in TIERS if t["overrides"] == {"fp8_matmul": False})
+    n = 60 - row["resident_blocks"]
+    hooks = P.OFFLOAD_STEP_S + 2 * n * P.OFFLOAD_BLOCK_S
+    upcast = (row["s_per_step"] - P.STOCK_S_PER_STEP - hooks) / 2
+    linear = h100().sizes["transformer"].linear_params / 1e9
+    assert close(P.UPCAST_S_PER_GPARAM * linear, upcast)
+
+
 def _recorded_arrangement(t: dict) -> Arrangement:
     text = "group_offload" if "text encoder streamed" in t["arrangement"] else "gpu"
     tiled = "VAE tiled" in t["arrangement"]
