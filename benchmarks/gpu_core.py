@@ -119,7 +119,9 @@ def main() -> int:
     record["weights_gpu_gb"] = torch.cuda.memory_allocated() / 1024**3
     record["plan"] = plan.to_dict()
     record["validate_optimization"] = validate_optimization(pipe)
-    print(plan.table(), flush=True)
+    from qwennb.display import plan_text
+
+    print(plan_text(plan), flush=True)
 
     kw = dict(steps=args.steps, width=args.size, height=args.size)
     # Warm-up: cuDNN autotuning, allocator growth, lazy inits.

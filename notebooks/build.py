@@ -153,15 +153,17 @@ fastest that fits wins. `%qwen plan` shows the loaded one; `%qwen info` reads ba
     code("%qwen info"),
     md(
         """
-The same plan, for a card you do not have (here a 24 GB card): the transformer no longer fits whole in bf16,
-so the plan streams part of it and says what that costs.
+The same plan, for a card you do not have (here a 24 GB card on a 64 GB host): the transformer no longer fits
+whole in bf16, so the plan prices every way to hold it (fp8, blocks streamed, the text encoder streamed once a
+prompt) and says where the predicted seconds go and what it assumed about the card.
 """
     ),
     code(
         """
+from qwennb.display import plan_text
 from qwennb.plan import describe_machine, make_plan
 
-print(make_plan(describe_machine(gpu_memory_gb=24, host_ram_gb=64), "qwen-image"))
+print(plan_text(make_plan(describe_machine(gpu_memory_gb=24, host_ram_gb=64), "qwen-image")))
 """
     ),
     md(
@@ -273,7 +275,7 @@ The same H100-class compute and PCIe 5 link with less memory each time (as a pro
         """
 rows = []
 plans = {}
-for gb in (80, 48, 24, 16, 12):
+for gb in (80, 48, 24, 16, 12, 8):
     hw = describe_machine(gpu_memory_gb=gb, compute_capability="9.0", sm_count=132, max_sm_clock_mhz=1980,
                           pcie_gen=5, host_ram_gb=128)
     plans[gb] = p = make_plan(hw, "qwen-image")

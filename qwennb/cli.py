@@ -86,34 +86,72 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIBED_DEFAULTS = {"host_ram": "64GB", "compute_capability": "8.9", "pcie_gen": 4, "pcie_width": 16}
+
+
 def _machine_from_args(args: argparse.Namespace) -> Any:
     from .hardware import detect
     from .plan import describe_machine, parse_memory
 
-    if args.gpu_memory is None and args.gpu_name is None and not args.no_bf16 and args.host_ram is None:
-        return detect()
-    host = parse_memory(args.host_ram) if args.host_ram else 64.0
+    card = (args.gpu_name, args.compute_capability, args.pcie_gen, args.pcie_width, args.tflops)
     if args.gpu_memory is None:
-        if args.gpu_name or args.no_bf16:
-            raise QwennbError("--gpu-name and --no-bf16 describe a card: give its --gpu-memory too")
+        if args.no_bf16 or any(v is not None for v in card):
+            raise QwennbError(
+                "--gpu-name, --compute-capability, --pcie-*, --tflops and --no-bf16 describe a card: give its --gpu-memory too"
+            )
         hw = detect()
-        hw.host_ram_gb = hw.host_ram_available_gb = host
+        if args.host_ram is not None:
+            hw.host_ram_gb = hw.host_ram_available_gb = parse_memory(args.host_ram)
         return hw
     return describe_machine(
         gpu_memory_gb=parse_memory(args.gpu_memory),
         gpu_name=args.gpu_name,
         bf16=not args.no_bf16,
-        host_ram_gb=host,
+        host_ram_gb=parse_memory(args.host_ram) if args.host_ram else None,
+        compute_capability=args.compute_capability,
+        pcie_gen=args.pcie_gen,
+        pcie_width=args.pcie_width,
+        tflops=args.tflops,
     )
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from .display import plan_text
     from .plan import OptimizationConfig, make_plan
 
+    hw = _machine_from_args(args)
+    model = args.model
+    if not hw.gpus and not args.force and args.gpu_memory is None:
+        from .models import EMBEDDED_MODEL
+
+        if model is None:
+            model = EMBEDDED_MODEL
+            if not args.json:
+                print(
+                    f"no CUDA GPU here: planning the embedded model {model!r} (describe a card with --gpu-memory)"
+                )
+        elif not _is_dir(model) and _params(model) > 1e9:
+            raise QwennbError(
+                f"no CUDA GPU here to plan {model} for: describe the card, e.g. `qwennb plan --model {model} "
+                "--gpu-memory 24GB --host-ram 64GB` (also --compute-capability, --pcie-gen, --pcie-width, --tflops), "
+                "or --force to plan it on the CPU"
+            )
     overrides = OptimizationConfig(force=args.force, dtype="float32" if args.fp32 else None, mode=args.mode)
-    plan = make_plan(_machine_from_args(args), args.model, overrides)
-    print(plan.to_json() if args.json else plan.table())
+    plan = make_plan(hw, model or "qwen-image", overrides)
+    print(plan.to_json() if args.json else plan_text(plan))
     return 0
+
+
+def _params(model: str) -> int:
+    from .models import component_sizes
+
+    return sum(s.params for s in component_sizes(model).values())
+
+
+def _is_dir(path: str) -> bool:
+    import os
+
+    return os.path.isdir(path)
 
 
 def add_mode_argument(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +163,12 @@ def add_mode_argument(parser: argparse.ArgumentParser) -> None:
         choices=list(MODES),
         help="; ".join(f"{name}: {text}" for name, (_, text) in MODES.items()).replace("%", "%%"),
     )
+
+
+def _typical_tflops() -> dict[str, float]:
+    from .hardware import TYPICAL_BF16_TFLOPS
+
+    return TYPICAL_BF16_TFLOPS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,11 +187,38 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     pl = sub.add_parser("plan", help="how a model would be loaded on this (or a described) machine")
-    pl.add_argument("--model", default="qwen-image")
+    pl.add_argument(
+        "--model",
+        help="a registry name or a model folder (default: qwen-image; the embedded model where there is no GPU)",
+    )
     pl.add_argument("--gpu-memory", help="plan for a card with this much memory, e.g. 24GB")
     pl.add_argument("--gpu-name", help="name of the described card")
     pl.add_argument("--no-bf16", action="store_true", help="the described card has no bf16 (pre-Ampere)")
-    pl.add_argument("--host-ram", help="host RAM of the described machine, e.g. 64GB")
+    pl.add_argument(
+        "--host-ram",
+        help=f"host RAM, e.g. 64GB (default: {DESCRIBED_DEFAULTS['host_ram']} for a described card, else this machine's)",
+    )
+    pl.add_argument(
+        "--compute-capability",
+        help=f"of the described card, e.g. 8.6 (default: {DESCRIBED_DEFAULTS['compute_capability']}; 7.5 with --no-bf16)",
+    )
+    pl.add_argument(
+        "--pcie-gen",
+        type=int,
+        help=f"PCIe generation of the described card (default: {DESCRIBED_DEFAULTS['pcie_gen']})",
+    )
+    pl.add_argument(
+        "--pcie-width",
+        type=int,
+        help=f"PCIe lanes of the described card (default: {DESCRIBED_DEFAULTS['pcie_width']})",
+    )
+    pl.add_argument(
+        "--tflops",
+        type=float,
+        help="dense bf16 TFLOP/s of the described card (default: typical of its compute capability: "
+        + ", ".join(f"{cc} {v:g}" for cc, v in _typical_tflops().items())
+        + ")",
+    )
     pl.add_argument("--fp32", action="store_true", help="run in float32 (twice the memory)")
     pl.add_argument(
         "--force", action="store_true", help="plan even where it would be very slow (CPU, no bf16)"

@@ -114,6 +114,49 @@ def result_text(result: GenerationResult) -> str:
     return "\n".join(lines)
 
 
+def plan_text(plan: Plan) -> str:
+    """The plan as a small text table: the arrangement, predicted time and where it goes, one row per component,
+    then the reasons and what was assumed.
+
+    Example:
+        >>> from qwennb.plan import describe_machine, make_plan
+        >>> plan_text(make_plan(describe_machine(80, compute_capability="9.0"), "qwen-image")).splitlines()[3][:9]
+        'predicted'
+    """
+    lines = [
+        f"model   {plan.model}"
+        + (f" ({plan.hub_id})" if plan.hub_id else "")
+        + (f" from {plan.source}" if plan.source else ""),
+        f"device  {plan.device}"
+        + (f": {plan.gpu_name}, {plan.gpu_memory_gb:.1f} GiB" if plan.gpu_name else ""),
+        f"plan    {plan.arrangement}; dtype {plan.dtype}; est. peak {plan.estimated_peak_gpu_gb:.1f} GiB GPU"
+        + (f" of {plan.budget_gb:.1f} usable" if plan.budget_gb else "")
+        + f", {plan.estimated_host_ram_gb:.1f} GiB host",
+    ]
+    d = plan.defaults
+    if plan.predicted_s_per_image is not None and plan.estimated_s_per_step is not None:
+        split = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in plan.time_split.items() if v)
+        lines.append(
+            f"predicted {plan.predicted_s_per_image:.1f} s an image ({d['steps']} steps at {plan.estimated_s_per_step:.2f} s; "
+            f"{split})" + (f"; load about {plan.estimated_load_s:.0f} s" if plan.estimated_load_s else "")
+        )
+    lines.append(f"defaults {d['steps']} steps, CFG {d['cfg']}, {d['width']}x{d['height']}")
+    lines.append("")
+    lines.append(f"{'component':<13}{'placement':<29}{'storage':<15}{'GPU GiB':>8}{'stream/step':>12}  why")
+    for name, c in plan.components.items():
+        place = c.placement + (f" ({c.resident_blocks} resident)" if c.resident_blocks is not None else "")
+        lines.append(
+            f"{name:<13}{place:<29}{c.quantization or c.storage_dtype:<15}{c.gpu_gb:>8.2f}"
+            f"{c.streamed_gb_per_step:>12.2f}  {c.reason}"
+        )
+    lines.append("")
+    lines += [f"- {r}" for r in plan.reasons]
+    lines += [f"! {w}" for w in plan.warnings]
+    if plan.assumptions:
+        lines.append("assumed: " + "; ".join(plan.assumptions))
+    return "\n".join(lines)
+
+
 def plan_html(plan: Plan) -> str:
     """The plan as a small HTML table with its reasons."""
     rows = "".join(
@@ -128,6 +171,11 @@ def plan_html(plan: Plan) -> str:
     return (
         f"<div><b>{html.escape(plan.arrangement)}</b> · {plan.dtype} · est. peak {plan.estimated_peak_gpu_gb:.1f} GiB"
         + (f" of {plan.budget_gb:.1f}" if plan.budget_gb else "")
+        + (
+            f" · predicted {plan.predicted_s_per_image:.1f} s an image"
+            if getattr(plan, "predicted_s_per_image", None) is not None
+            else ""
+        )
         + "<table><tr><th>component</th><th>placement</th><th>storage</th><th>GPU GiB</th><th>why</th></tr>"
         + rows
         + f"</table><ul>{reasons}{warnings}</ul></div>"

@@ -628,7 +628,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     name, path, notice = resolve_model(args.model)
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
-    plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)
+    # A folder is sized from its own configs (a small model saved there is not Qwen-Image).
+    source = path if args.model and path and os.path.isdir(args.model) else name
+    plan = make_plan(detect(), source, {"mode": args.mode} if args.mode else None)
     for w in plan.warnings:
         print(f"qwennb: {w}", file=sys.stderr)
     t0 = time.perf_counter()

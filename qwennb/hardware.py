@@ -35,6 +35,11 @@ _BF16_FLOPS_PER_CLOCK_PER_SM = {
     (10, 0): 8192,  # B200
     (12, 0): 512,  # RTX 50xx
 }
+# What a card of each compute capability typically reaches (dense bf16 TFLOP/s, SMs x clock x the rate above):
+# assumed for a described card whose SM count and clock are not given, and printed as such by the plan.
+# 8.0 A100 SXM (108 SMs, 1410 MHz), 8.6 RTX 3090 (82, 1695), 8.9 RTX 4090 (128, 2520), 9.0 H100 SXM (132, 1980),
+# 10.0 B200 (148, 1965), 12.0 RTX 5090 (170, 2407).
+TYPICAL_BF16_TFLOPS = {"8.0": 312.0, "8.6": 71.0, "8.9": 165.0, "9.0": 1070.0, "10.0": 2384.0, "12.0": 209.0}
 # Effective PCIe throughput per lane (GB/s, after encoding) by link generation.
 _PCIE_GBPS_PER_LANE = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
 # Share of the PCIe link that a pinned host-to-device copy reaches (54 GB/s measured on a
@@ -58,6 +63,7 @@ class GPU:
     pcie_gen: int | None = None
     pcie_width: int | None = None
     uuid: str | None = None
+    bf16_tflops: float | None = None  # a declared rate, used when SM count and clock are unknown
 
     @property
     def capability(self) -> tuple[int, int]:
@@ -69,7 +75,7 @@ class GPU:
         """Nominal dense bf16 rate from SM count, clock and architecture; None when unknown."""
         per_sm = _BF16_FLOPS_PER_CLOCK_PER_SM.get(self.capability)
         if per_sm is None or not self.sm_count or not self.max_sm_clock_mhz:
-            return None
+            return self.bf16_tflops
         return self.sm_count * self.max_sm_clock_mhz * 1e6 * per_sm / 1e12
 
     @property
@@ -275,15 +281,26 @@ def detect() -> Hardware:
     """
     notes: list[str] = []
     gpus, driver = _nvml_gpus(notes)
-    gpus, cuda = _merge_torch(gpus, notes)
-    torch_version = mps = None
-    try:
-        import torch
+    torch_version = mps = cuda = None
+    gpu_device_files = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
+    if gpus or gpu_device_files or sys.platform != "linux" or os.environ.get("QWENNB_DETECT_TORCH") == "1":
+        gpus, cuda = _merge_torch(gpus, notes)
+        try:
+            import torch
 
-        torch_version = torch.__version__
-        mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    except ImportError:  # pragma: no cover
-        pass
+            torch_version = torch.__version__
+            mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+        except ImportError:  # pragma: no cover
+            pass
+    else:
+        # Linux without a GPU driver's device files: torch can see no GPU either, so it is not imported (seconds
+        # saved on every `qwennb detect` and `qwennb plan` of a CPU machine).
+        from importlib import metadata
+
+        try:
+            torch_version = metadata.version("torch")
+        except metadata.PackageNotFoundError:  # pragma: no cover
+            pass
     if not gpus:
         notes.append("No CUDA GPU found: qwennb will run the tiny stand-in model on the CPU.")
     for g in gpus:

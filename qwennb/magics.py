@@ -372,9 +372,20 @@ def _esc(s: str) -> str:
     return html.escape(s)
 
 
+def register_plan_display(ip: Any) -> None:
+    """Show a :class:`qwennb.plan.Plan` (plain data) as its text table and HTML table in this shell."""
+    from .display import plan_html, plan_text
+    from .plan import Plan
+
+    formatters = ip.display_formatter.formatters
+    formatters["text/plain"].for_type(Plan, lambda plan, p, cycle: p.text(plan_text(plan)))
+    formatters["text/html"].for_type(Plan, plan_html)
+
+
 def load_extension(ip: Any) -> QwenMagics:
     magics = QwenMagics(shell=ip)
     ip.register_magics(magics)
+    register_plan_display(ip)
     if magics.autoload and os.environ.get("QWENNB_AUTOLOAD", "1") != "0":
         try:
             magics.load()

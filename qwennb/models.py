@@ -1,8 +1,10 @@
 """The registry of models qwennb knows, their sizes computed from configs, and finding them on disk.
 
 Component configs ship in ``qwennb/configs/<name>/``. Parameter counts are not typed in anywhere:
-they come from building each component on the meta device from those configs (a few seconds, no
-memory), so they stay true when a config changes.
+they come from building each component on the meta device from those configs, once, by
+``python -m qwennb.models`` (stored in ``configs/sizes.json`` with a digest of the config they were counted
+from, so a changed config is counted again, and a test rebuilds them); ``qwennb models`` and ``qwennb plan``
+then answer without importing diffusers or transformers.
 
 Example:
     >>> from qwennb.models import get_model, component_sizes
@@ -120,6 +122,10 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
+# The model qwennb plans and loads where no GPU is found (``qwennb plan`` without a GPU plans it).
+EMBEDDED_MODEL = "tiny"
+
+
 def get_model(name: str) -> ModelSpec:
     """Look a model up by short name, alias or hub id (case-insensitive).
 
@@ -174,27 +180,31 @@ def _count(module: Any) -> tuple[int, int]:
     return total, linear
 
 
-def build_on_meta(config_dir: str, component: str) -> Any:
-    """Build one component from its shipped config on the meta device (no memory, no weights)."""
+def build_from_config(cfg: dict[str, Any]) -> Any:
+    """Build a component from a config dict (diffusers ``_class_name`` or transformers ``architectures``) on the
+    meta device: no memory, no weights."""
+    import copy
+
     from accelerate import init_empty_weights
 
-    cfg = load_config(config_dir, component)
+    cfg = copy.deepcopy(cfg)  # transformers fills nested configs in place
     with init_empty_weights(include_buffers=False):
         if "_class_name" in cfg:
             import diffusers
 
-            cls = getattr(diffusers, cfg["_class_name"])
-            return cls.from_config(cfg)
+            return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
         import transformers
 
         config = transformers.AutoConfig.for_model(**cfg)
-        cls = getattr(transformers, cfg["architectures"][0])
-        return cls(config)
+        return getattr(transformers, cfg["architectures"][0])(config)
 
 
-@cache
-def _size_of(config_dir: str, component: str) -> ComponentSize:
-    module = build_on_meta(config_dir, component)
+def build_on_meta(config_dir: str, component: str) -> Any:
+    """Build one component from its shipped config on the meta device (no memory, no weights)."""
+    return build_from_config(load_config(config_dir, component))
+
+
+def _measure(module: Any, component: str) -> ComponentSize:
     total, linear = _count(module)
     blocks = block_params = 0
     groups: dict[str, int] = {}
@@ -219,8 +229,63 @@ def _size_of(config_dir: str, component: str) -> ComponentSize:
     return ComponentSize(component, type(module).__name__, total, linear, blocks, block_params, groups)
 
 
+# Keys that name a saved copy rather than shape it: a config saved by save_pretrained keeps its sizes.
+_NOT_SHAPE = {
+    "_diffusers_version",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "_commit_hash",
+}
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    """A digest of what in a config decides the parameter counts (versions and dtypes left out).
+
+    Example:
+        >>> config_digest({"a": 1, "torch_dtype": "bfloat16"}) == config_digest({"a": 1})
+        True
+    """
+    import hashlib
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in sorted(x.items()) if k not in _NOT_SHAPE}
+        return [clean(v) for v in x] if isinstance(x, list) else x
+
+    return hashlib.sha256(json.dumps(clean(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@cache
+def stored_sizes() -> dict[str, dict[str, Any]]:
+    """The parameter counts shipped in ``configs/sizes.json``, keyed by config digest (written by
+    ``python -m qwennb.models``, which builds every shipped config on the meta device; a test checks them)."""
+    try:
+        ref = resources.files("qwennb").joinpath(CONFIG_ROOT).joinpath("sizes.json")
+        return json.loads(ref.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # pragma: no cover - a broken install
+        return {}
+
+
+def size_of_config(cfg: dict[str, Any], component: str) -> ComponentSize:
+    """Parameter counts of a component config: the stored counts when the config's shape is a known one, else
+    counted on a meta-device build of the config itself (a fine-tune or a small model saved to a folder)."""
+    stored = stored_sizes().get(config_digest(cfg))
+    if stored is not None:
+        keep = {k: v for k, v in stored.items() if k in ComponentSize.__dataclass_fields__}
+        return ComponentSize(**{**keep, "name": component})
+    return _measure(build_from_config(cfg), component)
+
+
+@cache
+def _size_of(config_dir: str, component: str) -> ComponentSize:
+    return size_of_config(load_config(config_dir, component), component)
+
+
 def component_sizes(name: str) -> dict[str, ComponentSize]:
-    """Parameter counts for every component of a registry model, from its configs on the meta device.
+    """Parameter counts for every component of a registry model, from its configs (stored, see
+    :func:`stored_sizes`; counted on the meta device for a config not stored).
 
     Example:
         >>> sizes = component_sizes("qwen-image")
@@ -231,6 +296,50 @@ def component_sizes(name: str) -> dict[str, ComponentSize]:
     if spec.architecture == "VL":
         return {"model": _size_of(spec.config_dir, "config")}
     return {c: _size_of(spec.config_dir, c) for c in spec.components}
+
+
+def folder_sizes(path: str | os.PathLike[str]) -> dict[str, ComponentSize]:
+    """Parameter counts of a diffusers model folder's components, from the folder's own ``config.json`` files.
+
+    Example:
+        >>> import json, tempfile, pathlib
+        >>> from qwennb.models import load_config
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for c in ("transformer", "text_encoder", "vae"):
+        ...     (d / c).mkdir()
+        ...     _ = (d / c / "config.json").write_text(json.dumps(load_config("tiny", c)))
+        >>> folder_sizes(d)["transformer"].params == component_sizes("tiny")["transformer"].params
+        True
+    """
+    out: dict[str, ComponentSize] = {}
+    for comp in ("transformer", "text_encoder", "vae"):
+        try:
+            cfg = json.loads((Path(path) / comp / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        out[comp] = size_of_config(cfg, comp)
+    return out
+
+
+def write_stored_sizes() -> dict[str, dict[str, Any]]:
+    """Count every shipped config on the meta device and write ``configs/sizes.json`` (run after adding one)."""
+    out: dict[str, dict[str, Any]] = {}
+    root = Path(str(resources.files("qwennb").joinpath(CONFIG_ROOT)))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.glob("*.json")):
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+            if "_class_name" not in cfg and "architectures" not in cfg:
+                continue
+            if "Scheduler" in cfg.get("_class_name", ""):
+                continue
+            digest = config_digest(cfg)
+            out[digest] = {
+                **asdict(_measure(build_from_config(cfg), f.stem)),
+                "source": f"{folder.name}/{f.name}",
+            }
+    (root / "sizes.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    stored_sizes.cache_clear()
+    return out
 
 
 # --------------------------------------------------------------------------- finding models on disk
@@ -394,3 +503,8 @@ def find_local_models(
         if revisions:
             found.append(inspect_folder(revisions[0].snapshot_path, hub_id=spec.hub_id))
     return found
+
+
+if __name__ == "__main__":  # pragma: no cover - maintenance: python -m qwennb.models
+    for digest, entry in write_stored_sizes().items():
+        print(digest, entry["source"], entry["params"])

@@ -124,12 +124,58 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
             quant_kwargs=backend_kwargs,
             components_to_quantize=["transformer"],
         )
+    if _stored_form(plan) and not t.quantization:
+        # Straight into the stored form: read block by block, quantised to fp8 on the GPU, never a bf16 copy of
+        # the whole transformer in host RAM (qwennb.loading).
+        from .loading import load_transformer
+
+        folder = path or _snapshot(source, "transformer/*", kwargs["local_files_only"])
+        fp8 = t.storage_dtype == "float8_e4m3fn" and bool(getattr(plan, "fp8_matmul", False))
+        layerwise = t.storage_dtype == "float8_e4m3fn" and not fp8
+        cuda = torch.device("cuda") if torch.cuda.is_available() else None
+        kwargs["transformer"] = load_transformer(
+            folder,
+            kwargs["torch_dtype"],
+            fp8=fp8,
+            quantize_on=cuda,
+            layerwise_fp8=layerwise,
+            device=cuda if t.placement == "gpu" and cuda is not None else "cpu",
+            gpu_blocks=_gpu_blocks(plan),
+        )
     try:
         # Qwen-Image-Edit's weights load into the text-to-image pipeline too (same transformer class).
         return QwenImagePipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"could not load {source}: {first}") from exc
+
+
+def _stored_form(plan: Plan) -> bool:
+    """True when the plan keeps the transformer off the GPU in part, or in fp8 matmul form: then it is loaded
+    block by block into that form (host RAM holds only what stays there)."""
+    t = plan.components["transformer"]
+    stored = t.storage_dtype != plan.dtype and not t.quantization
+    return plan.device == "cuda" and (stored or t.placement == "group_offload")
+
+
+def _gpu_blocks(plan: Plan) -> set[int]:
+    """The transformer blocks a group-offload plan keeps on the GPU (loaded there directly)."""
+    from .models import component_sizes
+
+    t = plan.components["transformer"]
+    if t.placement != "group_offload":
+        return set()
+    return set(
+        resident_block_indices(component_sizes(plan.model)["transformer"].blocks, t.resident_blocks or 0)
+    )
+
+
+def _snapshot(repo_id: str, pattern: str, local_only: bool) -> str:
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        repo_id, allow_patterns=[pattern, "model_index.json"], local_files_only=local_only
+    )
 
 
 def _build_stand_in(plan: Plan) -> Any:
@@ -146,7 +192,21 @@ def _build_stand_in(plan: Plan) -> Any:
     for name, comp in plan.components.items():
         on_gpu = plan.device == "cuda" and comp.placement == "gpu" and comp.storage_dtype == plan.dtype
         devices[name] = torch.device("cuda") if on_gpu else torch.device("cpu")
-    return stand_ins.build_synthetic_pipeline(device=devices, dtype=dtype)
+    transformer = None
+    if _stored_form(plan):
+        from .loading import build_synthetic_transformer
+
+        t = plan.components["transformer"]
+        fp8 = t.storage_dtype == "float8_e4m3fn" and bool(getattr(plan, "fp8_matmul", False))
+        layerwise = t.storage_dtype == "float8_e4m3fn" and not fp8
+        transformer = build_synthetic_transformer(
+            dtype=dtype,
+            fp8=fp8,
+            device="cuda" if t.placement == "gpu" else "cpu",
+            layerwise_fp8=layerwise,
+            gpu_blocks=_gpu_blocks(plan),
+        )
+    return stand_ins.build_synthetic_pipeline(device=devices, dtype=dtype, transformer=transformer)
 
 
 def apply_plan(pipe: Any, plan: Plan) -> Any:
@@ -202,9 +262,20 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
             elif te.placement in ("group_offload", "model_offload"):
                 from diffusers.hooks import apply_group_offloading
 
+                from .loading import pin_in_place
+
                 pipe.text_encoder.to("cpu")
+                # Each leaf's weights are page-locked where they lie; diffusers then uses them as they are
+                # (low_cpu_mem_usage: no pinned second copy of the 15 GiB encoder).
+                pin_in_place(
+                    [m for m in pipe.text_encoder.modules() if next(m.parameters(False), None) is not None]
+                )
                 apply_group_offloading(
-                    pipe.text_encoder, onload_device=cuda, offload_type="leaf_level", use_stream=True
+                    pipe.text_encoder,
+                    onload_device=cuda,
+                    offload_type="leaf_level",
+                    use_stream=True,
+                    low_cpu_mem_usage=True,
                 )
             else:  # cpu: encodes there; qwennb.generate moves the embeddings to the GPU
                 pipe.text_encoder.to("cpu")
@@ -272,31 +343,40 @@ def group_offload_with_resident_blocks(
 ) -> list[int]:
     """diffusers' block-level group offload with CUDA streams, keeping ``resident`` blocks on the GPU.
 
-    Group offload is applied to every block (so diffusers' stream prefetching and its lazy execution-order
-    tracing are used unchanged); then the resident blocks' offload hooks are removed and they move to the GPU
-    for good. The prefetch chain only links the blocks that still stream, so each copy starts a resident
-    block earlier. Returns the resident indices.
+    Group offload is applied with the resident blocks out of the list (an empty placeholder takes each one's
+    place, so diffusers never copies them to the host), so diffusers' stream prefetching and its lazy
+    execution-order tracing are used unchanged on the streamed ones; the resident blocks come back without hooks
+    and go to the GPU for good (they may already be there: the loader puts them there). The prefetch chain only
+    links the blocks that still stream, so each copy starts a resident block earlier. Streamed blocks are pinned
+    in place first (:func:`qwennb.loading.pin_in_place`) unless ``low_cpu_mem_usage``. Returns the resident
+    indices.
     """
     import torch
     from diffusers.hooks import HookRegistry
 
+    from .loading import pin_in_place
+
+    blocks = transformer.transformer_blocks
+    keep = resident_block_indices(len(blocks), resident)
+    if not low_cpu_mem_usage:
+        # The streamed blocks are page-locked where they lie; diffusers' group offload (told low_cpu_mem_usage, so
+        # it makes no pinned copies of its own) finds them pinned and copies them asynchronously.
+        pin_in_place([b for i, b in enumerate(blocks) if i not in set(keep)])
+    resident_blocks = {i: blocks[i] for i in keep}
+    for i in keep:
+        blocks[i] = torch.nn.Module()
     transformer.enable_group_offload(
         onload_device=device,
         offload_device=torch.device("cpu"),
         offload_type="block_level",
         num_blocks_per_group=1,
         use_stream=True,
-        low_cpu_mem_usage=low_cpu_mem_usage,
+        low_cpu_mem_usage=True,
     )
-    blocks = transformer.transformer_blocks
-    keep = resident_block_indices(len(blocks), resident)
-    # diffusers has no option to exclude blocks, so undo its hooks on the resident ones: the group-offload hook
-    # and the tracer that the lazy prefetch hook put on every offloaded block to learn the execution order.
+    # The lazy prefetch hook listed the placeholders among the layers whose execution it traces: forget them.
     lazy = HookRegistry.check_if_exists_or_initialize(transformer).get_hook("lazy_prefetch_group_offloading")
     for i in keep:
-        registry = HookRegistry.check_if_exists_or_initialize(blocks[i])
-        registry.remove_hook("layer_execution_tracker", recurse=False)
-        registry.remove_hook("group_offloading", recurse=False)
+        blocks[i] = resident_blocks[i]
         if lazy is not None:
             lazy._layer_execution_tracker_module_names.discard(f"transformer_blocks.{i}")
         blocks[i].to(device)

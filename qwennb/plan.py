@@ -1,14 +1,16 @@
-"""The plan: how a model should be loaded on a machine, with the memory budget and a reason per choice.
+"""The plan: how a model should be loaded on a machine, with the numbers that justify each choice.
 
-``make_plan`` is a pure function of (hardware, model, overrides). Tiers are not looked up by card
-name: every candidate arrangement of the components is costed in GPU memory, host memory and time per
-step, and the fastest one that fits the budget wins. The numbers it uses are the model's parameter
-counts (computed from its configs), the card's memory, compute rate and PCIe link (read from the
-driver), and a few coefficients measured on an H100 (see ``benchmarks/NOTES.md``).
+``make_plan`` is a pure function of (hardware, model, overrides). Nothing is looked up by card name: every
+candidate arrangement (an :class:`Arrangement`: where each component lives, storage and matmul dtype, resident
+blocks, VAE tiling, the tuned path) is a value, :func:`cost` gives its GPU peak, host RAM peak, load time and
+seconds per step and per image (compute at the card's rate for the matmul dtype, streamed bytes over the PCIe
+link with the overlap measured, the text encoder's transfer once a prompt, the decode), and the fastest that
+fits wins; the "why" sentences quote those numbers. The coefficients were measured on an H100 and an H200
+(``benchmarks/results``; ``tests/test_plan_calibration.py`` checks them against the recorded runs).
 
 Example:
     >>> from qwennb.plan import make_plan, describe_machine
-    >>> plan = make_plan(describe_machine(gpu_memory_gb=80), "qwen-image")
+    >>> plan = make_plan(describe_machine(gpu_memory_gb=80, compute_capability="9.0"), "qwen-image")
     >>> plan.components["transformer"].placement
     'gpu'
     >>> plan = make_plan(describe_machine(gpu_memory_gb=24), "qwen-image")
@@ -18,65 +20,103 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import PlanError
-from .hardware import GPU, Hardware
-from .models import ComponentSize, component_sizes, get_model, load_config
+from .hardware import GPU, TYPICAL_BF16_TFLOPS, Hardware
+from .models import (
+    ComponentSize,
+    ModelSpec,
+    component_sizes,
+    folder_sizes,
+    get_model,
+    inspect_folder,
+    load_config,
+)
 
 GIB = 1024**3
 
-# ---- coefficients (measured on one H100 80GB HBM3; see benchmarks/NOTES.md) -------------------------
-# Share of the card's nominal dense bf16 rate (SMs x max clock x FLOPs/clock) that stock diffusers
-# reaches on the transformer: 0.1845 s a forward at 1024x1024 = 377 TFLOP/s of 1070 nominal on an H100.
-EAGER_EFFICIENCY = 0.352
-# fp8 storage (layerwise casting) upcasts every weight before use. Measured on an H100 (memory tiers, 24 GB
-# cap, 54 of 60 blocks resident): 0.134 s a forward for 20.4 B weights, i.e. about 152 GB of fp8 weights a
-# second (a separate copy op predicted 80 ms; the hooks' per-layer casts and launches cost more).
-UPCAST_GBPS = 152.0
-# Share of the nominal rate that qwennb's tuned path (qwennb.speed: regional compile, real-arithmetic RoPE,
-# GELU epilogue, modulation once per image, CFG's passes batched) reaches: 0.244 s/step against stock's 0.366
-# in the same run at 1024x1024 with CFG on an H100 (benchmarks/speed.py run 6; benchmarks/NOTES.md).
-FAST_EFFICIENCY = EAGER_EFFICIENCY * 0.366 / 0.244
-# fp8 matmuls in the tuned path (qwennb.speed.FP8Linear: e4m3 x e4m3, per-token and per-channel scales) against
-# its bf16 matmuls: 0.208 against 0.244 s/step at 1024x1024, CFG 4, on an H100 (benchmarks/speed.py, run 6).
-FP8_MATMUL_SPEEDUP = 0.244 / 0.208
-# The tuned path under block-level group offload runs slower than whole on the GPU even when the copies hide
-# under compute (the offload hooks, stream waits and an allocator near its cap): measured on an H100 with a 24 GB
-# cap, 6 of 60 fp8 blocks streamed, 0.302 s/step against 0.217 for fp8 matmuls whole on the card.
-GROUP_OFFLOAD_OVERHEAD = 0.302 / 0.217
-CACHE_MODES = ("first_block", "taylorseer")
-# A lossy arrangement (fp8, NF4) is chosen over the fastest exact one only if it is at least this much faster:
-# on a 48 GB H100 cap bf16 with the text encoder streamed (0.259 s/step, +0.7 s a prompt) stays the choice over
-# fp8 matmuls (0.208-0.217); at 24 GB and below the exact arrangements stream the transformer and are 3-5x slower.
-LOSSY_MIN_GAIN = 1.5
-# Host RAM of the Python process itself (torch, diffusers, transformers, CUDA context).
-PROCESS_HOST_GIB = 2.0
-# What a text encoder kept on the CPU computes at (TFLOP/s, bf16 on a many-core host): seconds a prompt.
-CPU_TFLOPS = 0.5
-# Rate assumed to rank arrangements when the card's compute rate is unknown (a described card).
-FALLBACK_TFLOPS = 150.0
-# Host-to-device copies from pageable memory run at about a third of the pinned rate (19 vs 54 GB/s).
+# ---- calibration --------------------------------------------------------------------------------------------
+# Times measured on an NVIDIA H100 80GB HBM3 (benchmarks/results/*h100*, 1024x1024, CFG 4) move to another card
+# by the ratio of nominal dense bf16 rates (SMs x max clock x the architecture's FLOPs a clock:
+# hardware.GPU.peak_bf16_tflops), i.e. a card is assumed to keep the H100's balance of compute, memory
+# bandwidth and launch cost. tests/test_plan_calibration.py recomputes each constant from the recorded runs.
+H100_TFLOPS = 132 * 1980 * 4096 / 1e6  # 1070.5: the nominal rate those runs are relative to
+REF_STEP_TFLOP = 139.14  # one CFG step at 1024x1024: two forwards of transformer_flops (a test checks it)
+STOCK_S_PER_STEP = 0.368  # stock diffusers (speed runs 6-8: 0.366-0.370)
+TUNED_S_PER_STEP = 0.247  # qwennb's tuned path, CFG's passes batched (runs 5-8: 0.244-0.250)
+FP8_S_PER_STEP = 0.208  # the tuned path with fp8 matmuls (run 6)
+EAGER_EFFICIENCY = REF_STEP_TFLOP / (STOCK_S_PER_STEP * H100_TFLOPS)
+TUNED_EFFICIENCY = REF_STEP_TFLOP / (TUNED_S_PER_STEP * H100_TFLOPS)
+# The tuned step's kernel time (profile of run 6): GEMMs 168.1 of 246.0 ms; attention and elementwise stay bf16.
+GEMM_SHARE = 168.1 / 246.0
+# fp8 GEMMs run at twice the bf16 rate on compute capability 8.9+; the per-token activation quantisation that
+# fp8 matmuls add is what the measured fp8 step leaves over (about 0.18 of the bf16 step, 45 ms on the H100).
+FP8_RATE = 2.0
+FP8_QUANT_SHARE = FP8_S_PER_STEP / TUNED_S_PER_STEP - (1 - GEMM_SHARE) - GEMM_SHARE / FP8_RATE
+# fp8 storage with a bf16 upcast before each use (layerwise casting; eager path): tiers run B at 24 GB (54 of 60
+# blocks resident, CFG's passes apart) measured 0.619 s/step = stock 0.368 + the offload hooks (0.094, below) + two
+# upcasts of the transformer's 20.4 B Linear weights: 0.079 s each.
+UPCAST_S_PER_GPARAM = 0.0786 / 20.42
+# Group offload with CUDA streams. Copies hide under compute (STREAM_OVERLAP: the share of compute they can hide
+# under; runs A-D saw no cost from copies shorter than the compute), and the hooks cost a fixed time a step plus a
+# time per block each time it streams: a least-squares fit over the batched-CFG capped runs (H100 tiers runs C and D
+# at 24/16/12 GB, H200 at 24 GB; tests/test_plan_calibration.py refits it).
+STREAM_OVERLAP = 1.0
+OFFLOAD_STEP_S = 0.087
+OFFLOAD_BLOCK_S = 0.00057
+# Pinned host-to-device copies reach hardware.PCIE_EFFICIENCY of the link; pageable ones about a third of that.
 PAGEABLE_SHARE = 0.35
+# Text encoder, a prompt and its negative: 0.126 s on the GPU (mean of the uncapped tiers runs, 0.10-0.17 s);
+# streamed leaf by leaf 0.715 s (mean, 0.67-0.78) = that + 15.45 GiB at 54 GB/s (0.306 s) + 0.283 s of hooks.
+TEXT_ENCODE_S = 0.126
+TEXT_STREAM_FIXED_S = 0.283
+TEXT_TOKENS = 77  # a typical prompt; the FLOP count is insensitive to it
+CPU_TFLOPS = 0.5  # what a text encoder (or a whole model) computes at on a many-core host, bf16
+# VAE decode of a 1024x1024 image (tiers runs, means): 0.102 s whole (0.09-0.14), 0.56 s in tiles (0.48-0.75).
+DECODE_S_PER_MP = 0.102 / 1.048576
+TILED_DECODE_SLOWDOWN = 5.5
+# Loading: never measured on real checkpoints (the GPU runs drew random weights), so an assumption: the
+# checkpoint is read at READ_GBPS (an NVMe drive; a warm page cache is faster).
+READ_GBPS = 2.0
+
+# ---- memory ---------------------------------------------------------------------------------------------------
 # GPU memory that is not the weights: CUDA context and allocator slack kept free (GiB + share).
 RESERVE_GIB = 1.0
 RESERVE_SHARE = 0.03
-# Transformer activations at batch 1 (GiB): a constant plus a cost per image token. Measured on an H100
-# at 1024x1024 (4096 tokens): the denoise peaked 0.40 GiB above the weights.
+# Transformer activations a sample (GiB): a constant plus a cost per image token (the denoise peaked 0.40 GiB
+# above the weights at 1024x1024 on the H100).
 ACT_BASE_GIB = 0.1
 ACT_PER_TOKEN_GIB = 0.3 / 4096
-# VAE decode without tiling (GiB per megapixel), and with tiling (a constant). Measured: the decode of a
-# 1024x1024 image peaked 4.17 GiB above the weights, the pipeline's highest point.
+# VAE decode without tiling (GiB per megapixel: 4.17 GiB above the weights at 1024x1024), and in tiles.
 VAE_DECODE_GIB_PER_MP = 4.0
 VAE_TILED_GIB = 0.6
-# Text encoder activations while encoding one prompt pair.
-TEXT_ACT_GIB = 0.5
-# GPU memory a streamed text encoder holds at once (its largest leaf, the 1 GiB token embedding).
-TEXT_STREAM_GIB = 1.1
-TEXT_TOKENS = 77  # a typical prompt; the FLOP count is insensitive to it
+TEXT_ACT_GIB = 0.5  # text encoder activations while encoding one prompt pair
+TEXT_STREAM_GIB = 1.1  # what a streamed text encoder holds at once (its largest leaf, the token embedding)
+PROCESS_HOST_GIB = 2.0  # the Python process itself (torch, diffusers, transformers, CUDA context)
+HOST_USABLE = 0.9  # share of host RAM a plan may take
+HOST_PIN_SHARE = 0.75  # above this share of host RAM, streamed weights stay pageable (pinned on the fly)
+
+# ---- policy ---------------------------------------------------------------------------------------------------
+# A lossy arrangement (fp8) is chosen over the fastest exact one only if it is at least this much faster per image.
+LOSSY_MIN_GAIN = 1.5
+# Arrangements within this share of the fastest count as equal; among them the plan streams the fewest bytes a
+# step (less exposed to a slower link or a busy host than the model can see).
+TIE_SHARE = 0.03
+# The model whole on the CPU is refused above this many seconds a step (unless forced).
+CPU_MAX_S_PER_STEP = 30.0
+CACHE_MODES = ("first_block", "taylorseer")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 * 4 / 2, "int8": 1.0 + 1 / 1024}
+PRESET_DEFAULTS = {
+    "tiny": {"steps": 8, "cfg": 4.0, "width": 256, "height": 256},
+    "gpu": {"steps": 20, "cfg": 4.0, "width": 1024, "height": 1024},
+}
 
 # Named sets of options, for when speed matters more than exact outputs (or the other way round). Options set
 # explicitly win over a mode's. The numbers are H100 measurements (benchmarks/NOTES.md).
@@ -108,15 +148,6 @@ def describe_modes() -> str:
         'exact'
     """
     return "\n".join(f"{name:<12} {text}" for name, (_, text) in MODES.items())
-
-
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
-QUANT_BYTES = {"nf4": 0.5 + 1 / 64 * 4 / 2, "int8": 1.0 + 1 / 1024}
-
-PRESET_DEFAULTS = {
-    "tiny": {"steps": 8, "cfg": 4.0, "width": 256, "height": 256},
-    "gpu": {"steps": 20, "cfg": 4.0, "width": 1024, "height": 1024},
-}
 
 
 @dataclass
@@ -158,6 +189,8 @@ class OptimizationConfig:
     allow_lossy: bool | None = None  # may the plan pick fp8/quantised storage to fit memory?
     force: bool = False  # plan the real model on CPU, or a card without bf16 in fp32
     mode: str | None = None  # a named set of the options above (MODES: "exact", "turbo", "turbo-cache")
+    # GPUs to spread one image over. Not planned yet: the plan uses one GPU (Plan.gpus says how many it used).
+    gpus: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizationConfig:
@@ -189,11 +222,13 @@ class ComponentPlan:
     resident_blocks: int | None = None  # group offload: blocks kept on the GPU
     reason: str = ""
     low_cpu_mem_usage: bool = False  # group offload: pin on the fly (host RAM too small for pinned copies)
+    streamed_gb_per_step: float = 0.0  # GiB copied to the GPU each denoising step
+    streamed_gb_per_prompt: float = 0.0  # GiB copied to the GPU each time a prompt is encoded
 
 
 @dataclass
 class Plan:
-    """A complete, explained decision on how to load and run a model."""
+    """A complete, explained decision on how to load and run a model: plain data (``qwennb.display`` renders it)."""
 
     model: str
     hub_id: str | None
@@ -223,48 +258,19 @@ class Plan:
     estimated_for: tuple[int, int] = (1024, 1024)  # the size (width, height) the estimates are for
     fast_path: bool = False  # qwennb.speed's tuned transformer path (with compile, model whole on the GPU)
     fp8_matmul: bool = False  # the tuned path's fp8 matmuls (lossy)
+    predicted_s_per_step: float | None = None  # same as estimated_s_per_step
+    predicted_s_per_image: float | None = None  # at the defaults: steps x s/step + text encoder + decode
+    time_split: dict[str, float] = field(default_factory=dict)  # seconds an image: compute, streaming, ...
+    estimated_load_s: float | None = None
+    assumptions: list[str] = field(default_factory=list)  # what was assumed about a described machine
+    gpus: int = 1  # GPUs the plan uses (one, for now)
+    source: str | None = None  # the model folder the sizes were read from, if any
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
-
-    def table(self) -> str:
-        """The plan as a small text table, one row per component, then the reasons."""
-        lines = [
-            f"model   {self.model}" + (f" ({self.hub_id})" if self.hub_id else ""),
-            f"device  {self.device}"
-            + (f": {self.gpu_name}, {self.gpu_memory_gb:.1f} GiB" if self.gpu_name else ""),
-            f"plan    {self.arrangement}; dtype {self.dtype}; "
-            f"est. peak {self.estimated_peak_gpu_gb:.1f} GiB GPU"
-            + (f" of {self.budget_gb:.1f} usable" if self.budget_gb else "")
-            + f", {self.estimated_host_ram_gb:.1f} GiB host",
-        ]
-        if self.estimated_s_per_step:
-            lines.append(f"speed   about {self.estimated_s_per_step:.2f} s/step (estimate) at defaults")
-        d = self.defaults
-        lines.append(f"defaults {d['steps']} steps, CFG {d['cfg']}, {d['width']}x{d['height']}")
-        lines.append("")
-        lines.append(f"{'component':<13}{'placement':<26}{'storage':<16}{'GPU GiB':>8}  why")
-        for name, c in self.components.items():
-            storage = c.quantization or c.storage_dtype
-            place = c.placement + (
-                f" ({c.resident_blocks} resident)" if c.resident_blocks is not None else ""
-            )
-            lines.append(f"{name:<13}{place:<26}{storage:<16}{c.gpu_gb:>8.2f}  {c.reason}")
-        lines.append("")
-        lines += [f"- {r}" for r in self.reasons]
-        lines += [f"! {w}" for w in self.warnings]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        from .display import plan_html
-
-        return {"text/plain": self.table(), "text/html": plan_html(self)}
 
 
 # --------------------------------------------------------------------------- describing a machine
@@ -306,23 +312,51 @@ def describe_machine(
     gpu_memory_gb: float | None = None,
     gpu_name: str | None = None,
     bf16: bool = True,
-    host_ram_gb: float = 64.0,
+    host_ram_gb: float | None = None,
     compute_capability: str | None = None,
     sm_count: int | None = None,
     max_sm_clock_mhz: int | None = None,
-    pcie_gen: int | None = 4,
-    pcie_width: int | None = 16,
+    pcie_gen: int | None = None,
+    pcie_width: int | None = None,
+    tflops: float | None = None,
 ) -> Hardware:
     """A described (not detected) machine, to plan for a card you do not have.
 
+    What is not given is assumed, and each assumption is recorded (``Hardware.notes``, then
+    ``Plan.assumptions``) with the ``qwennb plan`` flag that changes it: host RAM 64 GiB, compute capability
+    8.9 (7.5 without bf16), PCIe gen 4 x16, and the dense bf16 rate typical of the compute capability.
+
     Example:
         >>> hw = describe_machine(gpu_memory_gb=24, gpu_name="RTX 4090")
-        >>> hw.gpus[0].total_memory_gb
-        24.0
+        >>> hw.gpus[0].total_memory_gb, hw.gpus[0].peak_bf16_tflops
+        (24.0, 165.0)
+        >>> [n for n in hw.notes if n.startswith("assumed")][0]
+        'assumed host RAM 64 GiB (--host-ram)'
     """
+    notes = ["described machine"]
+
+    def assume(value: Any, default: Any, text: str) -> Any:
+        if value is None:
+            notes.append(f"assumed {text.format(default)}")
+            return default
+        return value
+
+    host = float(assume(host_ram_gb, 64.0, "host RAM {:g} GiB (--host-ram)"))
     gpus = []
     if gpu_memory_gb is not None:
-        cc = compute_capability or ("8.9" if bf16 else "7.5")
+        cc = str(
+            assume(
+                compute_capability, "8.9" if bf16 else "7.5", "compute capability {} (--compute-capability)"
+            )
+        )
+        gen = assume(pcie_gen, 4, "PCIe gen {} (--pcie-gen)")
+        width = assume(pcie_width, 16, "PCIe x{} (--pcie-width)")
+        rate = tflops
+        if rate is None and not (sm_count and max_sm_clock_mhz):
+            typical = TYPICAL_BF16_TFLOPS.get(cc, 100.0)
+            rate = assume(
+                None, typical, "{:g} TFLOP/s dense bf16, typical of compute capability " + cc + " (--tflops)"
+            )
         gpus.append(
             GPU(
                 index=0,
@@ -331,20 +365,21 @@ def describe_machine(
                 free_memory_gb=float(gpu_memory_gb),
                 compute_capability=cc,
                 bf16=bf16,
-                sm_count=sm_count,
-                max_sm_clock_mhz=max_sm_clock_mhz,
-                pcie_gen=pcie_gen,
-                pcie_width=pcie_width,
+                sm_count=None if tflops is not None else sm_count,
+                max_sm_clock_mhz=None if tflops is not None else max_sm_clock_mhz,
+                pcie_gen=gen,
+                pcie_width=width,
+                bf16_tflops=rate,
             )
         )
     return Hardware(
         gpus=gpus,
-        host_ram_gb=host_ram_gb,
-        host_ram_available_gb=host_ram_gb,
+        host_ram_gb=host,
+        host_ram_available_gb=host,
         cpu_count=8,
         mps=False,
         frontend="plain",
-        notes=["described machine"],
+        notes=notes,
     )
 
 
@@ -385,10 +420,6 @@ def transformer_flops(
     return config["num_layers"] * per_block + outside
 
 
-def _budget(gpu: GPU) -> float:
-    return gpu.total_memory_gb - RESERVE_GIB - RESERVE_SHARE * gpu.total_memory_gb
-
-
 def _act_gib(width: int, height: int, batch: int) -> float:
     return ACT_BASE_GIB + ACT_PER_TOKEN_GIB * image_tokens(width, height) * batch
 
@@ -397,238 +428,498 @@ def _vae_gib(width: int, height: int, batch: int, tiled: bool) -> float:
     return VAE_TILED_GIB if tiled else VAE_DECODE_GIB_PER_MP * width * height / 1e6 * batch
 
 
-@dataclass
-class _Candidate:
-    name: str
-    placement: str
-    storage: str
-    quant: str | None
-    gpu_gb: float
-    host_gb: float
-    s_per_forward: float | None
-    lossless: bool
-    resident_blocks: int | None = None
-    reason: str = ""
-    low_cpu_mem_usage: bool = False
-    fp8_matmul: bool = False  # fp8 weights consumed by fp8 matmuls (the tuned path's FP8Linear)
-    tuned: bool = False  # s_per_forward already assumes the tuned path (qwennb.speed)
+def _budget(gpu: GPU) -> float:
+    return gpu.total_memory_gb - RESERVE_GIB - RESERVE_SHARE * gpu.total_memory_gb
 
 
-def _weights_gib(size: ComponentSize, dtype_bytes: float, linear_bytes: float | None = None) -> float:
-    lb = dtype_bytes if linear_bytes is None else linear_bytes
-    return (size.linear_params * lb + (size.params - size.linear_params) * dtype_bytes) / GIB
+@dataclass(frozen=True)
+class Arrangement:
+    """One way to hold the model on a machine: a value that :func:`cost` prices.
 
-
-def _transformer_candidates(
-    size: ComponentSize,
-    gpu: GPU,
-    dtype_bytes: int,
-    room: float,
-    flops: float,
-    cfg: OptimizationConfig,
-    host_room: float,
-    fp8_mm: bool = False,
-    passes: int = 1,
-) -> list[_Candidate]:
-    """Every arrangement of the transformer, costed. ``room`` is what the budget leaves for its weights.
-
-    Times are seconds per forward; they use an assumed compute rate when the card's is unknown, so
-    that arrangements can still be ranked. ``fp8_mm`` adds the arrangements whose fp8 weights feed fp8
-    matmuls in the tuned path (whole on the GPU, or streamed by group offload), costed with that path's rate;
-    with ``passes`` = 2 (true CFG) the tuned path computes both passes in one forward, so streamed blocks are
-    copied once a step, and their time is the step's divided by the passes.
+    Example:
+        >>> Arrangement("group_offload", "float8_e4m3fn", "float8", resident_blocks=54, text_encoder="group_offload").lossless
+        False
     """
-    compute = flops / ((gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * EAGER_EFFICIENCY)
-    compute_fp8 = compute * EAGER_EFFICIENCY / FAST_EFFICIENCY / FP8_MATMUL_SPEEDUP
-    h2d = gpu.host_to_device_gbps or 25.0
-    full_bf16 = _weights_gib(size, dtype_bytes)
-    full_fp8 = _weights_gib(size, dtype_bytes, 1)
-    upcast = size.linear_params / (UPCAST_GBPS * 1e9)
-    block = size.block_params * dtype_bytes / GIB
-    block_fp8 = size.block_params * 1 / GIB
-    nonblock = full_bf16 - size.blocks * block
-    out: list[_Candidate] = []
-    dt = "bfloat16" if dtype_bytes == 2 else "float32"
 
-    tuned = cfg.compile is not False  # whole on the GPU, the tuned path is on unless compile is turned off
-    out.append(
-        _Candidate(
-            "bf16 on GPU",
+    transformer: str = "gpu"  # gpu, group_offload, model_offload, sequential_offload
+    storage: str = "bfloat16"  # the transformer's stored dtype (float8_e4m3fn: fp8)
+    matmul: str = "bfloat16"  # the dtype its matmuls run in ("float8": qwennb.speed.FP8Linear)
+    resident_blocks: int | None = None  # group offload: blocks kept on the GPU
+    text_encoder: str = "gpu"  # gpu, group_offload (streamed once a prompt), model_offload, cpu
+    vae_tiling: bool = False
+    tuned: bool = True  # qwennb's tuned path (compiled, CFG's two passes as one batch)
+    pinned: bool = True  # streamed weights in pinned host memory (else pageable, pinned on the fly)
+    quantization: str | None = None  # "nf4"/"int8" (bitsandbytes), only when asked for
+
+    @property
+    def lossless(self) -> bool:
+        return self.storage in ("bfloat16", "float32") and self.matmul != "float8" and not self.quantization
+
+    def describe(self, blocks: int) -> str:
+        form = (
+            "fp8 matmuls"
+            if self.matmul == "float8"
+            else ("fp8" if self.storage == "float8_e4m3fn" else "bf16")
+        )
+        form = self.quantization or (form if self.storage != "float32" else "fp32")
+        where = {
+            "gpu": f"{form} on GPU",
+            "group_offload": f"group offload ({form}, {self.resident_blocks}/{blocks} blocks resident)",
+            "model_offload": "model offload",
+            "sequential_offload": "sequential offload",
+        }[self.transformer]
+        text = {
+            "gpu": "text encoder on GPU",
+            "group_offload": "text encoder streamed",
+            "model_offload": "text encoder offloaded",
+            "cpu": "text encoder on CPU",
+        }[self.text_encoder]
+        return f"transformer {where}, {text}" + (", VAE tiled" if self.vae_tiling else "")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What arrangements are costed against: the model's sizes, the card, the host and the generation."""
+
+    sizes: dict[str, ComponentSize]
+    dtype: str
+    gpu: GPU
+    host_gb: float
+    forward_flops: float  # one transformer forward at (width, height)
+    width: int
+    height: int
+    steps: int
+    passes: int  # 2 with true CFG
+    assumed_tflops: float = 150.0  # used only when the card's rate is unknown
+
+    @property
+    def tflops(self) -> float:
+        return self.gpu.peak_bf16_tflops or self.assumed_tflops
+
+    @property
+    def h2d_gbps(self) -> float:
+        return self.gpu.host_to_device_gbps or 27.1  # PCIe gen 4 x16
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What an arrangement costs: memory peaks (GiB), load time and seconds a step and an image."""
+
+    gpu_peak_gb: float
+    host_peak_gb: float
+    load_s: float
+    compute_s: float  # a denoising step's compute
+    stream_s: float  # a step's copies that do not hide under compute
+    offload_s: float  # a step's offload hooks
+    text_s: float  # encoding a prompt (and its negative), copies included
+    decode_s: float
+    steps: int
+    streamed_gb_per_step: float
+    text_streamed_gb: float  # copied once a prompt
+    weights_gpu_gb: dict[str, float] = field(default_factory=dict)
+    weights_host_gb: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def s_per_step(self) -> float:
+        return self.compute_s + self.stream_s + self.offload_s
+
+    @property
+    def s_per_image(self) -> float:
+        return self.steps * self.s_per_step + self.text_s + self.decode_s
+
+    def split(self) -> dict[str, float]:
+        """Seconds an image, by where they go."""
+        n = self.steps
+        return {
+            "compute": round(n * self.compute_s, 2),
+            "streaming": round(n * self.stream_s, 2),
+            "offload_hooks": round(n * self.offload_s, 2),
+            "text_encoder": round(self.text_s, 2),
+            "decode": round(self.decode_s, 2),
+        }
+
+
+def _stored_gib(
+    size: ComponentSize, storage_bytes: float, dtype_bytes: int, params: int | None = None
+) -> float:
+    """GiB of ``params`` (default: all) when the Linear weights take ``storage_bytes`` and the rest the dtype's."""
+    n = size.params if params is None else params
+    linear_share = size.linear_params / size.params if size.params else 1.0
+    return n * (linear_share * storage_bytes + (1 - linear_share) * dtype_bytes) / GIB
+
+
+def cost(a: Arrangement, st: Setting) -> Cost:
+    """GPU peak, host RAM peak, load time and time per step and per image of arrangement ``a``.
+
+    Example:
+        >>> st = setting(describe_machine(24, compute_capability="9.0", tflops=H100_TFLOPS, pcie_gen=5), "qwen-image")
+        >>> c = cost(Arrangement("group_offload", "float8_e4m3fn", "float8", 54, "group_offload"), st)
+        >>> round(c.s_per_step, 2), round(c.streamed_gb_per_step, 1)
+        (0.3, 1.9)
+    """
+    t, te, vae = st.sizes["transformer"], st.sizes["text_encoder"], st.sizes["vae"]
+    db = DTYPE_BYTES[st.dtype]
+    scale = H100_TFLOPS / st.tflops  # seconds here for a second of the H100's compute
+    base = (
+        st.forward_flops
+        * st.passes
+        / (st.tflops * 1e12 * (TUNED_EFFICIENCY if a.tuned else EAGER_EFFICIENCY))
+    )
+    compute = base
+    if a.matmul == "float8":
+        compute = base * (1 - GEMM_SHARE + GEMM_SHARE / FP8_RATE + FP8_QUANT_SHARE)
+    elif a.storage == "float8_e4m3fn" or a.quantization:
+        upcast = UPCAST_S_PER_GPARAM * t.linear_params / 1e9 * scale
+        compute += st.passes * upcast * (1.5 if a.quantization else 1.0)
+    storage_bytes = QUANT_BYTES[a.quantization] if a.quantization else DTYPE_BYTES[a.storage]
+    whole = _stored_gib(t, storage_bytes, db)
+    blk = _stored_gib(t, storage_bytes, db, t.block_params) if t.blocks else whole
+    nonblock = whole - t.blocks * blk
+    streamed = {"group_offload": t.blocks - (a.resident_blocks or 0), "sequential_offload": t.blocks}.get(
+        a.transformer, 0
+    )
+    t_gpu = {
+        "group_offload": nonblock + ((a.resident_blocks or 0) + min(2, streamed)) * blk,
+        "sequential_offload": max(blk, 0.5),
+    }.get(a.transformer, whole)
+    stream_passes = 1 if a.tuned else st.passes
+    rate = st.h2d_gbps * 1e9 * (1.0 if a.pinned else PAGEABLE_SHARE)
+    stream_gb = streamed * blk * stream_passes
+    copies = stream_gb * GIB / rate
+    if a.transformer == "sequential_offload":  # per-leaf synchronous copies: nothing hides
+        stream_s = whole * GIB * st.passes / (st.h2d_gbps * 1e9 * PAGEABLE_SHARE)
+    elif a.transformer == "model_offload":  # the transformer moves on and off once an image
+        stream_s = 2 * whole * GIB / (st.h2d_gbps * 1e9 * PAGEABLE_SHARE) / st.steps
+    else:
+        stream_s = max(0.0, copies - STREAM_OVERLAP * compute)
+    offload_s = OFFLOAD_STEP_S + OFFLOAD_BLOCK_S * streamed * stream_passes if streamed else 0.0
+
+    te_gb, vae_gb = te.gib(db), vae.gib(db)
+    encode = TEXT_ENCODE_S * scale
+    text_flops = 2 * 2 * te.params * TEXT_TOKENS  # a prompt and its negative
+    text_s, text_streamed = {
+        "gpu": (encode, 0.0),
+        "group_offload": (encode + te_gb * GIB / (st.h2d_gbps * 1e9) + TEXT_STREAM_FIXED_S, te_gb),
+        "model_offload": (encode + 2 * te_gb * GIB / (st.h2d_gbps * 1e9 * PAGEABLE_SHARE), te_gb),
+        "cpu": (text_flops / (CPU_TFLOPS * 1e12), 0.0),
+    }[a.text_encoder]
+    mp = st.width * st.height / 1e6
+    decode = DECODE_S_PER_MP * mp * scale * (TILED_DECODE_SLOWDOWN if a.vae_tiling else 1.0)
+
+    act = _act_gib(st.width, st.height, st.passes if a.tuned else 1)
+    dec = _vae_gib(st.width, st.height, 1, a.vae_tiling)
+    text_phase = {"group_offload": TEXT_STREAM_GIB + TEXT_ACT_GIB, "model_offload": te_gb + TEXT_ACT_GIB}.get(
+        a.text_encoder, TEXT_ACT_GIB if a.text_encoder == "gpu" else 0.0
+    )
+    te_gpu = te_gb if a.text_encoder == "gpu" else 0.0
+    if a.transformer == "model_offload":  # one component on the GPU at a time
+        peak = max(te_gb + TEXT_ACT_GIB, whole + act, vae_gb + dec)
+    else:
+        peak = t_gpu + vae_gb + te_gpu + max(act, dec, text_phase)
+    # Host RAM: weights that live there (streamed blocks, a text encoder off the GPU, each held once: loaded
+    # straight into their stored form and pinned in place), plus one block in the load dtype while loading.
+    t_host = {"group_offload": streamed * blk, "sequential_offload": whole, "model_offload": whole}.get(
+        a.transformer, 0.0
+    )
+    te_host = 0.0 if a.text_encoder == "gpu" else te_gb
+    staging = (t.block_params or t.params) * db / GIB
+    host = PROCESS_HOST_GIB + t_host + te_host + staging
+    read = (t.params * db + te.params * db + vae.params * db) / (READ_GBPS * 1e9)
+    load = read + (peak - max(act, dec, text_phase)) * GIB / (st.h2d_gbps * 1e9)
+    return Cost(
+        gpu_peak_gb=peak,
+        host_peak_gb=host,
+        load_s=load,
+        compute_s=compute,
+        stream_s=stream_s,
+        offload_s=offload_s,
+        text_s=text_s,
+        decode_s=decode,
+        steps=st.steps,
+        streamed_gb_per_step=stream_gb if a.transformer != "sequential_offload" else whole * st.passes,
+        text_streamed_gb=text_streamed,
+        weights_gpu_gb={"transformer": t_gpu, "text_encoder": te_gpu, "vae": vae_gb},
+        weights_host_gb={"transformer": t_host, "text_encoder": te_host, "vae": 0.0},
+    )
+
+
+def setting(
+    hardware: Hardware,
+    model: str = "qwen-image",
+    width: int = 1024,
+    height: int = 1024,
+    steps: int = 20,
+    cfg: float = 4.0,
+) -> Setting:
+    """The :class:`Setting` of a registry model (or a model folder) on a machine's best GPU, in bf16.
+
+    Example:
+        >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
+        >>> st.tflops, round(st.h2d_gbps, 1), st.passes
+        (165.0, 27.1, 2)
+    """
+    sizes, tconf, _ = _model_facts(model)
+    gpu = hardware.best_gpu
+    if gpu is None:
+        raise PlanError("no GPU to cost arrangements on")
+    flops = transformer_flops(tconf, width, height)
+    return Setting(
+        sizes, "bfloat16", gpu, hardware.host_ram_gb, flops, width, height, steps, 2 if cfg > 1 else 1
+    )
+
+
+def _model_facts(model: str) -> tuple[dict[str, ComponentSize], dict[str, Any], ModelSpec]:
+    """Sizes, transformer config and registry entry of a registry name or a model folder (sized from its own
+    configs)."""
+    if os.path.isdir(model):
+        local = inspect_folder(model)
+        try:
+            spec = get_model(local.name)
+        except Exception:  # noqa: BLE001 - an unknown folder of Qwen-Image's classes
+            spec = get_model("qwen-image")
+        sizes = folder_sizes(model)
+        missing = {"transformer", "text_encoder", "vae"} - set(sizes)
+        if missing:
+            raise PlanError(f"{model} has no config for {', '.join(sorted(missing))}: cannot size it")
+        with open(os.path.join(model, "transformer", "config.json"), encoding="utf-8") as f:
+            return sizes, json.load(f), spec
+    spec = get_model(model)
+    return component_sizes(spec.name), load_config(spec.config_dir, "transformer"), spec
+
+
+def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arrangement]:
+    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds.
+
+    Example:
+        >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
+        >>> arrs = candidates(st, OptimizationConfig(allow_lossy=False), 22.3)
+        >>> all(a.lossless for a in arrs), max(a.resident_blocks or 0 for a in arrs) < 60
+        (True, True)
+    """
+    dt = st.dtype
+    fp8_ok = dt == "bfloat16" and st.gpu.capability >= (8, 9) and cfg.compile is not False
+    forms: list[tuple[str, str, bool, str | None]] = [(dt, dt, cfg.compile is not False, None)]
+    if cfg.allow_lossy is not False and dt == "bfloat16":
+        forms.append(("float8_e4m3fn", dt, False, None))
+        if fp8_ok and cfg.fp8_matmul is not False:
+            forms.append(("float8_e4m3fn", "float8", True, None))
+    if cfg.quantization:
+        forms.append((dt, dt, False, cfg.quantization))
+    if cfg.fp8_matmul and fp8_ok:
+        forms = [f for f in forms if f[1] == "float8"]
+    if cfg.storage_dtype:
+        forms = [f for f in forms if f[0] == cfg.storage_dtype and f[3] is None]
+    if cfg.quantization:
+        forms = [f for f in forms if f[3] == cfg.quantization]
+    forced = bool(cfg.enable_cpu_offload) or cfg.transformer_placement == "model_offload"
+    if forced:
+        forms = [(dt, dt, False, None)]
+    places = (
+        ["model_offload"] if forced else [cfg.transformer_placement or p for p in ("gpu", "group_offload")]
+    )
+    texts = (
+        ["model_offload"]
+        if forced
+        else [cfg.text_encoder_placement]
+        if cfg.text_encoder_placement
+        else [
             "gpu",
-            dt,
-            None,
-            full_bf16,
-            0.0,
-            compute * EAGER_EFFICIENCY / FAST_EFFICIENCY if tuned else compute,
-            True,
-            reason="fits whole",
-            tuned=tuned,
-        )
+            "group_offload",
+            "cpu",
+        ]
     )
-    if cfg.allow_lossy is not False and dtype_bytes == 2:
-        out.append(
-            _Candidate(
-                "fp8 storage on GPU",
-                "gpu",
-                "float8_e4m3fn",
-                None,
-                full_fp8,
-                0.0,
-                compute + upcast,
-                False,
-                reason="weights stored in fp8, computed in bf16",
-            )
-        )
-    if fp8_mm:
-        out.append(
-            _Candidate(
-                "fp8 matmuls on GPU",
-                "gpu",
-                "float8_e4m3fn",
-                None,
-                full_fp8,
-                0.0,
-                compute_fp8,
-                False,
-                reason="weights stored in fp8 and multiplied in fp8 (per-token and per-channel scales)",
-                fp8_matmul=True,
-                tuned=True,
-            )
-        )
-    for storage, blk, lossless, extra, mm in (
-        (dt, block, True, 0.0, False),
-        ("float8_e4m3fn", block_fp8, False, upcast, False),
-        ("float8_e4m3fn", block_fp8, False, 0.0, True),
+    tilings = [bool(cfg.enable_vae_tiling)] if cfg.enable_vae_tiling is not None else [False, True]
+    blocks = st.sizes["transformer"].blocks
+    out: list[Arrangement] = []
+    for (storage, matmul, tuned, quant), place, text, tiled in itertools.product(
+        forms, sorted(set(places)), texts, tilings
     ):
-        if not lossless and (cfg.allow_lossy is False or dtype_bytes != 2):
-            continue
-        if mm and not fp8_mm:
-            continue
-        # Keep as many blocks resident as fit beside two blocks in flight; stream the rest.
-        fit = int((room - nonblock - 2 * blk) // blk)
-        resident = max(0, min(size.blocks - 1, fit))
-        streamed = size.blocks - resident
-        # Pinned copies of the streamed blocks beside the model's own: twice their size in host RAM.
-        # Where that does not fit, diffusers pins on the fly (low_cpu_mem_usage), at pageable speed.
-        pinned = 2 * streamed * blk <= host_room
-        rate = h2d if pinned else h2d * PAGEABLE_SHARE
-        stream_s = streamed * blk * GIB / (rate * 1e9)
-        gpu_gb = nonblock + (resident + 2) * blk
-        if mm:  # the tuned path: one stream a step (CFG batched), hooks' overhead on the compute
-            per_fwd = max(passes * compute_fp8 * GROUP_OFFLOAD_OVERHEAD, stream_s) / passes
-        else:  # eager: each pass streams the blocks again
-            per_fwd = max(compute + extra, stream_s + extra)
-        label = "fp8 matmuls" if mm else ("fp8" if storage != dt else "bf16")
-        out.append(
-            _Candidate(
-                f"group offload ({label}, {resident}/{size.blocks} blocks resident)",
-                "group_offload",
-                storage,
-                None,
-                gpu_gb,
-                (2 if pinned else 1) * streamed * blk,
-                per_fwd,
-                lossless,
-                resident_blocks=resident,
-                low_cpu_mem_usage=not pinned,
-                reason=f"streams {streamed} blocks ({streamed * blk:.1f} GiB) a forward over PCIe "
-                + (
-                    "from pinned memory, overlapped with compute"
-                    if pinned
-                    else "pinning on the fly (low host RAM)"
-                )
-                + ("; fp8 weights multiplied in fp8" if mm else ""),
-                fp8_matmul=mm,
-                tuned=mm,
+        tuned_here = tuned and (place == "gpu" or matmul == "float8")
+        a = Arrangement(place, storage, matmul, None, text, tiled, tuned_here, True, quant)
+        if place == "group_offload":
+            free = budget - cost(replace(a, resident_blocks=0), st).gpu_peak_gb
+            blk = (
+                cost(replace(a, resident_blocks=1), st).gpu_peak_gb
+                - cost(replace(a, resident_blocks=0), st).gpu_peak_gb
             )
-        )
-    if cfg.allow_lossy is not False:
-        nf4 = _weights_gib(size, dtype_bytes, QUANT_BYTES["nf4"])
-        out.append(
-            _Candidate(
-                "NF4 quantised on GPU",
-                "gpu",
-                dt,
-                "nf4",
-                nf4,
-                0.0,
-                compute + upcast * 1.5,
-                False,
-                reason="bitsandbytes NF4 weights, dequantised per layer",
-            )
-        )
-    seq_stream = full_bf16 * GIB / (h2d * 1e9 * 0.35)  # no streams, per-leaf synchronous copies
-    out.append(
-        _Candidate(
-            "sequential offload",
-            "sequential_offload",
-            dt,
-            None,
-            max(block, 0.5),
-            full_bf16,
-            compute + seq_stream,
-            True,
-            reason="every layer copied to the GPU when used, without overlap (slowest)",
-        )
-    )
+            fit = int(free // blk) if blk > 0 else 0
+            if fit >= blocks:  # whole fits: that is the "gpu" arrangement
+                continue
+            a = replace(a, resident_blocks=max(0, fit))
+        if place in ("group_offload", "sequential_offload", "model_offload") or text != "gpu":
+            a = replace(a, pinned=cost(a, st).host_peak_gb <= HOST_PIN_SHARE * st.host_gb)
+        out.append(a)
+    if cfg.transformer_placement is None and not forced and not out:
+        out.append(Arrangement("sequential_offload", dt, dt, None, "cpu", True, False, False))
     return out
 
 
-def make_plan(
-    hardware: Hardware,
-    model: str = "qwen-image",
-    overrides: OptimizationConfig | dict[str, Any] | None = None,
-    width: int | None = None,
-    height: int | None = None,
-) -> Plan:
-    """Decide how to load ``model`` on ``hardware``; raise PlanError when it cannot run.
+@dataclass(frozen=True)
+class Choice:
+    """The chosen arrangement with its cost, the alternatives it was chosen over, and why."""
 
-    ``width``/``height`` size the activation budget (default: the plan's default size).
+    arrangement: Arrangement
+    cost: Cost
+    reasons: list[str]
+    warnings: list[str]
+
+
+def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
+    """The fastest arrangement that fits the GPU budget and the host RAM, exact unless a lossy one is clearly
+    faster, and the sentences that say why, from the numbers.
 
     Example:
-        >>> plan = make_plan(describe_machine(gpu_memory_gb=16), "qwen-image")
-        >>> plan.components["text_encoder"].placement != "gpu"
-        True
+        >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
+        >>> choice = select(st, OptimizationConfig(), 22.3)
+        >>> choice.arrangement.text_encoder, choice.cost.gpu_peak_gb <= 22.3
+        ('group_offload', True)
     """
+    costed = [(a, cost(a, st)) for a in candidates(st, cfg, budget)]
+    on_gpu = [ac for ac in costed if ac[1].gpu_peak_gb <= budget]
+    if not on_gpu:
+        need = min((c.gpu_peak_gb for _, c in costed), default=float("nan"))
+        raise PlanError(
+            f"no arrangement fits {budget:.1f} GiB usable of {st.gpu.total_memory_gb:g} GiB: the smallest needs "
+            f"{need:.1f} GiB at {st.width}x{st.height}; try a smaller size or a larger card"
+        )
+    fits = [ac for ac in on_gpu if ac[1].host_peak_gb <= HOST_USABLE * st.host_gb]
+    warnings = []
+    if (
+        not fits
+    ):  # none fits the host: the least host RAM (within 1 GiB, the fastest of those), with a warning
+        least = min(c.host_peak_gb for _, c in on_gpu)
+        fits = [
+            min((ac for ac in on_gpu if ac[1].host_peak_gb <= least + 1), key=lambda ac: ac[1].s_per_image)
+        ]
+        warnings.append(
+            f"this arrangement needs about {fits[0][1].host_peak_gb:.0f} GiB of host RAM; the machine has "
+            f"{st.host_gb:.0f} GiB"
+        )
+    fastest = min(fits, key=lambda ac: ac[1].s_per_image)
+    exact = [ac for ac in fits if ac[0].lossless]
+    pool = fits
+    if exact and not cfg.fp8_matmul:
+        best_exact = min(exact, key=lambda ac: ac[1].s_per_image)
+        if best_exact[1].s_per_image <= LOSSY_MIN_GAIN * fastest[1].s_per_image:
+            pool = exact
+    top = min(pool, key=lambda ac: ac[1].s_per_image)
+    near = [ac for ac in pool if ac[1].s_per_image <= (1 + TIE_SHARE) * top[1].s_per_image]
+    a, c = min(near, key=lambda ac: (round(ac[1].streamed_gb_per_step, 1), ac[1].s_per_image))
+    return Choice(a, c, _why(st, a, c, fits, fastest, pool, budget), warnings)
+
+
+def _why(
+    st: Setting,
+    a: Arrangement,
+    c: Cost,
+    fits: list[tuple[Arrangement, Cost]],
+    fastest: tuple[Arrangement, Cost],
+    pool: list[tuple[Arrangement, Cost]],
+    budget: float,
+) -> list[str]:
+    """The reasons, each quoting the numbers that decided it."""
+    blocks = st.sizes["transformer"].blocks
+    split = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in c.split().items() if v)
+    out = [
+        f"fastest that fits: {c.s_per_image:.1f} s an image at {st.steps} steps ({split}), "
+        f"{c.gpu_peak_gb:.1f} of {budget:.1f} GiB on the GPU, {c.host_peak_gb:.0f} GiB host RAM; "
+        f"{len(fits)} arrangement{'s' if len(fits) != 1 else ''} fit{'' if len(fits) != 1 else 's'}."
+    ]
+    whole = cost(Arrangement(), st)  # bf16 whole on the GPU, tuned path: this card's best case
+    ratio = c.s_per_step / whole.s_per_step
+    if ratio > 1.02:
+        out.append(
+            f"cost: {ratio:.2f}x the {whole.s_per_step:.2f} s a step of the model whole on this card in bf16 on the tuned path "
+            f"({c.s_per_step:.2f}: compute {c.compute_s:.2f}, copies not hidden {c.stream_s:.2f}, "
+            f"offload hooks {c.offload_s:.2f})."
+        )
+    if a.transformer == "group_offload":
+        streamed = blocks - (a.resident_blocks or 0)
+        out.append(
+            f"transformer: {a.resident_blocks} of {blocks} blocks stay on the GPU; {streamed} stream "
+            f"({c.streamed_gb_per_step:.1f} GiB a step at {st.h2d_gbps:.0f} GB/s"
+            + (" pinned" if a.pinned else ", pageable: host RAM is tight")
+            + f" = {c.streamed_gb_per_step * GIB / (st.h2d_gbps * 1e9 * (1 if a.pinned else PAGEABLE_SHARE)):.2f} s,"
+            f" {'hidden under' if c.stream_s == 0 else 'longer than'} {c.compute_s:.2f} s of compute)."
+        )
+    other = [ac for ac in pool if ac[0].text_encoder != a.text_encoder and ac[0].matmul == a.matmul]
+    if other:
+        o, oc = min(other, key=lambda ac: ac[1].s_per_image)
+        here = {"gpu": "kept on the GPU", "group_offload": "streamed once a prompt", "cpu": "on the CPU"}.get(
+            a.text_encoder, a.text_encoder
+        )
+        there = {"gpu": "on the GPU", "group_offload": "streamed", "cpu": "on the CPU"}.get(
+            o.text_encoder, ""
+        )
+        detail = (
+            f", {o.resident_blocks} blocks resident and {oc.streamed_gb_per_step:.1f} GiB streamed a step"
+            if o.transformer == "group_offload"
+            else ""
+        )
+        out.append(
+            f"text encoder {here} ({c.text_s:.2f} s a prompt): with it {there}{detail}, an image would take "
+            f"{oc.s_per_image:.1f} s"
+            + (
+                f" (within {TIE_SHARE:.0%}: the plan streams less each step)"
+                if oc.s_per_image < c.s_per_image
+                else ""
+            )
+            + "."
+        )
+    if not a.lossless:
+        exact = [ac for ac in fits if ac[0].lossless]
+        if exact:
+            e = min(exact, key=lambda ac: ac[1].s_per_image)
+            out.append(
+                f"lossy storage: {e[1].s_per_image / c.s_per_image:.2f}x faster than the best exact arrangement "
+                f"({e[0].describe(blocks)}, {e[1].s_per_image:.1f} s an image); exact is kept unless a lossy one is "
+                f"{LOSSY_MIN_GAIN}x faster; outputs differ slightly from bf16 (allow_lossy=False refuses it)."
+            )
+        else:
+            out.append("lossy storage: no exact arrangement fits; outputs differ slightly from bf16.")
+    elif fastest[0] is not a and not fastest[0].lossless:
+        out.append(
+            f"exact bf16 kept: the fastest lossy arrangement ({fastest[0].describe(blocks)}) would be "
+            f"{c.s_per_image / fastest[1].s_per_image:.2f}x faster, under the {LOSSY_MIN_GAIN}x that lossy needs."
+        )
+    if a.vae_tiling:
+        out.append(
+            f"VAE tiled: decode {c.decode_s:.2f} s instead of {c.decode_s / TILED_DECODE_SLOWDOWN:.2f}, and "
+            f"{_vae_gib(st.width, st.height, 1, False) - VAE_TILED_GIB:.1f} GiB less at the decode."
+        )
+    return out
+
+
+def _resolve(overrides: OptimizationConfig | dict[str, Any] | None) -> tuple[OptimizationConfig, list[str]]:
+    """The overrides as a config with its mode expanded (options set explicitly win), and the mode's note."""
     cfg = (
         overrides
         if isinstance(overrides, OptimizationConfig)
         else OptimizationConfig.from_dict(overrides or {})
     )
-    mode_note = None
+    notes = []
     if cfg.mode:
         if cfg.mode not in MODES:
             raise PlanError(f"unknown mode {cfg.mode!r}; choose one of: {', '.join(MODES)}")
-        options, mode_note = MODES[cfg.mode]
+        options, text = MODES[cfg.mode]
         explicit = cfg.set_fields()
         cfg = replace(cfg, **{k: v for k, v in options.items() if k not in explicit})
-    spec = get_model(model)
-    if spec.architecture != "MMDiT":
-        raise PlanError(f"{spec.name} is a {spec.task} model; plan an image model (qwen-image) instead")
-    if cfg.architecture_type and cfg.architecture_type.upper() not in ("MMDIT", "AUTO"):
-        raise PlanError(
-            f"architecture_type {cfg.architecture_type!r} does not match {spec.name}, which is an MMDiT model"
-        )
-    reasons: list[str] = []
-    warnings: list[str] = []
-    if mode_note:
-        reasons.append(f"mode {cfg.mode!r}: {mode_note}.")
+        notes.append(f"mode {cfg.mode!r}: {text}.")
     if cfg.cache is not None and cfg.cache not in CACHE_MODES:
         raise PlanError(f"unknown cache {cfg.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
-    if spec.name == "qwen-image-edit":
-        warnings.append(
-            "Qwen-Image-Edit is trained to edit an input image: the wrong model for text-to-image; "
-            "use qwen-image for text-to-image."
+    if cfg.dtype and cfg.dtype not in ("bfloat16", "float32"):
+        raise PlanError(
+            f"dtype {cfg.dtype!r} is not supported: Qwen-Image needs bfloat16 or float32 (fp16 overflows)"
         )
-    gpu = hardware.best_gpu
-    device = cfg.device or ("cuda" if gpu else ("mps" if hardware.mps else "cpu"))
-    if device == "cuda" and gpu is None:
-        raise PlanError("device 'cuda' was asked for but no CUDA GPU was found")
+    if cfg.architecture_type and cfg.architecture_type.upper() not in ("MMDIT", "AUTO"):
+        raise PlanError(
+            f"architecture_type {cfg.architecture_type!r} does not match Qwen-Image, an MMDiT model"
+        )
+    return cfg, notes
 
-    sizes = component_sizes(spec.name)
-    tconf = load_config(spec.config_dir, "transformer")
-    kind = "tiny" if spec.name == "tiny" or device != "cuda" else "gpu"
-    defaults = dict(PRESET_DEFAULTS[kind])
+
+def _defaults(cfg: OptimizationConfig, small: bool, reasons: list[str]) -> dict[str, Any]:
+    defaults = dict(PRESET_DEFAULTS["tiny" if small else "gpu"])
     for key, attr in (
         ("steps", "optimal_steps"),
         ("cfg", "optimal_cfg_scale"),
@@ -638,387 +929,293 @@ def make_plan(
         if getattr(cfg, attr) is not None:
             defaults[key] = getattr(cfg, attr)
             reasons.append(f"{key} {defaults[key]} set by the user ({attr}).")
+    return defaults
+
+
+def _gpu_dtype(gpu: GPU, cfg: OptimizationConfig, reasons: list[str]) -> str:
+    if cfg.dtype == "float32":
+        reasons.append("float32 forced by the user: twice the memory of bf16.")
+        return "float32"
+    if gpu.bf16:
+        reasons.append(
+            f"bf16: {gpu.name} (compute {gpu.compute_capability}) supports it; the model was trained in it."
+        )
+        return "bfloat16"
+    if cfg.force:
+        reasons.append("float32: this card has no bf16 and the plan was forced.")
+        return "float32"
+    raise PlanError(
+        f"{gpu.name} (compute {gpu.compute_capability}) has no bf16, and Qwen-Image in fp16 overflows "
+        "(NaN, black images); force float32 (dtype='float32' or --force) at twice the memory"
+    )
+
+
+def make_plan(
+    hardware: Hardware,
+    model: str = "qwen-image",
+    overrides: OptimizationConfig | dict[str, Any] | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> Plan:
+    """Decide how to load ``model`` (a registry name or a model folder) on ``hardware``; raise PlanError when it
+    cannot run. ``width``/``height`` size the activations (default: the plan's default size).
+
+    Example:
+        >>> plan = make_plan(describe_machine(gpu_memory_gb=16), "qwen-image")
+        >>> plan.components["text_encoder"].placement != "gpu"
+        True
+    """
+    cfg, reasons = _resolve(overrides)
+    sizes, tconf, spec = _model_facts(model)
+    if spec.architecture != "MMDiT":
+        raise PlanError(f"{spec.name} is a {spec.task} model; plan an image model (qwen-image) instead")
+    warnings = []
+    if spec.task == "image-edit":
+        warnings.append(
+            "Qwen-Image-Edit is trained to edit an input image: the wrong model for text-to-image; "
+            "use qwen-image for text-to-image."
+        )
+    gpu = hardware.best_gpu
+    device = cfg.device or ("cuda" if gpu else ("mps" if hardware.mps else "cpu"))
+    if device == "cuda" and gpu is None:
+        raise PlanError("device 'cuda' was asked for but no CUDA GPU was found")
+    small = sum(s.params for s in sizes.values()) < 1e9  # a stand-in or a toy: its own small defaults
+    defaults = _defaults(cfg, small, reasons)
     w, h = width or defaults["width"], height or defaults["height"]
     if w % 16 or h % 16:
         raise PlanError(f"size {w}x{h} is not a multiple of 16")
-
-    # ---- dtype ----------------------------------------------------------------------------------
-    if cfg.dtype and cfg.dtype not in ("bfloat16", "float32"):
-        raise PlanError(
-            f"dtype {cfg.dtype!r} is not supported: Qwen-Image needs bfloat16 or float32 (fp16 overflows)"
-        )
-    if device == "cuda":
-        assert gpu is not None
-        if cfg.dtype == "float32":
-            dtype = "float32"
-            reasons.append("float32 forced by the user: twice the memory of bf16.")
-        elif gpu.bf16:
-            dtype = "bfloat16"
-            reasons.append(
-                f"bf16: {gpu.name} (compute {gpu.compute_capability}) supports it; the model was trained in it."
-            )
-        elif cfg.force:
-            dtype = "float32"
-            reasons.append("float32: this card has no bf16 and the plan was forced.")
-        else:
-            raise PlanError(
-                f"{gpu.name} (compute {gpu.compute_capability}) has no bf16, and Qwen-Image in fp16 overflows "
-                "(NaN, black images); force float32 (dtype='float32' or --force) at twice the memory"
-            )
-    elif spec.stand_in and spec.name == "tiny":
-        dtype = cfg.dtype or "float32"
-        reasons.append(f"{dtype} on {device}: the tiny stand-in is small enough for full precision.")
-    else:
-        if not cfg.force:
-            raise PlanError(
-                f"no CUDA GPU: {spec.name} ({sum(s.gib() for s in sizes.values()):.0f} GiB in bf16) would take minutes "
-                "per step on the CPU; use model 'tiny', or force it (force=True / --force)"
-            )
-        dtype = cfg.dtype or "bfloat16"
-        reasons.append(f"{dtype} on {device}: forced by the user.")
-    dbytes = DTYPE_BYTES[dtype]
-
-    # ---- CPU / MPS / tiny: everything in one place ------------------------------------------------
-    batch = 1
-    if (device != "cuda" or spec.name == "tiny") and cfg.mode in ("turbo", "turbo-cache"):
-        warnings.append(f"mode {cfg.mode!r} applies to Qwen-Image on a CUDA GPU; ignored here")
-    if device != "cuda" or spec.name == "tiny":
-        comps = {
-            name: ComponentPlan(
-                device if device == "cuda" else "cpu" if device == "cpu" else "gpu",
-                dtype,
-                gpu_gb=round(s.gib(dbytes), 3) if device != "cpu" else 0.0,
-                host_gb=round(s.gib(dbytes), 3) if device == "cpu" else 0.0,
-                reason="small enough to sit whole" if spec.name == "tiny" else "forced to run here",
-            )
-            for name, s in sizes.items()
-        }
-        for c in comps.values():
-            if c.placement == "cuda":
-                c.placement = "gpu"
-        weights = sum(s.gib(dbytes) for s in sizes.values())
-        host_needed = weights if device == "cpu" else 0.0
-        if host_needed > hardware.host_ram_gb:
-            raise PlanError(
-                f"{spec.name} needs {host_needed:.1f} GiB of RAM on the CPU; this machine has {hardware.host_ram_gb:.1f}"
-            )
-        if spec.name == "tiny":
-            reasons.append("tiny stand-in: the real classes with tiny configs; its images are noise.")
-
-        peak = (
-            weights + (_act_gib(w, h, 2) * 0.01 if spec.name == "tiny" else _act_gib(w, h, 1))
-            if device != "cpu"
-            else 0.0
-        )
-        return Plan(
-            model=spec.name,
-            hub_id=spec.hub_id,
-            device=device,
-            gpu_name=gpu.name if gpu and device == "cuda" else None,
-            gpu_memory_gb=gpu.total_memory_gb if gpu and device == "cuda" else None,
-            budget_gb=round(_budget(gpu), 2) if gpu and device == "cuda" else None,
-            dtype=dtype,
-            components=comps,
-            attention_backend=cfg.attention_backend or "native",
-            compile=bool(cfg.compile),
-            cache=cfg.cache,
-            tf32=bool(cfg.enable_tf32),
-            cudnn_benchmark=bool(cfg.enable_cudnn_benchmark),
-            vae_tiling=bool(cfg.enable_vae_tiling),
-            vae_slicing=bool(cfg.enable_vae_slicing),
-            attention_slicing=bool(cfg.enable_attention_slicing),
-            defaults=defaults,
-            estimated_peak_gpu_gb=round(peak, 2),
-            estimated_host_ram_gb=round(host_needed, 2),
-            estimated_s_per_step=None,
-            arrangement=f"everything on {device} in {dtype}",
-            lossless=True,
-            reasons=reasons,
-            warnings=warnings,
-            overrides=cfg.set_fields(),
-            estimated_for=(w, h),
-        )
-
-    # ---- a CUDA GPU: cost the arrangements ---------------------------------------------------------
-    assert gpu is not None
-    budget = _budget(gpu)
-    reasons.append(
-        f"budget: {budget:.1f} of {gpu.total_memory_gb:.1f} GiB usable "
-        f"({RESERVE_GIB:.1f} GiB + {RESERVE_SHARE:.0%} kept for the CUDA context and allocator slack)."
-    )
-    t_size, e_size, v_size = sizes["transformer"], sizes["text_encoder"], sizes["vae"]
-    vae_gb = v_size.gib(dbytes)
-    text_gb = e_size.gib(dbytes)
-    # The tuned path (on by default) runs true CFG's two passes as one batch: twice the activations.
-    act = _act_gib(w, h, batch * (2 if defaults["cfg"] > 1 and cfg.compile is not False else 1))
-    vae_tiling = bool(cfg.enable_vae_tiling)
-    decode = _vae_gib(w, h, batch, vae_tiling)
-    if cfg.enable_vae_tiling is None and decode > 0.25 * budget:
-        # Decided before the arrangement: the memory a whole-image decode would take goes to resident blocks.
-        vae_tiling = True
-        decode = _vae_gib(w, h, batch, True)
-        reasons.append(
-            f"VAE tiling on: decoding {w}x{h} at once would take {_vae_gib(w, h, batch, False):.1f} GiB, over a "
-            "quarter of the budget; tiles take about 0.6."
-        )
     flops = transformer_flops(tconf, w, h)
-    host_free = hardware.host_ram_gb
-
-    # Text encoder: resident beside everything if it fits, else streamed in while encoding.
-    # Transformer: the fastest arrangement that fits what is left.
-    # fp8 matmuls (qwennb.speed.FP8Linear) need compute capability 8.9+ (Ada, Hopper, Blackwell) and the tuned
-    # path, which compiles; they are lossy, so only asked for or where nothing lossless fits.
-    cc = float(gpu.compute_capability or 0)
-    fp8_mm_ok = dbytes == 2 and cc >= 8.9 and cfg.compile is not False and cfg.allow_lossy is not False
-    if cfg.fp8_matmul and not fp8_mm_ok:
-        why = (
-            f"compute capability 8.9 or newer (this card: {cc:g})"
-            if cc < 8.9
-            else "compile (the tuned path) and allow_lossy"
-            if dbytes == 2
-            else "bf16 weights"
-        )
-        warnings.append(f"fp8_matmul needs {why}; ignored")
-
-    def pick_transformer(room: float, host_room: float) -> _Candidate | None:
-        cands = _transformer_candidates(
-            t_size,
-            gpu,
-            dbytes,
-            room,
-            flops,
-            cfg,
-            host_room,
-            fp8_mm_ok and cfg.fp8_matmul is not False,
-            2 if defaults["cfg"] > 1 else 1,
-        )
-        cands = [c for c in cands if c.gpu_gb <= room]
-        if cfg.fp8_matmul and fp8_mm_ok:
-            cands = [c for c in cands if c.fp8_matmul]
-        if cfg.quantization:
-            cands = [c for c in cands if c.quant == cfg.quantization]
-        if cfg.storage_dtype:
-            cands = [c for c in cands if c.storage == cfg.storage_dtype and c.quant is None]
-        if cfg.transformer_placement:
-            cands = [c for c in cands if c.placement == cfg.transformer_placement]
-        if not cands:
-            return None
-        best = min(cands, key=lambda c: c.s_per_forward)
-        lossless = [c for c in cands if c.lossless]
-        if lossless:
-            best_lossless = min(lossless, key=lambda c: c.s_per_forward)
-            # Keep exact outputs unless a lossy arrangement is clearly faster.
-            if best_lossless.s_per_forward <= LOSSY_MIN_GAIN * best.s_per_forward:
-                return best_lossless
-        return best
-
-    text_place = cfg.text_encoder_placement
-    forced_offload = bool(cfg.enable_cpu_offload) or cfg.transformer_placement == "model_offload"
-    options: list[tuple[str, _Candidate, float, float]] = []
-    if forced_offload:
-        # The original project's enable_cpu_offload: diffusers' model offload of every component.
-        t_gb = t_size.gib(dbytes)
-        peak = max(text_gb + TEXT_ACT_GIB, t_gb + act, vae_gb + decode)
-        tc = _Candidate(
-            "model offload",
-            "model_offload",
-            dtype,
-            None,
-            t_gb,
-            t_gb,
-            flops / ((gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * EAGER_EFFICIENCY),
-            True,
-            reason="moved to the GPU for the denoise and back to the CPU after (enable_cpu_offload)",
-        )
-        options.append(("model_offload", tc, peak, t_gb + text_gb + vae_gb))
-    else:
-        for tp in [text_place] if text_place else ["gpu", "group_offload", "cpu"]:
-            text_host = {"gpu": 0.0, "group_offload": 2 * text_gb, "model_offload": text_gb, "cpu": text_gb}[
-                tp
-            ]
-            if tp == "gpu":
-                text_phase = 0.0
-            elif tp == "group_offload":
-                # While encoding, the text encoder's layers stream through beside the transformer.
-                text_phase = TEXT_STREAM_GIB + TEXT_ACT_GIB
-            elif tp == "model_offload":
-                text_phase = text_gb + TEXT_ACT_GIB
-            else:
-                text_phase = 0.0
-            room = budget - vae_gb - max(act, decode, text_phase) - (text_gb if tp == "gpu" else 0.0)
-            tc = pick_transformer(room, host_free * 0.9 - text_host)
-            if tc is None:
-                continue
-            peak = tc.gpu_gb + vae_gb + max(act, decode, text_phase) + (text_gb if tp == "gpu" else 0.0)
-            options.append((tp, tc, peak, tc.host_gb + text_host))
-    if not options:
-        need = nonblock_min = t_size.gib(1) / t_size.blocks * 3 + vae_gb + max(act, decode)
-        del nonblock_min
-        raise PlanError(
-            f"{spec.name} does not fit {gpu.name} ({gpu.total_memory_gb:.1f} GiB) even streamed: about "
-            f"{need:.1f} GiB is needed at {w}x{h}; try a smaller size"
-        )
-    # The fastest wins: time per step, plus the text encoder's cost once a prompt spread over the steps (a
-    # streamed encoder copies its 15 GiB once; one on the CPU computes for seconds). Among equals, the text
-    # encoder placement that copies least.
-    text_order = {"gpu": 0, "group_offload": 1, "model_offload": 2, "cpu": 3}
-    h2d = gpu.host_to_device_gbps or 25.0
-    text_flops = 2 * e_size.params * 2 * TEXT_TOKENS  # prompt and negative prompt
-    text_cost = {
-        "gpu": 0.0,
-        "group_offload": text_gb * GIB / (h2d * 1e9),
-        "model_offload": text_gb * GIB / (h2d * PAGEABLE_SHARE * 1e9),
-        "cpu": text_flops / (CPU_TFLOPS * 1e12),
-    }
     passes = 2 if defaults["cfg"] > 1 else 1
-
-    def per_step(o: tuple[str, _Candidate, float, float]) -> float:
-        return o[1].s_per_forward * passes + text_cost[o[0]] / defaults["steps"]
-
-    fits_host = [o for o in options if o[3] <= host_free * 0.9] or options
-    rank = lambda o: (round(per_step(o), 3), text_order[o[0]])  # noqa: E731
-    tp, tc, peak, host = min(fits_host, key=rank)
-    lossless_opts = [o for o in fits_host if o[1].lossless]
-    if lossless_opts and not cfg.fp8_matmul:
-        # As within each text placement: exact outputs unless a lossy arrangement is clearly faster.
-        best_exact = min(lossless_opts, key=rank)
-        if per_step(best_exact) <= LOSSY_MIN_GAIN * per_step((tp, tc, peak, host)):
-            tp, tc, peak, host = best_exact
-    # Loading peaks above the steady state: a transformer that is streamed or stored in fp8 passes through host
-    # RAM whole in its load dtype before it is cast and pinned (measured on an H100 host: 72.5 GiB at the 24,
-    # 16 and 12 GB caps against 69 GiB from this sum), plus about 2 GiB for the Python process itself.
-    text_host = 0.0 if tp == "gpu" else text_gb * (2 if tp == "group_offload" else 1)
-    staged = tc.placement != "gpu" or tc.storage != dtype
-    host = max(host, (t_size.gib(dbytes) if staged else 0.0) + text_host) + PROCESS_HOST_GIB
-    if host > host_free * 0.9:
-        warnings.append(
-            f"this arrangement wants about {host:.0f} GiB of host RAM; the machine has {host_free:.0f} GiB"
+    if device != "cuda" or small:
+        return _plan_whole(
+            hardware, spec, model, sizes, device, cfg, defaults, (w, h), flops * passes, reasons, warnings
         )
-
-    comps: dict[str, ComponentPlan] = {}
-    comps["transformer"] = ComponentPlan(
-        tc.placement,
-        tc.storage,
-        tc.quant,
-        round(tc.gpu_gb, 2),
-        round(tc.host_gb, 2),
-        tc.resident_blocks,
-        tc.reason,
-        tc.low_cpu_mem_usage,
+    assert gpu is not None
+    dtype = _gpu_dtype(gpu, cfg, reasons)
+    budget = _budget(gpu)
+    assumed = [n[len("assumed ") :] for n in hardware.notes if n.startswith("assumed ")]
+    rate = TYPICAL_BF16_TFLOPS.get(gpu.compute_capability, 150.0)
+    if gpu.peak_bf16_tflops is None:
+        assumed.append(f"{rate:g} TFLOP/s dense bf16 (this card's rate is unknown)")
+    if gpu.host_to_device_gbps is None:
+        assumed.append("PCIe gen 4 x16 (this card's link is unknown)")
+    st = Setting(sizes, dtype, gpu, hardware.host_ram_gb, flops, w, h, defaults["steps"], passes, rate)
+    if cfg.fp8_matmul and not (gpu.capability >= (8, 9) and dtype == "bfloat16" and cfg.compile is not False):
+        warnings.append(
+            f"fp8_matmul needs compute capability 8.9 or newer, bf16 and compile (this card: {gpu.compute_capability}); ignored"
+        )
+        cfg = replace(cfg, fp8_matmul=None)
+    choice = select(st, cfg, budget)
+    reasons.append(
+        f"budget: {budget:.1f} of {gpu.total_memory_gb:.1f} GiB usable ({RESERVE_GIB:.1f} GiB + "
+        f"{RESERVE_SHARE:.0%} kept for the CUDA context and allocator slack); card at {st.tflops:g} TFLOP/s dense "
+        f"bf16, host link {st.h2d_gbps:.0f} GB/s."
     )
+    reasons += choice.reasons
+    return _plan_on_gpu(
+        spec,
+        model,
+        gpu,
+        budget,
+        dtype,
+        cfg,
+        defaults,
+        (w, h),
+        st,
+        choice,
+        reasons,
+        warnings + choice.warnings,
+        assumed,
+    )
+
+
+def _plan_whole(
+    hardware: Hardware,
+    spec: ModelSpec,
+    model: str,
+    sizes: dict[str, ComponentSize],
+    device: str,
+    cfg: OptimizationConfig,
+    defaults: dict[str, Any],
+    size: tuple[int, int],
+    step_flops: float,
+    reasons: list[str],
+    warnings: list[str],
+) -> Plan:
+    """Everything in one place: the CPU, MPS, or a GPU for a small model. Refused from the numbers (seconds a step
+    on the CPU, RAM), not from the model's name."""
+    gpu = hardware.best_gpu if device == "cuda" else None
+    dtype = cfg.dtype or ("float32" if sum(s.params for s in sizes.values()) < 1e9 else "bfloat16")
+    db = DTYPE_BYTES[dtype]
+    weights = sum(s.gib(db) for s in sizes.values())
+    if device == "cpu":
+        s_step = step_flops / (CPU_TFLOPS * 1e12)
+        if s_step > CPU_MAX_S_PER_STEP and not cfg.force:
+            raise PlanError(
+                f"no CUDA GPU: {spec.name} ({weights:.0f} GiB in {dtype}) would take about {s_step:.0f} s a step on "
+                "the CPU; use model 'tiny', describe a card to plan for it, or force it (force=True / --force)"
+            )
+        if weights + PROCESS_HOST_GIB > hardware.host_ram_gb:
+            raise PlanError(
+                f"{spec.name} needs {weights + PROCESS_HOST_GIB:.1f} GiB of RAM on the CPU; this machine has "
+                f"{hardware.host_ram_gb:.1f}"
+            )
+    if cfg.mode in ("turbo", "turbo-cache"):
+        warnings.append(f"mode {cfg.mode!r} applies to Qwen-Image on a CUDA GPU; ignored here")
+    place = "cpu" if device == "cpu" else "gpu"
+    comps = {
+        name: ComponentPlan(
+            place,
+            dtype,
+            gpu_gb=round(s.gib(db), 3) if device != "cpu" else 0.0,
+            host_gb=round(s.gib(db), 3) if device == "cpu" else 0.0,
+            reason=f"small enough to sit whole ({s.gib(db):.2f} GiB)"
+            if weights < 1
+            else "forced to run here",
+        )
+        for name, s in sizes.items()
+    }
+    reasons.append(f"{dtype} on {device}: {weights:.2f} GiB of weights, everything in one place.")
+    if spec.name == "tiny":
+        reasons.append("tiny stand-in: the real classes with tiny configs; its images are noise.")
+    peak = weights + _act_gib(*size, 1) * (0.01 if weights < 1 else 1) if device != "cpu" else 0.0
+    return Plan(
+        model=spec.name,
+        hub_id=spec.hub_id,
+        device=device,
+        gpu_name=gpu.name if gpu else None,
+        gpu_memory_gb=gpu.total_memory_gb if gpu else None,
+        budget_gb=round(_budget(gpu), 2) if gpu else None,
+        dtype=dtype,
+        components=comps,
+        attention_backend=cfg.attention_backend or "native",
+        compile=bool(cfg.compile),
+        cache=cfg.cache,
+        tf32=bool(cfg.enable_tf32),
+        cudnn_benchmark=bool(cfg.enable_cudnn_benchmark),
+        vae_tiling=bool(cfg.enable_vae_tiling),
+        vae_slicing=bool(cfg.enable_vae_slicing),
+        attention_slicing=bool(cfg.enable_attention_slicing),
+        defaults=defaults,
+        estimated_peak_gpu_gb=round(peak, 2),
+        estimated_host_ram_gb=round((weights if device == "cpu" else 0.0) + PROCESS_HOST_GIB, 2),
+        estimated_s_per_step=None,
+        arrangement=f"everything on {device} in {dtype}",
+        lossless=True,
+        reasons=reasons,
+        warnings=warnings,
+        overrides=cfg.set_fields(),
+        estimated_for=size,
+        source=model if os.path.isdir(model) else None,
+    )
+
+
+def _plan_on_gpu(
+    spec: ModelSpec,
+    model: str,
+    gpu: GPU,
+    budget: float,
+    dtype: str,
+    cfg: OptimizationConfig,
+    defaults: dict[str, Any],
+    size: tuple[int, int],
+    st: Setting,
+    choice: Choice,
+    reasons: list[str],
+    warnings: list[str],
+    assumed: list[str],
+) -> Plan:
+    """The plan of a chosen arrangement: components, speed options and their reasons."""
+    a, c = choice.arrangement, choice.cost
+    tsize = st.sizes["transformer"]
+    t_reason = {
+        "gpu": "fits whole",
+        "group_offload": f"{a.resident_blocks} of {tsize.blocks} blocks resident, the rest streamed each step",
+        "model_offload": "moved to the GPU for the denoise and back to the CPU after (enable_cpu_offload)",
+        "sequential_offload": "every layer copied to the GPU when used, without overlap (slowest)",
+    }[a.transformer]
     text_reason = {
         "gpu": "fits beside the transformer: no copies per prompt",
         "group_offload": "streamed onto the GPU only while a prompt is encoded (once a prompt), then leaves room",
         "model_offload": "moved onto the GPU to encode, back to the CPU after",
         "cpu": "encodes on the CPU (slow: seconds a prompt) so the GPU keeps the transformer",
+    }[a.text_encoder]
+    comps = {
+        "transformer": ComponentPlan(
+            a.transformer,
+            a.storage,
+            a.quantization,
+            round(c.weights_gpu_gb["transformer"], 2),
+            round(c.weights_host_gb["transformer"], 2),
+            a.resident_blocks if a.transformer == "group_offload" else None,
+            t_reason + ("; fp8 weights multiplied in fp8" if a.matmul == "float8" else ""),
+            not a.pinned and a.transformer == "group_offload",
+            round(c.streamed_gb_per_step, 2),
+        ),
+        "text_encoder": ComponentPlan(
+            a.text_encoder,
+            dtype,
+            gpu_gb=round(
+                c.weights_gpu_gb["text_encoder"]
+                or (TEXT_STREAM_GIB if a.text_encoder == "group_offload" else 0.0),
+                2,
+            ),
+            host_gb=round(c.weights_host_gb["text_encoder"], 2),
+            reason=text_reason,
+            streamed_gb_per_prompt=round(c.text_streamed_gb, 2),
+        ),
+        "vae": ComponentPlan(
+            "gpu" if a.transformer != "model_offload" else "model_offload",
+            dtype,
+            gpu_gb=round(c.weights_gpu_gb["vae"], 2),
+            reason=f"small ({c.weights_gpu_gb['vae']:.2f} GiB); decodes "
+            + ("in tiles" if a.vae_tiling else "the whole image at once"),
+        ),
     }
-    if forced_offload:
-        tp = "model_offload"
-    comps["text_encoder"] = ComponentPlan(
-        tp,
-        dtype,
-        gpu_gb=round(text_gb if tp == "gpu" else (TEXT_STREAM_GIB if tp == "group_offload" else 0.0), 2),
-        host_gb=round(0.0 if tp == "gpu" else text_gb * (2 if tp == "group_offload" else 1), 2),
-        reason=text_reason[tp],
-    )
-    comps["vae"] = ComponentPlan(
-        "gpu" if not forced_offload else "model_offload",
-        dtype,
-        gpu_gb=round(vae_gb, 2),
-        reason="small (0.24 GiB); decodes " + ("in tiles" if vae_tiling else "the whole image at once"),
-    )
-    if peak > budget and not forced_offload:
-        raise PlanError(f"no arrangement of {spec.name} fits {budget:.1f} GiB at {w}x{h}")
-    if forced_offload and peak > budget:
-        raise PlanError(
-            f"model offload needs {peak:.1f} GiB (the whole transformer at once) but the budget is {budget:.1f} GiB; "
-            "leave enable_cpu_offload unset so the plan can stream blocks"
-        )
-
-    # ---- speed options ------------------------------------------------------------------------------
-    all_gpu = tc.placement == "gpu" and tc.quant is None
-    attention = cfg.attention_backend or "native"
+    fp8_mm = a.matmul == "float8"
+    fast = a.tuned and (a.transformer == "gpu" and a.storage == dtype and not a.quantization or fp8_mm)
+    compile_ = bool(cfg.compile) if cfg.compile is not None else fast
     if cfg.attention_backend:
-        reasons.append(f"attention backend {attention!r} set by the user.")
+        reasons.append(f"attention backend {cfg.attention_backend!r} set by the user.")
     else:
         reasons.append(
             "attention: PyTorch SDPA ('native'); it picks the fastest kernel for the card (cuDNN on Hopper), "
             "and diffusers' other backends measured slower on an H100."
         )
-    # The tuned path (qwennb.speed) needs the transformer whole on the GPU in its compute dtype, no hooks; or
-    # an fp8-matmul arrangement (its FP8Linear layers are the tuned path's), streamed blocks included.
-    whole_on_gpu = all_gpu and tc.storage == dtype and device == "cuda"
-    fp8_mm = tc.fp8_matmul
     if fp8_mm:
         reasons.append(
             "fp8 matmuls"
-            + (" (asked for)" if cfg.fp8_matmul else ": the fastest arrangement that fits")
-            + ": the blocks' large Linears hold e4m3 weights with per-channel scales and multiply e4m3 "
-            "activations with per-token scales (torch._scaled_mm); the modulation weights are stored in fp8 "
-            "too. On an H100 at 1024x1024 with CFG: 0.208 s/step against 0.244 in bf16, and with a 24 GB cap "
-            "(streamed blocks) about 0.29-0.30; outputs drift about 3x the rounding floor (relative error of the "
-            "final latents 7e-2 after 20 steps)."
+            + (" (asked for)" if cfg.fp8_matmul else "")
+            + ": the blocks' large Linears hold e4m3 weights "
+            "with per-channel scales and multiply e4m3 activations with per-token scales (torch._scaled_mm); on an "
+            f"H100 at 1024x1024 with CFG {FP8_S_PER_STEP} s/step against {TUNED_S_PER_STEP} in bf16; outputs drift "
+            "about 3x the rounding floor."
         )
-    # Default: on where the tuned path applies (the model whole on the GPU, or fp8 matmuls). Measured on an H100
-    # (1024x1024, CFG 4): 0.244-0.250 s/step against stock's 0.366-0.370 in the same runs (1.48-1.50x), the
-    # first image 17-25 s later (one compile), drift at the rounding floor.
-    compile_ = bool(cfg.compile) if cfg.compile is not None else (whole_on_gpu or fp8_mm)
-    fast = compile_ and (whole_on_gpu or fp8_mm)
-    if cfg.compile is None and not compile_:
-        reasons.append(
-            "compile off: the transformer is not whole on the GPU, where regional compile is untested with "
-            "offloading; turn it on with compile=True."
-        )
-    elif compile_ and not (all_gpu or fp8_mm):
-        warnings.append("compile with offloading or quantisation is untested; it may recompile or fall back")
     if fast:
         reasons.append(
             "compile "
             + ("(default)" if cfg.compile is None else "(asked for)")
-            + ": qwennb's tuned path (regional compile of one block function shared by all blocks, RoPE in "
-            "real arithmetic, GELU in the matmul epilogue, modulation once per image, CFG's two passes as one "
-            "batch); same math as stock, drift at the rounding floor. On an H100 at 1024x1024 with CFG: "
-            "0.244-0.250 s/step against 0.366-0.370 for stock diffusers in the same runs (1.48-1.50x) and "
-            "0.278-0.284 for stock plus compile_repeated_blocks; the first image of a session costs 17-25 s more "
-            "(one compile), a few seconds in later sessions (cached). compile=False turns it off."
+            + ": qwennb's tuned path (regional "
+            "compile of one block function, RoPE in real arithmetic, modulation once per image, CFG's two passes as "
+            f"one batch); same math as stock; {TUNED_S_PER_STEP} s/step against {STOCK_S_PER_STEP} for stock "
+            "diffusers on an H100 at 1024x1024 with CFG; the first image of a session costs 17-25 s more (one compile)."
         )
-    tf32 = True if cfg.enable_tf32 is None else cfg.enable_tf32
-    cudnn = True if cfg.enable_cudnn_benchmark is None else cfg.enable_cudnn_benchmark
+    elif cfg.compile is None:
+        reasons.append(
+            "compile off: the transformer is not whole on the GPU in bf16 or in fp8 matmuls; compile=True turns it on."
+        )
+    elif compile_:
+        warnings.append("compile with offloading or quantisation is untested; it may recompile or fall back")
     if cfg.enable_attention_slicing:
         warnings.append(
             "attention slicing does not apply to Qwen-Image's transformer (SDPA is already memory-efficient); ignored"
         )
     if cfg.cache:
         warnings.append(f"cache {cfg.cache!r} reuses work between steps: faster, but outputs change")
-
-    lossless = tc.lossless and not cfg.cache and not fp8_mm
-    passes = 2 if defaults["cfg"] > 1 else 1
-    s_fwd = tc.s_per_forward * (EAGER_EFFICIENCY / FAST_EFFICIENCY if fast and not tc.tuned else 1.0)
-    s_step = s_fwd * passes if gpu.peak_bf16_tflops else None
-    desc = tc.name
-    text_short = {
-        "gpu": "text encoder on GPU",
-        "group_offload": "text encoder streamed",
-        "model_offload": "text encoder offloaded",
-        "cpu": "text encoder on CPU",
-    }[comps["text_encoder"].placement]
-    arrangement = f"transformer {desc}, {text_short}" + (", VAE tiled" if vae_tiling else "")
-    if tc.placement == "gpu" and tc.quant is None and tc.lossless and tp == "gpu":
-        reasons.append(
-            f"everything fits on the GPU in {dtype} ({peak:.1f} of {budget:.1f} GiB): no memory savers, nothing copied per step."
+    if cfg.gpus and cfg.gpus > 1:
+        warnings.append(
+            f"gpus={cfg.gpus}: one image over several GPUs is not planned yet; this plan uses one GPU"
         )
-    else:
-        reasons.append(f"transformer: {tc.name}: {tc.reason}.")
-        reasons.append(f"text encoder: {comps['text_encoder'].reason}.")
-        if not tc.lossless:
-            reasons.append(
-                "this storage rounds the weights: outputs differ slightly from bf16 (allow_lossy=False refuses it)."
-            )
-    whole = flops / (
-        (gpu.peak_bf16_tflops or FALLBACK_TFLOPS) * 1e12 * (FAST_EFFICIENCY if fast else EAGER_EFFICIENCY)
-    )
-    if s_fwd > 1.05 * whole:
-        reasons.append(f"cost: about {s_fwd / whole:.1f}x the time per step of the model held whole in bf16.")
     return Plan(
         model=spec.name,
         hub_id=spec.hub_id,
@@ -1028,26 +1225,32 @@ def make_plan(
         budget_gb=round(budget, 2),
         dtype=dtype,
         components=comps,
-        attention_backend=attention,
+        attention_backend=cfg.attention_backend or "native",
         compile=compile_,
         cache=cfg.cache,
-        tf32=tf32,
-        cudnn_benchmark=cudnn,
-        vae_tiling=vae_tiling,
+        tf32=True if cfg.enable_tf32 is None else cfg.enable_tf32,
+        cudnn_benchmark=True if cfg.enable_cudnn_benchmark is None else cfg.enable_cudnn_benchmark,
+        vae_tiling=a.vae_tiling,
         vae_slicing=bool(cfg.enable_vae_slicing),
         attention_slicing=False,
         defaults=defaults,
-        estimated_peak_gpu_gb=round(peak, 2),
-        estimated_host_ram_gb=round(host, 2),
-        estimated_s_per_step=round(s_step, 3) if s_step is not None else None,
-        arrangement=arrangement,
-        lossless=lossless,
+        estimated_peak_gpu_gb=round(c.gpu_peak_gb, 2),
+        estimated_host_ram_gb=round(c.host_peak_gb, 2),
+        estimated_s_per_step=round(c.s_per_step, 3),
+        arrangement=a.describe(tsize.blocks),
+        lossless=a.lossless and not cfg.cache,
         reasons=reasons,
         warnings=warnings,
         overrides=cfg.set_fields(),
-        estimated_for=(w, h),
+        estimated_for=size,
         fast_path=fast,
         fp8_matmul=fp8_mm,
+        predicted_s_per_step=round(c.s_per_step, 3),
+        predicted_s_per_image=round(c.s_per_image, 2),
+        time_split=c.split(),
+        estimated_load_s=round(c.load_s, 1),
+        assumptions=assumed,
+        source=model if os.path.isdir(model) else None,
     )
 
 
@@ -1062,7 +1265,7 @@ def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:
     text_phase = {
         "group_offload": TEXT_STREAM_GIB + TEXT_ACT_GIB,
         "model_offload": te.host_gb + TEXT_ACT_GIB,
-    }.get(te.placement, 0.0)
+    }.get(te.placement, TEXT_ACT_GIB if te.placement == "gpu" else 0.0)
     resident = t.gpu_gb + vae.gpu_gb + (te.gpu_gb if te.placement == "gpu" else 0.0)
     return resident + max(act, decode, text_phase)
 
@@ -1083,6 +1286,13 @@ __all__ = [
     "OptimizationConfig",
     "Plan",
     "ComponentPlan",
+    "Arrangement",
+    "Cost",
+    "Setting",
+    "cost",
+    "setting",
+    "candidates",
+    "select",
     "make_plan",
     "describe_machine",
     "describe_modes",

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,8 +85,9 @@ class Session:
     ) -> Plan:
         from .pipeline import resolve_model
 
-        name, _, _ = resolve_model(model)
-        return make_plan(self.hardware, name, overrides)
+        name, path, _ = resolve_model(model)
+        # A folder the user named is sized from its own configs (a small model saved there is not Qwen-Image).
+        return make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
 
     def load(
         self, model: str | None = None, overrides: OptimizationConfig | dict[str, Any] | None = None
@@ -96,7 +98,7 @@ class Session:
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
-        plan = make_plan(self.hardware, name, overrides)
+        plan = make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
         self.unload()
         t0 = time.perf_counter()
         self.pipe = build(plan, path)

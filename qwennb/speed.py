@@ -390,6 +390,18 @@ def _fp8_targets(block: nn.Module) -> list[tuple[nn.Module, str]]:
     return out
 
 
+def fp8_replace_block_(block: nn.Module, quantize_on: Any = None) -> None:
+    """Replace a block's large Linears by :class:`FP8Linear` and its modulation Linears by :class:`FP8WeightLinear`
+    for good (their bf16 weights are dropped), quantised on ``quantize_on``; layers already replaced are kept.
+    ``enable_fast_path(fp8="replace")`` does this to every block; ``qwennb.loading`` does it while loading."""
+    for parent, name in _fp8_targets(block):
+        if type(parent._modules[name]) is nn.Linear:
+            _swap(parent, name, FP8Linear(parent._modules[name], quantize_on))
+    for mod in (block.img_mod, block.txt_mod):
+        if type(mod[1]) is nn.Linear:
+            _swap(mod, "1", FP8WeightLinear(mod[1], quantize_on))
+
+
 def _swap(parent: nn.Module, name: str, new: nn.Module) -> nn.Module:
     old = parent._modules[name]
     parent._modules[name] = new
@@ -1153,12 +1165,7 @@ def enable_fast_path(
         elif getattr(block.attn, "fused_projections", False):
             block.attn.fused_projections = False  # fused weights stay as views; the processor skips them
         if fp8 == "replace":
-            for parent, name in _fp8_targets(block):
-                if type(parent._modules[name]) is nn.Linear:
-                    _swap(parent, name, FP8Linear(parent._modules[name], quantize_on))
-            for mod in (block.img_mod, block.txt_mod):
-                if type(mod[1]) is nn.Linear:
-                    _swap(mod, "1", FP8WeightLinear(mod[1], quantize_on))
+            fp8_replace_block_(block, quantize_on)
         elif fp8:
             for parent, name in _fp8_targets(block):
                 old = parent._modules[name]
@@ -1233,6 +1240,7 @@ __all__ = [
     "rope_to_real",
     "as_real_rope",
     "fuse_qkv_",
+    "fp8_replace_block_",
     "enable_fast_path",
     "disable_fast_path",
     "expect_cfg",

@@ -575,6 +575,7 @@ def build_synthetic_pipeline(
     tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int = 0,
     std: float = 0.02,
+    transformer: nn.Module | None = None,
 ) -> QwenImagePipeline:
     """The real architecture (full-size configs by default) with random weights, built on the device.
 
@@ -594,6 +595,8 @@ def build_synthetic_pipeline(
         tokenizer: a tokenizer to use instead of the tiny one.
         seed: seeds the device generator used for the weights.
         std: standard deviation of the random weights.
+        transformer: a transformer built already (e.g. ``qwennb.loading.build_synthetic_transformer`` in fp8),
+            used instead of drawing one.
 
     Example:
         >>> pipe = build_synthetic_pipeline("cuda", torch.bfloat16)  # doctest: +SKIP
@@ -603,6 +606,7 @@ def build_synthetic_pipeline(
         >>> tiny.transformer.img_in.weight.device.type
         'cpu'
     """
+    given = transformer
     transformer, vae, text_encoder = _empty_components(config_dir, with_text_encoder=with_text_encoder)
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     devices = (
@@ -610,7 +614,7 @@ def build_synthetic_pipeline(
     )
     generators: dict[torch.device, torch.Generator] = {}
     for name, model in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
-        if model is None:
+        if model is None or (name == "transformer" and given is not None):
             continue
         dev = torch.device(devices.get(name, "cpu"))
         # Host-resident components are drawn on the GPU when there is one (much faster), then copied.
@@ -619,7 +623,9 @@ def build_synthetic_pipeline(
             generators[draw] = torch.Generator(device=draw).manual_seed(int(seed))
         init = _normal_init(generators[draw], std)
         materialize_(model, device=dev, dtype=dtype, init=init if draw == dev else _staged_init(init, draw))
-    return _assemble(_scheduler(config_dir), vae, text_encoder, tokenizer, transformer)
+    return _assemble(
+        _scheduler(config_dir), vae, text_encoder, tokenizer, given if given is not None else transformer
+    )
 
 
 def count_parameters(module: nn.Module | None) -> int:

@@ -1,0 +1,177 @@
+"""The plan's cost model against the GPU runs recorded in benchmarks/results (H100 and H200).
+
+Each constant is recomputed from the recorded measurements and must agree within 5%, so a 7% drift of any of
+them (a typo, a "round number", a change made without remeasuring) fails here; and every recorded arrangement's
+time and GPU peak, priced by ``qwennb.plan.cost``, must land within the issue's targets (±25% s/step, 15% peak).
+"""
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qwennb.plan as P
+from qwennb.models import load_config
+from qwennb.plan import Arrangement, cost, describe_machine, setting, transformer_flops
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+TIERS = json.loads((RESULTS / "memory-tiers-nvidia-h100-80gb-hbm3.json").read_text())["tiers"]
+SPEED = json.loads((RESULTS / "speed-nvidia-h100-80gb-hbm3.json").read_text())
+H200 = json.loads((RESULTS / "anchor-nvidia-h200.json").read_text())["runs"]
+GIB = 1024**3
+TOL = 0.05  # a constant may sit this far from what the records give; a 7% drift fails
+
+
+def h100(cap: float = 80, host: float = 125):
+    hw = describe_machine(
+        cap, compute_capability="9.0", sm_count=132, max_sm_clock_mhz=1980, pcie_gen=5, host_ram_gb=host
+    )
+    return setting(hw, "qwen-image")
+
+
+def close(model: float, recorded: float, tol: float = TOL) -> bool:
+    return abs(model / recorded - 1) <= tol
+
+
+def speed_rows(config: str, cfg: float = 4.0, size: int = 1024, steps: int = 20) -> list[float]:
+    rows = [
+        r
+        for r in SPEED["runs"]
+        if r["config"] == config and r["cfg"] == cfg and r["width"] == size and r.get("steps", steps) == steps
+    ]
+    return [r["s_per_step"] for r in rows]
+
+
+def test_speed_records_are_read():
+    assert speed_rows("stock") and speed_rows("qwennb") and speed_rows("qwennb+fp8")
+
+
+def test_reference_flops_are_two_forwards_at_1024():
+    flops = 2 * transformer_flops(load_config("qwen-image", "transformer"), 1024, 1024) / 1e12
+    assert abs(flops - P.REF_STEP_TFLOP) < 0.01
+
+
+def test_nominal_rate_is_the_h100s():
+    assert abs(h100().tflops - P.H100_TFLOPS) < 0.1
+
+
+def test_stock_step_matches_the_records():
+    recorded = speed_rows("stock") + [t["s_per_step"] for t in TIERS if t["overrides"] == {"compile": False}]
+    assert close(P.STOCK_S_PER_STEP, statistics.median(recorded))
+    eager = cost(Arrangement(tuned=False), h100())
+    assert close(eager.s_per_step, statistics.median(recorded))
+
+
+def test_tuned_step_matches_the_records():
+    recorded = speed_rows("qwennb") + [
+        r["s_per_step"] for r in H200 if r["config"] == "qwennb default" and r["cfg"] == 4
+    ]
+    assert close(P.TUNED_S_PER_STEP, statistics.median(recorded))
+    assert close(cost(Arrangement(), h100()).s_per_step, statistics.median(recorded))
+    # the tiers runs' uncapped rows (4-step medians, another harness) agree within the issue's 25%
+    for t in TIERS:
+        if t["cap_gb"] == 80 and not t["overrides"]:
+            assert close(P.TUNED_S_PER_STEP, t["s_per_step"], 0.25)
+
+
+def test_fp8_step_matches_the_records():
+    recorded = speed_rows("qwennb+fp8") + [
+        r["s_per_step"] for r in H200 if r["config"] == "qwennb mode=turbo"
+    ]
+    fp8 = cost(Arrangement("gpu", "float8_e4m3fn", "float8"), h100())
+    assert close(fp8.s_per_step, statistics.median(recorded), 0.07)  # H100 0.208, H200 0.194
+    assert close(P.FP8_S_PER_STEP, speed_rows("qwennb+fp8")[0])
+
+
+def test_gemm_share_matches_the_profile():
+    kinds = SPEED["profiles"]["qwennb"]["by_kind_ms"]
+    assert close(P.GEMM_SHARE, kinds["gemm"] / sum(kinds.values()))
+
+
+def test_offload_constants_refit_from_the_capped_runs():
+    """Refit the hooks' cost (fixed + per streamed block) on the batched capped runs; the constants must agree."""
+    runs = [
+        (t["resident_blocks"], t["s_per_step"]) for t in TIERS if t["run"] in "CD" and t["resident_blocks"]
+    ]
+    runs += [(r["resident_blocks"], r["s_per_step"]) for r in H200 if r.get("resident_blocks")]
+    assert len(runs) == 7
+    st = h100()
+    rows, left = [], []
+    for resident, measured in runs:
+        c = cost(Arrangement("group_offload", "float8_e4m3fn", "float8", resident, "group_offload"), st)
+        rows.append([1.0, 60 - resident])
+        left.append(measured - c.compute_s - c.stream_s)
+    fixed, per_block = np.linalg.lstsq(np.array(rows), np.array(left), rcond=None)[0]
+    assert close(P.OFFLOAD_STEP_S, fixed)
+    assert close(P.OFFLOAD_BLOCK_S, per_block)
+
+
+def test_text_encoder_and_decode_constants_match_the_records():
+    st = h100()
+    resident = statistics.mean(t["text_encoding_s"] for t in TIERS if t["cap_gb"] == 80)
+    streamed = statistics.mean(t["text_encoding_s"] for t in TIERS if t["cap_gb"] < 80)
+    copy = st.sizes["text_encoder"].gib(2) * GIB / (st.h2d_gbps * 1e9)
+    assert close(P.TEXT_ENCODE_S, resident)
+    assert close(P.TEXT_STREAM_FIXED_S, streamed - resident - copy)
+    assert close(cost(Arrangement(text_encoder="group_offload"), st).text_s, streamed)
+    whole = statistics.mean(t["decode_s"] for t in TIERS if t["cap_gb"] >= 24)
+    tiled = statistics.mean(t["decode_s"] for t in TIERS if t["cap_gb"] < 24)
+    assert close(P.DECODE_S_PER_MP * 1.048576, whole)
+    assert close(P.TILED_DECODE_SLOWDOWN, tiled / whole)
+
+
+def test_upcast_constant_matches_the_layerwise_run():
+    """Run B's 24 GB row without fp8 matmuls: stock eager + offload hooks + two upcasts of the Linear weights."""
+    row = next(t for t in TIERS if t["overrides"] == {"fp8_matmul": False})
+    n = 60 - row["resident_blocks"]
+    hooks = P.OFFLOAD_STEP_S + 2 * n * P.OFFLOAD_BLOCK_S
+    upcast = (row["s_per_step"] - P.STOCK_S_PER_STEP - hooks) / 2
+    linear = h100().sizes["transformer"].linear_params / 1e9
+    assert close(P.UPCAST_S_PER_GPARAM * linear, upcast)
+
+
+def _recorded_arrangement(t: dict) -> Arrangement:
+    text = "group_offload" if "text encoder streamed" in t["arrangement"] else "gpu"
+    tiled = "VAE tiled" in t["arrangement"]
+    if t["resident_blocks"] is None:
+        return Arrangement("gpu", "bfloat16", "bfloat16", None, text, tiled, t["fast_path"])
+    fp8mm = t["fp8_matmul"]
+    return Arrangement(
+        "group_offload",
+        "float8_e4m3fn",
+        "float8" if fp8mm else "bfloat16",
+        t["resident_blocks"],
+        text,
+        tiled,
+        fp8mm,
+    )
+
+
+@pytest.mark.parametrize(
+    "t", [t for t in TIERS if t["run"] in "BCD"], ids=lambda t: f"{t['run']}-{t['cap_gb']:g}"
+)
+def test_every_recorded_arrangement_within_the_targets(t):
+    """±25% s/step and 15% GPU peak for every run of the current code (runs C, D; B for layerwise fp8 and 48 GB)."""
+    if t["run"] == "B" and t["fp8_matmul"]:
+        pytest.skip("run B's fp8-matmul rows ran CFG's passes apart (before batching)")
+    c = cost(_recorded_arrangement(t), h100(t["cap_gb"]))
+    assert abs(c.s_per_step / t["s_per_step"] - 1) <= 0.25
+    assert abs(c.gpu_peak_gb / t["measured_peak_gb"] - 1) <= 0.15
+
+
+def test_the_h200_cap_within_the_targets():
+    run = next(r for r in H200 if r.get("resident_blocks"))
+    c = cost(Arrangement("group_offload", "float8_e4m3fn", "float8", 54, "group_offload"), h100(24, 128))
+    assert abs(c.s_per_step / run["s_per_step"] - 1) <= 0.10
+    assert abs(c.gpu_peak_gb / run["peak_gb"] - 1) <= 0.15
+
+
+def test_mean_error_over_the_capped_runs_is_small():
+    errs = []
+    for t in TIERS:
+        if t["run"] in "CD" and t["resident_blocks"]:
+            c = cost(_recorded_arrangement(t), h100(t["cap_gb"]))
+            errs.append(c.s_per_step / t["s_per_step"] - 1)
+    assert abs(statistics.mean(errs)) < 0.03 and max(map(abs, errs)) < 0.10
