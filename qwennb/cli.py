@@ -117,14 +117,149 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_mode_argument(parser: argparse.ArgumentParser) -> None:
-    """``--mode`` with the modes of :data:`qwennb.plan.MODES` and what each trades."""
+    """``--mode`` with the modes of :data:`qwennb.plan.MODES`, one short clause each (the measured costs are
+    in ``%qwen presets`` and the README)."""
     from .plan import MODES
 
+    short = "; ".join(f"{name}: {text.split(':')[0]}" for name, (_, text) in MODES.items())
     parser.add_argument(
         "--mode",
         choices=list(MODES),
-        help="; ".join(f"{name}: {text}" for name, (_, text) in MODES.items()).replace("%", "%%"),
+        help=(f"speed against exactness ({short}); default: the plan decides").replace("%", "%%"),
     )
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def add_generate_parser(sub: Any) -> None:
+    """Add ``qwennb generate`` to the CLI."""
+    from .presets import ASPECT_RATIOS, PRESETS
+
+    g = sub.add_parser("generate", help="generate images (the tiny stand-in when no weights are found)")
+    g.add_argument("prompt")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="registry name, hub id or folder (default: QWENNB_MODEL, then local Qwen-Image, then tiny)",
+    )
+    g.add_argument(
+        "--steps", type=int, help="denoising steps, at least 2 (default: the preset's, else the plan's)"
+    )
+    g.add_argument("--cfg", type=float, help="true_cfg_scale, at least 1 (1 turns guidance off)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help="random seed, 0 to 2**63-1; the same seed gives the same image (default: drawn)",
+    )
+    g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 (multiples of 16; others are rounded)")
+    g.add_argument("--aspect", choices=list(ASPECT_RATIOS), help="an official aspect ratio and its size")
+    g.add_argument("--negative", default=None, help="negative prompt (default ' ' when CFG > 1)")
+    presets = "; ".join(f"{p.name}: {p.steps} steps, CFG {p.cfg:g}" for p in PRESETS.values())
+    g.add_argument("--preset", help=f"named steps and CFG ({presets}); explicit options win")
+    g.add_argument("--n", type=int, default=1, help="number of images (1 to 16)")
+    g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_mode_argument(g)
+    g.set_defaults(func=_cmd_generate)
+
+
+def _save_or_rescue(result: Any, out: str, embed_metadata: bool) -> None:
+    """Save a result's PNGs; when that fails, save them in a temporary folder and say where (exit 2)."""
+    import tempfile
+
+    from .errors import GenerationError
+
+    try:
+        result.save(out, embed_metadata=embed_metadata)
+    except (OSError, GenerationError) as exc:
+        rescue = tempfile.mkdtemp(prefix="qwennb-rescued-")
+        paths = result.save(rescue, embed_metadata=embed_metadata)
+        raise QwennbError(
+            f"could not save to {out} ({getattr(exc, 'strerror', None) or exc}); the image was saved to "
+            f"{', '.join(paths)} instead: move it where you want it"
+        ) from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .options import validate_generate_options
+
+    # Every option is checked before anything heavy is imported or loaded (torch, diffusers, the weights).
+    opts = validate_generate_options(
+        {
+            "prompt": args.prompt,
+            "negative_prompt": args.negative,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "seed": args.seed,
+            "size": args.size,
+            "aspect": args.aspect,
+            "num_images": args.n,
+            "preset": args.preset,
+            "mode": args.mode,
+            "out": args.out,
+        }
+    )
+    import os
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .generation import generate
+    from .hardware import detect
+    from .pipeline import build, resolve_model
+    from .plan import make_plan
+
+    name, path, notice = resolve_model(args.model)
+    if notice:
+        print(f"qwennb: {notice}", file=sys.stderr)
+    plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)
+    for w in plan.warnings:
+        print(f"qwennb: {w}", file=sys.stderr)
+    t0 = time.perf_counter()
+    pipe = build(plan, path)
+    print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    bars: list[Any] = []  # made at the first step, when the total is known (no empty "0step" bar before)
+
+    def on_step(s: Any) -> None:
+        if not bars:
+            disable = os.environ.get("QWENNB_NO_PROGRESS") == "1"
+            bars.append(tqdm(total=s.total, unit="step", file=sys.stderr, disable=disable))
+        bars[0].update(1)
+        if s.step == s.total:
+            bars[0].close()  # before the decode, so the bar's time is the denoising's
+
+    try:
+        result = generate(
+            pipe,
+            args.prompt,
+            negative_prompt=opts.get("negative_prompt"),
+            steps=opts.get("steps"),
+            cfg=opts.get("cfg"),
+            seed=opts.get("seed"),
+            width=opts.get("width"),
+            height=opts.get("height"),
+            aspect=opts.get("aspect"),
+            num_images=opts["num_images"],
+            preset=opts.get("preset"),
+            on_step=on_step,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    for n in result.notices:
+        print(f"qwennb: {n}", file=sys.stderr)
+    _save_or_rescue(result, args.out, not args.no_metadata)
+    if args.json:
+        d = result.to_dict()
+        d.pop("plan")
+        print(json.dumps(d, indent=2, ensure_ascii=False))
+    else:
+        for p in result.paths:
+            print(p)
+        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,12 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
 
-    try:
-        from .generation import add_generate_parser
-    except ImportError:  # pragma: no cover - while generate is being written
-        pass
-    else:
-        add_generate_parser(sub)
+    add_generate_parser(sub)
     from .enhance import add_enhance_parser
 
     add_enhance_parser(sub)
