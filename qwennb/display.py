@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import statistics
 from typing import TYPE_CHECKING, Any
 
@@ -42,9 +43,9 @@ def progress_line(step: int, total: int, step_s: float, elapsed_s: float) -> str
     return f"step {step}/{total} · {step_s:.2f} s/step · ETA {eta:.1f} s"
 
 
-def _step_ticks(n: int, max_labels: int = 10) -> list[int]:
-    """Step numbers to label: 1, then every k-th, leaving a gap before "decode" (at n + 1) and after "text"
-    (at 0) so that no two labels touch on a 6.4-inch axis.
+def _step_ticks(n: int, max_labels: int = 10, axis_px: float = 520.0) -> list[int]:
+    """Step numbers to label: 1, then every k-th, leaving room before "decode" (at n + 1) and after "text"
+    (at 0) so that no two labels touch on the timing plot's axis (about ``axis_px`` pixels wide).
 
     Example:
         >>> _step_ticks(50)
@@ -53,9 +54,11 @@ def _step_ticks(n: int, max_labels: int = 10) -> list[int]:
         [1, 2, 3, 4]
     """
     every = max(1, -(-n // max_labels))
-    gap = max(1, round(0.05 * (n + 2)))  # data units that one short label needs on each side
+    px_per_step = axis_px / (n + 2.6)  # bars from -0.4 to n + 1.4, plus matplotlib's margins
+    left = math.ceil(24 / px_per_step)  # half of "text" and of a number, and a little air
+    right = math.ceil(34 / px_per_step)  # half of "decode" and of a number, and a little air
     ticks = [x for x in range(1, n + 1) if x == 1 or x % every == 0]
-    return [x for x in ticks if x >= gap + (0 if n <= max_labels else 1) and n + 1 - x >= gap]
+    return [x for x in ticks if x >= left and n + 1 - x >= right]
 
 
 def timing_figure(result: GenerationResult) -> Any:
