@@ -79,6 +79,9 @@ class QwenPanel:
         self.image = w.Image(format="png", layout=w.Layout(max_width="512px", display="none"))
         self.timing = w.Image(format="png", layout=w.Layout(max_width="640px", display="none"))
         self.compare = w.HBox([], layout=w.Layout(flex_flow="row wrap", display="none"))
+        self.image.add_class("qwennb-image")
+        self.progress.add_class("qwennb-progress-bar")
+        self.timing.add_class("qwennb-timing-plot")
         self.kept: list[GenerationResult] = []
         self.last_result: GenerationResult | None = None
         self.last_error: str | None = None
