@@ -363,7 +363,7 @@ class QwenMagics(Magics):
         sub = words[0] if words else ""
         arg = words[1].strip().strip("'\"") if len(words) > 1 else ""
         if sub == "":
-            return _History(self.session.history)
+            return _History(self.session.history, self)
         if sub == "save":
             if not arg:
                 raise UsageError("usage: %qwen history save PATH.jsonl")
@@ -375,7 +375,7 @@ class QwenMagics(Magics):
                 raise UsageError("usage: %qwen history load PATH.jsonl")
             n = self.session.load_history(arg)
             print(f"qwennb: {n} entries read from {arg}")
-            return _History(self.session.history)
+            return _History(self.session.history, self)
         if sub == "clear":
             self.session.history.clear()
             return None
@@ -558,11 +558,41 @@ class _NoPlot:
 
 
 class _History(_Text):
-    """``%qwen history``: a thumbnail grid with parameters; ``_[N]`` is entry N."""
+    """``%qwen history``: a thumbnail grid with parameters, and with Regenerate / To panel buttons where widgets
+    render (the HTML grid elsewhere); ``_[N]`` is entry N."""
 
-    def __init__(self, results: list[GenerationResult]) -> None:
+    def __init__(self, results: list[GenerationResult], magics: QwenMagics | None = None) -> None:
         super().__init__(history_text(results), history_html(results))
         self.results = list(results)
+        self.magics = magics
+        self._widget: Any = None
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets grid (made on first use)."""
+        if self._widget is None:
+            from .widgets import history_widget
+
+            m = self.magics
+            self._widget = history_widget(
+                self.results,
+                on_regenerate=(lambda i: m.regenerate(i)) if m is not None else None,
+                # a panel already open is updated in place; a new one is shown under the grid
+                on_panel=(lambda i: m.send_to_panel(i) if m.panel is None else m.send_to_panel(i) and None)
+                if m is not None
+                else None,
+            )
+        return self._widget
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle: dict[str, Any] = dict(super()._repr_mimebundle_(include, exclude))
+        if self.results:
+            try:
+                view = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
+            except Exception:  # noqa: BLE001 - no widget front end: the HTML grid stays
+                view = {}
+            bundle.update({k: v for k, v in view.items() if k != "text/plain"})
+        return bundle
 
     def __getitem__(self, index: int) -> GenerationResult:
         return self.results[index]

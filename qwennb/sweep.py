@@ -30,6 +30,9 @@ from .options import validate_generate_options
 AXES = ("seed", "cfg", "steps", "preset")
 MAX_AXES = 2
 MAX_CELLS = 64
+RUNTIME = frozenset(
+    {"on_step", "stop", "wait", "original_prompt"}
+)  # generate() arguments that are not options
 AXIS_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
 
@@ -230,7 +233,7 @@ def plan_cells(prompt: str, axes: dict[str, list[Any]], options: dict[str, Any])
             else:
                 text = text.replace("{" + name + "}", str(v))
         try:
-            validate_generate_options({"prompt": text, **opts})
+            validate_generate_options({"prompt": text, **{k: v for k, v in opts.items() if k not in RUNTIME}})
         except GenerationError as exc:
             raise SweepError(f"cell {values}: {exc}") from None
         cells.append(SweepCell(i, j, values, text))
@@ -301,8 +304,11 @@ def run_sweep(
         options["seed"] = random.SystemRandom().randrange(
             0, 2**32
         )  # one seed: cells differ by their axes only
-    if stop is not None:
-        options["stop"] = stop
+    if stop is None:  # one signal for every cell: Ctrl-C in a cell ends the sweep, not only that cell
+        from .generation import StopSignal
+
+        stop = StopSignal()
+    options["stop"] = stop
     plain = {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool, type(None)))}
     sweep = SweepResult(prompt, axes, cells, options=plain)
     t0 = time.perf_counter()

@@ -296,3 +296,58 @@ class QwenPanel:
             self.generate_button.disabled = False
             self.stop_button.disabled = True
             self.compare_button.disabled = self.last_result is None or not self.last_result.images
+
+
+def history_widget(
+    results: list[GenerationResult],
+    on_regenerate: Callable[[int], Any] | None = None,
+    on_panel: Callable[[int], Any] | None = None,
+    thumb: int = 160,
+) -> w.VBox:
+    """The history as a grid of thumbnails with their parameters, each with "Regenerate" and "To panel" buttons.
+
+    What a button returns is shown in the output area under the grid.
+    """
+    out = w.Output()
+    cells = []
+    for i, r in enumerate(results):
+        parts: list[Any] = []
+        if r.images:
+            parts.append(
+                w.Image(
+                    value=png_bytes(r.images[0], thumb), format="png", layout=w.Layout(width=f"{thumb}px")
+                )
+            )
+        else:
+            parts.append(w.HTML("<div style='color:#888'>(no image)</div>"))
+        parts.append(
+            w.HTML(
+                f'<div style="font-size:smaller;line-height:1.3" title="{html.escape(r.prompt)}"><b>#{i}</b> '
+                f"{html.escape(shorten(r.prompt, 60))}<br>{html.escape(r.caption())}</div>"
+            )
+        )
+        buttons = []
+        for label, fn, icon in (("Regenerate", on_regenerate, "repeat"), ("To panel", on_panel, "sliders")):
+            b = w.Button(description=label, icon=icon, layout=w.Layout(width=f"{thumb // 2 - 2}px"))
+            b.add_class(f"qwennb-history-{label.lower().replace(' ', '-')}")
+
+            def click(_b: Any, fn: Any = fn, i: int = i) -> None:
+                if fn is None:
+                    return
+                with out:
+                    from IPython.display import display
+
+                    shown = fn(i)
+                    if shown is not None:
+                        display(shown)
+
+            b.on_click(click)
+            b.disabled = fn is None
+            buttons.append(b)
+        parts.append(w.HBox(buttons))
+        cells.append(w.VBox(parts, layout=w.Layout(width=f"{thumb + 8}px", margin="4px")))
+    grid = w.HBox(cells, layout=w.Layout(flex_flow="row wrap"))
+    box = w.VBox([grid, out])
+    box.add_class("qwennb-history")
+    box.output = out  # type: ignore[attr-defined]
+    return box

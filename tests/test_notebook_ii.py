@@ -499,6 +499,26 @@ def test_cli_sweep_writes_a_grid_with_its_parameters(tmp_path, capsys):
     assert main(["sweep", "seed=1,2", "--steps", "0", "a cat"]) == 2
 
 
+def test_stopping_a_sweep_ends_it_after_the_running_cell_and_keeps_the_grid(session):
+    from qwennb.generation import StopSignal
+    from qwennb.sweep import run_sweep
+
+    stop = StopSignal()
+    seen = []
+
+    def on_step(s):
+        seen.append(s.step)
+        if len(seen) == 3:  # the second cell's first step
+            stop.set()
+
+    sw = run_sweep(
+        session.pipe, "a cat", {"seed": [1, 2, 3]}, steps=2, width=64, height=64, stop=stop, on_step=on_step
+    )
+    assert [c.result is not None for c in sw.cells] == [True, True, False]
+    assert sw.cells[1].result.interrupted and sw.cells[1].result.steps_completed == 1
+    assert sw.grid.size == (3 * 68, 18 + 82)
+
+
 def test_a_3x3_sweep_on_the_small_model_fits_the_budget(session):
     """Target: a 3x3 sweep on the CI machine's CPU in at most 25 s. Bounded here: the CPU time of the sweep run on
     one torch thread, which is the wall time it needs on one idle core (the shared test machine's wall time
@@ -616,6 +636,33 @@ def test_history_regenerate_and_send_to_panel(ip):
     assert p.image.layout.display != "none" and p.image.value
     with pytest.raises(UsageError, match="no history entry 999"):
         ip.run_line_magic("qwen", "history regenerate 999")
+
+
+def _walk(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _walk(child)
+
+
+def test_history_grid_has_regenerate_and_to_panel_buttons(ip):
+    m = _magics(ip)
+    if not m.session.loaded:
+        m.load(show=False)
+    ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --seed 44 --no-save", "a purple cube")
+    view = ip.run_line_magic("qwen", "history")
+    bundle = view._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "purple cube" in bundle["text/html"]
+    i = len(view) - 1
+    regen = [b for b in _walk(view.widget) if "qwennb-history-regenerate" in getattr(b, "_dom_classes", ())]
+    to_panel = [b for b in _walk(view.widget) if "qwennb-history-to-panel" in getattr(b, "_dom_classes", ())]
+    assert len(regen) == len(to_panel) == len(view)
+    n = len(m.session.history)
+    regen[i].click()
+    assert len(m.session.history) == n + 1
+    again = m.session.history[-1]
+    assert again.seed == 44 and np.array_equal(px(again), px(view[i]))
+    to_panel[i].click()
+    assert m.panel.prompt.value == "a purple cube" and m.panel.seed.value == 44
 
 
 # --------------------------------------------------------------------------- panel
