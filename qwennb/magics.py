@@ -533,9 +533,17 @@ class QwenMagics(Magics):
         """The widget panel: prompt, sliders for steps and CFG, presets, Generate and Stop."""
         from .widgets import QwenPanel
 
-        if not self.session.loaded:
-            self.load()
-        self.panel = QwenPanel(self.session, save_dir=self.save_dir, embed_metadata=self.embed_metadata)
+        overrides = {"mode": self.mode} if self.mode else None
+        try:  # the model loads at the first Generate (after the panel's options are checked), not here
+            self.panel = QwenPanel(
+                self.session,
+                save_dir=self.save_dir,
+                embed_metadata=self.embed_metadata,
+                model=self.model or None,
+                overrides=overrides,
+            )
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
         return self.panel.widget
 
 

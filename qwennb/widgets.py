@@ -37,15 +37,23 @@ class QwenPanel:
     """A widget panel bound to a :class:`Session`. ``panel.widget`` is what Jupyter shows."""
 
     def __init__(
-        self, session: Session, save_dir: str | None = "outputs", embed_metadata: bool = True
+        self,
+        session: Session,
+        save_dir: str | None = "outputs",
+        embed_metadata: bool = True,
+        model: str | None = None,
+        overrides: dict[str, Any] | None = None,
     ) -> None:
         self.session = session
         self.save_dir = save_dir
         self.embed_metadata = embed_metadata
-        plan = session.report.plan if session.report else None
+        # With no model loaded yet, the panel shows the plan's defaults and loads ``model`` at the first
+        # Generate, after its options are checked: a bad option never costs a load.
+        self.model, self.overrides = model, overrides
+        plan = session.report.plan if session.report else session.plan_for(model, overrides)
         defaults = plan.defaults if plan else {"steps": 20, "cfg": 4.0, "width": 1024, "height": 1024}
         self._stand_in_side = (
-            max(defaults["width"], defaults["height"]) if plan and plan.model == "tiny" else None
+            max(defaults["width"], defaults["height"]) if plan and plan.model in ("tiny", "toy") else None
         )
         self.prompt = w.Textarea(
             placeholder="Describe the image...", layout=w.Layout(width="100%", height="70px")
@@ -251,10 +259,13 @@ class QwenPanel:
     def _run(self, prompt: str) -> None:
         try:
             original = None
+            if not self.session.loaded:
+                self._set_status("loading the model...")
+                self.session.load(self.model, self.overrides)
             if self.enhance.value:
                 from .enhance import enhance_prompt
 
-                self.status.value = "enhancing the prompt..."
+                self._set_status("enhancing the prompt...")
                 e = enhance_prompt(prompt, pipe=self.session.require())
                 prompt, original = e.enhanced, e.original
             width, height = aspect_size(self.aspect.value, self._stand_in_side)

@@ -694,6 +694,26 @@ def test_panel_refuses_bad_options_before_running(panel, session):
     assert "seed must be a whole number" in panel.status.value and "seed must be" in panel.last_error
 
 
+def test_a_panel_opened_before_loading_refuses_bad_options_without_loading(tmp_path):
+    from qwennb.widgets import QwenPanel
+
+    s = Session()
+    p = QwenPanel(s, save_dir=str(tmp_path), model="tiny")
+    assert (p.steps.value, p.cfg.value) == (8, 4.0)  # the tiny plan's defaults, read without loading
+    p.prompt.value = "a cat"
+    p.randomize.value = False
+    p.seed.value = -1
+    t0 = time.perf_counter()
+    p.start()
+    assert time.perf_counter() - t0 < 1.0 and p._thread is None and not s.loaded
+    assert "seed must be" in p.last_error
+    p.seed.value = 5
+    p.steps.value = 2
+    p.start()
+    r = p.wait(300)
+    assert s.loaded and r is not None and r.seed == 5 and r.steps_completed == 2
+
+
 def test_panel_hides_the_old_image_during_a_new_run_and_previews(panel):
     panel.prompt.value = "a cat"
     panel.steps.value = 4
