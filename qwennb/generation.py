@@ -216,10 +216,6 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _check_options(steps: Any, cfg: Any, seed: Any, num_images: Any) -> None:
-    validate_generate_options({"steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images})
-
-
 class PipelineBusyError(GenerationError):
     """Another generation is running on this pipeline (raised only with ``wait=False``)."""
 
@@ -320,13 +316,8 @@ def resolve_options(
             )
     steps = steps if steps is not None else (p.steps if p else defaults["steps"])
     cfg = cfg if cfg is not None else (p.cfg if p else defaults["cfg"])
+    validate_generate_options({"aspect": aspect, "width": width, "height": height})
     if aspect is not None:
-        if width is not None or height is not None:
-            raise GenerationError("give either a size or an aspect ratio, not both")
-        if aspect not in ASPECT_RATIOS:
-            raise GenerationError(
-                f"unknown aspect ratio {aspect!r}; choose one of: {', '.join(ASPECT_RATIOS)}"
-            )
         # Official sizes on a real model; scaled to the plan's default long side on a small stand-in.
         small = _small_stand_in(plan)
         width, height = aspect_size(aspect, max(defaults["width"], defaults["height"]) if small else None)
@@ -347,9 +338,7 @@ def resolve_options(
             width, height = ASPECT_RATIOS["1:1"]
     width = width if width is not None else defaults["width"]
     height = height if height is not None else defaults["height"]
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v > 4096:
-            raise GenerationError(f"{name} must be a whole number from 16 to 4096, got {v!r}")
+    validate_generate_options({"width": width, "height": height})
     if width % 16 or height % 16:
         w2, h2 = round16(width), round16(height)
         notices.append(f"size {width}x{height} rounded to {w2}x{h2} (sizes must be multiples of 16).")
@@ -436,7 +425,8 @@ def generate(
     steps, cfg, width, height = resolve_options(
         pipe, steps, cfg, width, height, aspect, preset, guidance_scale, notices
     )
-    _check_options(steps, cfg, seed, num_images)
+    # The preset's or the plan's values are checked too (a plan could hold anything).
+    validate_generate_options({"steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images})
     info = getattr(pipe, "qwennb", {})
     plan: Plan | None = info.get("plan")
     model = info.get("model", "unknown")
