@@ -246,9 +246,29 @@ def is_busy(pipe: Any) -> bool:
     return lock is not None and lock.lock.locked()
 
 
-@contextlib.contextmanager
-def run_lock(pipe: Any, wait: bool = True, notices: list[str] | None = None) -> Iterator[None]:
-    """Hold ``pipe`` for one generation; waits for (or, with ``wait=False``, refuses) a running one."""
+class _Run:
+    def __init__(self, rl: _RunLock) -> None:
+        self.rl = rl
+
+    def release(self) -> None:
+        if self.rl is not None:
+            self.rl.owner = None
+            self.rl.lock.release()
+            self.rl = None  # type: ignore[assignment]
+
+
+def acquire_run(pipe: Any, wait: bool = True, notices: list[str] | None = None) -> _Run:
+    """Hold ``pipe`` for one generation (``.release()`` when done); waits for a running one, or with
+    ``wait=False`` raises :class:`PipelineBusyError`.
+
+    Example:
+        >>> class Pipe: pass
+        >>> pipe = Pipe()
+        >>> run = acquire_run(pipe); is_busy(pipe)
+        True
+        >>> run.release(); is_busy(pipe)
+        False
+    """
     rl = _run_lock_of(pipe)
     if rl.owner == threading.get_ident():
         raise PipelineBusyError(
@@ -264,11 +284,7 @@ def run_lock(pipe: Any, wait: bool = True, notices: list[str] | None = None) -> 
         if notices is not None:
             notices.append(f"waited {time.perf_counter() - t0:.1f} s for another generation on this pipeline")
     rl.owner = threading.get_ident()
-    try:
-        yield
-    finally:
-        rl.owner = None
-        rl.lock.release()
+    return _Run(rl)
 
 
 def largest_size_that_fits(plan: Plan, width: int, height: int, batch: int) -> tuple[int, int] | None:
@@ -451,140 +467,139 @@ def generate(
     for n in notices:
         log.warning(n)
 
-    with run_lock(pipe, wait=wait, notices=notices):
-        device = pipe._execution_device
-        stop = stop if stop is not None else StopSignal()
-        stop.clear()
-        cuda = device.type == "cuda"
+    device = pipe._execution_device
+    stop = stop if stop is not None else StopSignal()
+    stop.clear()
+    cuda = device.type == "cuda"
+    step_times: list[float] = []
+    last: dict[str, Any] = {}
+    passes = {"n": 0}
+    run = acquire_run(pipe, wait, notices)  # one generation at a time on this pipeline: released below
+    try:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        step_times: list[float] = []
-        last: dict[str, Any] = {}
-        passes = {"n": 0}
         hook = pipe.transformer.register_forward_pre_hook(lambda *_: passes.__setitem__("n", passes["n"] + 1))
-        t_start = time.perf_counter()
-        text_s = decode_s = 0.0
-        images: list[Any] = []
-        interrupted = False
-        denoise_peak = None
+    except BaseException:
+        run.release()
+        raise
+    t_start = time.perf_counter()
+    text_s = decode_s = 0.0
+    images: list[Any] = []
+    interrupted = False
+    denoise_peak = None
 
-        previewer = None
-        if preview and on_step is not None:
-            from .preview import DEFAULT_EVERY, Previewer
+    previewer = None
+    if preview and on_step is not None:
+        from .preview import DEFAULT_EVERY, Previewer
 
-            every = DEFAULT_EVERY if preview is True else int(preview)
-            previewer = Previewer(pipe, width, height, every)
+        every = DEFAULT_EVERY if preview is True else int(preview)
+        previewer = Previewer(pipe, width, height, every)
 
-        def callback(p_: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal denoise_peak
-            _sync(device)
-            now = time.perf_counter()
-            step_times.append(now - last["t"])
-            last["t"] = now
-            last["latents"] = kwargs["latents"]
-            if cuda:
-                denoise_peak = torch.cuda.max_memory_allocated() / 1024**3
-            if on_step is not None:
-                image = (
-                    previewer(len(step_times), steps, kwargs["latents"]) if previewer is not None else None
-                )
-                on_step(
-                    StepInfo(
-                        len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"], image
-                    )
-                )
-            if stop and len(step_times) < steps:
-                p_._interrupt = True
-            return {}
-
-        try:
-            # no_grad, as diffusers' own __call__ (inference_mode tensors trip compiled graphs that are reused later).
-            from .speed import expect_cfg  # tells the tuned path (if on) whether passes come in CFG pairs
-
-            with _sigint_stops(stop), torch.no_grad(), expect_cfg(pipe.transformer, cfg > 1):
-                _sync(device)
-                t0 = time.perf_counter()
-                embeds, mask = _encode(pipe, text, num_images, device)
-                neg = _encode(pipe, negative_prompt, num_images, device) if cfg > 1 else (None, None)
-                _sync(device)
-                text_s = time.perf_counter() - t0
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-                last["t"] = last["t0"] = time.perf_counter()
-                out = pipe(
-                    prompt_embeds=embeds,
-                    prompt_embeds_mask=mask,
-                    negative_prompt_embeds=neg[0],
-                    negative_prompt_embeds_mask=neg[1],
-                    true_cfg_scale=cfg,
-                    num_inference_steps=steps,
-                    width=width,
-                    height=height,
-                    num_images_per_prompt=1,
-                    generator=generator,
-                    callback_on_step_end=callback,
-                    output_type="pil",
-                )
-                _sync(device)
-                decode_s = time.perf_counter() - last["t"]
-                images = list(out.images)
-                interrupted = len(step_times) < steps
-        except KeyboardInterrupt:
-            interrupted = True
-            images = []
-            notices.append(f"interrupted after {len(step_times)} of {steps} steps")
-        except torch.OutOfMemoryError as exc:
-            del exc
-            last.clear()
-            free_memory()
-            raise GenerationError(
-                f"out of GPU memory at {width}x{height} x{num_images}; use a smaller size or fewer images, or load a "
-                "plan that keeps less on the GPU (e.g. OptimizationConfig(transformer_placement='group_offload'))"
-            ) from None
-        finally:
-            hook.remove()
-            pipe._interrupt = False
-        latents = last.pop("latents", None)
-        if latents is not None and not bool(torch.isfinite(latents).all()):
-            del latents
-            free_memory()
-            raise GenerationError(
-                "the output has NaN or inf values (it would be a black image); the likely cause is fp16 weights or "
-                "compute: Qwen-Image needs bf16 or fp32"
+    def callback(p_: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        nonlocal denoise_peak
+        _sync(device)
+        now = time.perf_counter()
+        step_times.append(now - last["t"])
+        last["t"] = now
+        last["latents"] = kwargs["latents"]
+        if cuda:
+            denoise_peak = torch.cuda.max_memory_allocated() / 1024**3
+        if on_step is not None:
+            image = previewer(len(step_times), steps, kwargs["latents"]) if previewer is not None else None
+            on_step(
+                StepInfo(len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"], image)
             )
-        del latents
+        if stop and len(step_times) < steps:
+            p_._interrupt = True
+        return {}
+
+    try:
+        # no_grad, as diffusers' own __call__ (inference_mode tensors trip compiled graphs that are reused later).
+        from .speed import expect_cfg  # tells the tuned path (if on) whether passes come in CFG pairs
+
+        with _sigint_stops(stop), torch.no_grad(), expect_cfg(pipe.transformer, cfg > 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            embeds, mask = _encode(pipe, text, num_images, device)
+            neg = _encode(pipe, negative_prompt, num_images, device) if cfg > 1 else (None, None)
+            _sync(device)
+            text_s = time.perf_counter() - t0
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            last["t"] = last["t0"] = time.perf_counter()
+            out = pipe(
+                prompt_embeds=embeds,
+                prompt_embeds_mask=mask,
+                negative_prompt_embeds=neg[0],
+                negative_prompt_embeds_mask=neg[1],
+                true_cfg_scale=cfg,
+                num_inference_steps=steps,
+                width=width,
+                height=height,
+                num_images_per_prompt=1,
+                generator=generator,
+                callback_on_step_end=callback,
+                output_type="pil",
+            )
+            _sync(device)
+            decode_s = time.perf_counter() - last["t"]
+            images = list(out.images)
+            interrupted = len(step_times) < steps
+    except KeyboardInterrupt:
+        interrupted = True
+        images = []
+        notices.append(f"interrupted after {len(step_times)} of {steps} steps")
+    except torch.OutOfMemoryError as exc:
+        del exc
         last.clear()
-        if interrupted:
-            free_memory()
-            if images:
-                notices.append(
-                    f"stopped after {len(step_times)} of {steps} steps; the image is partly denoised"
-                )
-        peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else None
-        steps_done = max(1, len(step_times))
-        return GenerationResult(
-            images=images,
-            prompt=text,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            width=width,
-            height=height,
-            num_images=num_images,
-            preset=preset,
-            model=model,
-            step_times_s=step_times,
-            text_encoding_s=text_s,
-            decode_s=decode_s,
-            total_s=time.perf_counter() - t_start,
-            peak_gpu_memory_gb=round(peak, 3) if peak is not None else None,
-            denoise_peak_gpu_memory_gb=round(denoise_peak, 3) if denoise_peak is not None else None,
-            transformer_passes_per_step=round(passes["n"] / steps_done),
-            interrupted=interrupted,
-            notices=notices,
-            plan=plan.to_dict() if plan is not None else None,
-            original_prompt=original_prompt,
+        free_memory()
+        raise GenerationError(
+            f"out of GPU memory at {width}x{height} x{num_images}; use a smaller size or fewer images, or load a "
+            "plan that keeps less on the GPU (e.g. OptimizationConfig(transformer_placement='group_offload'))"
+        ) from None
+    finally:
+        hook.remove()
+        pipe._interrupt = False
+        run.release()
+    latents = last.pop("latents", None)
+    if latents is not None and not bool(torch.isfinite(latents).all()):
+        del latents
+        free_memory()
+        raise GenerationError(
+            "the output has NaN or inf values (it would be a black image); the likely cause is fp16 weights or "
+            "compute: Qwen-Image needs bf16 or fp32"
         )
+    del latents
+    last.clear()
+    if interrupted:
+        free_memory()
+        if images:
+            notices.append(f"stopped after {len(step_times)} of {steps} steps; the image is partly denoised")
+    peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else None
+    steps_done = max(1, len(step_times))
+    return GenerationResult(
+        images=images,
+        prompt=text,
+        negative_prompt=negative_prompt,
+        seed=seed,
+        steps=steps,
+        cfg=cfg,
+        width=width,
+        height=height,
+        num_images=num_images,
+        preset=preset,
+        model=model,
+        step_times_s=step_times,
+        text_encoding_s=text_s,
+        decode_s=decode_s,
+        total_s=time.perf_counter() - t_start,
+        peak_gpu_memory_gb=round(peak, 3) if peak is not None else None,
+        denoise_peak_gpu_memory_gb=round(denoise_peak, 3) if denoise_peak is not None else None,
+        transformer_passes_per_step=round(passes["n"] / steps_done),
+        interrupted=interrupted,
+        notices=notices,
+        plan=plan.to_dict() if plan is not None else None,
+        original_prompt=original_prompt,
+    )
 
 
 # --------------------------------------------------------------------------- saving with provenance
