@@ -262,10 +262,7 @@ class QwenMagics(Magics):
     @argument("--size", help="WIDTHxHEIGHT, multiples of 16 (others are rounded)")
     @argument("--aspect", help="official aspect ratio: 1:1 16:9 9:16 4:3 3:4 3:2 2:3")
     @argument("--negative", help="negative prompt (default ' ' when CFG > 1)")
-    @argument(
-        "--preset",
-        help="ultra-fast (12 steps, CFG 3), balanced (20, 3.5), high-quality (35, 4), official (50, 4)",
-    )
+    @argument("--preset", help=_PRESET_HELP)
     @argument("--n", type=int, default=1, help="number of images")
     @argument("--out", help="folder for the PNGs (default: QwenMagics.save_dir)")
     @argument("--no-save", action="store_true", help="do not write PNGs")
