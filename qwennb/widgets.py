@@ -131,7 +131,6 @@ class QwenPanel:
             self.steps.value, self.cfg.value = p.steps, p.cfg
         finally:
             self._moving = False
-        self.previews_shown = 0
 
     def _on_manual(self, change: dict[str, Any]) -> None:
         if not self._moving and self.preset.value != CUSTOM:
