@@ -424,7 +424,10 @@ class QwenMagics(Magics):
         entry = self.session.entry(index)
         if not entry.images:
             raise UsageError(f"history entry {index} has no image (the run was interrupted)")
-        paths = entry.save(folder, embed_metadata=self.embed_metadata)
+        try:
+            paths = entry.save(folder, embed_metadata=self.embed_metadata)
+        except OSError as exc:
+            raise UsageError(f"cannot save to {folder}: {exc.strerror or exc}; try another folder") from None
         print("\n".join(paths))
 
     def _qwen_sweep(self, rest: str) -> Any:

@@ -186,13 +186,16 @@ def save_history(results: list[GenerationResult], path: str | os.PathLike[str]) 
     from pathlib import Path
 
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for r in results:
-        if r.images and not r.paths:
-            r.save(target.parent)
-        lines.append(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
-    target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for r in results:
+            if r.images and not r.paths:
+                r.save(target.parent)
+            lines.append(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
+        target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    except OSError as exc:
+        raise QwennbError(f"cannot write the history to {path}: {exc.strerror or exc}") from None
     return str(target)
 
 
@@ -221,6 +224,6 @@ def load_history(path: str | os.PathLike[str]) -> list[GenerationResult]:
                     with Image.open(f) as im:
                         images.append(im.convert("RGB"))
             out.append(GenerationResult.from_dict(d, images))
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
             raise QwennbError(f"{path} line {n} is not a qwennb history entry ({exc})") from None
     return out

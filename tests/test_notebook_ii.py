@@ -620,6 +620,16 @@ def test_history_survives_reload_ext_and_round_trips_through_jsonl(ip, tmp_path)
     assert f"#{n - 1}</b>" in view._repr_mimebundle_()["text/html"]
 
 
+def test_a_broken_history_file_is_a_one_line_error(tmp_path):
+    from qwennb.session import load_history
+
+    for n, text in enumerate(["{not json", "[1, 2]", '{"prompt": "x"}']):
+        path = tmp_path / f"h{n}.jsonl"
+        path.write_text(text + "\n")
+        with pytest.raises(QwennbError, match=rf"h{n}.jsonl line 1 is not a qwennb history entry"):
+            load_history(path)
+
+
 def test_history_regenerate_and_send_to_panel(ip):
     m = _magics(ip)
     if not m.session.loaded:
@@ -634,8 +644,17 @@ def test_history_regenerate_and_send_to_panel(ip):
     p = m.panel
     assert (p.prompt.value, p.seed.value, p.randomize.value, p.cfg.value) == ("a yellow kite", 33, False, 2.5)
     assert p.image.layout.display != "none" and p.image.value
-    with pytest.raises(UsageError, match="no history entry 999"):
-        ip.run_line_magic("qwen", "history regenerate 999")
+    for line, message in [
+        ("history regenerate 999", "no history entry 999"),
+        ("history regenerate x", "a history entry is a number"),
+        ("history save /proc/qwennb/h.jsonl", "cannot write the history to /proc/qwennb/h.jsonl"),
+        ("history load /nonexistent/h.jsonl", "cannot read /nonexistent/h.jsonl"),
+        ("history frobnicate", "unknown %qwen history command 'frobnicate'"),
+        (f"save {i} /proc/qwennb", "cannot save to /proc/qwennb"),
+        ("save", "usage: %qwen save"),
+    ]:
+        with pytest.raises(UsageError, match=message):
+            ip.run_line_magic("qwen", line)
 
 
 def _walk(widget):
