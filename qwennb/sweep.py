@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -223,6 +224,24 @@ def _cell_values(axes: dict[str, list[Any]]) -> list[tuple[int, int, dict[str, A
 
 def plan_cells(prompt: str, axes: dict[str, list[Any]], options: dict[str, Any]) -> list[SweepCell]:
     """Every cell's prompt and values, each checked with :func:`qwennb.options.validate_generate_options`."""
+    if not isinstance(axes, dict) or not axes:
+        raise SweepError("a sweep needs at least one axis, e.g. {'seed': [1, 2, 3]}")
+    if len(axes) > MAX_AXES:
+        raise SweepError(f"a sweep has one or two axes (a grid), got {len(axes)}: {', '.join(axes)}")
+    fields = placeholders(prompt)
+    for name, values in axes.items():
+        if name not in AXES and name not in fields:
+            raise SweepError(
+                f"unknown sweep axis {name!r}: use {', '.join(AXES)} or a {{placeholder}} of the prompt"
+            )
+        if not isinstance(values, (list, tuple)) or not values:
+            raise SweepError(f"axis {name} needs a list of values, got {values!r}")
+    missing = [f for f in fields if f not in axes]
+    if missing:
+        raise SweepError(f"the prompt's {{{missing[0]}}} has no values: add {missing[0]}=a,b")
+    cells_n = math.prod(len(v) for v in axes.values())
+    if cells_n > MAX_CELLS:
+        raise SweepError(f"the sweep has {cells_n} cells; at most {MAX_CELLS}")
     cells = []
     for i, j, values in _cell_values(axes):
         text = prompt

@@ -442,6 +442,24 @@ def test_parse_axes_refuses_bad_sweeps():
         assert message in str(e.value), (words, str(e.value))
 
 
+def test_run_sweep_checks_its_axes_before_running(session):
+    from qwennb.sweep import SweepError, run_sweep
+
+    n = len(session.history)
+    for axes, message in [
+        ({}, "at least one axis"),
+        ({"foo": [1, 2]}, "unknown sweep axis 'foo'"),
+        ({"seed": []}, "axis seed needs a list of values"),
+        ({"seed": ["a"]}, "seed must be a whole number"),
+        ({"seed": [1], "cfg": [1.0], "steps": [2]}, "one or two axes"),
+    ]:
+        with pytest.raises(SweepError, match=message):
+            run_sweep(session.pipe, "a cat", axes, steps=2, width=64, height=64)
+    with pytest.raises(SweepError, match="unknown option 'bogus'"):
+        session.sweep("a cat", {"seed": [1]}, bogus=1)
+    assert len(session.history) == n
+
+
 def test_magic_sweep_returns_the_grid_and_matches_single_generations(ip, tmp_path):
     m = _magics(ip)
     if not m.session.loaded:
