@@ -38,6 +38,11 @@ _LAZY = {
     "PipelineOptimizer": "compat",
     "QwennbError": "errors",
     "generate": "generation",
+    "enhance_prompt_with_qwen2vl": "enhance",
+    "enhance_prompt": "enhance",
+    "validate_generate_options": "options",
+    "run_sweep": "sweep",
+    "parse_axes": "sweep",
     "GenerationResult": "generation",
     "StopSignal": "generation",
     "load_params": "generation",
@@ -50,6 +55,14 @@ _LAZY = {
 
 
 _EXTENSION: Any = None
+
+
+def _render(kind: str, obj: Any, **kwargs: Any) -> Any:
+    """Presentation of a core object (``mimebundle``, ``timing_figure``...): the core's ``_repr_mimebundle_``
+    methods call this, so that the core modules never import the presentation layer (display)."""
+    from . import display
+
+    return getattr(display, kind)(obj, **kwargs)
 
 
 def load_ipython_extension(ip: Any) -> None:

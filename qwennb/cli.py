@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -155,13 +157,15 @@ def _is_dir(path: str) -> bool:
 
 
 def add_mode_argument(parser: argparse.ArgumentParser) -> None:
-    """``--mode`` with the modes of :data:`qwennb.plan.MODES` and what each trades."""
+    """``--mode`` with the modes of :data:`qwennb.plan.MODES`, one short clause each (the measured costs are
+    in ``%qwen presets`` and the README)."""
     from .plan import MODES
 
+    short = "; ".join(f"{name}: {text.split(':')[0]}" for name, (_, text) in MODES.items())
     parser.add_argument(
         "--mode",
         choices=list(MODES),
-        help="; ".join(f"{name}: {text}" for name, (_, text) in MODES.items()).replace("%", "%%"),
+        help=(f"speed against exactness ({short}); default: the plan decides").replace("%", "%%"),
     )
 
 
@@ -169,6 +173,392 @@ def _typical_tflops() -> dict[str, float]:
     from .hardware import TYPICAL_BF16_TFLOPS
 
     return TYPICAL_BF16_TFLOPS
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _add_generation_options(g: argparse.ArgumentParser) -> None:
+    """The options ``generate`` and ``sweep`` share (checked by :func:`qwennb.options.validate_generate_options`)."""
+    from .presets import ASPECT_RATIOS, PRESETS
+
+    g.add_argument(
+        "--model",
+        default=None,
+        help="registry name, hub id or folder (default: QWENNB_MODEL, then local Qwen-Image, then tiny)",
+    )
+    g.add_argument(
+        "--steps", type=int, help="denoising steps, at least 2 (default: the preset's, else the plan's)"
+    )
+    g.add_argument("--cfg", type=float, help="true_cfg_scale, at least 1 (1 turns guidance off)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help="random seed, 0 to 2**63-1; the same seed gives the same image (default: drawn)",
+    )
+    g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 (multiples of 16; others are rounded)")
+    g.add_argument("--aspect", choices=list(ASPECT_RATIOS), help="an official aspect ratio and its size")
+    g.add_argument("--negative", default=None, help="negative prompt (default ' ' when CFG > 1)")
+    presets = "; ".join(f"{p.name}: {p.steps} steps, CFG {p.cfg:g}" for p in PRESETS.values())
+    g.add_argument("--preset", help=f"named steps and CFG ({presets}); explicit options win")
+    g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    add_mode_argument(g)
+
+
+def add_generate_parser(sub: Any) -> None:
+    """Add ``qwennb generate`` to the CLI."""
+    g = sub.add_parser("generate", help="generate images (the tiny stand-in when no weights are found)")
+    g.add_argument("prompt", help="what to draw (quote it)")
+    _add_generation_options(g)
+    g.add_argument("--n", type=int, default=1, help="number of images (1 to 16)")
+    g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
+    g.set_defaults(func=_cmd_generate)
+
+
+def add_sweep_parser(sub: Any) -> None:
+    """Add ``qwennb sweep`` to the CLI."""
+    sw = sub.add_parser(
+        "sweep",
+        help="a grid of images over one or two of seed, cfg, steps, preset or a {placeholder} of the prompt",
+        description="Example: qwennb sweep seed=1,2 cfg=1,4 --steps 20 --size 256x256 a red circle",
+    )
+    sw.add_argument("words", nargs="+", help="AXIS=v1,v2[,...] (one or two axes), then the prompt")
+    _add_generation_options(sw)
+    sw.set_defaults(func=_cmd_sweep)
+
+
+def _options_from_args(args: argparse.Namespace, prompt: str, **more: Any) -> dict[str, Any]:
+    from .options import validate_generate_options
+
+    return validate_generate_options(
+        {
+            "prompt": prompt,
+            "negative_prompt": args.negative,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "seed": args.seed,
+            "size": args.size,
+            "aspect": args.aspect,
+            "preset": args.preset,
+            "mode": args.mode,
+            "out": args.out,
+            **more,
+        }
+    )
+
+
+def _load_for_cli(args: argparse.Namespace) -> Any:
+    import time
+
+    from .hardware import detect
+    from .pipeline import build, resolve_model
+    from .plan import make_plan
+
+    name, path, notice = resolve_model(args.model)
+    if notice:
+        print(f"qwennb: {notice}", file=sys.stderr)
+    # A folder is sized from its own configs (a small model saved there is not Qwen-Image).
+    source = path if args.model and path and os.path.isdir(args.model) else name
+    plan = make_plan(detect(), source, {"mode": args.mode} if args.mode else None)
+    for w in plan.warnings:
+        print(f"qwennb: {w}", file=sys.stderr)
+    t0 = time.perf_counter()
+    pipe = build(plan, path)
+    print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return pipe
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import is_axis_word, parse_axes, plan_cells
+
+    words = list(args.words)
+    axis_words = []
+    while words and is_axis_word(words[0]):
+        axis_words.append(words.pop(0))
+    prompt = " ".join(words).strip()
+    if not prompt:
+        raise QwennbError(
+            "the sweep has no prompt: write it after the axes, e.g. qwennb sweep seed=1,2 a red circle"
+        )
+    axes = parse_axes(axis_words, prompt)
+    opts = _options_from_args(args, prompt)
+    for k in ("prompt", "out", "mode"):
+        opts.pop(k, None)
+    plan_cells(prompt, axes, opts)  # every cell is checked before the model loads
+    pipe = _load_for_cli(args)
+    from .sweep import run_sweep
+
+    def on_cell(cell: Any, k: int, total: int) -> None:
+        vals = ", ".join(f"{n}={v}" for n, v in cell.values.items())
+        print(f"qwennb: cell {k}/{total} ({vals}): {cell.seconds:.1f} s", file=sys.stderr)
+
+    sweep = run_sweep(pipe, prompt, axes, on_cell=on_cell, **opts)
+    try:
+        sweep.save(args.out)
+    except OSError as exc:
+        import tempfile
+
+        rescue = sweep.save(tempfile.mkdtemp(prefix="qwennb-rescued-"))
+        raise QwennbError(
+            f"could not save to {args.out} ({exc.strerror or exc}); the grid was saved to {rescue}"
+        ) from None
+    if args.json:
+        print(json.dumps(sweep.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(sweep.path)
+        rows, cols = sweep.shape
+        print(f"sweep {rows}x{cols}: {len(sweep.results)} images in {sweep.total_s:.1f} s")
+    return 0
+
+
+def _save_or_rescue(result: Any, out: str, embed_metadata: bool) -> None:
+    """Save a result's PNGs; when that fails, save them in a temporary folder and say where (exit 2)."""
+    import tempfile
+
+    from .errors import GenerationError
+
+    try:
+        result.save(out, embed_metadata=embed_metadata)
+    except (OSError, GenerationError) as exc:
+        rescue = tempfile.mkdtemp(prefix="qwennb-rescued-")
+        paths = result.save(rescue, embed_metadata=embed_metadata)
+        raise QwennbError(
+            f"could not save to {out} ({getattr(exc, 'strerror', None) or exc}); the image was saved to "
+            f"{', '.join(paths)} instead: move it where you want it"
+        ) from None
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import os
+
+    # Every option is checked before anything heavy is imported or loaded (torch, diffusers, the weights).
+    opts = _options_from_args(args, args.prompt, num_images=args.n)
+    from tqdm.auto import tqdm
+
+    from .generation import generate
+
+    pipe = _load_for_cli(args)
+    bars: list[Any] = []  # made at the first step, when the total is known (no empty "0step" bar before)
+
+    def on_step(s: Any) -> None:
+        if not bars:
+            disable = os.environ.get("QWENNB_NO_PROGRESS") == "1"
+            bars.append(tqdm(total=s.total, unit="step", file=sys.stderr, disable=disable))
+        bars[0].update(1)
+        if s.step == s.total:
+            bars[0].close()  # before the decode, so the bar's time is the denoising's
+
+    try:
+        result = generate(
+            pipe,
+            args.prompt,
+            negative_prompt=opts.get("negative_prompt"),
+            steps=opts.get("steps"),
+            cfg=opts.get("cfg"),
+            seed=opts.get("seed"),
+            width=opts.get("width"),
+            height=opts.get("height"),
+            aspect=opts.get("aspect"),
+            num_images=opts["num_images"],
+            preset=opts.get("preset"),
+            on_step=on_step,
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    for n in result.notices:
+        print(f"qwennb: {n}", file=sys.stderr)
+    _save_or_rescue(result, args.out, not args.no_metadata)
+    if args.json:
+        d = result.to_dict()
+        d.pop("plan")
+        print(json.dumps(d, indent=2, ensure_ascii=False))
+    else:
+        for p in result.paths:
+            print(p)
+        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
+    return 0
+
+
+# --------------------------------------------------------------------------- enhance, describe
+
+
+def _print_notices(notices: list[str]) -> None:
+    for n in notices:
+        print(f"qwennb: {n}", file=sys.stderr)
+
+
+def _cmd_enhance(args: argparse.Namespace) -> int:
+    from . import enhance as en
+
+    chosen = en._cli_model(args.model, args.device)
+    context = args.context
+    if args.image:
+        d = en.describe_image(args.image, "style", max_new_tokens=args.max_new_tokens, **chosen)
+        _print_notices(d.notices)
+        context = " ".join(x for x in (context, d.text) if x)
+    e = en.enhance_prompt(
+        args.prompt,
+        context=context,
+        max_new_tokens=args.max_new_tokens,
+        sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        positive_magic=not args.no_magic,
+        **chosen,
+    )
+    _print_notices(e.notices)
+    if args.json:
+        print(json.dumps(e.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(e.enhanced)
+        print(f"qwennb: {e.language} · {e.model} · {e.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from . import enhance as en
+
+    en.load_image(args.image)  # refuse a URL or a missing file before loading a model
+    chosen = en._cli_model(args.model, args.device)
+    d = en.describe_image(args.image, args.focus, max_new_tokens=args.max_new_tokens, **chosen)
+    _print_notices(d.notices)
+    if args.json:
+        print(json.dumps(d.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(d.text)
+        print(f"qwennb: {d.focus} · {d.model} · {d.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def add_enhance_parser(sub: Any) -> None:
+    """Add ``qwennb enhance`` and ``qwennb describe`` to the CLI."""
+    from . import enhance as en
+
+    model_help = (
+        "an image model (its text encoder writes: tiny, qwen-image, a folder) or a VL model (qwen2.5-vl-7b, "
+        "qwen2-vl-7b, tiny-vl, tiny-vl2); default: the model `qwennb generate` would load"
+    )
+    e = sub.add_parser("enhance", help="rewrite a short prompt into a detailed one with a Qwen VL model")
+    e.add_argument("prompt")
+    e.add_argument("--model", default=None, help=model_help)
+    e.add_argument("--context", default=None, help="extra context, e.g. a style to follow")
+    e.add_argument("--image", default=None, help="a reference image whose style is added as context")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    e.add_argument("--temperature", type=float, default=0.7)
+    e.add_argument("--top-p", type=float, default=0.9)
+    e.add_argument("--seed", type=int, default=None, help="sampling seed")
+    e.add_argument("--no-magic", action="store_true", help="do not append the positive-magic suffix")
+    e.add_argument("--device", default=None, help="where to load a VL model (cpu to allow host RAM)")
+    e.add_argument("--json", action="store_true", help="one JSON object")
+    e.set_defaults(func=_cmd_enhance)
+
+    d = sub.add_parser("describe", help="describe an image's style or content, for use in a prompt")
+    d.add_argument("image", help="path of the image (URLs are not fetched)")
+    d.add_argument("--focus", choices=en.FOCUSES, default="style")
+    d.add_argument("--model", default=None, help=model_help)
+    d.add_argument("--max-new-tokens", type=int, default=200)
+    d.add_argument("--device", default=None, help="where to load a VL model (cpu to allow host RAM)")
+    d.add_argument("--json", action="store_true", help="one JSON object")
+    d.set_defaults(func=_cmd_describe)
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _print_download(res: Any, args: argparse.Namespace, free_where: str) -> None:
+    from . import download as dl
+
+    files = len(res.files)
+    if args.dry_run:
+        print(f"{res.repo_id} ({res.model}) at {res.revision[:12]} -> {res.dir}")
+        print(f"{'bytes':>14}  file")
+        for f in res.files:
+            print(f"{f.size:>14,}  {f.path}")
+        fits = "fits" if res.fits else "does NOT fit"
+        print(
+            f"total {dl.human_bytes(res.total_bytes)} in {files} files: {dl.human_bytes(res.present_bytes)} already "
+            f"here, {dl.human_bytes(res.needed_bytes)} to fetch; {dl.human_bytes(res.free_bytes)} free at "
+            f"{free_where}: {fits}"
+        )
+        return
+    state = "complete" if res.complete else "INCOMPLETE"
+    print(
+        f"{res.repo_id} ({res.model}): {state}, {files} files, {dl.human_bytes(res.total_bytes)}, at {res.dir}"
+    )
+    if not res.complete:
+        return
+    if res.in_cache:
+        default = " and `qwennb generate` loads it by default" if res.model == "qwen-image" else ""
+        print(f"`qwennb detect` will find it in the Hugging Face cache{default}")
+    elif dl.get_model(res.model).architecture == "VL":
+        print(f"load it from {res.dir}")
+    else:
+        print(
+            f"`qwennb detect --dir {Path(res.dir).parent}` will find it; "
+            f"`qwennb generate --model {res.dir} PROMPT` loads it"
+        )
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from . import download as dl
+
+    names = ["qwen-image"] if args.optimal else [args.model]
+    if args.optimal:
+        dl._notice(
+            "--optimal: Qwen/Qwen-Image (every plan, bf16, fp8, offload or NF4, loads its bf16 weights: "
+            "the same files for any GPU)"
+        )
+    if args.with_vl:
+        names.append(args.with_vl)
+    names = list(dict.fromkeys(dl.get_model(n).name for n in names))
+    results = dl.download(names, args.dir, dry_run=args.dry_run, revision=args.revision)
+    if args.json:
+        out: Any = results[0].to_dict() if len(results) == 1 else {"models": [r.to_dict() for r in results]}
+        print(json.dumps(out, indent=2))
+    else:
+        where = dl.free_disk_bytes(args.dir or dl._cache_root())[1]
+        for res in results:
+            _print_download(res, args, where)
+        if args.dry_run:
+            print("dry run: nothing was fetched")
+    for res in results:
+        if res.downloaded and not res.complete:
+            raise dl.DownloadError(
+                f"{res.repo_id} at {res.dir} is incomplete after the download ({'; '.join(res.problems[:3])}); "
+                "run the same command again"
+            )
+    return 0
+
+
+def add_download_parser(sub: Any) -> None:
+    """Add ``qwennb download`` to the CLI.
+
+    Example:
+        $ qwennb download --optimal --dry-run
+    """
+    from . import download as dl
+
+    vl = [s.name for s in dl.REGISTRY.values() if s.architecture == "VL" and s.hub_id]
+    d = sub.add_parser("download", help="fetch Qwen-Image (or another registry model) from the hub, checked")
+    what = d.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--optimal", action="store_true", help="what a Qwen-Image plan loads on this machine: Qwen/Qwen-Image"
+    )
+    what.add_argument(
+        "--model", help="one registry model: " + ", ".join(s.name for s in dl.REGISTRY.values())
+    )
+    d.add_argument("--with-vl", choices=vl, help="also fetch this vision-language model")
+    d.add_argument("--dir", help="put each model in DIR/<name> (default: the Hugging Face cache)")
+    d.add_argument(
+        "--dry-run", action="store_true", help="list files, sizes and free disk space; fetch nothing"
+    )
+    d.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=_cmd_download)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,24 +617,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=_cmd_plan)
 
-    try:
-        from .generation import add_generate_parser
-    except ImportError:  # pragma: no cover - while generate is being written
-        pass
-    else:
-        add_generate_parser(sub)
-    from .enhance import add_enhance_parser
-
+    add_generate_parser(sub)
+    add_sweep_parser(sub)
     add_enhance_parser(sub)
-    from .download import add_download_parser
-
     add_download_parser(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qwennb`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only `sweep` takes words after its options (the prompt follows them)
+        if getattr(args, "command", None) != "sweep" or any(w.startswith("-") for w in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.words += extra
     try:
         return int(args.func(args) or 0)
     except QwennbError as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import statistics
 from typing import TYPE_CHECKING, Any
 
@@ -42,12 +43,34 @@ def progress_line(step: int, total: int, step_s: float, elapsed_s: float) -> str
     return f"step {step}/{total} · {step_s:.2f} s/step · ETA {eta:.1f} s"
 
 
+def _step_ticks(n: int, max_labels: int = 10, axis_px: float = 520.0) -> list[int]:
+    """Step numbers to label: 1, then every k-th, leaving room before "decode" (at n + 1) and after "text"
+    (at 0) so that no two labels touch on the timing plot's axis (about ``axis_px`` pixels wide).
+
+    Example:
+        >>> _step_ticks(50)
+        [5, 10, 15, 20, 25, 30, 35, 40, 45]
+        >>> _step_ticks(4)
+        [1, 2, 3, 4]
+    """
+    every = max(1, -(-n // max_labels))
+    px_per_step = axis_px / (n + 2.6)  # bars from -0.4 to n + 1.4, plus matplotlib's margins
+    left = math.ceil(24 / px_per_step)  # half of "text" and of a number, and a little air
+    right = math.ceil(34 / px_per_step)  # half of "decode" and of a number, and a little air
+    ticks = [x for x in range(1, n + 1) if x == 1 or x % every == 0]
+    return [x for x in ticks if x >= left and n + 1 - x >= right]
+
+
 def timing_figure(result: GenerationResult) -> Any:
-    """A matplotlib Figure: one bar per denoising step, text encoding and decoding apart, median marked."""
+    """A matplotlib Figure: one bar per denoising step, text encoding and decoding apart, median marked.
+
+    The legend sits below the axes (never over a bar) and the step labels leave room for "text" and
+    "decode".
+    """
     from matplotlib.figure import Figure
 
     steps = result.step_times_s
-    fig = Figure(figsize=(6.4, 2.6), dpi=100)
+    fig = Figure(figsize=(6.4, 3.0), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     n = len(steps)
     xs = list(range(1, n + 1))
@@ -56,17 +79,16 @@ def timing_figure(result: GenerationResult) -> Any:
         [0], [result.text_encoding_s], color="#dd8452", label=f"text encoding {result.text_encoding_s:.2f} s"
     )
     ax.bar([n + 1], [result.decode_s], color="#55a868", label=f"decode {result.decode_s:.2f} s")
-    every = max(1, n // 10)
-    ticks = [0, *[x for x in xs if x == 1 or x % every == 0], n + 1]
+    ticks = [0, *_step_ticks(n), n + 1]
     ax.set_xticks(ticks, ["text", *[str(t) for t in ticks[1:-1]], "decode"], fontsize=8)
     if steps:
         med = statistics.median(steps)
         ax.axhline(med, color="#c44e52", linestyle="--", linewidth=1, label=f"median {med:.3f} s/step")
-    ax.set_xlabel("denoising step")
+    ax.set_xlabel("denoising step", fontsize=8)
     ax.set_ylabel("seconds")
     state = " (stopped early)" if result.interrupted else ""
     ax.set_title(f"{result.model}: {len(steps)} steps, {result.total_s:.1f} s total{state}", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=4, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -182,8 +204,38 @@ def plan_html(plan: Plan) -> str:
     )
 
 
+def shorten(text: str, width: int = 60) -> str:
+    """``text`` on one line, cut at a word boundary with an ellipsis when longer than ``width``.
+
+    Example:
+        >>> shorten("a red fox reading a newspaper in a cafe", 20)
+        'a red fox reading a…'
+        >>> shorten("a red fox", 20)
+        'a red fox'
+    """
+    text = " ".join(text.split())
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    if " " in cut and text[width - 1] != " ":
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:.") + "…"
+
+
+def progress_html(text: str, preview: Any = None, size: int = 128) -> str:
+    """The progress line with a small preview image of the current estimate beside it."""
+    img = ""
+    if preview is not None:
+        im = preview.resize((size, round(size * preview.height / preview.width)))
+        img = (
+            f'<img class="qwennb-preview" src="data:image/png;base64,{_b64(png_bytes(im))}" '
+            f'alt="preview" style="image-rendering:pixelated;vertical-align:middle;margin-right:8px"/>'
+        )
+    return f'<div class="qwennb-progress">{img}<span style="font-family:monospace">{html.escape(text)}</span></div>'
+
+
 def history_html(results: list[GenerationResult], thumb: int = 160) -> str:
-    """A small gallery of results with their parameters."""
+    """A grid of thumbnails, each with its number, prompt (shortened) and parameters."""
     if not results:
         return "<div>no generations yet</div>"
     cells = []
@@ -191,16 +243,80 @@ def history_html(results: list[GenerationResult], thumb: int = 160) -> str:
         img = (
             f'<img src="data:image/png;base64,{_b64(png_bytes(r.images[0], thumb))}" style="max-width:{thumb}px"/>'
             if r.images
-            else "<div>(no image)</div>"
+            else f'<div style="width:{thumb}px;height:{thumb // 2}px;color:#888">(no image)</div>'
         )
         cells.append(
-            f'<div style="display:inline-block;margin:4px;vertical-align:top;width:{thumb}px;font-size:smaller">'
-            f"{img}<div>#{i} {html.escape(r.prompt[:60])}</div><div>{html.escape(r.caption())}</div></div>"
+            f'<div class="qwennb-history-entry" title="{html.escape(r.prompt)}" style="display:inline-block;'
+            f'margin:4px;vertical-align:top;width:{thumb}px;font-size:smaller">'
+            f"{img}<div><b>#{i}</b> {html.escape(shorten(r.prompt, 60))}</div><div>{html.escape(r.caption())}</div></div>"
         )
-    return "<div>" + "".join(cells) + "</div>"
+    return '<div class="qwennb-history">' + "".join(cells) + "</div>"
 
 
 def history_text(results: list[GenerationResult]) -> str:
+    """One line per entry: number, prompt (shortened at a word, with an ellipsis) and parameters."""
     if not results:
         return "no generations yet"
-    return "\n".join(f"#{i} {r.prompt[:60]!r}: {r.caption()}" for i, r in enumerate(results))
+    return "\n".join(f"#{i} {shorten(r.prompt, 60)!r}: {r.caption()}" for i, r in enumerate(results))
+
+
+def sweep_html(sweep: Any, max_side: int = 1024) -> str:
+    """A sweep's grid image with its axes, each cell's time and where it was saved."""
+    rows, cols = sweep.shape
+    parts = [
+        '<div class="qwennb-sweep">',
+        f'<img src="data:image/png;base64,{_b64(png_bytes(sweep.grid, max_side))}" alt="sweep grid"/>',
+        f'<div style="font-family:monospace;font-size:smaller">{html.escape(sweep_text(sweep))}</div>',
+        "</div>",
+    ]
+    return "".join(parts)
+
+
+def sweep_text(sweep: Any) -> str:
+    rows, cols = sweep.shape
+    axes = " × ".join(
+        f"{k}={','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in vs)}"
+        for k, vs in sweep.axes.items()
+    )
+    lines = [f"sweep {rows}x{cols} over {axes}: {len(sweep.results)} images in {sweep.total_s:.1f} s"]
+    for c in sweep.cells:
+        vals = ", ".join(f"{k}={v}" for k, v in c.values.items())
+        seed = f" seed {c.result.seed}" if c.result is not None else " (not run)"
+        lines.append(f"  [{c.row},{c.col}] {vals}:{seed} {c.seconds:.1f} s")
+    if sweep.path:
+        lines.append(f"saved: {sweep.path}")
+    return "\n".join(lines)
+
+
+def mimebundle(obj: Any) -> dict[str, str]:
+    """The notebook's rich form of a core object (results, sweeps, plans, load reports).
+
+    The core's ``_repr_mimebundle_`` methods reach this through ``qwennb._render``, so the core never imports
+    this module.
+    """
+    kind = type(obj).__name__
+    if kind == "GenerationResult":
+        return {"text/plain": result_text(obj), "text/html": result_html(obj)}
+    if kind == "SweepResult":
+        return {"text/plain": sweep_text(obj), "text/html": sweep_html(obj)}
+    if kind == "Plan":
+        return {"text/plain": obj.table(), "text/html": plan_html(obj)}
+    if kind == "LoadReport":
+        return {"text/plain": obj.text(), "text/html": load_report_html(obj)}
+    return {"text/plain": repr(obj)}
+
+
+def load_report_html(report: Any) -> str:
+    """The banner after loading: card, model, load time, any notice, then the plan."""
+    note = (
+        f'<div style="color:#a60;font-weight:bold">{html.escape(report.notice)}</div>'
+        if report.notice
+        else ""
+    )
+    g = report.hardware.best_gpu
+    card = f"{g.name}, {g.total_memory_gb:.1f} GiB" if g else f"no GPU ({report.hardware.cpu_count} CPUs)"
+    head = (
+        f"<div><b>qwennb</b> · {html.escape(card)} · loaded <b>{html.escape(report.model)}</b> "
+        f"in {report.seconds:.1f} s</div>"
+    )
+    return head + note + plan_html(report.plan)

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import importlib
@@ -625,94 +624,7 @@ def _fetch(job: _Job, res: DownloadResult, token: str | bool | None, endpoint: s
     res.complete = not res.problems
 
 
-# --------------------------------------------------------------------------- the command
-
-
-def _print_result(res: DownloadResult, args: argparse.Namespace, free_where: str) -> None:
-    files = len(res.files)
-    if args.dry_run:
-        print(f"{res.repo_id} ({res.model}) at {res.revision[:12]} -> {res.dir}")
-        print(f"{'bytes':>14}  file")
-        for f in res.files:
-            print(f"{f.size:>14,}  {f.path}")
-        fits = "fits" if res.fits else "does NOT fit"
-        print(
-            f"total {human_bytes(res.total_bytes)} in {files} files: {human_bytes(res.present_bytes)} already "
-            f"here, {human_bytes(res.needed_bytes)} to fetch; {human_bytes(res.free_bytes)} free at "
-            f"{free_where}: {fits}"
-        )
-        return
-    state = "complete" if res.complete else "INCOMPLETE"
-    print(
-        f"{res.repo_id} ({res.model}): {state}, {files} files, {human_bytes(res.total_bytes)}, at {res.dir}"
-    )
-    if not res.complete:
-        return
-    if res.in_cache:
-        default = " and `qwennb generate` loads it by default" if res.model == "qwen-image" else ""
-        print(f"`qwennb detect` will find it in the Hugging Face cache{default}")
-    elif get_model(res.model).architecture == "VL":
-        print(f"load it from {res.dir}")
-    else:
-        print(
-            f"`qwennb detect --dir {Path(res.dir).parent}` will find it; "
-            f"`qwennb generate --model {res.dir} PROMPT` loads it"
-        )
-
-
-def _cmd_download(args: argparse.Namespace) -> int:
-    names = ["qwen-image"] if args.optimal else [args.model]
-    if args.optimal:
-        _notice(
-            "--optimal: Qwen/Qwen-Image (every plan, bf16, fp8, offload or NF4, loads its bf16 weights: "
-            "the same files for any GPU)"
-        )
-    if args.with_vl:
-        names.append(args.with_vl)
-    names = list(dict.fromkeys(get_model(n).name for n in names))
-    results = download(names, args.dir, dry_run=args.dry_run, revision=args.revision)
-    if args.json:
-        out: Any = results[0].to_dict() if len(results) == 1 else {"models": [r.to_dict() for r in results]}
-        print(json.dumps(out, indent=2))
-    else:
-        where = free_disk_bytes(args.dir or _cache_root())[1]
-        for res in results:
-            _print_result(res, args, where)
-        if args.dry_run:
-            print("dry run: nothing was fetched")
-    for res in results:
-        if res.downloaded and not res.complete:
-            raise DownloadError(
-                f"{res.repo_id} at {res.dir} is incomplete after the download ({'; '.join(res.problems[:3])}); "
-                "run the same command again"
-            )
-    return 0
-
-
 def _cache_root() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
-
-
-def add_download_parser(sub: Any) -> None:
-    """Add ``qwennb download`` to the CLI.
-
-    Example:
-        $ qwennb download --optimal --dry-run
-    """
-    vl = [s.name for s in REGISTRY.values() if s.architecture == "VL" and s.hub_id]
-    d = sub.add_parser("download", help="fetch Qwen-Image (or another registry model) from the hub, checked")
-    what = d.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--optimal", action="store_true", help="what a Qwen-Image plan loads on this machine: Qwen/Qwen-Image"
-    )
-    what.add_argument("--model", help="one registry model: " + ", ".join(s.name for s in REGISTRY.values()))
-    d.add_argument("--with-vl", choices=vl, help="also fetch this vision-language model")
-    d.add_argument("--dir", help="put each model in DIR/<name> (default: the Hugging Face cache)")
-    d.add_argument(
-        "--dry-run", action="store_true", help="list files, sizes and free disk space; fetch nothing"
-    )
-    d.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
-    d.add_argument("--json", action="store_true", help="print one JSON object")
-    d.set_defaults(func=_cmd_download)

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import io
 import json
@@ -53,7 +52,6 @@ __all__ = [
     "EnhancedPrompt",
     "ImageDescription",
     "VLModel",
-    "add_enhance_parser",
     "check_rewrite",
     "current_vl_model",
     "describe_image",
@@ -158,7 +156,9 @@ class EnhancedPrompt:
     model: str
     seconds: float
     fallback_reason: str | None = None  # why the original was kept, or None when the rewrite is used
-    truncated: bool = False  # the prompt was cut to the encoder's token limit before rewriting
+    truncated: bool = (
+        False  # something was cut: the prompt (prompt_truncated) or the rewrite (hit_token_limit)
+    )
     chat: list[dict[str, Any]] = field(default_factory=list)  # the exact messages given to the template
     notices: list[str] = field(default_factory=list)
     raw: str = ""  # the model's decoded answer, before cleaning
@@ -166,6 +166,7 @@ class EnhancedPrompt:
     hit_token_limit: bool = False  # generation stopped at max_new_tokens, not at end of turn
     sampled: bool = False
     seed: int | None = None  # the sampling seed (None for greedy decoding)
+    prompt_truncated: bool = False  # the prompt was cut to the encoder's token limit before rewriting
 
     @property
     def used_fallback(self) -> bool:
@@ -1144,7 +1145,8 @@ def enhance_prompt(
         model=vl.name,
         seconds=seconds,
         fallback_reason=reason,
-        truncated=truncated,
+        truncated=truncated or hit_limit,
+        prompt_truncated=truncated,
         chat=chat,
         notices=notices,
         raw=raw,
@@ -1306,79 +1308,3 @@ def _cli_model(name: str | None, device: str | None) -> dict[str, Any]:
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
     return {"pipe": build(make_plan(detect(), reg), path)}
-
-
-def _print_notices(notices: list[str]) -> None:
-    for n in notices:
-        print(f"qwennb: {n}", file=sys.stderr)
-
-
-def _cmd_enhance(args: argparse.Namespace) -> int:
-    chosen = _cli_model(args.model, args.device)
-    context = args.context
-    if args.image:
-        d = describe_image(args.image, "style", max_new_tokens=args.max_new_tokens, **chosen)
-        _print_notices(d.notices)
-        context = " ".join(x for x in (context, d.text) if x)
-    e = enhance_prompt(
-        args.prompt,
-        context=context,
-        max_new_tokens=args.max_new_tokens,
-        sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        positive_magic=not args.no_magic,
-        **chosen,
-    )
-    _print_notices(e.notices)
-    if args.json:
-        print(json.dumps(e.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(e.enhanced)
-        print(f"qwennb: {e.language} · {e.model} · {e.seconds:.1f} s", file=sys.stderr)
-    return 0
-
-
-def _cmd_describe(args: argparse.Namespace) -> int:
-    load_image(args.image)  # refuse a URL or a missing file before loading a model
-    chosen = _cli_model(args.model, args.device)
-    d = describe_image(args.image, args.focus, max_new_tokens=args.max_new_tokens, **chosen)
-    _print_notices(d.notices)
-    if args.json:
-        print(json.dumps(d.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(d.text)
-        print(f"qwennb: {d.focus} · {d.model} · {d.seconds:.1f} s", file=sys.stderr)
-    return 0
-
-
-def add_enhance_parser(sub: Any) -> None:
-    """Add ``qwennb enhance`` and ``qwennb describe`` to the CLI."""
-    model_help = (
-        "an image model (its text encoder writes: tiny, qwen-image, a folder) or a VL model (qwen2.5-vl-7b, "
-        "qwen2-vl-7b, tiny-vl, tiny-vl2); default: the model `qwennb generate` would load"
-    )
-    e = sub.add_parser("enhance", help="rewrite a short prompt into a detailed one with a Qwen VL model")
-    e.add_argument("prompt")
-    e.add_argument("--model", default=None, help=model_help)
-    e.add_argument("--context", default=None, help="extra context, e.g. a style to follow")
-    e.add_argument("--image", default=None, help="a reference image whose style is added as context")
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    e.add_argument("--temperature", type=float, default=0.7)
-    e.add_argument("--top-p", type=float, default=0.9)
-    e.add_argument("--seed", type=int, default=None, help="sampling seed")
-    e.add_argument("--no-magic", action="store_true", help="do not append the positive-magic suffix")
-    e.add_argument("--device", default=None, help="where to load a VL model (cpu to allow host RAM)")
-    e.add_argument("--json", action="store_true", help="one JSON object")
-    e.set_defaults(func=_cmd_enhance)
-
-    d = sub.add_parser("describe", help="describe an image's style or content, for use in a prompt")
-    d.add_argument("image", help="path of the image (URLs are not fetched)")
-    d.add_argument("--focus", choices=FOCUSES, default="style")
-    d.add_argument("--model", default=None, help=model_help)
-    d.add_argument("--max-new-tokens", type=int, default=200)
-    d.add_argument("--device", default=None, help="where to load a VL model (cpu to allow host RAM)")
-    d.add_argument("--json", action="store_true", help="one JSON object")
-    d.set_defaults(func=_cmd_describe)

@@ -14,31 +14,28 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
 import logging
-import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import GenerationError
+from .options import MAX_SEED, parse_size, validate_generate_options  # noqa: F401 - parse_size re-exported
 from .plan import Plan, with_size
 from .presets import ASPECT_RATIOS, POSITIVE_MAGIC, aspect_size, get_preset, is_chinese, round16
 
 log = logging.getLogger("qwennb")
-MAX_SEED = 2**63 - 1
 PNG_KEY = "qwennb"
 
 
@@ -73,6 +70,7 @@ class StepInfo:
     step_s: float
     elapsed_s: float
     latents: Any = None  # the packed latents after this step (on the pipeline's device), e.g. for previews
+    preview: Any = None  # a small PIL preview of the current estimate of the image (``preview=`` on), or None
 
     @property
     def eta_s(self) -> float:
@@ -141,6 +139,14 @@ class GenerationResult:
         d["median_step_s"] = self.median_step_s
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], images: list[Any] | None = None) -> GenerationResult:
+        """The inverse of :meth:`to_dict` (images are given separately, e.g. read back from ``d["images"]``)."""
+        names = {f.name for f in fields(cls)} - {"images"}
+        kept = {k: v for k, v in d.items() if k in names}
+        kept["paths"] = list(d.get("images") or d.get("paths") or [])
+        return cls(images=list(images or []), **kept)
+
     def caption(self) -> str:
         state = f" (stopped after {self.steps_completed}/{self.steps} steps)" if self.interrupted else ""
         return (
@@ -152,15 +158,15 @@ class GenerationResult:
         return f"<GenerationResult {self.model}: {self.caption()}; {self.prompt[:40]!r}>"
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        from .display import result_html, result_text
+        from . import _render  # the package root wires the presentation layer; the core never imports it
 
-        return {"text/plain": result_text(self), "text/html": result_html(self)}
+        return _render("mimebundle", self)
 
     def timing_figure(self) -> Any:
         """A matplotlib Figure of the per-step times (text encoding and decoding apart, median marked)."""
-        from .display import timing_figure
+        from . import _render
 
-        return timing_figure(self)
+        return _render("timing_figure", self)
 
     def save(self, out_dir: str | os.PathLike[str], embed_metadata: bool = True) -> list[str]:
         """Write the images as PNG (never overwriting a file); returns and records their paths."""
@@ -210,20 +216,75 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _check_options(steps: Any, cfg: Any, seed: Any, num_images: Any) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
-        # One step gives NaN: the scheduler stretches its sigmas to shift_terminal, which needs two points.
-        raise GenerationError(f"steps must be a whole number of at least 2, got {steps!r}")
-    if steps > 1000:
-        raise GenerationError(f"steps must be at most 1000, got {steps}")
-    if not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 1:
-        raise GenerationError(f"CFG must be at least 1 (1 turns guidance off), got {cfg!r}")
-    if seed is not None and (
-        not isinstance(seed, int) or isinstance(seed, bool) or seed < 0 or seed > MAX_SEED
-    ):
-        raise GenerationError(f"seed must be a whole number from 0 to 2**63-1, got {seed!r}")
-    if not isinstance(num_images, int) or num_images < 1 or num_images > 16:
-        raise GenerationError(f"number of images must be from 1 to 16, got {num_images!r}")
+class PipelineBusyError(GenerationError):
+    """Another generation is running on this pipeline (raised only with ``wait=False``)."""
+
+
+class _RunLock:
+    """One generation at a time on a pipeline: diffusers keeps the scheduler's step state on the pipeline."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owner: int | None = None
+
+
+_LOCKS_GUARD = threading.Lock()
+
+
+def _run_lock_of(pipe: Any) -> _RunLock:
+    with _LOCKS_GUARD:
+        lock = getattr(pipe, "_qwennb_run_lock", None)
+        if lock is None:
+            lock = _RunLock()
+            pipe._qwennb_run_lock = lock
+        return lock
+
+
+def is_busy(pipe: Any) -> bool:
+    """True while a generation runs on ``pipe``."""
+    lock = getattr(pipe, "_qwennb_run_lock", None)
+    return lock is not None and lock.lock.locked()
+
+
+class _Run:
+    def __init__(self, rl: _RunLock) -> None:
+        self.rl = rl
+
+    def release(self) -> None:
+        if self.rl is not None:
+            self.rl.owner = None
+            self.rl.lock.release()
+            self.rl = None  # type: ignore[assignment]
+
+
+def acquire_run(pipe: Any, wait: bool = True, notices: list[str] | None = None) -> _Run:
+    """Hold ``pipe`` for one generation (``.release()`` when done); waits for a running one, or with
+    ``wait=False`` raises :class:`PipelineBusyError`.
+
+    Example:
+        >>> class Pipe: pass
+        >>> pipe = Pipe()
+        >>> run = acquire_run(pipe); is_busy(pipe)
+        True
+        >>> run.release(); is_busy(pipe)
+        False
+    """
+    rl = _run_lock_of(pipe)
+    if rl.owner == threading.get_ident():
+        raise PipelineBusyError(
+            "a generation is already running on this pipeline in this thread (a generate() inside on_step?)"
+        )
+    if not rl.lock.acquire(blocking=False):
+        if not wait:
+            raise PipelineBusyError(
+                "the pipeline is busy with another generation; wait for it to end (or press Stop) and retry"
+            )
+        t0 = time.perf_counter()
+        rl.lock.acquire()
+        if notices is not None:
+            notices.append(f"waited {time.perf_counter() - t0:.1f} s for another generation on this pipeline")
+    rl.owner = threading.get_ident()
+    return _Run(rl)
 
 
 def largest_size_that_fits(plan: Plan, width: int, height: int, batch: int) -> tuple[int, int] | None:
@@ -235,6 +296,11 @@ def largest_size_that_fits(plan: Plan, width: int, height: int, batch: int) -> t
         if with_size(plan, w, h, batch) <= plan.budget_gb:
             return w, h
     return None
+
+
+def _small_stand_in(plan: Plan | None) -> bool:
+    """The tiny and toy stand-ins run at their own small size; official sizes would only cost time."""
+    return plan is not None and plan.model in ("tiny", "toy")
 
 
 def resolve_options(
@@ -266,29 +332,29 @@ def resolve_options(
             )
     steps = steps if steps is not None else (p.steps if p else defaults["steps"])
     cfg = cfg if cfg is not None else (p.cfg if p else defaults["cfg"])
+    validate_generate_options({"aspect": aspect, "width": width, "height": height})
     if aspect is not None:
-        if width is not None or height is not None:
-            raise GenerationError("give either a size or an aspect ratio, not both")
-        if aspect not in ASPECT_RATIOS:
-            raise GenerationError(
-                f"unknown aspect ratio {aspect!r}; choose one of: {', '.join(ASPECT_RATIOS)}"
+        # Official sizes on a real model; scaled to the plan's default long side on a small stand-in.
+        small = _small_stand_in(plan)
+        width, height = aspect_size(aspect, max(defaults["width"], defaults["height"]) if small else None)
+        if small:
+            ow, oh = ASPECT_RATIOS[aspect]
+            notices.append(
+                f"aspect {aspect} gives {width}x{height}, not the official {ow}x{oh}: the {plan.model} stand-in "
+                f"is small and runs at its own {max(defaults['width'], defaults['height'])}-pixel scale"
             )
-        # Official sizes on a real model; scaled to the plan's default long side on a stand-in.
-        official = not (plan and plan.model == "tiny")
-        width, height = aspect_size(aspect, None if official else max(defaults["width"], defaults["height"]))
-    elif (
-        p is not None
-        and p.official_sizes
-        and width is None
-        and height is None
-        and not (plan and plan.model == "tiny")
-    ):
-        width, height = ASPECT_RATIOS["1:1"]
+    elif p is not None and p.official_sizes and width is None and height is None:
+        if _small_stand_in(plan):
+            ow, oh = ASPECT_RATIOS["1:1"]
+            notices.append(
+                f"preset {p.name}: {defaults['width']}x{defaults['height']}, not the official {ow}x{oh}: the "
+                f"{plan.model} stand-in is small and runs at its own default size (give --size to choose)"
+            )
+        else:
+            width, height = ASPECT_RATIOS["1:1"]
     width = width if width is not None else defaults["width"]
     height = height if height is not None else defaults["height"]
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v > 4096:
-            raise GenerationError(f"{name} must be a whole number from 16 to 4096, got {v!r}")
+    validate_generate_options({"width": width, "height": height})
     if width % 16 or height % 16:
         w2, h2 = round16(width), round16(height)
         notices.append(f"size {width}x{height} rounded to {w2}x{h2} (sizes must be multiples of 16).")
@@ -328,6 +394,8 @@ def generate(
     on_step: Callable[[StepInfo], None] | None = None,
     stop: StopSignal | None = None,
     original_prompt: str | None = None,
+    wait: bool = True,
+    preview: bool | int = False,
 ) -> GenerationResult:
     """Generate images with a loaded pipeline and return a :class:`GenerationResult`.
 
@@ -341,20 +409,40 @@ def generate(
     once) ends the run at the next step and decodes what exists. A KeyboardInterrupt raised inside a
     step also returns a partial result (without images). Bad options raise :class:`GenerationError`;
     CUDA out-of-memory and NaN outputs raise it too, after freeing memory, with what to change.
+
+    ``preview=True`` (or a number of steps N) puts a small preview image of the current estimate in
+    ``StepInfo.preview`` every 2 (N) steps, from a linear map of the latents (:mod:`qwennb.preview`).
+
+    One pipeline runs one generation at a time: a second call (another thread, the panel while a cell
+    runs) waits for the first to end, or with ``wait=False`` raises :class:`PipelineBusyError` at once.
     """
     import torch
 
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise GenerationError("the prompt is empty")
+    validate_generate_options(
+        {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "steps": steps,
+            "cfg": cfg,
+            "true_cfg_scale": true_cfg_scale,
+            "guidance_scale": guidance_scale,
+            "seed": seed,
+            "width": width,
+            "height": height,
+            "aspect": aspect,
+            "num_images": num_images,
+            "preset": preset,
+            "positive_magic": positive_magic,
+        }
+    )
     notices: list[str] = []
     if true_cfg_scale is not None:
-        if cfg is not None and cfg != true_cfg_scale:
-            raise GenerationError("give cfg or true_cfg_scale, not both")
         cfg = true_cfg_scale
     steps, cfg, width, height = resolve_options(
         pipe, steps, cfg, width, height, aspect, preset, guidance_scale, notices
     )
-    _check_options(steps, cfg, seed, num_images)
+    # The preset's or the plan's values are checked too (a plan could hold anything).
+    validate_generate_options({"steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images})
     info = getattr(pipe, "qwennb", {})
     plan: Plan | None = info.get("plan")
     model = info.get("model", "unknown")
@@ -383,17 +471,29 @@ def generate(
     stop = stop if stop is not None else StopSignal()
     stop.clear()
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     step_times: list[float] = []
     last: dict[str, Any] = {}
     passes = {"n": 0}
-    hook = pipe.transformer.register_forward_pre_hook(lambda *_: passes.__setitem__("n", passes["n"] + 1))
+    run = acquire_run(pipe, wait, notices)  # one generation at a time on this pipeline: released below
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        hook = pipe.transformer.register_forward_pre_hook(lambda *_: passes.__setitem__("n", passes["n"] + 1))
+    except BaseException:
+        run.release()
+        raise
     t_start = time.perf_counter()
     text_s = decode_s = 0.0
     images: list[Any] = []
     interrupted = False
     denoise_peak = None
+
+    previewer = None
+    if preview and on_step is not None:
+        from .preview import DEFAULT_EVERY, Previewer
+
+        every = DEFAULT_EVERY if preview is True else int(preview)
+        previewer = Previewer(pipe, width, height, every)
 
     def callback(p_: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         nonlocal denoise_peak
@@ -405,7 +505,10 @@ def generate(
         if cuda:
             denoise_peak = torch.cuda.max_memory_allocated() / 1024**3
         if on_step is not None:
-            on_step(StepInfo(len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"]))
+            image = previewer(len(step_times), steps, kwargs["latents"]) if previewer is not None else None
+            on_step(
+                StepInfo(len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"], image)
+            )
         if stop and len(step_times) < steps:
             p_._interrupt = True
         return {}
@@ -456,6 +559,7 @@ def generate(
     finally:
         hook.remove()
         pipe._interrupt = False
+        run.release()
     latents = last.pop("latents", None)
     if latents is not None and not bool(torch.isfinite(latents).all()):
         del latents
@@ -565,109 +669,13 @@ def load_params(png: str | os.PathLike[str]) -> dict[str, Any]:
         raise GenerationError(f"cannot read {png}: {exc}") from None
     if not raw:
         raise GenerationError(f"{png} carries no qwennb parameters (saved elsewhere, or with metadata off)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise GenerationError(
+            f"{png} has qwennb metadata that is not valid JSON (the file was edited?)"
+        ) from None
+    if not isinstance(meta, dict):
+        raise GenerationError(f"{png} has qwennb metadata that is not a JSON object")
     keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "num_images")
     return {k: meta[k] for k in keys if k in meta}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_generate_parser(sub: Any) -> None:
-    """Add ``qwennb generate`` to the CLI."""
-    g = sub.add_parser("generate", help="generate images (the tiny stand-in when no weights are found)")
-    g.add_argument("prompt")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="registry name, hub id or folder (default: QWENNB_MODEL, then local Qwen-Image, then tiny)",
-    )
-    g.add_argument("--steps", type=int)
-    g.add_argument("--cfg", type=float, help="true_cfg_scale (1 turns guidance off)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1024x1024")
-    g.add_argument("--aspect", choices=list(ASPECT_RATIOS))
-    g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--preset")
-    g.add_argument("--n", type=int, default=1, help="number of images")
-    g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
-    g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
-    g.add_argument("--json", action="store_true", help="print one JSON object")
-    from .cli import add_mode_argument
-
-    add_mode_argument(g)
-    g.set_defaults(func=_cmd_generate)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """Parse "1024x768" into (1024, 768).
-
-    Example:
-        >>> parse_size("1024x768")
-        (1024, 768)
-    """
-    try:
-        w, h = text.lower().replace("×", "x").split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise GenerationError(f"size must look like 1024x1024, got {text!r}") from None
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from .hardware import detect
-    from .pipeline import build, resolve_model
-    from .plan import make_plan
-
-    width = height = None
-    if args.size:
-        width, height = parse_size(args.size)
-    if args.preset:
-        get_preset(args.preset)  # fail before loading anything
-    name, path, notice = resolve_model(args.model)
-    if notice:
-        print(f"qwennb: {notice}", file=sys.stderr)
-    # A folder is sized from its own configs (a small model saved there is not Qwen-Image).
-    source = path if args.model and path and os.path.isdir(args.model) else name
-    plan = make_plan(detect(), source, {"mode": args.mode} if args.mode else None)
-    for w in plan.warnings:
-        print(f"qwennb: {w}", file=sys.stderr)
-    t0 = time.perf_counter()
-    pipe = build(plan, path)
-    print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    bar = tqdm(total=None, unit="step", file=sys.stderr, disable=os.environ.get("QWENNB_NO_PROGRESS") == "1")
-
-    def on_step(s: StepInfo) -> None:
-        bar.total = s.total
-        bar.update(1)
-
-    try:
-        result = generate(
-            pipe,
-            args.prompt,
-            negative_prompt=args.negative,
-            steps=args.steps,
-            cfg=args.cfg,
-            seed=args.seed,
-            width=width,
-            height=height,
-            aspect=args.aspect,
-            num_images=args.n,
-            preset=args.preset,
-            on_step=on_step,
-        )
-    finally:
-        bar.close()
-    for n in result.notices:
-        print(f"qwennb: {n}", file=sys.stderr)
-    result.save(args.out, embed_metadata=not args.no_metadata)
-    if args.json:
-        d = result.to_dict()
-        d.pop("plan")
-        print(json.dumps(d, indent=2, ensure_ascii=False))
-    else:
-        for p in result.paths:
-            print(p)
-        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
-    return 0

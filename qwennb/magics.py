@@ -21,12 +21,19 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 from traitlets import Bool, Float, Int, Unicode
 
-from .display import history_html, history_text, progress_line
+from .display import history_html, history_text, progress_html, progress_line
 from .errors import QwennbError
-from .generation import GenerationResult, StepInfo, parse_size
+from .generation import GenerationResult, StepInfo, is_busy
+from .options import validate_generate_options
 from .plan import describe_modes
-from .presets import describe_presets, get_preset
+from .presets import PRESETS, describe_presets
 from .session import Session
+
+_PRESET_HELP = "named steps and CFG: " + "; ".join(
+    f"{p.name} ({p.steps} steps, CFG {p.cfg:g})" for p in PRESETS.values()
+)
+# The kernel's history: kept here (not on one QwenMagics) so that it survives %reload_ext qwennb.
+_HISTORY: list[GenerationResult] = []
 
 
 class _Text:
@@ -109,10 +116,15 @@ class QwenMagics(Magics):
     save_dir = Unicode("outputs", help="Folder for generated PNGs").tag(config=True)
     embed_metadata = Bool(True, help="Store the parameters in the PNG text chunks").tag(config=True)
     show_plot = Bool(True, help="Show the per-step timing plot after each generation").tag(config=True)
+    preview = Bool(
+        False, help="Show a small preview of the image every 2 steps in the progress line (cheap: no decode)"
+    ).tag(config=True)
 
     def __init__(self, shell: Any = None, **kwargs: Any) -> None:
         super().__init__(shell=shell, **kwargs)
-        self.session = Session()
+        self.session = Session(history=_HISTORY)
+        self.panel: Any = None  # the last %qwen_ui panel, for "send to panel"
+        self._last_preview: Any = None
 
     # ------------------------------------------------------------------ plain functions (tested directly)
 
@@ -135,56 +147,89 @@ class QwenMagics(Magics):
             display(report)
         return report
 
-    def generate_cell(self, prompt: str, options: Any) -> GenerationResult:
-        """Run one generation from parsed options, with live progress, saving and history."""
-        if not self.session.loaded:
-            self.load()
-        width = height = None
-        try:
-            if options.size:
-                width, height = parse_size(options.size)
-            preset = options.preset or self.preset or None
-            if preset:
-                get_preset(preset)
-        except QwennbError as exc:
-            raise UsageError(str(exc)) from None
+    def cell_options(self, options: Any) -> dict[str, Any]:
+        """Check a cell's options (with the traitlet defaults) before anything loads: ``UsageError`` if bad."""
+        preset = options.preset or self.preset or None
         steps = options.steps if options.steps is not None else (self.default_steps or None)
         cfg = options.cfg if options.cfg is not None else (self.default_cfg or None)
+        out = None if options.no_save else (options.out or self.save_dir)
+        try:
+            return validate_generate_options(
+                {
+                    "negative_prompt": options.negative,
+                    "steps": steps,
+                    "cfg": cfg,
+                    "seed": options.seed,
+                    "size": options.size,
+                    "aspect": options.aspect,
+                    "num_images": options.n,
+                    "preset": preset,
+                    "out": out,
+                }
+            )
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+
+    def generate_cell(self, prompt: str, options: Any) -> GenerationResult:
+        """Run one generation from parsed options, with live progress, saving and history."""
+        try:
+            validate_generate_options({"prompt": prompt})
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+        opts = self.cell_options(options)  # every option is checked before the model loads
+        out = opts.pop("out", None)
+        if not self.session.loaded:
+            self.load()
         original = None
         if options.enhance:
             prompt, original = self._enhance_for_cell(prompt)
-        handle = display(_Text("qwennb: encoding the prompt..."), display_id=True)
+        preview = bool(getattr(options, "preview", False) or self.preview)
+        busy = self.session.pipe is not None and is_busy(self.session.pipe)
+        first = (
+            "qwennb: waiting for the running generation (the panel?) to end..."
+            if busy
+            else "qwennb: encoding the prompt..."
+        )
+        handle = display(_Text(first), display_id=True)
 
         def on_step(s: StepInfo) -> None:
-            handle.update(_Text(progress_line(s.step, s.total, s.step_s, s.elapsed_s)))
+            line = progress_line(s.step, s.total, s.step_s, s.elapsed_s)
+            if s.preview is not None:
+                self._last_preview = s.preview
+            shown = self._last_preview if preview else None
+            handle.update(_Text(line, progress_html(line, shown) if shown is not None else None))
 
+        self._last_preview = None
         try:
             result = self.session.generate(
-                prompt,
-                negative_prompt=options.negative,
-                steps=steps,
-                cfg=cfg,
-                seed=options.seed,
-                width=width,
-                height=height,
-                aspect=options.aspect,
-                num_images=options.n,
-                preset=preset,
-                on_step=on_step,
-                original_prompt=original,
+                prompt, on_step=on_step, original_prompt=original, preview=preview, **opts
             )
         except QwennbError as exc:
-            handle.update(_Text(f"qwennb: not run: {exc}"))
+            handle.update(_Text(""))  # the error is shown once, as the UsageError below
             raise UsageError(str(exc)) from None
         state = "stopped" if result.interrupted else "done"
         handle.update(
             _Text(f"qwennb: {state}: {result.steps_completed}/{result.steps} steps in {result.total_s:.1f} s")
         )
-        if not options.no_save and result.images:
-            result.save(options.out or self.save_dir, embed_metadata=self.embed_metadata)
+        if out and result.images:
+            self._save(result, out)
         if not self.show_plot:
             return _NoPlot(result)  # type: ignore[return-value]
         return result
+
+    def _save(self, result: GenerationResult, out: str) -> None:
+        """Save a result; on failure the result stays in the history and the error says how to save it."""
+        try:
+            result.save(out, embed_metadata=self.embed_metadata)
+        except (OSError, QwennbError) as exc:
+            index = next(
+                (i for i, r in enumerate(self.session.history) if r is result), len(self.session.history) - 1
+            )
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise UsageError(
+                f"the image was made but could not be saved to {out} ({reason}); it is kept as %qwen history "
+                f"entry #{index}: save it with %qwen save {index} OTHER_FOLDER"
+            ) from None
 
     def _enhance_for_cell(self, prompt: str) -> tuple[str, str]:
         try:
@@ -209,17 +254,20 @@ class QwenMagics(Magics):
     # ------------------------------------------------------------------ magics
 
     @magic_arguments()
-    @argument("--steps", type=int, help="denoising steps (at least 2)")
-    @argument("--cfg", type=float, help="true_cfg_scale; 1 turns guidance off")
-    @argument("--seed", type=int, help="random seed (drawn and shown when omitted)")
+    @argument(
+        "--steps", type=int, help="denoising steps, at least 2 (default: the preset's, else the plan's)"
+    )
+    @argument("--cfg", type=float, help="true_cfg_scale, at least 1; 1 turns guidance off")
+    @argument("--seed", type=int, help="random seed, 0 to 2**63-1 (drawn and shown when omitted)")
     @argument("--size", help="WIDTHxHEIGHT, multiples of 16 (others are rounded)")
     @argument("--aspect", help="official aspect ratio: 1:1 16:9 9:16 4:3 3:4 3:2 2:3")
     @argument("--negative", help="negative prompt (default ' ' when CFG > 1)")
-    @argument("--preset", help="ultra-fast, balanced, high-quality or official")
+    @argument("--preset", help=_PRESET_HELP)
     @argument("--n", type=int, default=1, help="number of images")
     @argument("--out", help="folder for the PNGs (default: QwenMagics.save_dir)")
     @argument("--no-save", action="store_true", help="do not write PNGs")
     @argument("--enhance", action="store_true", help="rewrite the prompt with the text encoder first")
+    @argument("--preview", action="store_true", help="preview the image every 2 steps (QwenMagics.preview)")
     @cell_magic
     def qwen_generate(self, line: str, cell: str) -> GenerationResult:
         """Generate images from the cell body (the prompt).
@@ -259,7 +307,11 @@ class QwenMagics(Magics):
             "%qwen info               card, memory in use, plan, active optimisations\n"
             "%qwen plan [MODEL]       the plan for the loaded (or another) model\n"
             "%qwen presets            the presets and load modes, and what they trade\n"
-            "%qwen history            recent results with their parameters\n"
+            "%qwen history            recent results as thumbnails with their parameters\n"
+            "%qwen history save|load PATH.jsonl   keep the history in a file (PNGs beside it)\n"
+            "%qwen history regenerate|panel N     run entry N again, or put it in the panel\n"
+            "%qwen save [N] FOLDER    save history entry N (default the last) as PNG\n"
+            "%qwen sweep AXIS=a,b [AXIS=c,d] [options] PROMPT   a grid over seed, cfg, steps, preset or {name}\n"
             "%qwen load MODEL [k=v]   load a model, e.g. %qwen load qwen-image mode=turbo\n"
             "%qwen unload             free the model and its GPU memory\n"
             "%qwen enhance PROMPT     rewrite a prompt with the text encoder\n"
@@ -304,7 +356,145 @@ class QwenMagics(Magics):
         print(describe_modes())
 
     def _qwen_history(self, rest: str) -> Any:
-        return _Text(history_text(self.session.history), history_html(self.session.history))
+        words = rest.split(maxsplit=1)
+        sub = words[0] if words else ""
+        arg = words[1].strip().strip("'\"") if len(words) > 1 else ""
+        if sub == "":
+            return _History(self.session.history, self)
+        if sub == "save":
+            if not arg:
+                raise UsageError("usage: %qwen history save PATH.jsonl")
+            path = self.session.save_history(arg)
+            print(f"qwennb: {len(self.session.history)} entries written to {path}")
+            return None
+        if sub == "load":
+            if not arg:
+                raise UsageError("usage: %qwen history load PATH.jsonl")
+            n = self.session.load_history(arg)
+            print(f"qwennb: {n} entries read from {arg}")
+            return _History(self.session.history, self)
+        if sub == "clear":
+            self.session.history.clear()
+            return None
+        if sub in ("regenerate", "panel"):
+            index = _index(arg)
+            if sub == "regenerate":
+                return self.regenerate(index)
+            return self.send_to_panel(index)
+        raise UsageError(
+            f"unknown %qwen history command {sub!r}: use %qwen history [save PATH | load PATH | regenerate N | "
+            "panel N | clear]"
+        )
+
+    def regenerate(self, index: int) -> GenerationResult:
+        """Generate history entry ``index`` again (same parameters, same seed), as a new entry."""
+        entry = self.session.entry(index)
+        opts = _Namespace(
+            steps=entry.steps,
+            cfg=entry.cfg,
+            seed=entry.seed,
+            size=f"{entry.width}x{entry.height}",
+            aspect=None,
+            negative=entry.negative_prompt if entry.negative_prompt != " " else None,
+            preset=None,
+            n=entry.num_images,
+            out=None,
+            no_save=False,
+            enhance=False,
+            preview=False,
+        )
+        return self.generate_cell(entry.prompt, opts)
+
+    def send_to_panel(self, index: int) -> Any:
+        """Put history entry ``index``'s parameters into the panel (opening one if none is open)."""
+        entry = self.session.entry(index)
+        if self.panel is None:
+            self.qwen_ui("")
+        self.panel.load_params(entry.params(), image=entry.images[0] if entry.images else None)
+        return self.panel.widget
+
+    def _qwen_save(self, rest: str) -> None:
+        words = rest.split()
+        if len(words) == 1:
+            index, folder = -1, words[0]
+        elif len(words) == 2:
+            index, folder = _index(words[0]), words[1]
+        else:
+            raise UsageError("usage: %qwen save [N] FOLDER (N: a %qwen history entry, default the last)")
+        entry = self.session.entry(index)
+        if not entry.images:
+            raise UsageError(f"history entry {index} has no image (the run was interrupted)")
+        try:
+            paths = entry.save(folder, embed_metadata=self.embed_metadata)
+        except OSError as exc:
+            raise UsageError(f"cannot save to {folder}: {exc.strerror or exc}; try another folder") from None
+        print("\n".join(paths))
+
+    def _qwen_sweep(self, rest: str) -> Any:
+        return self.sweep_line(rest)
+
+    def sweep_line(self, line: str) -> Any:
+        """``%qwen sweep AXIS=v1,v2 [AXIS=...] [options] PROMPT``: a grid of images over one or two axes."""
+        import shlex
+
+        from .sweep import is_axis_word, parse_axes
+
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"cannot read the sweep line: {exc}") from None
+        axis_words = []
+        while words and is_axis_word(words[0]):
+            axis_words.append(words.pop(0))
+        if not axis_words:
+            raise UsageError(
+                "usage: %qwen sweep AXIS=v1,v2 [AXIS=v1,v2] [options] PROMPT (axes: seed, cfg, steps, preset, {placeholder})"
+            )
+        options, prompt_words = self.qwen_generate.parser.parse_known_args(words)
+        unknown = [w for w in prompt_words if w.startswith("--")]
+        if unknown:
+            raise UsageError(f"unknown option {unknown[0]} (see %%qwen_generate? for the options)")
+        prompt = " ".join(prompt_words).strip()
+        if not prompt:
+            raise UsageError("the sweep has no prompt: write it after the axes and options")
+        if options.enhance:
+            raise UsageError(
+                "--enhance is not available in a sweep: enhance once with %qwen enhance, then sweep"
+            )
+        try:
+            axes = parse_axes(axis_words, prompt)
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+        opts = self.cell_options(options)
+        out = opts.pop("out", None)
+        try:
+            from .sweep import plan_cells
+
+            plan_cells(prompt, axes, opts)  # every cell checked before the model loads
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+        if not self.session.loaded:
+            self.load()
+        handle = display(_Text("qwennb: sweep starting..."), display_id=True)
+
+        def on_cell(cell: Any, k: int, total: int) -> None:
+            handle.update(_Text(f"qwennb: sweep cell {k}/{total} ({cell.values}) in {cell.seconds:.1f} s"))
+
+        try:
+            sweep = self.session.sweep(prompt, axes, on_cell=on_cell, **opts)
+        except QwennbError as exc:
+            handle.update(_Text(""))
+            raise UsageError(str(exc)) from None
+        handle.update(_Text(f"qwennb: sweep done: {len(sweep.cells)} cells in {sweep.total_s:.1f} s"))
+        if out:
+            try:
+                sweep.save(out)
+            except OSError as exc:
+                raise UsageError(
+                    f"the sweep ran but its grid could not be saved to {out} ({exc.strerror or exc}); its images "
+                    "are in %qwen history: %qwen save N FOLDER"
+                ) from None
+        return sweep
 
     def _qwen_load(self, rest: str) -> Any:
         words = rest.split()
@@ -343,9 +533,18 @@ class QwenMagics(Magics):
         """The widget panel: prompt, sliders for steps and CFG, presets, Generate and Stop."""
         from .widgets import QwenPanel
 
-        if not self.session.loaded:
-            self.load()
-        return QwenPanel(self.session, save_dir=self.save_dir, embed_metadata=self.embed_metadata).widget
+        overrides = {"mode": self.mode} if self.mode else None
+        try:  # the model loads at the first Generate (after the panel's options are checked), not here
+            self.panel = QwenPanel(
+                self.session,
+                save_dir=self.save_dir,
+                embed_metadata=self.embed_metadata,
+                model=self.model or None,
+                overrides=overrides,
+            )
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+        return self.panel.widget
 
 
 class _NoPlot:
@@ -364,6 +563,62 @@ class _NoPlot:
         from .display import result_html, result_text
 
         return {"text/plain": result_text(self.result), "text/html": result_html(self.result, plot=False)}
+
+
+class _History(_Text):
+    """``%qwen history``: a thumbnail grid with parameters, and with Regenerate / To panel buttons where widgets
+    render (the HTML grid elsewhere); ``_[N]`` is entry N."""
+
+    def __init__(self, results: list[GenerationResult], magics: QwenMagics | None = None) -> None:
+        super().__init__(history_text(results), history_html(results))
+        self.results = list(results)
+        self.magics = magics
+        self._widget: Any = None
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets grid (made on first use)."""
+        if self._widget is None:
+            from .widgets import history_widget
+
+            m = self.magics
+            self._widget = history_widget(
+                self.results,
+                on_regenerate=(lambda i: m.regenerate(i)) if m is not None else None,
+                # a panel already open is updated in place; a new one is shown under the grid
+                on_panel=(lambda i: m.send_to_panel(i) if m.panel is None else m.send_to_panel(i) and None)
+                if m is not None
+                else None,
+            )
+        return self._widget
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        bundle: dict[str, Any] = dict(super()._repr_mimebundle_(include, exclude))
+        if self.results:
+            try:
+                view = self.widget._repr_mimebundle_(include=include, exclude=exclude) or {}
+            except Exception:  # noqa: BLE001 - no widget front end: the HTML grid stays
+                view = {}
+            bundle.update({k: v for k, v in view.items() if k != "text/plain"})
+        return bundle
+
+    def __getitem__(self, index: int) -> GenerationResult:
+        return self.results[index]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+
+class _Namespace:
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _index(text: str) -> int:
+    try:
+        return int(text.strip().lstrip("#"))
+    except ValueError:
+        raise UsageError(f"a history entry is a number (see %qwen history), got {text!r}") from None
 
 
 def _esc(s: str) -> str:

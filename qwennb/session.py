@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,22 +43,9 @@ class LoadReport:
         return "\n".join(lines)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
-        import html
+        from . import _render  # the package root wires the presentation layer; the core never imports it
 
-        from .display import plan_html
-
-        note = (
-            f'<div style="color:#a60;font-weight:bold">{html.escape(self.notice)}</div>'
-            if self.notice
-            else ""
-        )
-        g = self.hardware.best_gpu
-        card = f"{g.name}, {g.total_memory_gb:.1f} GiB" if g else f"no GPU ({self.hardware.cpu_count} CPUs)"
-        head = (
-            f"<div><b>qwennb</b> · {html.escape(card)} · loaded <b>{html.escape(self.model)}</b> "
-            f"in {self.seconds:.1f} s</div>"
-        )
-        return {"text/plain": self.text(), "text/html": head + note + plan_html(self.plan)}
+        return _render("mimebundle", self)
 
 
 @dataclass
@@ -125,6 +113,45 @@ class Session:
         del self.history[: -self.max_history]
         return result
 
+    def sweep(self, prompt: str, axes: dict[str, list[Any]], **options: Any) -> Any:
+        """:func:`qwennb.sweep.run_sweep` on the loaded pipeline; every cell's result joins the history."""
+        from .sweep import run_sweep
+
+        return run_sweep(
+            self.require(),
+            prompt,
+            axes,
+            generate_fn=lambda _p, text, **kw: self.generate(text, **kw),
+            **options,
+        )
+
+    def entry(self, index: int) -> GenerationResult:
+        """History entry ``index`` (negative counts from the end), or a clear error."""
+        n = len(self.history)
+        if not self.history:
+            raise QwennbError("the history is empty: generate something first")
+        if not isinstance(index, int) or not -n <= index < n:
+            raise QwennbError(f"no history entry {index}: entries are 0 to {n - 1}")
+        return self.history[index]
+
+    def regenerate(self, index: int, **changes: Any) -> GenerationResult:
+        """Generate history entry ``index`` again from its parameters (``changes`` override some)."""
+        params = self.entry(index).params()
+        params.update(changes)
+        prompt = params.pop("prompt")
+        return self.generate(prompt, **params)
+
+    def save_history(self, path: str | os.PathLike[str]) -> str:
+        """Write the history as JSON Lines; images not yet saved go as PNGs into the file's folder."""
+        return save_history(self.history, path)
+
+    def load_history(self, path: str | os.PathLike[str]) -> int:
+        """Add the entries of a JSON Lines history file (their PNGs are read back); returns how many."""
+        loaded = load_history(path)
+        self.history.extend(loaded)
+        del self.history[: -self.max_history]
+        return len(loaded)
+
     def info(self) -> dict[str, Any]:
         """Card, memory in use, plan and what is really active on the loaded pipeline."""
         from .pipeline import validate_optimization
@@ -143,3 +170,61 @@ class Session:
             out["plan"] = self.report.plan
             out["active"] = validate_optimization(self.pipe)
         return out
+
+
+def save_history(results: list[GenerationResult], path: str | os.PathLike[str]) -> str:
+    """Write results as JSON Lines (one :meth:`GenerationResult.to_dict` a line, ``images`` the PNG paths);
+    images that were never saved are saved first, as PNGs with their parameters, next to the file.
+
+    Example:
+        >>> import tempfile, os
+        >>> s = Session(); _ = s.load("tiny")
+        >>> _ = s.generate("a red circle", steps=2, width=64, height=64, seed=3)
+        >>> d = tempfile.mkdtemp(); _ = s.save_history(os.path.join(d, "h.jsonl"))
+        >>> [r.seed for r in load_history(os.path.join(d, "h.jsonl"))]
+        [3]
+    """
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for r in results:
+            if r.images and not r.paths:
+                r.save(target.parent)
+            lines.append(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
+        target.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    except OSError as exc:
+        raise QwennbError(f"cannot write the history to {path}: {exc.strerror or exc}") from None
+    return str(target)
+
+
+def load_history(path: str | os.PathLike[str]) -> list[GenerationResult]:
+    """Read a JSON Lines history written by :func:`save_history`; PNGs are loaded from their paths
+    (relative paths are taken from the file's folder). A missing PNG leaves that entry without image."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    source = Path(path).expanduser()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QwennbError(f"cannot read {path}: {exc.strerror or exc}") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            images = []
+            for p in d.get("images") or []:
+                f = Path(p) if os.path.isabs(p) else source.parent / p
+                if f.exists():
+                    with Image.open(f) as im:
+                        images.append(im.convert("RGB"))
+            out.append(GenerationResult.from_dict(d, images))
+        except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
+            raise QwennbError(f"{path} line {n} is not a qwennb history entry ({exc})") from None
+    return out

@@ -160,15 +160,39 @@ def test_notebook_in_jupyterlab_shows_image_timing_plot_and_panel(lab):
             # The widget panel: type a prompt, press Generate, get an image and a timing plot.
             panel = page.locator(".qwennb-panel").first
             expect(panel).to_be_visible(timeout=60_000)
+            # Nothing generated yet: no image is shown (an empty one is a broken-image icon).
+            expect(panel.locator(".qwennb-image")).to_be_attached(timeout=30_000)
+            expect(panel.locator("img:visible")).to_have_count(0)
             panel.locator("textarea").first.fill("a lighthouse at dusk")
             panel.get_by_role("button", name="Generate").click()
             expect(panel.get_by_text("seed").last).to_be_visible(timeout=60_000)
-            imgs = panel.locator("img")
+            imgs = panel.locator("img.qwennb-image, img.qwennb-timing-plot")
             expect(imgs).to_have_count(2, timeout=60_000)
             page.wait_for_function(
                 "els => els.every(e => e.naturalWidth > 0)", arg=imgs.element_handles(), timeout=60_000
             )
             expect(panel.get_by_role("button", name="Generate")).to_be_enabled(timeout=60_000)
+            # The status line is whole: not cut at the panel's edge, not squeezing the progress bar.
+            status = panel.locator(".qwennb-status").first
+            m = status.evaluate(
+                "e => { const c = e.querySelector('.widget-html-content') || e;"
+                " return {scroll: c.scrollWidth, client: c.clientWidth, right: e.getBoundingClientRect().right,"
+                " panel: e.closest('.qwennb-panel').getBoundingClientRect().right,"
+                " text: c.getBoundingClientRect().width}; }"
+            )
+            assert m["scroll"] <= m["client"] + 1 and m["right"] <= m["panel"] + 4 and m["text"] > 300, m
+            bar = panel.locator(".qwennb-progress-bar").first
+            assert bar.bounding_box()["width"] >= 200
+            # A new run hides the last run's plot while it goes (watched every 10 ms from the page).
+            page.evaluate(
+                "() => { window.__plotHidden = false; window.__watch = setInterval(() => {"
+                " const e = document.querySelector('.qwennb-panel .qwennb-timing-plot');"
+                " if (e && getComputedStyle(e).display === 'none') window.__plotHidden = true; }, 10); }"
+            )
+            panel.get_by_role("button", name="Generate").click()
+            page.wait_for_function("() => window.__plotHidden", timeout=60_000)
+            expect(panel.get_by_role("button", name="Generate")).to_be_enabled(timeout=60_000)
+            expect(panel.locator("img.qwennb-timing-plot")).to_be_visible(timeout=60_000)
         finally:
             page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
             browser.close()

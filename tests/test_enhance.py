@@ -216,11 +216,12 @@ def test_a_prompt_over_the_encoders_limit_is_truncated_with_a_notice(pipe):
     long_prompt = "a cat " * 600
     assert len(pipe.tokenizer(long_prompt)["input_ids"]) > pipe.tokenizer_max_length == 1024
     e = enhance_prompt(long_prompt, pipe, max_new_tokens=2)
-    assert e.truncated and e.original == long_prompt
+    assert e.truncated and e.prompt_truncated and e.original == long_prompt
     assert any("1024" in n and "tokens" in n for n in e.notices)
     sent = e.chat[1]["content"][len(PROMPT_LABEL["en"]) :]
     assert len(pipe.tokenizer(sent, add_special_tokens=False)["input_ids"]) <= 1024
-    assert not enhance_prompt("a cat", pipe, max_new_tokens=1).truncated
+    short = enhance_prompt("a cat", pipe, max_new_tokens=1)
+    assert not short.prompt_truncated and short.truncated == short.hit_token_limit
 
 
 def test_bad_arguments_are_refused(pipe):
