@@ -35,7 +35,7 @@ from typing import Any
 from . import __version__
 from .errors import GenerationError
 from .plan import Plan, with_size
-from .presets import ASPECT_RATIOS, POSITIVE_MAGIC, aspect_size, get_preset, is_chinese, round16
+from .presets import ASPECT_RATIOS, POSITIVE_MAGIC, PRESETS, aspect_size, get_preset, is_chinese, round16
 
 log = logging.getLogger("qwennb")
 MAX_SEED = 2**63 - 1
@@ -107,6 +107,7 @@ class GenerationResult:
     paths: list[str] = field(default_factory=list)
     original_prompt: str | None = None  # before enhancement or positive magic
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
+    loras: list[dict[str, Any]] = field(default_factory=list)  # name, source, sha256, scale of each LoRA on
 
     @property
     def steps_completed(self) -> int:
@@ -131,7 +132,17 @@ class GenerationResult:
             "width": self.width,
             "height": self.height,
             "num_images": self.num_images,
+            **self._lora_params(),
         }
+
+    def _lora_params(self) -> dict[str, Any]:
+        # Only when they matter, so results without LoRAs keep their parameters as before.
+        out: dict[str, Any] = {}
+        if self.loras:
+            out["loras"] = [dict(r) for r in self.loras]
+        if self.preset and get_preset(self.preset).scheduler:  # a few-step preset's scheduler shapes the image
+            out["preset"] = self.preset
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -328,6 +339,7 @@ def generate(
     on_step: Callable[[StepInfo], None] | None = None,
     stop: StopSignal | None = None,
     original_prompt: str | None = None,
+    loras: list[dict[str, Any]] | None = None,
 ) -> GenerationResult:
     """Generate images with a loaded pipeline and return a :class:`GenerationResult`.
 
@@ -341,6 +353,10 @@ def generate(
     once) ends the run at the next step and decodes what exists. A KeyboardInterrupt raised inside a
     step also returns a partial result (without images). Bad options raise :class:`GenerationError`;
     CUDA out-of-memory and NaN outputs raise it too, after freeing memory, with what to change.
+
+    ``loras`` (records as in ``result.loras`` or a PNG's parameters: source, scale, sha256) makes the
+    pipeline's LoRAs exactly these first (see :func:`qwennb.lora.ensure`); the few-step presets
+    ("lightning-8", "lightning-4") load the model's Lightning LoRA and use its scheduler for the run.
     """
     import torch
 
@@ -376,6 +392,7 @@ def generate(
         negative_prompt = " "
     if seed is None:
         seed = random.SystemRandom().randrange(0, 2**32)
+    notices += _prepare_loras(pipe, loras, p, model, steps, cfg)
     for n in notices:
         log.warning(n)
 
@@ -411,10 +428,17 @@ def generate(
         return {}
 
     try:
+        from .lora import few_step_scheduler  # a few-step preset's scheduler, for this run only
+
         # no_grad, as diffusers' own __call__ (inference_mode tensors trip compiled graphs that are reused later).
         from .speed import expect_cfg  # tells the tuned path (if on) whether passes come in CFG pairs
 
-        with _sigint_stops(stop), torch.no_grad(), expect_cfg(pipe.transformer, cfg > 1):
+        with (
+            _sigint_stops(stop),
+            torch.no_grad(),
+            expect_cfg(pipe.transformer, cfg > 1),
+            few_step_scheduler(pipe, p.scheduler if p is not None else None),
+        ):
             _sync(device)
             t0 = time.perf_counter()
             embeds, mask = _encode(pipe, text, num_images, device)
@@ -495,7 +519,35 @@ def generate(
         notices=notices,
         plan=plan.to_dict() if plan is not None else None,
         original_prompt=original_prompt,
+        loras=_lora_records(pipe),
     )
+
+
+def _lora_records(pipe: Any) -> list[dict[str, Any]]:
+    from .lora import lora_records
+
+    return lora_records(pipe)
+
+
+def _prepare_loras(pipe: Any, loras: Any, preset: Any, model: str, steps: int, cfg: float) -> list[str]:
+    """Put the requested LoRAs (and a few-step preset's) on the pipeline; notices of what changed."""
+    from . import lora as lora_mod
+    from .models import REGISTRY
+
+    notices: list[str] = []
+    if loras is not None:
+        notices += lora_mod.ensure(pipe, list(loras))
+    if preset is not None and preset.lora:
+        spec = REGISTRY.get(model)
+        notices += lora_mod.ensure_preset_lora(pipe, preset, model, stand_in=spec is None or spec.stand_in)
+    elif cfg > 1 or steps > 8:
+        fast = [i.name for i in lora_mod.list_loras(pipe) if lora_mod.is_lightning(i)]
+        if fast and not getattr(pipe, "qwennb", {}).get("loras_disabled"):
+            notices.append(
+                f"the few-step LoRA {fast[0]} is loaded: it is made for 4-8 steps at CFG 1 (preset lightning-8 or "
+                f"lightning-4); remove it for {steps} steps at CFG {cfg:g}"
+            )
+    return notices
 
 
 # --------------------------------------------------------------------------- saving with provenance
@@ -566,8 +618,12 @@ def load_params(png: str | os.PathLike[str]) -> dict[str, Any]:
     if not raw:
         raise GenerationError(f"{png} carries no qwennb parameters (saved elsewhere, or with metadata off)")
     meta = json.loads(raw)
-    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "num_images")
-    return {k: meta[k] for k in keys if k in meta}
+    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "num_images", "loras")
+    out = {k: meta[k] for k in keys if k in meta}
+    preset = meta.get("preset")
+    if preset and preset in PRESETS and PRESETS[preset].scheduler:  # a few-step preset's scheduler
+        out["preset"] = preset
+    return out
 
 
 # --------------------------------------------------------------------------- CLI

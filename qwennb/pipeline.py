@@ -303,12 +303,15 @@ def group_offload_with_resident_blocks(
     return keep
 
 
-def build(plan: Plan, path: str | None = None) -> Any:
+def build(plan: Plan, path: str | None = None, loras: list[tuple[str, float]] | None = None) -> Any:
     """Load the pipeline a plan describes and apply the plan; returns a ``QwenImagePipeline``.
 
     ``path`` is a local snapshot (from :func:`resolve_model`); without it real models come from the
     Hugging Face cache or hub. The plan, the model name and the load time are attached to the pipeline
     (``pipe.qwennb``) so that generation and ``validate_optimization`` can report them.
+
+    ``loras`` (``(source, scale)`` pairs) go on with the weights: fused into the bf16 weights before an fp8
+    plan quantises them (a LoRA beside fp8 weights gives grid artifacts), as PEFT layers otherwise.
 
     Example:
         >>> from qwennb.plan import make_plan, describe_machine
@@ -319,10 +322,31 @@ def build(plan: Plan, path: str | None = None) -> Any:
     t0 = time.perf_counter()
     spec = get_model(plan.model)
     pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
+    fuse = bool(loras) and lora_needs_fusing(plan)
+    if fuse:
+        from .lora import fuse_before_quantising
+
+        fuse_before_quantising(pipe, list(loras or []))
+    fused = getattr(pipe, "qwennb", {}).get("loras", {})
     apply_plan(pipe, plan)
     pipe.set_progress_bar_config(disable=True)
     pipe.qwennb = {"model": plan.model, "path": path, "plan": plan, "load_s": time.perf_counter() - t0}
+    if fused:
+        pipe.qwennb["loras"] = fused
+    elif loras:
+        from .lora import add
+
+        for source, scale in loras:
+            add(pipe, source, scale)
+        pipe.qwennb["load_s"] = time.perf_counter() - t0
     return pipe
+
+
+def lora_needs_fusing(plan: Plan) -> bool:
+    """True when the plan stores the transformer in fp8 (layerwise casting or fp8 matmuls): LoRAs must then be
+    fused into the bf16 weights before quantising, and changing them means reloading."""
+    t = plan.components["transformer"]
+    return t.storage_dtype == "float8_e4m3fn" and not t.quantization
 
 
 def _module_report(module: Any) -> dict[str, Any]:
