@@ -140,7 +140,8 @@ class GenerationResult:
         out: dict[str, Any] = {}
         if self.loras:
             out["loras"] = [dict(r) for r in self.loras]
-        if self.preset and get_preset(self.preset).scheduler:  # a few-step preset's scheduler shapes the image
+        # A few-step preset's scheduler shapes the image: regeneration needs the preset.
+        if self.preset and get_preset(self.preset).scheduler:
             out["preset"] = self.preset
         return out
 
