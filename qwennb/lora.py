@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -507,7 +508,11 @@ def add(
         # later hotswap changes values only and the compiled graph stays valid.
         pipe.enable_lora_hotswap(target_rank=max(HOTSWAP_RANK, rank), check_compiled="ignore")
     try:
-        pipe.load_lora_weights(sd, adapter_name=name, hotswap=hotswap)
+        with (
+            warnings.catch_warnings()
+        ):  # PEFT warns on every second adapter; several LoRAs are the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            pipe.load_lora_weights(sd, adapter_name=name, hotswap=hotswap)
     except (ValueError, RuntimeError, KeyError) as exc:
         raise LoraError(f"{os.fspath(source)}: {_first_line(exc)}") from None
     info = LoraInfo(name, os.fspath(source), str(path), digest, float(scale), fmt, rank, layers)
