@@ -649,7 +649,9 @@ def _print_result(res: DownloadResult, args: argparse.Namespace, free_where: str
     if not res.complete:
         return
     if res.in_cache:
-        default = " and `qwennb generate` loads it by default" if res.model == "qwen-image" else ""
+        default = (
+            " and `qwennb generate` loads it by default" if res.model in ("qwen-image", OPTIMAL_MODEL) else ""
+        )
         print(f"`qwennb detect` will find it in the Hugging Face cache{default}")
     elif get_model(res.model).architecture == "VL":
         print(f"load it from {res.dir}")
@@ -660,12 +662,74 @@ def _print_result(res: DownloadResult, args: argparse.Namespace, free_where: str
         )
 
 
+def fetch_lora(name: str, model: str | None = None, token: str | bool | None = None) -> tuple[str, str]:
+    """Fetch a LoRA into the Hugging Face cache: a few-step preset's (``lightning-8``, ``lightning-4``) for
+    ``model``, or any ``owner/repo/FILE.safetensors``. Returns (hub source, local path).
+
+    Example:
+        >>> fetch_lora("lightning-8", "qwen-image")  # doctest: +SKIP
+        ('lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-8steps-V2.0.safetensors', '/root/.cache/...')
+    """
+    from huggingface_hub import hf_hub_download
+
+    from .lora import PICKLE_REASON, _hub_parts, lightning_source
+    from .presets import PRESETS
+
+    if name in PRESETS and PRESETS[name].lora:
+        source = lightning_source(get_model(model or "qwen-image").name, name)
+    else:
+        source = name
+    if source.lower().endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+        raise DownloadError(f"{source} refused: {PICKLE_REASON}")
+    parts = _hub_parts(source)
+    if parts is None or parts[1] is None or not parts[1].endswith(".safetensors"):
+        raise DownloadError(
+            f"--lora takes lightning-8, lightning-4 or owner/repo/FILE.safetensors, got {name!r}"
+        )
+    if hub_offline():
+        raise DownloadError(OFFLINE_HINT)
+    repo, filename = parts
+    endpoint = hub_endpoint()
+    with _quiet_hub_logs(), _hub_errors(repo, endpoint):
+        path = hf_hub_download(repo, filename, token=token, endpoint=endpoint, etag_timeout=HUB_TIMEOUT_S)
+    return source, str(path)
+
+
+def _cmd_download_lora(args: argparse.Namespace) -> int:
+    from .lora import file_sha256
+    from .pipeline import resolve_model
+
+    model = args.lora_model
+    if model is None:
+        found = resolve_model()[0]
+        model = found if found != "tiny" else "qwen-image"
+    model = get_model(model).name
+    source, path = fetch_lora(args.lora, model)
+    digest = file_sha256(path)
+    if args.json:
+        print(
+            json.dumps({"lora": args.lora, "model": model, "source": source, "path": path, "sha256": digest})
+        )
+    else:
+        print(f"{source} (for {model}): {path}, sha256 {digest[:16]}")
+    return 0
+
+
+# The default of `--optimal`: the newest Apache-2.0 text-to-image release.
+OPTIMAL_MODEL = "qwen-image-2512"
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
-    names = ["qwen-image"] if args.optimal else [args.model]
+    if getattr(args, "lora", None):
+        return _cmd_download_lora(args)
+    if not args.optimal and not args.model:
+        raise DownloadError("say what to fetch: --optimal, --model NAME or --lora lightning-8|lightning-4")
+    names = [OPTIMAL_MODEL] if args.optimal else [args.model]
     if args.optimal:
         _notice(
-            "--optimal: Qwen/Qwen-Image (every plan, bf16, fp8, offload or NF4, loads its bf16 weights: "
-            "the same files for any GPU)"
+            "--optimal: Qwen/Qwen-Image-2512, the newest Apache-2.0 text-to-image release (Dec 2025, the same "
+            "architecture as Qwen-Image; every plan, bf16, fp8, offload or NF4, loads its bf16 weights: the same "
+            "files for any GPU)"
         )
     if args.with_vl:
         names.append(args.with_vl)
@@ -705,9 +769,18 @@ def add_download_parser(sub: Any) -> None:
     d = sub.add_parser("download", help="fetch Qwen-Image (or another registry model) from the hub, checked")
     what = d.add_mutually_exclusive_group(required=True)
     what.add_argument(
-        "--optimal", action="store_true", help="what a Qwen-Image plan loads on this machine: Qwen/Qwen-Image"
+        "--optimal",
+        action="store_true",
+        help="the newest Apache-2.0 text-to-image release, Qwen/Qwen-Image-2512 (any plan loads these files)",
     )
     what.add_argument("--model", help="one registry model: " + ", ".join(s.name for s in REGISTRY.values()))
+    what.add_argument(
+        "--lora",
+        metavar="LORA",
+        help="a LoRA: lightning-8 or lightning-4 (the Lightning LoRA for --for-model, default the local model "
+        "or qwen-image), or owner/repo/FILE.safetensors",
+    )
+    d.add_argument("--for-model", dest="lora_model", help="with --lora: the model the Lightning LoRA is for")
     d.add_argument("--with-vl", choices=vl, help="also fetch this vision-language model")
     d.add_argument("--dir", help="put each model in DIR/<name> (default: the Hugging Face cache)")
     d.add_argument(

@@ -650,6 +650,12 @@ def add_generate_parser(sub: Any) -> None:
     g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
     g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors file, folder or hub id) at SCALE (default 1); repeat for several",
+    )
     from .cli import add_mode_argument
 
     add_mode_argument(g)
@@ -670,6 +676,18 @@ def parse_size(text: str) -> tuple[int, int]:
         raise GenerationError(f"size must look like 1024x1024, got {text!r}") from None
 
 
+def _cli_loras(args: argparse.Namespace, model: str) -> list[tuple[str, float]] | None:
+    """``--lora PATH[:SCALE]`` options, each checked against the model before anything loads."""
+    if not getattr(args, "lora", None):
+        return None
+    from .lora import check_for_model, parse_spec
+
+    specs = [parse_spec(x) for x in args.lora]
+    for source, _ in specs:
+        check_for_model(source, model)
+    return specs
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -686,10 +704,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
     plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)
+    loras = _cli_loras(args, name)
     for w in plan.warnings:
         print(f"qwennb: {w}", file=sys.stderr)
     t0 = time.perf_counter()
-    pipe = build(plan, path)
+    pipe = build(plan, path, loras=loras)
     print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     bar = tqdm(total=None, unit="step", file=sys.stderr, disable=os.environ.get("QWENNB_NO_PROGRESS") == "1")
 

@@ -145,7 +145,7 @@ def _hub_file(repo: str, filename: str | None, source: str) -> Path:
 
     from .pipeline import offline
 
-    fetch_cmd = f"`qwennb download --lora {source}`"
+    fetch_cmd = f"`qwennb download --lora {source}`"  # owner/repo/FILE.safetensors
     if filename is None:
         if offline():
             raise LoraError(
@@ -767,6 +767,19 @@ def ensure_preset_lora(pipe: Any, preset: Any, model: str, stand_in: bool = Fals
         if have.scale != 1.0 and not have.fused:
             set_scale(pipe, name, 1.0)
         return []
+    from .pipeline import offline
+
+    if offline():
+        from huggingface_hub import hf_hub_download
+
+        repo, filename = _hub_parts(source) or (source, None)
+        try:
+            hf_hub_download(repo, filename or "", local_files_only=True)
+        except Exception:  # noqa: BLE001 - not in the cache, whatever the reason
+            raise LoraError(
+                f"the {preset.lora} LoRA for {model} ({source}) is not downloaded and the hub is offline; run "
+                f"`qwennb download --lora {preset.lora} --for-model {model}` where the hub is reachable"
+            ) from None
     add(pipe, source, 1.0, name)
     return [f"loaded the {preset.lora} LoRA for {model} ({source})"]
 

@@ -58,6 +58,18 @@ REGISTRY: dict[str, ModelSpec] = {
             aliases=("qwen/qwen-image",),
         ),
         ModelSpec(
+            "qwen-image-2512",
+            "Qwen/Qwen-Image-2512",
+            "text-to-image",
+            "MMDiT",
+            "QwenImagePipeline",
+            "qwen-image",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-2512 (Dec 2025): the newest Apache-2.0 text-to-image release, the same "
+            "architecture and size as Qwen-Image.",
+            aliases=("qwen/qwen-image-2512", "2512"),
+        ),
+        ModelSpec(
             "qwen-image-edit",
             "Qwen/Qwen-Image-Edit",
             "image-edit",

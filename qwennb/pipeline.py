@@ -34,6 +34,10 @@ TINY_NOTICE = (
 )
 
 
+# Complete local snapshots loaded when no model is named, newest first.
+DEFAULT_MODELS = ("qwen-image-2512", "qwen-image")
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -52,7 +56,8 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
     """Which model to load: ``(registry name, local path or None, notice or None)``.
 
     Order: ``name`` (a registry name, hub id or folder), the ``QWENNB_MODEL`` environment variable, a
-    complete Qwen-Image snapshot on disk (the Hugging Face cache or ``folder``), else ``tiny`` with a notice.
+    complete Qwen-Image-2512 or Qwen-Image snapshot on disk (the Hugging Face cache or ``folder``), else
+    ``tiny`` with a notice.
 
     Example:
         >>> resolve_model("tiny")
@@ -91,9 +96,10 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
                 f"{spec.hub_id} is not in the local cache and the hub is offline; run `qwennb download --model {spec.name}` where the hub is reachable"
             )
         return spec.name, None, None  # from_pretrained fetches it
-    for m in find_local_models(folder):
-        if m.name == "qwen-image" and m.complete:
-            return "qwen-image", m.path, None
+    found = {m.name: m for m in find_local_models(folder) if m.complete}
+    for default in DEFAULT_MODELS:
+        if default in found:
+            return default, found[default].path, None
     return "tiny", None, TINY_NOTICE
 
 

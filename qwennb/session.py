@@ -202,6 +202,28 @@ class Session:
             return
         lora.remove(pipe, name)
 
+    def lora_use(self, specs: list[tuple[str, float]]) -> list[LoraInfo]:
+        """Make sure each ``(source, scale)`` LoRA is loaded at that scale (``--lora PATH[:SCALE]``); others stay."""
+        from . import lora
+
+        pipe = self.require()
+        current = {i.name: i for i in lora.list_loras(pipe)}
+        wanted = [(lora.adapter_name(src), src, float(sc)) for src, sc in specs]
+        if self._fused():
+            merged = {n: (i.source, i.scale) for n, i in current.items()}
+            merged.update({n: (src, sc) for n, src, sc in wanted})
+            if merged != {n: (i.source, i.scale) for n, i in current.items()}:
+                self._reload_with(list(merged.values()))
+        else:
+            for name, src, sc in wanted:
+                if name in current:
+                    if current[name].scale != sc:
+                        lora.set_scale(pipe, name, sc)
+                else:
+                    lora.add(pipe, src, sc, name)
+        reg = {i.name: i for i in lora.list_loras(self.pipe)}
+        return [reg[n] for n, _, _ in wanted]
+
     def lora_list(self) -> list[LoraInfo]:
         """The loaded LoRAs with their scales and hashes."""
         from . import lora
