@@ -568,6 +568,8 @@ def download(
     for spec in specs:
         if spec.name == "qwen-image-edit":
             _notice(f"warning: {EDIT_WARNING}")
+        if spec.licence:
+            _notice(f"licence: {spec.licence}")
     if hub_offline():
         raise DownloadError(OFFLINE_HINT)
     endpoint = hub_endpoint()

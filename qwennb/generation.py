@@ -315,7 +315,8 @@ def _encode(pipe: Any, text: str, n: int, device: Any) -> tuple[Any, Any]:
 
     # A text encoder kept on the CPU encodes there; a hooked (streamed) one takes its inputs on the GPU.
     te_device = input_device(pipe.text_encoder, pipe) if pipe.text_encoder is not None else device
-    embeds, mask = pipe.encode_prompt(text, device=te_device, num_images_per_prompt=n)
+    # QwenImage21Pipeline also returns an image-position mask (all False for text): the first two are the same.
+    embeds, mask = pipe.encode_prompt(text, device=te_device, num_images_per_prompt=n)[:2]
     if mask is None:  # all tokens valid: say so explicitly (diffusers warns on a missing mask)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     return embeds.to(device), mask.to(device)
@@ -703,6 +704,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     name, path, notice = resolve_model(args.model)
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
+    from .models import get_model
+
+    if get_model(name).licence:
+        print(f"qwennb: licence: {get_model(name).licence}", file=sys.stderr)
     plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)
     loras = _cli_loras(args, name)
     for w in plan.warnings:

@@ -107,6 +107,9 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
     import torch
     from diffusers import QwenImagePipeline
 
+    if get_model(plan.model).pipeline_class == "QwenImage21Pipeline":
+        from diffusers import QwenImage21Pipeline as QwenImagePipeline  # Qwen-Image-2.1's own pipeline
+
     spec = get_model(plan.model)
     source = path or spec.hub_id
     if source is None:
@@ -144,6 +147,17 @@ def _build_stand_in(plan: Plan) -> Any:
     from . import stand_ins
 
     dtype = _torch_dtype(plan.dtype)
+    if get_model(plan.model).pipeline_class == "QwenImage21Pipeline":
+        from . import stand_ins21
+
+        if plan.model == "tiny-2.1":
+            return stand_ins21.build_tiny21_pipeline(
+                device="cuda" if plan.device == "cuda" else "cpu", dtype=dtype
+            )
+        on_gpu = {n: c.placement == "gpu" and plan.device == "cuda" for n, c in plan.components.items()}
+        return stand_ins21.build_synthetic21_pipeline(
+            device={n: "cuda" if g else "cpu" for n, g in on_gpu.items()}, dtype=dtype
+        )
     if plan.model == "tiny":
         device = "cuda" if plan.device == "cuda" else "cpu"
         return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
@@ -173,8 +187,11 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
-    fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn"
-    fast = bool(plan.compile and getattr(plan, "fast_path", False))
+    # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT; other transformers (Qwen-Image-2.1)
+    # take diffusers' regional compile and layerwise fp8 storage.
+    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
+    fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
     if fast:
         # The tuned path (same math; it compiles its block function) goes on before any offload hooks. With fp8
         # matmuls its FP8Linear layers replace the bf16 Linears, quantised on the GPU a layer at a time, so a

@@ -369,6 +369,11 @@ def transformer_flops(
     d = config["num_attention_heads"] * config["attention_head_dim"]
     s_img = image_tokens(width, height)
     s = s_img + text_tokens
+    if "context_in_dim" in config:  # Qwen-Image-2.1: one stream, SwiGLU MLP (3 matmuls), shared modulation
+        r = config.get("mlp_ratio", 3)
+        per_block = 8 * s * d * d + 2 * 3 * s * d * r * d + 2 * 2 * s * s * d
+        outside = 2 * s_img * config["in_channels"] * d * 2 + 2 * text_tokens * config["context_in_dim"] * d
+        return config["num_layers"] * per_block + outside
     per_block = (
         8 * s_img * d * d  # image QKV + out
         + 16 * s_img * d * d  # image MLP (4x)
@@ -665,7 +670,7 @@ def make_plan(
                 f"{gpu.name} (compute {gpu.compute_capability}) has no bf16, and Qwen-Image in fp16 overflows "
                 "(NaN, black images); force float32 (dtype='float32' or --force) at twice the memory"
             )
-    elif spec.stand_in and spec.name == "tiny":
+    elif spec.stand_in and spec.name.startswith("tiny"):  # tiny, tiny-2.1
         dtype = cfg.dtype or "float32"
         reasons.append(f"{dtype} on {device}: the tiny stand-in is small enough for full precision.")
     else:

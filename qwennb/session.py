@@ -19,6 +19,7 @@ from .errors import QwennbError
 from .generation import GenerationResult, free_memory, generate
 from .hardware import Hardware, detect
 from .lora import LoraInfo
+from .models import get_model
 from .plan import OptimizationConfig, Plan, make_plan
 
 
@@ -103,6 +104,9 @@ class Session:
         if name == "tiny" and notice is None:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
         plan = make_plan(self.hardware, name, overrides)
+        licence = get_model(name).licence
+        if licence:
+            notice = f"{notice} {licence}" if notice else licence
         for source, _ in loras or []:
             check_for_model(source, name)
         self.unload()
