@@ -138,6 +138,18 @@ class Session:
             wanted = [(r["source"], float(r.get("scale", 1.0))) for r in kwargs["loras"]]
             if wanted != [(i.source, i.scale) for i in lora.list_loras(self.pipe)]:
                 self._reload_with(wanted)
+        preset = kwargs.get("preset")
+        if preset and self._fused():
+            # A few-step preset's LoRA on an fp8 plan: fused in by reloading, once.
+            from . import lora
+            from .presets import get_preset
+
+            p = get_preset(preset)
+            if p.lora and self.report is not None and not get_model(self.report.model).stand_in:
+                source = lora.lightning_source(self.report.model, p.name)
+                have = [(i.source, i.scale) for i in lora.list_loras(self.pipe)]
+                if lora.adapter_name(source) not in {i.name for i in lora.list_loras(self.pipe)}:
+                    self._reload_with([*have, (source, 1.0)])
         result = generate(self.require(), prompt, **kwargs)
         self.history.append(result)
         del self.history[: -self.max_history]

@@ -368,3 +368,15 @@ def test_records_and_specs_parse():
         "sha256": "d",
         "scale": 1.0,
     }
+
+
+def test_a_lightning_preset_offline_without_the_file_names_the_command(pipe):
+    with pytest.raises(lora.LoraError) as e:
+        lora.ensure_preset_lora(pipe, get_preset("lightning-4"), "qwen-image-2512")
+    msg = str(e.value)
+    assert (
+        "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors) is not downloaded and the hub is offline"
+        in msg
+    )
+    assert "`qwennb download --lora lightning-4 --for-model qwen-image-2512`" in msg
+    assert lora.list_loras(pipe) == []
