@@ -79,10 +79,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<22}{'hub id':<30}{'params':>16}  {'bf16 GiB':>9}  task")
+    print(f"{'name':<26}{'hub id':<30}{'params':>16}  {'bf16 GiB':>9}  task")
     for r in rows:
         gib = r["total_params"] * 2 / 1024**3
-        print(f"{r['name']:<22}{r['hub_id'] or '-':<30}{r['total_params']:>16,}  {gib:>9.2f}  {r['task']}")
+        print(f"{r['name']:<26}{r['hub_id'] or '-':<30}{r['total_params']:>16,}  {gib:>9.2f}  {r['task']}")
     return 0
 
 
