@@ -508,9 +508,8 @@ def add(
         # later hotswap changes values only and the compiled graph stays valid.
         pipe.enable_lora_hotswap(target_rank=max(HOTSWAP_RANK, rank), check_compiled="ignore")
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # PEFT warns on every second adapter; several LoRAs are the point here
+        # PEFT warns on every second adapter; several LoRAs are the point here.
+        with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             pipe.load_lora_weights(sd, adapter_name=name, hotswap=hotswap)
     except (ValueError, RuntimeError, KeyError) as exc:
