@@ -653,6 +653,16 @@ BLOCK_TARGETS = (
     "img_mod.1",
     "txt_mod.1",
 )
+# The same for a Qwen-Image-2.1 block (single stream, SwiGLU MLP; its modulation is shared outside the blocks).
+BLOCK_TARGETS_21 = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "img_mlp.proj",
+    "img_mlp.gate_layer",
+    "img_mlp.out",
+)
 
 
 def random_lora_state_dict(
@@ -662,13 +672,13 @@ def random_lora_state_dict(
     layout: str = "lightning",
     seed: int = 0,
     std: float = 0.02,
-    targets: tuple[str, ...] = BLOCK_TARGETS,
+    targets: tuple[str, ...] | None = None,
     blocks: list[int] | None = None,
     dtype: Any = None,
 ) -> dict[str, Any]:
     """A random LoRA for ``transformer`` in one of :data:`LAYOUTS` (the keys each tool writes), rank ``rank``,
-    with an ``alpha`` per layer where the layout has one. Lightning's releases are rank 64 with alpha 8 on these
-    layers. Used by the tests (every format) and the few-step benchmark (a full-size LoRA of Lightning's shape).
+    with an ``alpha`` per layer where the layout has one, on :data:`BLOCK_TARGETS` of every block
+    (:data:`BLOCK_TARGETS_21` for Qwen-Image-2.1). Lightning's releases are rank 64 with alpha 8. Used by the tests (every format) and the few-step benchmark (a full-size LoRA of Lightning's shape).
 
     Example:
         >>> from qwennb.stand_ins import build_tiny_pipeline
@@ -681,6 +691,9 @@ def random_lora_state_dict(
     if layout not in LAYOUTS:
         raise LoraError(f"unknown LoRA layout {layout!r}; one of {', '.join(LAYOUTS)}")
     g = torch.Generator().manual_seed(seed)
+    if targets is None:
+        single = type(transformer).__name__ == "QwenImage21Transformer2DModel"
+        targets = BLOCK_TARGETS_21 if single else BLOCK_TARGETS
     n = len(transformer.transformer_blocks)
     modules = dict(transformer.named_modules())
     out: dict[str, Any] = {}

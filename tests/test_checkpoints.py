@@ -88,3 +88,28 @@ def test_tiny_2_1_generates_through_the_same_api(pipe21):
 def test_synthetic_2_1_is_a_registry_stand_in():
     spec = get_model("synthetic-2.1")
     assert spec.stand_in and spec.config_dir == "qwen-image-2.1" and spec.hub_id is None
+
+
+def test_loras_load_on_2_1_too(pipe21, tmp_path):
+    from qwennb import lora
+
+    kw = dict(width=64, height=64, steps=2, seed=3, cfg=1.0)
+    base = np.asarray(generate(pipe21, "a red car", **kw).images[0], int)
+    # diffusers' Kohya converter knows Qwen-Image's layer names, not 2.1's gate_layer: refused, naming it.
+    kohya = tmp_path / "k21.safetensors"
+    lora.save_random_lora(pipe21.transformer, kohya, layout="kohya", rank=4)
+    with pytest.raises(
+        lora.LoraError,
+        match=r"2 of 14 layers differ, first keys: transformer_blocks\.0\.img_mlp\.gate\.layer",
+    ):
+        lora.add(pipe21, kohya)
+    path = tmp_path / "l21.safetensors"
+    lora.save_random_lora(pipe21.transformer, path, layout="lightning", rank=4, std=0.5)
+    info = lora.add(pipe21, path, 1.0)
+    assert info.modules == 7 * len(pipe21.transformer.transformer_blocks)
+    on = np.asarray(generate(pipe21, "a red car", **kw).images[0], int)
+    lora.set_scale(pipe21, info.name, 0.0)
+    assert np.array_equal(np.asarray(generate(pipe21, "a red car", **kw).images[0], int), base)
+    lora.remove(pipe21)
+    assert np.abs(on - base).max() > 10
+    assert np.array_equal(np.asarray(generate(pipe21, "a red car", **kw).images[0], int), base)

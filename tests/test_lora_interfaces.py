@@ -128,3 +128,21 @@ def test_panel_lora_row(path):
     panel.remove_lora()
     assert s.lora_list() == [] and panel.lora_pick.options == ()
     s.unload()
+
+
+def test_panel_lightning_preset_runs_with_its_scheduler():
+    from qwennb.widgets import QwenPanel
+
+    s = Session()
+    s.load(MODEL)
+    panel = QwenPanel(s, save_dir=None)
+    panel.prompt.value = "a red circle"
+    panel.preset.value = "lightning-4"
+    assert (panel.steps.value, panel.cfg.value) == (4, 1.0)
+    panel.randomize.value = False
+    panel.seed.value = 5
+    panel.start()
+    r = panel.wait()
+    assert panel.last_error is None and r.steps == 4 and r.params()["preset"] == "lightning-4"
+    assert r.transformer_passes_per_step == 1
+    s.unload()
