@@ -81,10 +81,10 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'name':<22}{'hub id':<30}{'params':>16}  {'bf16 GiB':>9}  task")
+    print(f"{'name':<26}{'hub id':<30}{'params':>16}  {'bf16 GiB':>9}  task")
     for r in rows:
         gib = r["total_params"] * 2 / 1024**3
-        print(f"{r['name']:<22}{r['hub_id'] or '-':<30}{r['total_params']:>16,}  {gib:>9.2f}  {r['task']}")
+        print(f"{r['name']:<26}{r['hub_id'] or '-':<30}{r['total_params']:>16,}  {gib:>9.2f}  {r['task']}")
     return 0
 
 
@@ -213,6 +213,12 @@ def add_generate_parser(sub: Any) -> None:
     _add_generation_options(g)
     g.add_argument("--n", type=int, default=1, help="number of images (1 to 16)")
     g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="a LoRA (.safetensors file, folder or hub id) at SCALE (default 1); repeat for several",
+    )
     g.set_defaults(func=_cmd_generate)
 
 
@@ -248,6 +254,18 @@ def _options_from_args(args: argparse.Namespace, prompt: str, **more: Any) -> di
     )
 
 
+def _cli_loras(args: argparse.Namespace, model: str) -> list[tuple[str, float]] | None:
+    """``--lora PATH[:SCALE]`` options, each checked against the model before anything loads."""
+    if not getattr(args, "lora", None):
+        return None
+    from .lora import check_for_model, parse_spec
+
+    specs = [parse_spec(x) for x in args.lora]
+    for source, _ in specs:
+        check_for_model(source, model)
+    return specs
+
+
 def _load_for_cli(args: argparse.Namespace) -> Any:
     import time
 
@@ -260,11 +278,16 @@ def _load_for_cli(args: argparse.Namespace) -> Any:
         print(f"qwennb: {notice}", file=sys.stderr)
     # A folder is sized from its own configs (a small model saved there is not Qwen-Image).
     source = path if args.model and path and os.path.isdir(args.model) else name
+    from .models import get_model
+
+    if get_model(name).licence:
+        print(f"qwennb: licence: {get_model(name).licence}", file=sys.stderr)
     plan = make_plan(detect(), source, {"mode": args.mode} if args.mode else None)
+    loras = _cli_loras(args, name)
     for w in plan.warnings:
         print(f"qwennb: {w}", file=sys.stderr)
     t0 = time.perf_counter()
-    pipe = build(plan, path)
+    pipe = build(plan, path, loras=loras)
     print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return pipe
 
@@ -492,7 +515,11 @@ def _print_download(res: Any, args: argparse.Namespace, free_where: str) -> None
     if not res.complete:
         return
     if res.in_cache:
-        default = " and `qwennb generate` loads it by default" if res.model == "qwen-image" else ""
+        default = (
+            " and `qwennb generate` loads it by default"
+            if res.model in ("qwen-image", dl.OPTIMAL_MODEL)
+            else ""
+        )
         print(f"`qwennb detect` will find it in the Hugging Face cache{default}")
     elif dl.get_model(res.model).architecture == "VL":
         print(f"load it from {res.dir}")
@@ -503,14 +530,38 @@ def _print_download(res: Any, args: argparse.Namespace, free_where: str) -> None
         )
 
 
+def _cmd_download_lora(args: argparse.Namespace) -> int:
+    from . import download as dl
+    from .lora import file_sha256
+    from .pipeline import resolve_model
+
+    model = args.lora_model
+    if model is None:
+        found = resolve_model()[0]
+        model = found if found != "tiny" else "qwen-image"
+    model = dl.get_model(model).name
+    source, path = dl.fetch_lora(args.lora, model)
+    digest = file_sha256(path)
+    if args.json:
+        print(
+            json.dumps({"lora": args.lora, "model": model, "source": source, "path": path, "sha256": digest})
+        )
+    else:
+        print(f"{source} (for {model}): {path}, sha256 {digest[:16]}")
+    return 0
+
+
 def _cmd_download(args: argparse.Namespace) -> int:
     from . import download as dl
 
-    names = ["qwen-image"] if args.optimal else [args.model]
+    if getattr(args, "lora", None):
+        return _cmd_download_lora(args)
+    names = [dl.OPTIMAL_MODEL] if args.optimal else [args.model]
     if args.optimal:
         dl._notice(
-            "--optimal: Qwen/Qwen-Image (every plan, bf16, fp8, offload or NF4, loads its bf16 weights: "
-            "the same files for any GPU)"
+            "--optimal: Qwen/Qwen-Image-2512, the newest Apache-2.0 text-to-image release (Dec 2025, the same "
+            "architecture as Qwen-Image; every plan, bf16, fp8, offload or NF4, loads its bf16 weights: the same "
+            "files for any GPU)"
         )
     if args.with_vl:
         names.append(args.with_vl)
@@ -546,11 +597,20 @@ def add_download_parser(sub: Any) -> None:
     d = sub.add_parser("download", help="fetch Qwen-Image (or another registry model) from the hub, checked")
     what = d.add_mutually_exclusive_group(required=True)
     what.add_argument(
-        "--optimal", action="store_true", help="what a Qwen-Image plan loads on this machine: Qwen/Qwen-Image"
+        "--optimal",
+        action="store_true",
+        help="the newest Apache-2.0 text-to-image release, Qwen/Qwen-Image-2512 (any plan loads these files)",
     )
     what.add_argument(
         "--model", help="one registry model: " + ", ".join(s.name for s in dl.REGISTRY.values())
     )
+    what.add_argument(
+        "--lora",
+        metavar="LORA",
+        help="a LoRA: lightning-8 or lightning-4 (the Lightning LoRA for --for-model, default the local model "
+        "or qwen-image), or owner/repo/FILE.safetensors",
+    )
+    d.add_argument("--for-model", dest="lora_model", help="with --lora: the model the Lightning LoRA is for")
     d.add_argument("--with-vl", choices=vl, help="also fetch this vision-language model")
     d.add_argument("--dir", help="put each model in DIR/<name> (default: the Hugging Face cache)")
     d.add_argument(

@@ -567,6 +567,8 @@ def download(
     for spec in specs:
         if spec.name == "qwen-image-edit":
             _notice(f"warning: {EDIT_WARNING}")
+        if spec.licence:
+            _notice(f"licence: {spec.licence}")
     if hub_offline():
         raise DownloadError(OFFLINE_HINT)
     endpoint = hub_endpoint()
@@ -622,6 +624,43 @@ def _fetch(job: _Job, res: DownloadResult, token: str | bool | None, endpoint: s
     res.downloaded = True
     res.problems = verify_snapshot(path, {f.path: f.size for f in job.files})
     res.complete = not res.problems
+
+
+def fetch_lora(name: str, model: str | None = None, token: str | bool | None = None) -> tuple[str, str]:
+    """Fetch a LoRA into the Hugging Face cache: a few-step preset's (``lightning-8``, ``lightning-4``) for
+    ``model``, or any ``owner/repo/FILE.safetensors``. Returns (hub source, local path).
+
+    Example:
+        >>> fetch_lora("lightning-8", "qwen-image")  # doctest: +SKIP
+        ('lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-8steps-V2.0.safetensors', '/root/.cache/...')
+    """
+    from huggingface_hub import hf_hub_download
+
+    from .lora import PICKLE_REASON, _hub_parts, lightning_source
+    from .presets import PRESETS
+
+    if name in PRESETS and PRESETS[name].lora:
+        source = lightning_source(get_model(model or "qwen-image").name, name)
+    else:
+        source = name
+    if source.lower().endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")):
+        raise DownloadError(f"{source} refused: {PICKLE_REASON}")
+    parts = _hub_parts(source)
+    if parts is None or parts[1] is None or not parts[1].endswith(".safetensors"):
+        raise DownloadError(
+            f"--lora takes lightning-8, lightning-4 or owner/repo/FILE.safetensors, got {name!r}"
+        )
+    if hub_offline():
+        raise DownloadError(OFFLINE_HINT)
+    repo, filename = parts
+    endpoint = hub_endpoint()
+    with _quiet_hub_logs(), _hub_errors(repo, endpoint):
+        path = hf_hub_download(repo, filename, token=token, endpoint=endpoint, etag_timeout=HUB_TIMEOUT_S)
+    return source, str(path)
+
+
+# The default of `--optimal`: the newest Apache-2.0 text-to-image release.
+OPTIMAL_MODEL = "qwen-image-2512"
 
 
 def _cache_root() -> str:

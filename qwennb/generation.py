@@ -33,7 +33,7 @@ from . import __version__
 from .errors import GenerationError
 from .options import MAX_SEED, parse_size, validate_generate_options  # noqa: F401 - parse_size re-exported
 from .plan import Plan, with_size
-from .presets import ASPECT_RATIOS, POSITIVE_MAGIC, aspect_size, get_preset, is_chinese, round16
+from .presets import ASPECT_RATIOS, POSITIVE_MAGIC, PRESETS, aspect_size, get_preset, is_chinese, round16
 
 log = logging.getLogger("qwennb")
 PNG_KEY = "qwennb"
@@ -105,6 +105,7 @@ class GenerationResult:
     paths: list[str] = field(default_factory=list)
     original_prompt: str | None = None  # before enhancement or positive magic
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
+    loras: list[dict[str, Any]] = field(default_factory=list)  # name, source, sha256, scale of each LoRA on
 
     @property
     def steps_completed(self) -> int:
@@ -129,7 +130,18 @@ class GenerationResult:
             "width": self.width,
             "height": self.height,
             "num_images": self.num_images,
+            **self._lora_params(),
         }
+
+    def _lora_params(self) -> dict[str, Any]:
+        # Only when they matter, so results without LoRAs keep their parameters as before.
+        out: dict[str, Any] = {}
+        if self.loras:
+            out["loras"] = [dict(r) for r in self.loras]
+        # A few-step preset's scheduler shapes the image: regeneration needs the preset.
+        if self.preset and get_preset(self.preset).scheduler:
+            out["preset"] = self.preset
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -369,7 +381,8 @@ def _encode(pipe: Any, text: str, n: int, device: Any) -> tuple[Any, Any]:
 
     # A text encoder kept on the CPU encodes there; a hooked (streamed) one takes its inputs on the GPU.
     te_device = input_device(pipe.text_encoder, pipe) if pipe.text_encoder is not None else device
-    embeds, mask = pipe.encode_prompt(text, device=te_device, num_images_per_prompt=n)
+    # QwenImage21Pipeline also returns an image-position mask (all False for text): the first two are the same.
+    embeds, mask = pipe.encode_prompt(text, device=te_device, num_images_per_prompt=n)[:2]
     if mask is None:  # all tokens valid: say so explicitly (diffusers warns on a missing mask)
         mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
     return embeds.to(device), mask.to(device)
@@ -396,6 +409,7 @@ def generate(
     original_prompt: str | None = None,
     wait: bool = True,
     preview: bool | int = False,
+    loras: list[dict[str, Any]] | None = None,
 ) -> GenerationResult:
     """Generate images with a loaded pipeline and return a :class:`GenerationResult`.
 
@@ -415,6 +429,10 @@ def generate(
 
     One pipeline runs one generation at a time: a second call (another thread, the panel while a cell
     runs) waits for the first to end, or with ``wait=False`` raises :class:`PipelineBusyError` at once.
+
+    ``loras`` (records as in ``result.loras`` or a PNG's parameters: source, scale, sha256) makes the
+    pipeline's LoRAs exactly these first (see :func:`qwennb.lora.ensure`); the few-step presets
+    ("lightning-8", "lightning-4") load the model's Lightning LoRA and use its scheduler for the run.
     """
     import torch
 
@@ -464,6 +482,7 @@ def generate(
         negative_prompt = " "
     if seed is None:
         seed = random.SystemRandom().randrange(0, 2**32)
+    notices += _prepare_loras(pipe, loras, p, model, steps, cfg)
     for n in notices:
         log.warning(n)
 
@@ -514,10 +533,17 @@ def generate(
         return {}
 
     try:
+        from .lora import few_step_scheduler  # a few-step preset's scheduler, for this run only
+
         # no_grad, as diffusers' own __call__ (inference_mode tensors trip compiled graphs that are reused later).
         from .speed import expect_cfg  # tells the tuned path (if on) whether passes come in CFG pairs
 
-        with _sigint_stops(stop), torch.no_grad(), expect_cfg(pipe.transformer, cfg > 1):
+        with (
+            _sigint_stops(stop),
+            torch.no_grad(),
+            expect_cfg(pipe.transformer, cfg > 1),
+            few_step_scheduler(pipe, p.scheduler if p is not None else None),
+        ):
             _sync(device)
             t0 = time.perf_counter()
             embeds, mask = _encode(pipe, text, num_images, device)
@@ -599,7 +625,35 @@ def generate(
         notices=notices,
         plan=plan.to_dict() if plan is not None else None,
         original_prompt=original_prompt,
+        loras=_lora_records(pipe),
     )
+
+
+def _lora_records(pipe: Any) -> list[dict[str, Any]]:
+    from .lora import lora_records
+
+    return lora_records(pipe)
+
+
+def _prepare_loras(pipe: Any, loras: Any, preset: Any, model: str, steps: int, cfg: float) -> list[str]:
+    """Put the requested LoRAs (and a few-step preset's) on the pipeline; notices of what changed."""
+    from . import lora as lora_mod
+    from .models import REGISTRY
+
+    notices: list[str] = []
+    if loras is not None:
+        notices += lora_mod.ensure(pipe, list(loras))
+    if preset is not None and preset.lora:
+        spec = REGISTRY.get(model)
+        notices += lora_mod.ensure_preset_lora(pipe, preset, model, stand_in=spec is None or spec.stand_in)
+    elif cfg > 1 or steps > 8:
+        fast = [i.name for i in lora_mod.list_loras(pipe) if lora_mod.is_lightning(i)]
+        if fast and not getattr(pipe, "qwennb", {}).get("loras_disabled"):
+            notices.append(
+                f"the few-step LoRA {fast[0]} is loaded: it is made for 4-8 steps at CFG 1 (preset lightning-8 or "
+                f"lightning-4); remove it for {steps} steps at CFG {cfg:g}"
+            )
+    return notices
 
 
 # --------------------------------------------------------------------------- saving with provenance
@@ -677,5 +731,9 @@ def load_params(png: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(meta, dict):
         raise GenerationError(f"{png} has qwennb metadata that is not a JSON object")
-    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "num_images")
-    return {k: meta[k] for k in keys if k in meta}
+    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "num_images", "loras")
+    out = {k: meta[k] for k in keys if k in meta}
+    preset = meta.get("preset")
+    if preset and preset in PRESETS and PRESETS[preset].scheduler:  # a few-step preset's scheduler
+        out["preset"] = preset
+    return out

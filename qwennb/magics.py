@@ -180,6 +180,13 @@ class QwenMagics(Magics):
         out = opts.pop("out", None)
         if not self.session.loaded:
             self.load()
+        if getattr(options, "lora", None):
+            try:
+                from .lora import parse_spec
+
+                self.session.lora_use([parse_spec(x) for x in options.lora])
+            except QwennbError as exc:
+                raise UsageError(str(exc)) from None
         original = None
         if options.enhance:
             prompt, original = self._enhance_for_cell(prompt)
@@ -268,6 +275,12 @@ class QwenMagics(Magics):
     @argument("--no-save", action="store_true", help="do not write PNGs")
     @argument("--enhance", action="store_true", help="rewrite the prompt with the text encoder first")
     @argument("--preview", action="store_true", help="preview the image every 2 steps (QwenMagics.preview)")
+    @argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="load a LoRA (file, folder or hub id) at SCALE (default 1); it stays loaded; repeat for several",
+    )
     @cell_magic
     def qwen_generate(self, line: str, cell: str) -> GenerationResult:
         """Generate images from the cell body (the prompt).
@@ -316,6 +329,7 @@ class QwenMagics(Magics):
             "%qwen unload             free the model and its GPU memory\n"
             "%qwen enhance PROMPT     rewrite a prompt with the text encoder\n"
             "%qwen describe PATH      describe an image's style for use as a prompt\n"
+            "%qwen lora add PATH [SCALE] [name=N] | list | scale NAME SCALE | remove NAME|all | off | on\n"
             "%%qwen_generate [opts]   generate from the cell body (%%qwen_generate? for options)\n"
             "%qwen_ui                 the widget panel"
         )
@@ -528,6 +542,34 @@ class QwenMagics(Magics):
             self.load()
         return describe_image(path, pipe=self.session.require())
 
+    def _qwen_lora(self, rest: str) -> Any:
+        """``%qwen lora add PATH [SCALE] [name=NAME] | list | scale NAME SCALE | remove NAME|all | off | on``."""
+        words = rest.split()
+        usage = "usage: %qwen lora add PATH [SCALE] [name=NAME] | list | scale NAME SCALE | remove NAME|all | off | on"
+        if not words:
+            raise UsageError(usage)
+        cmd, args = words[0], words[1:]
+        if cmd == "list":
+            return _Text(lora_table(self.session.lora_list()))
+        if not self.session.loaded:
+            self.load()
+        if cmd == "add" and 1 <= len(args) <= 3:
+            name = next((a.split("=", 1)[1] for a in args[1:] if a.startswith("name=")), None)
+            rest_args = [a for a in args[1:] if not a.startswith("name=")]
+            scale = _number(rest_args[0]) if rest_args else 1.0
+            info = self.session.lora_add(args[0].strip("'\""), scale, name)
+            return _Text(f"qwennb: LoRA {info}")
+        if cmd == "scale" and len(args) == 2:
+            info = self.session.lora_scale(args[0], _number(args[1]))
+            return _Text(f"qwennb: LoRA {info}")
+        if cmd == "remove" and len(args) == 1:
+            self.session.lora_remove(None if args[0] == "all" else args[0])
+            return _Text(f"qwennb: removed {'every LoRA' if args[0] == 'all' else 'LoRA ' + args[0]}")
+        if cmd in ("off", "on") and not args:
+            (self.session.lora_disable if cmd == "off" else self.session.lora_enable)()
+            return _Text(f"qwennb: LoRAs {cmd}")
+        raise UsageError(usage)
+
     @line_magic
     def qwen_ui(self, line: str) -> Any:
         """The widget panel: prompt, sliders for steps and CFG, presets, Generate and Stop."""
@@ -619,6 +661,20 @@ def _index(text: str) -> int:
         return int(text.strip().lstrip("#"))
     except ValueError:
         raise UsageError(f"a history entry is a number (see %qwen history), got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UsageError(f"a LoRA scale is a number, got {text!r}") from None
+
+
+def lora_table(infos: list[Any]) -> str:
+    """The loaded LoRAs, one a line (``%qwen lora list``)."""
+    if not infos:
+        return "no LoRA loaded"
+    return "\n".join(str(i) for i in infos)
 
 
 def _esc(s: str) -> str:

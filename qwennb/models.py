@@ -43,7 +43,13 @@ class ModelSpec:
     stand_in: bool = False
     description: str = ""
     aliases: tuple[str, ...] = ()
+    licence: str = ""  # shown at download and at load when it restricts use (not Apache-2.0)
 
+
+QWEN_IMAGE_21_LICENCE = (
+    "Qwen-Image-2.1's weights are under a non-commercial licence: research and personal use only; read "
+    "https://huggingface.co/Qwen/Qwen-Image-2.1 before any other use"
+)
 
 REGISTRY: dict[str, ModelSpec] = {
     m.name: m
@@ -58,6 +64,31 @@ REGISTRY: dict[str, ModelSpec] = {
             ("transformer", "text_encoder", "vae"),
             description="Qwen-Image 20B MMDiT text-to-image model (about 57 GB in bf16).",
             aliases=("qwen/qwen-image",),
+        ),
+        ModelSpec(
+            "qwen-image-2512",
+            "Qwen/Qwen-Image-2512",
+            "text-to-image",
+            "MMDiT",
+            "QwenImagePipeline",
+            "qwen-image",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-2512 (Dec 2025): the newest Apache-2.0 text-to-image release, the same "
+            "architecture and size as Qwen-Image.",
+            aliases=("qwen/qwen-image-2512", "2512"),
+        ),
+        ModelSpec(
+            "qwen-image-2.1",
+            "Qwen/Qwen-Image-2.1",
+            "text-to-image",
+            "MMDiT",
+            "QwenImage21Pipeline",
+            "qwen-image-2.1",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-2.1 (Sep 2026): a 7.1B single-stream DiT with a Qwen3-VL-8B text encoder, "
+            "generation and editing in one model; non-commercial licence.",
+            aliases=("qwen/qwen-image-2.1", "2.1"),
+            licence=QWEN_IMAGE_21_LICENCE,
         ),
         ModelSpec(
             "qwen-image-edit",
@@ -117,6 +148,30 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Qwen-Image's real configs with random weights: real shapes, speed and memory; "
             "images are noise.",
             aliases=("synthetic",),
+        ),
+        ModelSpec(
+            "tiny-2.1",
+            None,
+            "text-to-image",
+            "MMDiT",
+            "QwenImage21Pipeline",
+            "tiny-2.1",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Qwen-Image-2.1's classes with tiny configs, built in code. Its images are noise.",
+        ),
+        ModelSpec(
+            "qwen-image-2.1-synthetic",
+            None,
+            "text-to-image",
+            "MMDiT",
+            "QwenImage21Pipeline",
+            "qwen-image-2.1",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Qwen-Image-2.1's configs with random weights: real shapes, speed and memory; images "
+            "are noise.",
+            aliases=("synthetic-2.1",),
         ),
     ]
 }

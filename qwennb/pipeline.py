@@ -34,6 +34,10 @@ TINY_NOTICE = (
 )
 
 
+# Complete local snapshots loaded when no model is named, newest first.
+DEFAULT_MODELS = ("qwen-image-2512", "qwen-image")
+
+
 def _torch_dtype(name: str) -> Any:
     import torch
 
@@ -52,7 +56,8 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
     """Which model to load: ``(registry name, local path or None, notice or None)``.
 
     Order: ``name`` (a registry name, hub id or folder), the ``QWENNB_MODEL`` environment variable, a
-    complete Qwen-Image snapshot on disk (the Hugging Face cache or ``folder``), else ``tiny`` with a notice.
+    complete Qwen-Image-2512 or Qwen-Image snapshot on disk (the Hugging Face cache or ``folder``), else
+    ``tiny`` with a notice.
 
     Example:
         >>> resolve_model("tiny")
@@ -91,15 +96,19 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
                 f"{spec.hub_id} is not in the local cache and the hub is offline; run `qwennb download --model {spec.name}` where the hub is reachable"
             )
         return spec.name, None, None  # from_pretrained fetches it
-    for m in find_local_models(folder):
-        if m.name == "qwen-image" and m.complete:
-            return "qwen-image", m.path, None
+    found = {m.name: m for m in find_local_models(folder) if m.complete}
+    for default in DEFAULT_MODELS:
+        if default in found:
+            return default, found[default].path, None
     return "tiny", None, TINY_NOTICE
 
 
 def _load_pretrained(plan: Plan, path: str | None) -> Any:
     import torch
     from diffusers import QwenImagePipeline
+
+    if get_model(plan.model).pipeline_class == "QwenImage21Pipeline":
+        from diffusers import QwenImage21Pipeline as QwenImagePipeline  # Qwen-Image-2.1's own pipeline
 
     spec = get_model(plan.model)
     source = path or spec.hub_id
@@ -184,6 +193,17 @@ def _build_stand_in(plan: Plan) -> Any:
     from . import stand_ins
 
     dtype = _torch_dtype(plan.dtype)
+    if get_model(plan.model).pipeline_class == "QwenImage21Pipeline":
+        from . import stand_ins21
+
+        if plan.model == "tiny-2.1":
+            return stand_ins21.build_tiny21_pipeline(
+                device="cuda" if plan.device == "cuda" else "cpu", dtype=dtype
+            )
+        on_gpu = {n: c.placement == "gpu" and plan.device == "cuda" for n, c in plan.components.items()}
+        return stand_ins21.build_synthetic21_pipeline(
+            device={n: "cuda" if g else "cpu" for n, g in on_gpu.items()}, dtype=dtype
+        )
     if plan.model == "tiny":
         device = "cuda" if plan.device == "cuda" else "cpu"
         return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
@@ -227,8 +247,11 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
-    fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn"
-    fast = bool(plan.compile and getattr(plan, "fast_path", False))
+    # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT; other transformers (Qwen-Image-2.1)
+    # take diffusers' regional compile and layerwise fp8 storage.
+    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
+    fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
     if fast:
         # The tuned path (same math; it compiles its block function) goes on before any offload hooks. With fp8
         # matmuls its FP8Linear layers replace the bf16 Linears, quantised on the GPU a layer at a time, so a
@@ -383,12 +406,15 @@ def group_offload_with_resident_blocks(
     return keep
 
 
-def build(plan: Plan, path: str | None = None) -> Any:
+def build(plan: Plan, path: str | None = None, loras: list[tuple[str, float]] | None = None) -> Any:
     """Load the pipeline a plan describes and apply the plan; returns a ``QwenImagePipeline``.
 
     ``path`` is a local snapshot (from :func:`resolve_model`); without it real models come from the
     Hugging Face cache or hub. The plan, the model name and the load time are attached to the pipeline
     (``pipe.qwennb``) so that generation and ``validate_optimization`` can report them.
+
+    ``loras`` (``(source, scale)`` pairs) go on with the weights: fused into the bf16 weights before an fp8
+    plan quantises them (a LoRA beside fp8 weights gives grid artifacts), as PEFT layers otherwise.
 
     Example:
         >>> from qwennb.plan import make_plan, describe_machine
@@ -399,10 +425,31 @@ def build(plan: Plan, path: str | None = None) -> Any:
     t0 = time.perf_counter()
     spec = get_model(plan.model)
     pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
+    fuse = bool(loras) and lora_needs_fusing(plan)
+    if fuse:
+        from .lora import fuse_before_quantising
+
+        fuse_before_quantising(pipe, list(loras or []))
+    fused = getattr(pipe, "qwennb", {}).get("loras", {})
     apply_plan(pipe, plan)
     pipe.set_progress_bar_config(disable=True)
     pipe.qwennb = {"model": plan.model, "path": path, "plan": plan, "load_s": time.perf_counter() - t0}
+    if fused:
+        pipe.qwennb["loras"] = fused
+    elif loras:
+        from .lora import add
+
+        for source, scale in loras:
+            add(pipe, source, scale)
+        pipe.qwennb["load_s"] = time.perf_counter() - t0
     return pipe
+
+
+def lora_needs_fusing(plan: Plan) -> bool:
+    """True when the plan stores the transformer in fp8 (layerwise casting or fp8 matmuls): LoRAs must then be
+    fused into the bf16 weights before quantising, and changing them means reloading."""
+    t = plan.components["transformer"]
+    return t.storage_dtype == "float8_e4m3fn" and not t.quantization
 
 
 def _module_report(module: Any) -> dict[str, Any]:

@@ -404,6 +404,11 @@ def transformer_flops(
     d = config["num_attention_heads"] * config["attention_head_dim"]
     s_img = image_tokens(width, height)
     s = s_img + text_tokens
+    if "context_in_dim" in config:  # Qwen-Image-2.1: one stream, SwiGLU MLP (3 matmuls), shared modulation
+        r = config.get("mlp_ratio", 3)
+        per_block = 8 * s * d * d + 2 * 3 * s * d * r * d + 2 * 2 * s * s * d
+        outside = 2 * s_img * config["in_channels"] * d * 2 + 2 * text_tokens * config["context_in_dim"] * d
+        return config["num_layers"] * per_block + outside
     per_block = (
         8 * s_img * d * d  # image QKV + out
         + 16 * s_img * d * d  # image MLP (4x)

@@ -20,6 +20,8 @@ from typing import Any
 from .errors import QwennbError
 from .generation import GenerationResult, free_memory, generate
 from .hardware import Hardware, detect
+from .lora import LoraInfo
+from .models import get_model
 from .plan import OptimizationConfig, Plan, make_plan
 
 
@@ -78,19 +80,30 @@ class Session:
         return make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
 
     def load(
-        self, model: str | None = None, overrides: OptimizationConfig | dict[str, Any] | None = None
+        self,
+        model: str | None = None,
+        overrides: OptimizationConfig | dict[str, Any] | None = None,
+        loras: list[tuple[str, float]] | None = None,
     ) -> LoadReport:
-        """Resolve, plan and load a model, replacing (and freeing) any loaded one."""
+        """Resolve, plan and load a model, replacing (and freeing) any loaded one; ``loras`` are
+        ``(source, scale)`` pairs loaded with it (checked against the model before anything loads)."""
+        from .lora import check_for_model
         from .pipeline import build, resolve_model
 
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
         plan = make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
+        licence = get_model(name).licence
+        if licence:
+            notice = f"{notice} {licence}" if notice else licence
+        for source, _ in loras or []:
+            check_for_model(source, name)
         self.unload()
         t0 = time.perf_counter()
-        self.pipe = build(plan, path)
+        self.pipe = build(plan, path, loras=loras)
         self.report = LoadReport(name, path, plan, self.hardware, time.perf_counter() - t0, notice)
+        self._load_args = (model, overrides)
         return self.report
 
     def unload(self) -> None:
@@ -108,6 +121,25 @@ class Session:
 
     def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
         """``qwennb.generate`` on the loaded pipeline; the result joins the history."""
+        self.require()
+        if kwargs.get("loras") is not None and self._fused():
+            from . import lora
+
+            wanted = [(r["source"], float(r.get("scale", 1.0))) for r in kwargs["loras"]]
+            if wanted != [(i.source, i.scale) for i in lora.list_loras(self.pipe)]:
+                self._reload_with(wanted)
+        preset = kwargs.get("preset")
+        if preset and self._fused():
+            # A few-step preset's LoRA on an fp8 plan: fused in by reloading, once.
+            from . import lora
+            from .presets import get_preset
+
+            p = get_preset(preset)
+            if p.lora and self.report is not None and not get_model(self.report.model).stand_in:
+                source = lora.lightning_source(self.report.model, p.name)
+                have = [(i.source, i.scale) for i in lora.list_loras(self.pipe)]
+                if lora.adapter_name(source) not in {i.name for i in lora.list_loras(self.pipe)}:
+                    self._reload_with([*have, (source, 1.0)])
         result = generate(self.require(), prompt, **kwargs)
         self.history.append(result)
         del self.history[: -self.max_history]
@@ -152,6 +184,109 @@ class Session:
         del self.history[: -self.max_history]
         return len(loaded)
 
+    # ------------------------------------------------------------------ LoRAs
+
+    def _reload_with(self, specs: list[tuple[str, float]]) -> None:
+        """fp8 plans fuse LoRAs into the weights before quantising: a change reloads the model with them."""
+        model, overrides = getattr(self, "_load_args", (None, None))
+        self.load(
+            model if model is not None else self.report.model if self.report else None, overrides, specs
+        )
+
+    def _fused(self) -> bool:
+        from .pipeline import lora_needs_fusing
+
+        return self.report is not None and lora_needs_fusing(self.report.plan)
+
+    def lora_add(self, source: str, scale: float = 1.0, name: str | None = None) -> LoraInfo:
+        """Add a LoRA (file, folder or hub id) at ``scale``; on an fp8 plan the model reloads with it fused.
+
+        Example:
+            >>> import tempfile, os
+            >>> from qwennb import lora
+            >>> s = Session(); _ = s.load("tiny")
+            >>> path = os.path.join(tempfile.mkdtemp(), "ink.safetensors")
+            >>> lora.save_random_lora(s.pipe.transformer, path, layout="lightning")
+            >>> s.lora_add(path, 0.7).scale
+            0.7
+            >>> s.lora_scale("ink", 0.2).scale, [i.name for i in s.lora_list()]
+            (0.2, ['ink'])
+            >>> s.lora_remove("ink"); s.lora_list()
+            []
+        """
+        from . import lora
+
+        pipe = self.require()
+        if self._fused():
+            specs = [(i.source, i.scale) for i in lora.list_loras(pipe)] + [(source, float(scale))]
+            self._reload_with(specs)
+            return lora.list_loras(self.pipe)[-1]
+        return lora.add(pipe, source, scale, name)
+
+    def lora_scale(self, name: str, scale: float) -> LoraInfo:
+        """Set one LoRA's scale (0 leaves the image as without it)."""
+        from . import lora
+
+        pipe = self.require()
+        if self._fused():
+            specs = [(i.source, float(scale) if i.name == name else i.scale) for i in lora.list_loras(pipe)]
+            lora._get(pipe, name)
+            self._reload_with(specs)
+            return lora._get(self.pipe, name)
+        return lora.set_scale(pipe, name, scale)
+
+    def lora_remove(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all of them; the images are again exactly those without it."""
+        from . import lora
+
+        pipe = self.require()
+        if self._fused():
+            if name is not None:
+                lora._get(pipe, name)
+            self._reload_with([(i.source, i.scale) for i in lora.list_loras(pipe) if name and i.name != name])
+            return
+        lora.remove(pipe, name)
+
+    def lora_use(self, specs: list[tuple[str, float]]) -> list[LoraInfo]:
+        """Make sure each ``(source, scale)`` LoRA is loaded at that scale (``--lora PATH[:SCALE]``); others stay."""
+        from . import lora
+
+        pipe = self.require()
+        current = {i.name: i for i in lora.list_loras(pipe)}
+        wanted = [(lora.adapter_name(src), src, float(sc)) for src, sc in specs]
+        if self._fused():
+            merged = {n: (i.source, i.scale) for n, i in current.items()}
+            merged.update({n: (src, sc) for n, src, sc in wanted})
+            if merged != {n: (i.source, i.scale) for n, i in current.items()}:
+                self._reload_with(list(merged.values()))
+        else:
+            for name, src, sc in wanted:
+                if name in current:
+                    if current[name].scale != sc:
+                        lora.set_scale(pipe, name, sc)
+                else:
+                    lora.add(pipe, src, sc, name)
+        reg = {i.name: i for i in lora.list_loras(self.pipe)}
+        return [reg[n] for n, _, _ in wanted]
+
+    def lora_list(self) -> list[LoraInfo]:
+        """The loaded LoRAs with their scales and hashes."""
+        from . import lora
+
+        return lora.list_loras(self.pipe) if self.pipe is not None else []
+
+    def lora_disable(self) -> None:
+        """Turn the LoRAs off without removing them."""
+        from . import lora
+
+        lora.disable(self.require())
+
+    def lora_enable(self) -> None:
+        """Turn them back on."""
+        from . import lora
+
+        lora.enable(self.require())
+
     def info(self) -> dict[str, Any]:
         """Card, memory in use, plan and what is really active on the loaded pipeline."""
         from .pipeline import validate_optimization
@@ -169,6 +304,7 @@ class Session:
             out["model"] = self.report.model
             out["plan"] = self.report.plan
             out["active"] = validate_optimization(self.pipe)
+            out["loras"] = [i.to_dict() for i in self.lora_list()]
         return out
 
 

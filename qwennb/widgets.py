@@ -91,6 +91,15 @@ class QwenPanel:
         self.progress.add_class("qwennb-progress-bar")
         self.timing.add_class("qwennb-timing-plot")
         self.kept: list[GenerationResult] = []
+        # The LoRA row: a file, folder or hub id to add; the loaded LoRAs; the picked one's scale.
+        self.lora_source = w.Text(placeholder="LoRA: .safetensors file, folder or hub id", description="LoRA")
+        self.lora_add_button = w.Button(description="Add", icon="plus")
+        self.lora_pick = w.Dropdown(options=[], description="loaded")
+        self.lora_scale = w.FloatSlider(
+            value=1.0, min=0.0, max=2.0, step=0.05, description="scale", continuous_update=False
+        )
+        self.lora_remove_button = w.Button(description="Remove", icon="trash")
+        self.lora_status = w.Label(value="")
         self.last_result: GenerationResult | None = None
         self.last_error: str | None = None
         self.on_step_callbacks: list[Callable[[StepInfo], None]] = []
@@ -102,6 +111,11 @@ class QwenPanel:
         self.preset.observe(self._on_preset, names="value")
         self.steps.observe(self._on_manual, names="value")
         self.cfg.observe(self._on_manual, names="value")
+        self.lora_add_button.on_click(lambda _b: self.add_lora())
+        self.lora_remove_button.on_click(lambda _b: self.remove_lora())
+        self.lora_pick.observe(self._on_lora_pick, names="value")
+        self.lora_scale.observe(self._on_lora_scale, names="value")
+        self._refresh_loras()
         self.generate_button.on_click(lambda _b: self.start())
         self.stop_button.on_click(lambda _b: self.request_stop())
         self.compare_button.on_click(lambda _b: self.keep())
@@ -114,6 +128,8 @@ class QwenPanel:
                 w.HBox([self.seed, self.randomize, self.enhance, self.preview]),
                 w.HBox([self.generate_button, self.stop_button, self.compare_button, self.progress]),
                 self.status,
+                w.HBox([self.lora_source, self.lora_add_button, self.lora_pick, self.lora_scale]),
+                w.HBox([self.lora_remove_button, self.lora_status]),
                 self.image,
                 self.timing,
                 self.compare,
@@ -137,6 +153,77 @@ class QwenPanel:
             p = PRESETS[self.preset.value]
             if (self.steps.value, self.cfg.value) != (p.steps, p.cfg):
                 self.preset.value = CUSTOM
+
+    # ---- LoRAs
+    def _refresh_loras(self) -> None:
+        infos = self.session.lora_list()
+        self._moving = True
+        try:
+            self.lora_pick.options = [i.name for i in infos]
+            self.lora_pick.value = infos[-1].name if infos else None
+            if infos:
+                self.lora_scale.value = infos[-1].scale
+        finally:
+            self._moving = False
+        self.lora_remove_button.disabled = not infos
+        self.lora_scale.disabled = not infos
+
+    def add_lora(self) -> None:
+        """What the Add button does: load the LoRA named in the text box at the slider's scale."""
+        from .lora import parse_spec
+
+        text = self.lora_source.value.strip()
+        if not text:
+            self.lora_status.value = "name a LoRA file, folder or hub id first"
+            return
+        source, scale = parse_spec(text)
+        try:
+            info = self.session.lora_add(source, scale if ":" in text else 1.0)
+        except QwennbError as exc:
+            self.lora_status.value = f"error: {exc}"
+            return
+        self.lora_source.value = ""
+        self._refresh_loras()
+        self.lora_status.value = f"added {info}"
+
+    def remove_lora(self) -> None:
+        """What the Remove button does: remove the picked LoRA."""
+        name = self.lora_pick.value
+        if not name:
+            return
+        try:
+            self.session.lora_remove(name)
+        except QwennbError as exc:
+            self.lora_status.value = f"error: {exc}"
+            return
+        self._refresh_loras()
+        self.lora_status.value = f"removed {name}"
+
+    def _on_lora_pick(self, change: dict[str, Any]) -> None:
+        if self._moving or not change["new"]:
+            return
+        info = {i.name: i for i in self.session.lora_list()}.get(change["new"])
+        if info is not None:
+            self._moving = True
+            try:
+                self.lora_scale.value = info.scale
+            finally:
+                self._moving = False
+
+    def _on_lora_scale(self, change: dict[str, Any]) -> None:
+        if self._moving or not self.lora_pick.value:
+            return
+        try:
+            info = self.session.lora_scale(self.lora_pick.value, float(change["new"]))
+        except QwennbError as exc:
+            self.lora_status.value = f"error: {exc}"
+            return
+        self.lora_status.value = f"{info.name}: scale {info.scale:g}"
+
+    def _few_step_preset(self) -> str | None:
+        """A few-step preset brings its LoRA and scheduler (the sliders already hold its steps and CFG)."""
+        p = PRESETS.get(self.preset.value)
+        return p.name if p is not None and p.lora else None
 
     # ---- running
     @property
@@ -281,6 +368,7 @@ class QwenPanel:
                 stop=self._stop,
                 original_prompt=original,
                 preview=bool(self.preview.value),
+                preset=self._few_step_preset(),
             )
             self.last_result = result
             self._show(self.image, png_bytes(result.images[0], 1024) if result.images else None)

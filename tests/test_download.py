@@ -247,7 +247,12 @@ class FakeHub:
 def hub(monkeypatch, tmp_path):
     """The fake hub, with huggingface_hub pointed at it (online) and its cache in tmp_path."""
     files = make_repo()
-    repos = {"Qwen/Qwen-Image": files, "Qwen/Qwen-Image-Edit": dict(files), VL_REPO: make_vl_repo()}
+    repos = {
+        "Qwen/Qwen-Image": files,
+        "Qwen/Qwen-Image-2512": dict(files),
+        "Qwen/Qwen-Image-Edit": dict(files),
+        VL_REPO: make_vl_repo(),
+    }
     server = FakeHub(repos).start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
@@ -318,22 +323,27 @@ def test_download_into_the_cache_json(hub, capsys):
         "complete",
         "problems",
     }
-    assert res["model"] == "qwen-image" and res["repo_id"] == "Qwen/Qwen-Image"
+    # --optimal is the newest Apache-2.0 text-to-image release.
+    assert res["model"] == "qwen-image-2512" and res["repo_id"] == "Qwen/Qwen-Image-2512"
     assert res["downloaded"] and res["complete"] and res["problems"] == []
     assert {f["path"]: f["size"] for f in res["files"]} == _weights(hub.files)
     assert res["total_bytes"] == sum(_weights(hub.files).values())
-    assert res["dir"] == str(hub.cache / "models--Qwen--Qwen-Image" / "snapshots" / SHA)
-    assert (hub.cache / "models--Qwen--Qwen-Image" / "refs" / "main").read_text() == SHA
+    assert res["dir"] == str(hub.cache / "models--Qwen--Qwen-Image-2512" / "snapshots" / SHA)
+    assert (hub.cache / "models--Qwen--Qwen-Image-2512" / "refs" / "main").read_text() == SHA
     (model,) = find_local_models(cache_dir=hub.cache)
-    assert model.complete and model.architecture == "MMDiT"
-    assert resolve_model()[0:2] == ("qwen-image", res["dir"])  # generate's default now loads it
+    assert model.complete and model.architecture == "MMDiT" and model.name == "qwen-image-2512"
+    assert resolve_model()[0:2] == ("qwen-image-2512", res["dir"])  # generate's default now loads it
+    # With Qwen-Image also in the cache, the newer release stays the default.
+    assert main(["download", "--model", "qwen-image", "--json"]) == 0
+    capsys.readouterr()
+    assert resolve_model()[0:2] == ("qwen-image-2512", res["dir"])
 
 
 def test_optimal_with_a_vl_model(hub, tmp_path, capsys):
     out_dir = tmp_path / "models"
     assert main(["download", "--optimal", "--with-vl", "qwen2.5-vl-7b", "--dir", str(out_dir), "--json"]) == 0
     qi, vl = json.loads(capsys.readouterr().out)["models"]
-    assert qi["model"] == "qwen-image" and qi["complete"]
+    assert qi["model"] == "qwen-image-2512" and qi["complete"]
     assert vl["model"] == "qwen2.5-vl-7b" and vl["repo_id"] == VL_REPO and vl["complete"]
     assert vl["dir"] == str(out_dir / "qwen2.5-vl-7b")
     vl_files = make_vl_repo()
@@ -515,3 +525,37 @@ def test_missing_repository_is_one_line(hub, tmp_path, capsys):
         f"qwennb: error: Qwen/Qwen2-VL-7B-Instruct was not found at {hub.url} (or it is private and "
         "no token is set: `hf auth login`)"
     ]
+
+
+def test_download_lora_fetches_the_lightning_lora_into_the_cache(hub, capsys, monkeypatch):
+    from qwennb.lora import file_sha256, resolve_file
+
+    data = make_repo(seed=3)["transformer/diffusion_pytorch_model-00001-of-00002.safetensors"]
+    hub.repos["lightx2v/Qwen-Image-Lightning"] = {"Qwen-Image-Lightning-8steps-V2.0.safetensors": data}
+    hub.repos["lightx2v/Qwen-Image-2512-Lightning"] = {
+        "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors": data
+    }
+    assert main(["download", "--lora", "lightning-8", "--for-model", "qwen-image", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["source"] == "lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-8steps-V2.0.safetensors"
+    assert open(res["path"], "rb").read() == data and res["sha256"] == hashlib.sha256(data).hexdigest()
+    # No --for-model and no local model: for Qwen-Image; 2512 has only a 4-step LoRA.
+    assert main(["download", "--lora", "lightning-8", "--for-model", "qwen-image-2512"]) == 2
+    assert (
+        "no 8-step Lightning LoRA is published for qwen-image-2512; use lightning-4"
+        in capsys.readouterr().err
+    )
+    assert main(["download", "--lora", "lightning-4", "--for-model", "2512"]) == 0
+    assert (
+        "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors (for qwen-image-2512)"
+        in capsys.readouterr().out
+    )
+    assert main(["download", "--lora", "someone/x/style.ckpt"]) == 2
+    assert "it is a pickle" in capsys.readouterr().err
+    # Offline afterwards, the cached file is found without the hub.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    found = resolve_file(res["source"])
+    assert file_sha256(found) == res["sha256"]
+    assert main(["download", "--lora", "lightning-4"]) == 2
+    assert "switched off" in capsys.readouterr().err

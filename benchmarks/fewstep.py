@@ -1,0 +1,334 @@
+"""Few-step generation with a Lightning-shaped LoRA: stock diffusers against qwennb, per image end to end.
+
+Rerun on a CUDA machine with one 80+ GB card (H100/H200) and qwennb installed (peft too), with one command:
+
+    python benchmarks/fewstep.py --out benchmarks/results
+
+It builds ``qwen-image-synthetic`` (Qwen-Image's real configs, random bf16 weights) on the GPU once, and a random
+LoRA of the Lightning release's shape: rank 64, alpha 8, on the 14 Linear layers of each of the 60 blocks
+(attention projections of both streams, both MLPs, both modulations), written in the release's key layout
+(``transformer_blocks.N.<layer>.lora_down/lora_up.weight`` + ``alpha``) and loaded through qwennb (diffusers'
+converter). Then, with Lightning's scheduler (shift 3, exponential, no terminal stretch) at CFG 1, on the same
+weights, prompt and seed, after warm-up, ``--repeats`` images each (medians):
+
+- ``stock-lightning-8`` / ``-4``: the pipeline as loaded plus ``pipe.load_lora_weights`` (PEFT layers, unfused) and
+  ``pipe(prompt=..., true_cfg_scale=1.0, num_inference_steps=8)``, as a hand-written script would;
+- ``qwennb-nolora-8``: qwennb's plan applied (``pipeline.apply_plan``: tuned path, regional compile), no LoRA;
+- ``qwennb-lightning-8-unfused``: the same with the LoRA as PEFT layers prepared for hotswap
+  (``enable_lora_hotswap`` before the first LoRA); then a second LoRA is hotswapped in: ``hotswap_s`` and the
+  number of graph recompiles during the next image are recorded;
+- ``qwennb-lightning-8`` / ``-4``: the LoRA fused into the weights (``fuse_lora`` + ``unload_lora_weights``) and
+  ``qwennb.generate(pipe, prompt, preset="lightning-8")``: qwennb's best with a fixed LoRA.
+
+Every row: ``config``, ``model``, ``steps``, ``cfg``, ``width``, ``height``, ``s_per_step`` (median denoising step,
+GPU-synchronised), ``s_per_image`` (end to end: text encoding, denoising and decode), ``lora_rank``, plus
+``lora`` (none/unfused/fused), ``peak_gpu_gb`` and ``repeats``. Sizes: 1024x1024 and 1328x1328. Writes
+``fewstep-<card>.json`` and ``fewstep-<card>.md`` under ``--out``. ``--smoke`` runs the same flow on the tiny
+stand-in on the CPU (64x64, a rank-4 LoRA, no compile) to check the script; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
+SEED = 1234
+MODEL = "qwen-image-synthetic"
+DEVICE = "cuda"
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1024**3, 2) if DEVICE == "cuda" else None
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def recompiles() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["recompiles"].values()) + counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001 - private counters: record what exists
+        return -1
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.rows: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
+
+    # ---- one image, two ways
+    def stock_image(self, pipe: Any, steps: int, size: int) -> tuple[float, float]:
+        times: list[float] = []
+        last = {}
+
+        def cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            sync()
+            now = time.perf_counter()
+            times.append(now - last["t"])
+            last["t"] = now
+            return {}
+
+        sync()
+        t0 = last["t"] = time.perf_counter()
+        pipe(
+            prompt=PROMPT,
+            true_cfg_scale=1.0,
+            num_inference_steps=steps,
+            width=size,
+            height=size,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            callback_on_step_end=cb,
+        )
+        sync()
+        # the first interval includes text encoding: the median of the steps is unaffected
+        return statistics.median(times), time.perf_counter() - t0
+
+    def qwennb_image(self, pipe: Any, steps: int, size: int, preset: str | None) -> tuple[float, float]:
+        from qwennb.generation import generate
+
+        r = generate(
+            pipe,
+            PROMPT,
+            steps=steps,
+            cfg=1.0,
+            width=size,
+            height=size,
+            seed=SEED,
+            preset=preset,
+        )
+        return r.median_step_s or 0.0, r.total_s
+
+    def measure(self, config: str, fn: Any, steps: int, size: int, lora: str, rank: int | None) -> None:
+        for _ in range(self.args.warmup):
+            fn(steps, size)
+        reset_peak()
+        got = [fn(steps, size) for _ in range(self.args.repeats)]
+        row = {
+            "config": config,
+            "model": self.model,
+            "steps": steps,
+            "cfg": 1.0,
+            "width": size,
+            "height": size,
+            "s_per_step": round(statistics.median(g[0] for g in got), 4),
+            "s_per_image": round(statistics.median(g[1] for g in got), 4),
+            "lora_rank": rank,
+            "lora": lora,
+            "peak_gpu_gb": peak_gb(),
+            "repeats": self.args.repeats,
+        }
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.save()
+
+    # ---- output
+    def save(self) -> None:
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        rec = {**self.record, "runs": self.rows, **self.extra}
+        (out / f"fewstep-{self.slug}.json").write_text(json.dumps(rec, indent=2) + "\n")
+        (out / f"fewstep-{self.slug}.md").write_text(self.table(rec))
+
+    def table(self, rec: dict[str, Any]) -> str:
+        lines = [
+            f"# Few-step generation on {rec['card']} ({rec['model']}, random weights; LoRA rank {rec['lora']['rank']})",
+            "",
+            "| config | size | steps | CFG | s/step | s/image (end to end) | LoRA | peak GiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r['config']} | {r['width']}² | {r['steps']} | {r['cfg']:g} | {r['s_per_step']:.4f} | "
+                f"{r['s_per_image']:.3f} | {r['lora']} | {r['peak_gpu_gb'] if r['peak_gpu_gb'] is not None else '-'} |"
+            )
+        if "hotswap" in rec:
+            h = rec["hotswap"]
+            lines += [
+                "",
+                f"Hotswap: {h['hotswap_s']:.3f} s; graph recompiles during the next image: {h['recompiles']}.",
+            ]
+        if self.args.smoke:
+            lines += ["", "SMOKE RUN on the CPU with the tiny stand-in: these numbers mean nothing."]
+        return "\n".join(lines) + "\n"
+
+    # ---- the run
+    def run(self) -> int:
+        global DEVICE
+        import logging
+
+        from qwennb import lora
+        from qwennb.hardware import detect
+        from qwennb.plan import describe_machine, make_plan
+        from qwennb.presets import LIGHTNING_ALPHA, LIGHTNING_RANK, LIGHTNING_SCHEDULER
+
+        logging.getLogger("qwennb").setLevel(logging.ERROR)  # the per-image notices (stand-in, no hub LoRA)
+        smoke = self.args.smoke
+        if smoke:
+            DEVICE = "cpu"
+        elif not torch.cuda.is_available():
+            print("no CUDA GPU: run with --smoke to check the script on the CPU", file=sys.stderr)
+            return 2
+        self.model = "tiny" if smoke else MODEL
+        sizes = [64] if smoke else self.args.sizes
+        rank = 4 if smoke else LIGHTNING_RANK
+        card = "cpu-smoke" if smoke else torch.cuda.get_device_name()
+        self.slug = card_slug(card)
+        import diffusers
+
+        self.record: dict[str, Any] = {
+            "card": card,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "model": self.model,
+            "prompt": PROMPT,
+            "seed": SEED,
+            "scheduler": {k: v for k, v in LIGHTNING_SCHEDULER.items()},
+            "args": {k: v for k, v in vars(self.args).items()},
+        }
+        # The stock pipeline (no plan applied yet): what a hand-written script loads.
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from qwennb import stand_ins
+        from qwennb.pipeline import apply_plan
+
+        if smoke:
+            pipe = stand_ins.build_tiny_pipeline()
+            plan = make_plan(describe_machine(host_ram_gb=8), "tiny")
+        else:
+            plan = make_plan(detect(), MODEL)
+            pipe = stand_ins.build_synthetic_pipeline(device="cuda", dtype=torch.bfloat16)
+        pipe.set_progress_bar_config(disable=True)
+        own_scheduler = pipe.scheduler
+        tmp = Path(tempfile.mkdtemp(prefix="qwennb-fewstep-"))
+        files = []
+        for seed in (1, 2):
+            f = tmp / f"Lightning-shaped-{seed}.safetensors"
+            sd = lora.random_lora_state_dict(
+                pipe.transformer, rank=rank, alpha=LIGHTNING_ALPHA, layout="lightning", seed=seed, std=0.01
+            )
+            from safetensors.torch import save_file
+
+            save_file(sd, str(f))
+            files.append(f)
+        self.record["lora"] = {
+            "rank": rank,
+            "alpha": LIGHTNING_ALPHA,
+            "layers": len(sd) // 3,
+            "params": sum(v.numel() for k, v in sd.items() if not k.endswith(".alpha")),
+            "layout": "lightning (transformer_blocks.N.<layer>.lora_down/lora_up + alpha)",
+        }
+        del sd
+
+        # 1. stock: PEFT LoRA through diffusers, Lightning's scheduler, CFG 1.
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            {**own_scheduler.config, **LIGHTNING_SCHEDULER}
+        )
+        pipe.load_lora_weights(str(files[0]), adapter_name="lightning")
+        for size in sizes:
+            for steps in (8, 4):
+                self.measure(
+                    f"stock-lightning-{steps}",
+                    lambda st, sz: self.stock_image(pipe, st, sz),
+                    steps,
+                    size,
+                    "unfused",
+                    rank,
+                )
+        pipe.unload_lora_weights()
+        pipe.scheduler = own_scheduler
+
+        # 2. qwennb's plan (tuned path, compile) on the same weights.
+        apply_plan(pipe, plan)
+        pipe.qwennb = {"model": self.model, "plan": plan}
+        for size in sizes:
+            self.measure(
+                "qwennb-nolora-8",
+                lambda st, sz: self.qwennb_image(pipe, st, sz, "lightning-8"),
+                8,
+                size,
+                "none",
+                None,
+            )
+        # 3. unfused and hotswap-ready (qwennb.lora.add prepares the hotswap on a compiled plan)
+        info = lora.add(pipe, files[0], 1.0, name="lightning")
+        for size in sizes:
+            self.measure(
+                "qwennb-lightning-8-unfused",
+                lambda st, sz: self.qwennb_image(pipe, st, sz, "lightning-8"),
+                8,
+                size,
+                "unfused",
+                rank,
+            )
+        before = recompiles()
+        sync()
+        t0 = time.perf_counter()
+        lora.add(pipe, files[1], 1.0, name=info.name, hotswap=True)
+        sync()
+        hotswap_s = time.perf_counter() - t0
+        self.qwennb_image(pipe, 8, sizes[0], "lightning-8")
+        self.extra["hotswap"] = {
+            "hotswap_s": round(hotswap_s, 4),
+            "recompiles": recompiles() - before if before >= 0 else None,
+            "size": sizes[0],
+        }
+        self.save()
+        # 4. fused: the LoRA in the weights, no PEFT layers left.
+        pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[info.name])
+        pipe.unload_lora_weights()
+        pipe.qwennb.pop("loras", None)
+        for size in sizes:
+            for steps in (8, 4):
+                self.measure(
+                    f"qwennb-lightning-{steps}",
+                    lambda st, sz: self.qwennb_image(pipe, st, sz, f"lightning-{st}"),
+                    steps,
+                    size,
+                    "fused",
+                    rank,
+                )
+        self.save()
+        print(self.table({**self.record, **self.extra}))
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 1328])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="the tiny stand-in on the CPU, to check the script")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.warmup = min(args.repeats, 2), 1
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The current checkpoints: Qwen-Image-2512 (same architecture) and Qwen-Image-2.1 (its own classes), from the
+registry's shipped configs to a generation on the tiny 2.1 stand-in (real diffusers classes, no mocks)."""
+
+import numpy as np
+import pytest
+
+from qwennb.download import DownloadError, download
+from qwennb.generation import generate
+from qwennb.models import REGISTRY, component_sizes, get_model, load_config
+from qwennb.pipeline import build
+from qwennb.plan import describe_machine, make_plan, transformer_flops
+
+
+def test_2512_is_qwen_image_with_newer_weights():
+    spec = get_model("Qwen/Qwen-Image-2512")
+    assert (spec.name, spec.pipeline_class, spec.config_dir) == (
+        "qwen-image-2512",
+        "QwenImagePipeline",
+        "qwen-image",
+    )
+    assert "Apache-2.0" in spec.description and spec.licence == ""
+    a, b = component_sizes("qwen-image-2512"), component_sizes("qwen-image")
+    assert {k: v.params for k, v in a.items()} == {k: v.params for k, v in b.items()}
+    for gb in (80, 24, 12):
+        p, q = (
+            make_plan(describe_machine(gpu_memory_gb=gb), "qwen-image-2512"),
+            make_plan(describe_machine(gpu_memory_gb=gb), "qwen-image"),
+        )
+        assert (
+            p.arrangement == q.arrangement
+            and p.model == "qwen-image-2512"
+            and p.hub_id == "Qwen/Qwen-Image-2512"
+        )
+
+
+def test_2_1_sizes_are_computed_from_its_configs():
+    sizes = component_sizes("qwen-image-2.1")
+    assert sizes["transformer"].class_name == "QwenImage21Transformer2DModel"
+    assert sizes["transformer"].params == 7_115_124_736 and sizes["transformer"].blocks == 32  # "7.1B"
+    assert sizes["text_encoder"].class_name == "Qwen3VLForConditionalGeneration"
+    assert sizes["text_encoder"].params == 8_767_123_696 and sizes["text_encoder"].blocks == 36  # Qwen3-VL-8B
+    assert sizes["vae"].class_name == "AutoencoderKLQwenImage21"
+    total_gb = sum(s.params for s in sizes.values()) * 2 / 1e9
+    assert 31 < total_gb < 33  # "about 31 GB in bf16"
+    assert get_model("2.1").pipeline_class == "QwenImage21Pipeline"
+    # One forward at 1024x1024: 32 single-stream blocks of width 4096 over 4096 image + text tokens.
+    assert 60e12 < transformer_flops(load_config("qwen-image-2.1", "transformer"), 1024, 1024) < 75e12
+
+
+@pytest.mark.parametrize("gb", [80, 48, 24, 16, 12])
+def test_2_1_plans_fit_every_cap(gb):
+    plan = make_plan(describe_machine(gpu_memory_gb=gb), "qwen-image-2.1")
+    assert plan.model == "qwen-image-2.1" and plan.hub_id == "Qwen/Qwen-Image-2.1"
+    assert plan.budget_gb is not None and plan.estimated_peak_gpu_gb <= plan.budget_gb
+    # Its own sizes: at 80 GB the bf16 weights (about 30 GiB) sit whole on the card.
+    if gb == 80:
+        assert plan.components["transformer"].placement == "gpu" and plan.estimated_peak_gpu_gb > 30
+
+
+def test_2_1_licence_is_shown_at_download(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError):
+        download("qwen-image-2.1", dry_run=True)
+    err = capsys.readouterr().err
+    assert "licence: Qwen-Image-2.1's weights are under a non-commercial licence" in err
+    assert REGISTRY["qwen-image-2.1"].licence and not REGISTRY["qwen-image"].licence
+
+
+@pytest.fixture(scope="module")
+def pipe21():
+    return build(make_plan(describe_machine(host_ram_gb=8), "tiny-2.1"))
+
+
+def test_tiny_2_1_generates_through_the_same_api(pipe21):
+    assert type(pipe21).__name__ == "QwenImage21Pipeline"
+    kw = dict(width=64, height=64, steps=2)
+    a = generate(pipe21, "a red car", seed=3, cfg=1.0, **kw)
+    b = generate(pipe21, "a red car", seed=3, cfg=1.0, **kw)
+    c = generate(pipe21, "a red car", seed=4, cfg=1.0, **kw)
+    g = generate(pipe21, "a red car", seed=3, cfg=4.0, **kw)
+    assert a.images[0].size == (64, 64) and a.model == "tiny-2.1"
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(c.images[0]))
+    assert (a.transformer_passes_per_step, g.transformer_passes_per_step) == (1, 2)
+    assert len(a.step_times_s) == 2 and a.text_encoding_s > 0
+
+
+def test_synthetic_2_1_is_a_registry_stand_in():
+    spec = get_model("synthetic-2.1")
+    assert spec.stand_in and spec.config_dir == "qwen-image-2.1" and spec.hub_id is None
+
+
+def test_loras_load_on_2_1_too(pipe21, tmp_path):
+    from qwennb import lora
+
+    kw = dict(width=64, height=64, steps=2, seed=3, cfg=1.0)
+    base = np.asarray(generate(pipe21, "a red car", **kw).images[0], int)
+    # diffusers' Kohya converter knows Qwen-Image's layer names, not 2.1's gate_layer: refused, naming it.
+    kohya = tmp_path / "k21.safetensors"
+    lora.save_random_lora(pipe21.transformer, kohya, layout="kohya", rank=4)
+    with pytest.raises(
+        lora.LoraError,
+        match=r"2 of 14 layers differ, first keys: transformer_blocks\.0\.img_mlp\.gate\.layer",
+    ):
+        lora.add(pipe21, kohya)
+    path = tmp_path / "l21.safetensors"
+    lora.save_random_lora(pipe21.transformer, path, layout="lightning", rank=4, std=0.5)
+    info = lora.add(pipe21, path, 1.0)
+    assert info.modules == 7 * len(pipe21.transformer.transformer_blocks)
+    on = np.asarray(generate(pipe21, "a red car", **kw).images[0], int)
+    lora.set_scale(pipe21, info.name, 0.0)
+    assert np.array_equal(np.asarray(generate(pipe21, "a red car", **kw).images[0], int), base)
+    lora.remove(pipe21)
+    assert np.abs(on - base).max() > 10
+    assert np.array_equal(np.asarray(generate(pipe21, "a red car", **kw).images[0], int), base)

@@ -1,0 +1,382 @@
+"""LoRAs on the real pipeline (no mocks): every key format, scales, removal, refusals, provenance, presets.
+
+The LoRA files are made in code for the model under test (random weights in each tool's key layout) and
+saved as safetensors in a temporary folder. ``MODEL`` is the one place that names the model: the trained
+toy model can replace the tiny stand-in here, and a trained toy LoRA can join these files, without touching
+the tests themselves.
+"""
+
+import dataclasses
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from qwennb import lora
+from qwennb.generation import generate, load_params
+from qwennb.pipeline import build
+from qwennb.plan import describe_machine, make_plan
+from qwennb.presets import LIGHTNING_SCHEDULER, get_preset, lightning_lora
+from qwennb.session import Session
+
+MODEL = "tiny"
+SMALL = dict(width=64, height=64, steps=3, cfg=1.0, seed=5)
+RANK = 4
+
+
+def new_pipe():
+    return build(make_plan(describe_machine(host_ram_gb=8), MODEL))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return new_pipe()
+
+
+@pytest.fixture(autouse=True)
+def clean(pipe):
+    yield
+    if lora.list_loras(pipe):
+        lora.remove(pipe)
+    lora.enable(pipe)
+
+
+@pytest.fixture(scope="module")
+def files(pipe, tmp_path_factory):
+    """The same random LoRA (seed 1) in every layout, with alpha = rank so all of them scale by 1; and one
+    with Lightning's alpha (8 at rank 4: twice as strong), and a second, different LoRA."""
+    d = tmp_path_factory.mktemp("loras")
+    out = {}
+    for layout in lora.LAYOUTS:
+        out[layout] = d / f"same_{layout.replace('-', '_')}.safetensors"
+        lora.save_random_lora(
+            pipe.transformer, out[layout], layout=layout, rank=RANK, alpha=RANK, seed=1, std=0.5
+        )
+    out["alpha8"] = d / "alpha8.safetensors"
+    lora.save_random_lora(
+        pipe.transformer, out["alpha8"], layout="lightning", rank=RANK, alpha=8, seed=1, std=0.5
+    )
+    out["other"] = d / "other.safetensors"
+    lora.save_random_lora(pipe.transformer, out["other"], layout="diffusers", rank=2, seed=2, std=0.5)
+    return out
+
+
+def px(result):
+    return np.asarray(result.images[0]).astype(int)
+
+
+def image(pipe, **kw):
+    return px(generate(pipe, "a red circle", **{**SMALL, **kw}))
+
+
+@pytest.fixture(scope="module")
+def base(pipe):
+    return image(pipe)
+
+
+EXPECTED_FORMAT = {
+    "diffusers": "diffusers",
+    "peft-default": "diffusers",
+    "kohya": "kohya",
+    "comfyui": "comfyui",
+    "lightning": "lightning",
+}
+
+
+@pytest.mark.parametrize("layout", lora.LAYOUTS)
+def test_every_key_format_loads_and_gives_the_same_image(pipe, files, base, layout):
+    reference = None
+    info = lora.add(pipe, files["diffusers"], 1.0, name="ref")
+    reference = image(pipe)
+    lora.remove(pipe)
+    info = lora.add(pipe, files[layout], 1.0)
+    assert info.format == EXPECTED_FORMAT[layout] and info.rank == RANK
+    assert info.modules == len(lora.BLOCK_TARGETS) * len(pipe.transformer.transformer_blocks)
+    got = image(pipe)
+    # The same weights in any tool's layout are the same LoRA: the same pixels.
+    assert np.array_equal(got, reference)
+    assert np.abs(got - base).max() > 20
+
+
+def test_alpha_is_folded_in_as_alpha_over_rank(pipe, files):
+    """Kohya/Lightning keep alpha apart: a rank-4 LoRA with alpha 8 changes each layer twice as much."""
+    name = "transformer_blocks.0.attn.to_q"
+    lora.add(pipe, files["alpha8"], 1.0, name="a8")
+    lora.add(pipe, files["diffusers"], 1.0, name="a4")
+    layer = dict(pipe.transformer.named_modules())[name]
+    d8, d4 = layer.get_delta_weight("a8"), layer.get_delta_weight("a4")
+    assert torch.allclose(d8, 2 * d4, rtol=1e-5, atol=1e-7)
+    raw = lora.read_state_dict(files["diffusers"])
+    b, a = raw[f"transformer.{name}.lora_B.weight"], raw[f"transformer.{name}.lora_A.weight"]
+    assert torch.allclose(d4, b @ a, rtol=1e-5, atol=1e-7)
+    lora.set_scale(pipe, "a4", 0.25)
+    assert torch.allclose(layer.get_delta_weight("a4"), 0.25 * b @ a, rtol=1e-5, atol=1e-7)
+
+
+def test_scale_zero_is_no_lora_and_removing_restores_the_pixels_exactly(pipe, files, base):
+    info = lora.add(pipe, files["kohya"], 0.0)
+    assert np.array_equal(image(pipe), base)
+    lora.set_scale(pipe, info.name, 0.8)
+    on = image(pipe)
+    assert np.abs(on - base).max() > 20
+    lora.set_scale(pipe, info.name, 0.4)
+    half = image(pipe)
+    assert not np.array_equal(half, on) and not np.array_equal(half, base)
+    lora.remove(pipe, info.name)
+    assert lora.list_loras(pipe) == []
+    assert np.array_equal(image(pipe), base)
+
+
+def test_several_loras_add_up_and_removing_one_leaves_the_other(pipe, files, base):
+    lora.add(pipe, files["lightning"], 1.0, name="one")
+    only_one = image(pipe)
+    lora.add(pipe, files["other"], 1.0, name="two")
+    both = image(pipe)
+    assert [i.name for i in lora.list_loras(pipe)] == ["one", "two"]
+    assert not np.array_equal(both, only_one)
+    lora.remove(pipe, "two")
+    assert np.array_equal(image(pipe), only_one)
+    lora.disable(pipe)
+    assert np.array_equal(image(pipe), base)
+    assert generate(pipe, "x", **SMALL).loras == []  # disabled LoRAs are not recorded
+    lora.enable(pipe)
+    assert np.array_equal(image(pipe), only_one)
+
+
+def test_a_lora_for_another_model_is_refused_in_one_line_and_changes_nothing(pipe, files, base, tmp_path):
+    wrong = tmp_path / "wrong.safetensors"
+    sd = lora.random_lora_state_dict(pipe.transformer, rank=2, layout="diffusers", blocks=[0])
+    sd = {k.replace("transformer_blocks.0.", "transformer_blocks.7."): v for k, v in sd.items()}
+    _save(sd, wrong)
+    with pytest.raises(lora.LoraError) as e:
+        lora.add(pipe, wrong)
+    msg = str(e.value)
+    assert "\n" not in msg and "14 of 14 layers differ" in msg
+    assert "first keys: transformer_blocks.7.attn.add_k_proj.lora_A.weight (no such layer)" in msg
+    assert lora.list_loras(pipe) == [] and np.array_equal(image(pipe), base)
+
+
+def _save(sd, path):
+    from safetensors.torch import save_file
+
+    save_file(sd, str(path))
+
+
+def test_a_lora_with_other_shapes_is_refused_naming_the_layer(pipe, tmp_path):
+    sd = lora.random_lora_state_dict(pipe.transformer, rank=2, layout="kohya", blocks=[1])
+    key = "lora_unet_transformer_blocks_1_img_mlp_net_2.lora_down.weight"
+    sd[key] = torch.zeros(2, 5)
+    path = tmp_path / "shape.safetensors"
+    _save(sd, path)
+    with pytest.raises(
+        lora.LoraError, match=r"1 of 14 layers differ, first keys: transformer_blocks\.1\.img_mlp\.net\.2"
+    ):
+        lora.add(pipe, path)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt", ".ckpt", ".pth"])
+def test_pickle_files_are_refused_unopened(pipe, tmp_path, suffix):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / f"evil{suffix}"
+    path.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(lora.LoraError, match="pickle, and loading a pickle can run code"):
+        lora.add(pipe, path)
+    assert not marker.exists()
+    folder = tmp_path / "only_pickles"
+    folder.mkdir(exist_ok=True)
+    (folder / f"adapter_model{suffix}").write_bytes(b"x")
+    with pytest.raises(lora.LoraError, match=f"holds only adapter_model\\{suffix}, refused: it is a pickle"):
+        lora.add(pipe, folder)
+
+
+def test_a_folder_with_one_file_loads_and_one_with_several_asks_which(pipe, files, tmp_path):
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "pytorch_lora_weights.safetensors").write_bytes(files["kohya"].read_bytes())
+    info = lora.add(pipe, one)
+    assert info.name == "one" and info.path.endswith("pytorch_lora_weights.safetensors")
+    (one / "b.safetensors").write_bytes(files["other"].read_bytes())
+    with pytest.raises(lora.LoraError, match="several .safetensors files"):
+        lora.resolve_file(one)
+    assert lora.resolve_file(one, "b.safetensors").name == "b.safetensors"
+
+
+def test_a_hub_lora_offline_and_not_cached_is_refused_with_the_command(pipe):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    with pytest.raises(lora.LoraError) as e:
+        lora.add(pipe, "someone/some-lora/style.safetensors")
+    assert "`qwennb download --lora someone/some-lora/style.safetensors`" in str(e.value)
+    assert "offline" in str(e.value)
+
+
+def test_bad_names_scales_and_duplicates_are_refused(pipe, files):
+    lora.add(pipe, files["kohya"], name="style")
+    with pytest.raises(lora.LoraError, match="called 'style' is loaded already"):
+        lora.add(pipe, files["other"], name="style")
+    with pytest.raises(lora.LoraError, match="a LoRA scale is a number"):
+        lora.set_scale(pipe, "style", float("nan"))
+    with pytest.raises(lora.LoraError, match="no LoRA called 'nope'; loaded: style"):
+        lora.remove(pipe, "nope")
+    with pytest.raises(lora.LoraError, match="letters, digits"):
+        lora.add(pipe, files["other"], name="my.lora")
+
+
+def test_hotswap_replaces_the_weights_in_place(pipe, files):
+    lora.add(pipe, files["lightning"], 1.0, name="slot")
+    first = image(pipe)
+    lora.add(pipe, files["alpha8"], 1.0, name="slot", hotswap=True)
+    swapped = image(pipe)
+    assert [i.name for i in lora.list_loras(pipe)] == ["slot"] and lora.list_loras(pipe)[
+        0
+    ].format == "lightning"
+    lora.remove(pipe)
+    lora.add(pipe, files["alpha8"], 1.0, name="fresh")
+    assert not np.array_equal(swapped, first) and np.array_equal(swapped, image(pipe))
+
+
+def test_the_tuned_path_sees_scale_changes(pipe, files):
+    """The tuned path caches modulation vectors by weight version; a scale change must invalidate them."""
+    from qwennb.speed import disable_fast_path, enable_fast_path
+
+    p = new_pipe()
+    enable_fast_path(p.transformer, compile=False, scheduler=p.scheduler)
+    try:
+        fast_base = image(p, cfg=4.0)
+        info = lora.add(p, files["lightning"], 1.0)
+        on = image(p, cfg=4.0)
+        lora.set_scale(p, info.name, 0.0)
+        off = image(p, cfg=4.0)
+        # One level: with LoRA layers the MLP's GELU is no longer fused into the matmul (rounding only).
+        assert np.abs(off - fast_base).max() <= 1 and np.abs(on - fast_base).max() > 20
+        lora.set_scale(p, info.name, 1.0)
+        assert np.array_equal(image(p, cfg=4.0), on)
+    finally:
+        disable_fast_path(p.transformer)
+
+
+def test_png_records_loras_and_regenerating_loads_them_again(pipe, files, tmp_path):
+    info = lora.add(pipe, files["comfyui"], 0.6)
+    r = generate(pipe, "a red circle", **SMALL)
+    want = {"name": info.name, "source": str(files["comfyui"]), "sha256": lora.file_sha256(files["comfyui"])}
+    assert r.loras == [{**want, "scale": 0.6}]
+    path = r.save(tmp_path)[0]
+    params = load_params(path)
+    assert params["loras"] == [{**want, "scale": 0.6}] and params == r.params()
+    lora.remove(pipe)
+    lora.add(pipe, files["other"], 1.0)
+    again = generate(pipe, **params)
+    assert np.array_equal(px(again), px(r))
+    assert [(i.name, i.scale) for i in lora.list_loras(pipe)] == [(info.name, 0.6)]
+    assert any("loaded LoRA" in n for n in again.notices) and any(
+        "removed LoRA other" in n for n in again.notices
+    )
+
+
+def test_regenerating_refuses_a_lora_file_that_changed(pipe, files, tmp_path):
+    path = tmp_path / "mutable.safetensors"
+    path.write_bytes(files["kohya"].read_bytes())
+    lora.add(pipe, path, 1.0)
+    params = generate(pipe, "x", **SMALL).params()
+    lora.remove(pipe)
+    path.write_bytes(files["lightning"].read_bytes())  # same keys, other weights
+    with pytest.raises(lora.LoraError, match="has changed: its sha256 is"):
+        generate(pipe, **params)
+    assert lora.list_loras(pipe) == []
+
+
+def test_fp8_plans_fuse_loras_before_quantising(files, base):
+    plan = make_plan(describe_machine(host_ram_gb=8), MODEL)
+    comps = dict(plan.components)
+    comps["transformer"] = dataclasses.replace(comps["transformer"], storage_dtype="float8_e4m3fn")
+    fp8_plan = dataclasses.replace(plan, components=comps)
+    from qwennb.pipeline import lora_needs_fusing
+
+    assert lora_needs_fusing(fp8_plan) and not lora_needs_fusing(plan)
+    p = build(fp8_plan, loras=[(str(files["kohya"]), 0.8)])
+    infos = lora.list_loras(p)
+    assert [(i.fused, i.scale, i.format) for i in infos] == [(True, 0.8, "kohya")]
+    assert not any("lora" in n for n, _ in p.transformer.named_parameters())  # plain weights, no LoRA layers
+    fused = image(p)
+    ref = new_pipe()
+    lora.add(ref, files["kohya"], 0.8)
+    assert np.abs(fused - image(ref)).max() <= 1 and np.abs(fused - base).max() > 20
+    with pytest.raises(lora.LoraError, match="fused into the weights"):
+        lora.remove(p, infos[0].name)
+    assert generate(p, "x", **SMALL).loras[0]["scale"] == 0.8
+
+
+def test_the_lightning_presets_use_the_lightning_scheduler_and_cfg_1(pipe, base):
+    r = generate(pipe, "a red circle", preset="lightning-8", width=64, height=64, seed=5)
+    assert (r.steps, r.cfg, r.transformer_passes_per_step) == (8, 1.0, 1)
+    assert any("stand-in with no lightning-8 LoRA" in n for n in r.notices)
+    assert r.params()["preset"] == "lightning-8"
+    plain = generate(pipe, "a red circle", steps=8, cfg=1.0, width=64, height=64, seed=5)
+    assert not np.array_equal(px(r), px(plain))  # another scheduler: other sigmas
+    assert pipe.scheduler.config.shift_terminal == 0.02  # the model's own scheduler is back
+    again = generate(pipe, **r.params())
+    assert np.array_equal(px(again), px(r))
+    four = generate(pipe, "a red circle", preset="lightning-4", width=64, height=64, seed=5)
+    assert four.steps == 4 and "preset" in four.params()
+
+
+def test_the_lightning_scheduler_is_the_published_one():
+    """ModelTC/Qwen-Image-Lightning's generate_with_diffusers.py: shift 3 as log(3), exponential, no terminal."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler.from_config(LIGHTNING_SCHEDULER)
+    s.set_timesteps(sigmas=np.linspace(1.0, 1 / 8, 8), mu=np.log(3))
+    # exponential time shift with mu = log 3 is sigma' = 3 s / (1 + 2 s)
+    x = np.linspace(1.0, 1 / 8, 8)
+    assert np.allclose(s.sigmas[:-1].numpy(), 3 * x / (1 + 2 * x), atol=1e-6)
+    assert get_preset("lightning-8").scheduler is LIGHTNING_SCHEDULER
+    assert lightning_lora("qwen-image", "lightning-4")[1] == "Qwen-Image-Lightning-4steps-V2.0.safetensors"
+
+
+def test_session_lora_api_and_a_bad_lora_at_load_keeps_the_model(files, tmp_path):
+    s = Session()
+    s.load(MODEL, loras=[(str(files["kohya"]), 0.5)])
+    assert [(i.format, i.scale) for i in s.lora_list()] == [("kohya", 0.5)]
+    pipe = s.pipe
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"x")
+    with pytest.raises(lora.LoraError, match="pickle"):
+        s.load(MODEL, loras=[(str(bad), 1.0)])
+    assert s.pipe is pipe  # nothing was unloaded
+    info = s.lora_add(str(files["other"]), 0.3)
+    assert info.scale == 0.3 and len(s.lora_list()) == 2
+    assert [d["name"] for d in s.info()["loras"]] == ["same_kohya", "other"]
+    s.lora_remove()
+    assert s.lora_list() == []
+    s.unload()
+
+
+def test_records_and_specs_parse():
+    assert lora.parse_spec("C:/x/y.safetensors:0.25") == ("C:/x/y.safetensors", 0.25)
+    assert lora.parse_spec("C:/x/y.safetensors") == ("C:/x/y.safetensors", 1.0)
+    assert lora.detect_format(["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight"]) == "comfyui"
+    assert json.loads(json.dumps(lora.LoraInfo("a", "b", "c", "d").record())) == {
+        "name": "a",
+        "source": "b",
+        "sha256": "d",
+        "scale": 1.0,
+    }
+
+
+def test_a_lightning_preset_offline_without_the_file_names_the_command(pipe):
+    with pytest.raises(lora.LoraError) as e:
+        lora.ensure_preset_lora(pipe, get_preset("lightning-4"), "qwen-image-2512")
+    msg = str(e.value)
+    assert (
+        "Qwen-Image-2512-Lightning-4steps-V1.0-bf16.safetensors) is not downloaded and the hub is offline"
+        in msg
+    )
+    assert "`qwennb download --lora lightning-4 --for-model qwen-image-2512`" in msg
+    assert lora.list_loras(pipe) == []
