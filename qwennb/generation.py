@@ -107,6 +107,9 @@ class GenerationResult:
     paths: list[str] = field(default_factory=list)
     original_prompt: str | None = None  # before enhancement or positive magic
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
+    task: str = "text-to-image"  # or "edit", "img2img", "inpaint" (qwennb.edit)
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # input images: source, size, sha256
+    strength: float | None = None  # img2img / inpainting
 
     @property
     def steps_completed(self) -> int:
@@ -328,6 +331,12 @@ def generate(
     on_step: Callable[[StepInfo], None] | None = None,
     stop: StopSignal | None = None,
     original_prompt: str | None = None,
+    init_image: Any = None,
+    strength: float | None = None,
+    mask: Any = None,
+    keep_unmasked: bool = True,
+    _job: Any = None,
+    _notices: list[str] | None = None,
 ) -> GenerationResult:
     """Generate images with a loaded pipeline and return a :class:`GenerationResult`.
 
@@ -341,12 +350,29 @@ def generate(
     once) ends the run at the next step and decodes what exists. A KeyboardInterrupt raised inside a
     step also returns a partial result (without images). Bad options raise :class:`GenerationError`;
     CUDA out-of-memory and NaN outputs raise it too, after freeing memory, with what to change.
+
+    Image-to-image: ``init_image`` (PIL, numpy, path or bytes) and ``strength`` (0 < s <= 1, default 0.6);
+    with ``mask`` (white: redraw) it inpaints, and ``keep_unmasked`` puts the unmasked pixels back exactly.
+    The output size defaults to the init image's, rounded to multiples of 16 (a notice says so). These run
+    ``QwenImageImg2ImgPipeline`` / ``QwenImageInpaintPipeline`` built from the loaded components. For edit
+    models use :func:`qwennb.edit.edit`.
     """
     import torch
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise GenerationError("the prompt is empty")
-    notices: list[str] = []
+    notices: list[str] = list(_notices or [])
+    if _job is None and (init_image is not None or strength is not None or mask is not None):
+        from .edit import image_job
+
+        _job, width, height = image_job(
+            pipe, init_image, strength, mask, width, height, notices, keep_unmasked
+        )
+    elif _job is None and type(pipe).__name__ in ("QwenImageEditPlusPipeline", "QwenImageEditPipeline"):
+        raise GenerationError(
+            f"{getattr(pipe, 'qwennb', {}).get('model', 'this')} is an edit model: give it images with "
+            "qwennb.edit(pipe, images, instruction) (%%qwen_edit, `qwennb edit`)"
+        )
     if true_cfg_scale is not None:
         if cfg is not None and cfg != true_cfg_scale:
             raise GenerationError("give cfg or true_cfg_scale, not both")
@@ -355,11 +381,18 @@ def generate(
         pipe, steps, cfg, width, height, aspect, preset, guidance_scale, notices
     )
     _check_options(steps, cfg, seed, num_images)
+    # img2img and inpainting skip the first (1 - strength) of the schedule: this many steps run.
+    run_steps = _job.steps_run(steps) if _job is not None else steps
     info = getattr(pipe, "qwennb", {})
     plan: Plan | None = info.get("plan")
     model = info.get("model", "unknown")
     if plan is not None and plan.budget_gb is not None:
-        need = with_size(plan, width, height, num_images)
+        if _job is not None and _job.extra_tokens:  # the sequence also holds the reference images' tokens
+            from .edit import planning_size
+
+            need = with_size(plan, *planning_size(width, height, _job.extra_tokens), num_images)
+        else:
+            need = with_size(plan, width, height, num_images)
         if need > plan.budget_gb:
             fit = largest_size_that_fits(plan, width, height, num_images)
             hint = f"; the largest size of this shape that fits is {fit[0]}x{fit[1]}" if fit else ""
@@ -405,8 +438,8 @@ def generate(
         if cuda:
             denoise_peak = torch.cuda.max_memory_allocated() / 1024**3
         if on_step is not None:
-            on_step(StepInfo(len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"]))
-        if stop and len(step_times) < steps:
+            on_step(StepInfo(len(step_times), run_steps, step_times[-1], now - last["t0"], kwargs["latents"]))
+        if stop and len(step_times) < run_steps:
             p_._interrupt = True
         return {}
 
@@ -417,15 +450,16 @@ def generate(
         with _sigint_stops(stop), torch.no_grad(), expect_cfg(pipe.transformer, cfg > 1):
             _sync(device)
             t0 = time.perf_counter()
-            embeds, mask = _encode(pipe, text, num_images, device)
-            neg = _encode(pipe, negative_prompt, num_images, device) if cfg > 1 else (None, None)
+            encode = _job.encode if _job is not None else (lambda t, n, d: _encode(pipe, t, n, d))
+            embeds, embeds_mask = encode(text, num_images, device)
+            neg = encode(negative_prompt, num_images, device) if cfg > 1 else (None, None)
             _sync(device)
             text_s = time.perf_counter() - t0
             generator = torch.Generator(device="cpu").manual_seed(seed)
             last["t"] = last["t0"] = time.perf_counter()
-            out = pipe(
+            out = (_job.run if _job is not None else pipe)(
                 prompt_embeds=embeds,
-                prompt_embeds_mask=mask,
+                prompt_embeds_mask=embeds_mask,
                 negative_prompt_embeds=neg[0],
                 negative_prompt_embeds_mask=neg[1],
                 true_cfg_scale=cfg,
@@ -439,12 +473,12 @@ def generate(
             )
             _sync(device)
             decode_s = time.perf_counter() - last["t"]
-            images = list(out.images)
-            interrupted = len(step_times) < steps
+            images = _job.finish(list(out.images)) if _job is not None else list(out.images)
+            interrupted = len(step_times) < run_steps
     except KeyboardInterrupt:
         interrupted = True
         images = []
-        notices.append(f"interrupted after {len(step_times)} of {steps} steps")
+        notices.append(f"interrupted after {len(step_times)} of {run_steps} steps")
     except torch.OutOfMemoryError as exc:
         del exc
         last.clear()
@@ -469,7 +503,9 @@ def generate(
     if interrupted:
         free_memory()
         if images:
-            notices.append(f"stopped after {len(step_times)} of {steps} steps; the image is partly denoised")
+            notices.append(
+                f"stopped after {len(step_times)} of {run_steps} steps; the image is partly denoised"
+            )
     peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else None
     steps_done = max(1, len(step_times))
     return GenerationResult(
@@ -495,6 +531,9 @@ def generate(
         notices=notices,
         plan=plan.to_dict() if plan is not None else None,
         original_prompt=original_prompt,
+        task=_job.task if _job is not None else "text-to-image",
+        inputs=[x.describe() for x in _job.inputs + ([_job.mask] if _job.mask else [])] if _job else [],
+        strength=_job.strength if _job is not None else None,
     )
 
 
@@ -511,6 +550,8 @@ def _metadata(result: GenerationResult, index: int) -> dict[str, Any]:
         "qwennb_version": __version__,
         "created": result.created,
         "interrupted": result.interrupted,
+        **({"task": result.task, "inputs": result.inputs} if result.inputs else {}),
+        **({"strength": result.strength} if result.strength is not None else {}),
     }
 
 
@@ -593,6 +634,11 @@ def add_generate_parser(sub: Any) -> None:
     g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
     g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--init-image", help="image-to-image: start from this image file")
+    g.add_argument(
+        "--strength", type=float, help="img2img/inpainting: share of the image redrawn, 0 < s <= 1"
+    )
+    g.add_argument("--mask", help="inpainting: mask file (white redraws, black keeps), the init image's size")
     from .cli import add_mode_argument
 
     add_mode_argument(g)
@@ -625,6 +671,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         width, height = parse_size(args.size)
     if args.preset:
         get_preset(args.preset)  # fail before loading anything
+    images: dict[str, Any] = {}
+    if args.init_image is not None or args.strength is not None or args.mask is not None:
+        from .edit import check_strength, read_image, read_mask
+
+        if args.init_image is None:
+            raise GenerationError("--strength and --mask need --init-image")
+        images["init_image"] = read_image(args.init_image, role="init image")
+        if args.strength is not None:
+            images["strength"] = check_strength(args.strength)
+        if args.mask is not None:
+            images["mask"] = read_mask(args.mask, images["init_image"].size)
     name, path, notice = resolve_model(args.model)
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
@@ -654,6 +711,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             num_images=args.n,
             preset=args.preset,
             on_step=on_step,
+            **images,
         )
     finally:
         bar.close()

@@ -63,11 +63,34 @@ REGISTRY: dict[str, ModelSpec] = {
             "image-edit",
             "MMDiT",
             "QwenImageEditPipeline",
-            "qwen-image",
+            "qwen-image-edit",
             ("transformer", "text_encoder", "vae"),
-            description="Qwen-Image-Edit: the same size class, trained to edit an input image. "
-            "The wrong model for text-to-image.",
+            description="Qwen-Image-Edit: the same size class, trained to edit one input image "
+            "(qwennb.edit, %%qwen_edit). The wrong model for text-to-image.",
             aliases=("qwen/qwen-image-edit",),
+        ),
+        ModelSpec(
+            "qwen-image-edit-2511",
+            "Qwen/Qwen-Image-Edit-2511",
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "qwen-image-edit-2511",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-Edit-2511 (Dec 2025): edits with 1 to 3 reference images; its transformer "
+            "keeps the references' timestep at zero (zero_cond_t).",
+            aliases=("qwen/qwen-image-edit-2511", "edit-2511"),
+        ),
+        ModelSpec(
+            "qwen-image-edit-2509",
+            "Qwen/Qwen-Image-Edit-2509",
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "qwen-image-edit-2509",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-Edit-2509 (Sep 2025): edits with 1 to 3 reference images.",
+            aliases=("qwen/qwen-image-edit-2509", "edit-2509"),
         ),
         ModelSpec(
             "qwen2-vl-7b",
@@ -115,6 +138,31 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Qwen-Image's real configs with random weights: real shapes, speed and memory; "
             "images are noise.",
             aliases=("synthetic",),
+        ),
+        ModelSpec(
+            "tiny-edit",
+            None,
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "tiny-edit",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Embedded edit stand-in: QwenImageEditPlusPipeline's classes (2511's zero_cond_t, a "
+            "Qwen2-VL processor) with tiny configs, built in code. Its images are noise.",
+        ),
+        ModelSpec(
+            "qwen-image-edit-synthetic",
+            None,
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "qwen-image-edit-2511",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Qwen-Image-Edit-2511's real configs with random weights: real shapes, speed and memory "
+            "of editing; images are noise.",
+            aliases=("edit-synthetic",),
         ),
     ]
 }

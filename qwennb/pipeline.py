@@ -98,10 +98,13 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
 
 
 def _load_pretrained(plan: Plan, path: str | None) -> Any:
+    import diffusers
     import torch
-    from diffusers import QwenImagePipeline
 
     spec = get_model(plan.model)
+    # Edit models load into their own pipelines (which also read the processor folder); Qwen-Image-Edit's
+    # weights would load into the text-to-image pipeline too (same transformer class), without the processor.
+    cls = getattr(diffusers, spec.pipeline_class if spec.task == "image-edit" else "QwenImagePipeline")
     source = path or spec.hub_id
     if source is None:
         raise LoadError(f"{plan.model} has no weights to load")
@@ -125,8 +128,7 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
             components_to_quantize=["transformer"],
         )
     try:
-        # Qwen-Image-Edit's weights load into the text-to-image pipeline too (same transformer class).
-        return QwenImagePipeline.from_pretrained(source, **kwargs)
+        return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"could not load {source}: {first}") from exc
@@ -141,11 +143,16 @@ def _build_stand_in(plan: Plan) -> Any:
     if plan.model == "tiny":
         device = "cuda" if plan.device == "cuda" else "cpu"
         return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
+    if plan.model == "tiny-edit":
+        device = "cuda" if plan.device == "cuda" else "cpu"
+        return stand_ins.build_tiny_edit_pipeline(seed=0, device=device, dtype=dtype)
     # Synthetic: materialise each component where the plan keeps it, never a full host copy of the rest.
     devices = {}
     for name, comp in plan.components.items():
         on_gpu = plan.device == "cuda" and comp.placement == "gpu" and comp.storage_dtype == plan.dtype
         devices[name] = torch.device("cuda") if on_gpu else torch.device("cpu")
+    if get_model(plan.model).task == "image-edit":
+        return stand_ins.build_synthetic_edit_pipeline(device=devices, dtype=dtype)
     return stand_ins.build_synthetic_pipeline(device=devices, dtype=dtype)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import QwennbError
 from .generation import GenerationResult, free_memory, generate
 from .hardware import Hardware, detect
-from .plan import OptimizationConfig, Plan, make_plan
+from .plan import OptimizationConfig, Plan
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Session:
         from .pipeline import resolve_model
 
         name, _, _ = resolve_model(model)
-        return make_plan(self.hardware, name, overrides)
+        return _make_plan(self.hardware, name, overrides)
 
     def load(
         self, model: str | None = None, overrides: OptimizationConfig | dict[str, Any] | None = None
@@ -96,7 +96,11 @@ class Session:
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
-        plan = make_plan(self.hardware, name, overrides)
+        if name == "tiny-edit" and notice is None:
+            notice = (
+                "the tiny edit stand-in is loaded: its edits are noise (no real Qwen-Image-Edit weights)."
+            )
+        plan = _make_plan(self.hardware, name, overrides)
         self.unload()
         t0 = time.perf_counter()
         self.pipe = build(plan, path)
@@ -123,6 +127,15 @@ class Session:
         del self.history[: -self.max_history]
         return result
 
+    def edit(self, images: Any, instruction: str, **kwargs: Any) -> GenerationResult:
+        """``qwennb.edit`` on the loaded (edit) pipeline; the result joins the history."""
+        from .edit import edit
+
+        result = edit(self.require(), images, instruction, **kwargs)
+        self.history.append(result)
+        del self.history[: -self.max_history]
+        return result
+
     def info(self) -> dict[str, Any]:
         """Card, memory in use, plan and what is really active on the loaded pipeline."""
         from .pipeline import validate_optimization
@@ -141,3 +154,9 @@ class Session:
             out["plan"] = self.report.plan
             out["active"] = validate_optimization(self.pipe)
         return out
+
+
+def _make_plan(hardware: Hardware, name: str, overrides: OptimizationConfig | dict[str, Any] | None) -> Plan:
+    from .edit import plan_for_model
+
+    return plan_for_model(hardware, name, overrides)
