@@ -101,6 +101,17 @@ class Session:
                 "the tiny edit stand-in is loaded: its edits are noise (no real Qwen-Image-Edit weights)."
             )
         plan = _make_plan(self.hardware, name, overrides)
+        if self.report is not None and self.report.model != name:
+            from .edit import compare_models
+
+            swap = compare_models(self.report.model, name, self.report.path, path)
+            line = f"switching from {self.report.model}: {', '.join(swap.swapped)} swapped"
+            if swap.shared:
+                line += f"; {', '.join(swap.shared)} the same weights"
+            if swap.unverified:
+                line += f"; {', '.join(swap.unverified)} the same architecture (weights not compared)"
+            line += f"; up to {swap.swap_gib:.1f} GiB of weights differ (qwennb reloads the whole pipeline)"
+            notice = f"{notice} {line}" if notice else line
         self.unload()
         t0 = time.perf_counter()
         self.pipe = build(plan, path)
