@@ -31,7 +31,9 @@ import hashlib
 import io
 import math
 import os
+import sys
 import threading
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -828,6 +830,16 @@ def load_provenance(png: str | os.PathLike[str]) -> dict[str, Any]:
         raise GenerationError(f"{png} carries no qwennb parameters (saved elsewhere, or with metadata off)")
     return json.loads(raw)
 
+
+class _CallableModule(types.ModuleType):
+    """``qwennb.edit`` is this module once it is imported; calling it calls :func:`edit`, so that
+    ``qwennb.edit(pipe, images, instruction)`` works whichever of the two the name holds."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return edit(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = [
     "ImageInputError",

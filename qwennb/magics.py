@@ -273,7 +273,7 @@ class QwenMagics(Magics):
                 width, height = parse_size(options.size)
             except QwennbError as exc:
                 raise UsageError(str(exc)) from None
-        handle = display(_Text("qwennb: encoding the instruction and the images..."), display_id=True)
+        handle = display(_Text("qwennb: encoding the prompt..."), display_id=True)
 
         def on_step(s: StepInfo) -> None:
             handle.update(_Text(progress_line(s.step, s.total, s.step_s, s.elapsed_s)))

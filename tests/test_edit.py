@@ -13,6 +13,7 @@ import torch
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from PIL import Image
+from test_download import hub  # noqa: F401 - the fake hub fixture (real huggingface_hub client, local server)
 
 from qwennb.cli import main
 from qwennb.edit import (
@@ -275,8 +276,9 @@ def test_img2img_low_strength_stays_closer_to_the_input(t2i_pipe):
     init = picture(128, 128)
     target = _packed_latents(t2i_pipe, init)
     dist, steps_run = {}, {}
+    last: dict = {}
     for s in (0.3, 1.0):
-        last = {}
+        last.clear()
         r = generate(
             t2i_pipe,
             "a red car",
@@ -494,3 +496,45 @@ def test_qwen_edit_takes_variables_paths_and_bytes(ip, tmp_path):
     assert r.prompt == "a cat here" and len(r.inputs) == 3
     assert [x["sha256"] for x in r.inputs] == [image_sha256(picture(seed=s)) for s in (4, 5, 6)]
     assert [x["source"] for x in r.inputs] == ["PIL image", str(path), "bytes"]
+
+
+# --------------------------------------------------------------------------- download
+
+
+def edit_repo():
+    """A tiny Qwen-Image-Edit-2511-shaped repository: the Qwen-Image layout plus the processor folder."""
+    from test_download import make_repo
+
+    files = make_repo(seed=5)
+    index = json.loads(files["model_index.json"])
+    index["_class_name"] = "QwenImageEditPlusPipeline"
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    files["model_index.json"] = json.dumps(index).encode()
+    for name in (
+        "preprocessor_config.json",
+        "video_preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+    ):
+        files[f"processor/{name}"] = b"{}" if name.endswith(".json") else b"x\n"
+    return files
+
+
+def test_download_fetches_what_the_edit_pipeline_reads(hub, tmp_path):  # noqa: F811 - the imported fixture
+    hub.repos["Qwen/Qwen-Image-Edit-2511"] = files = edit_repo()
+    out = tmp_path / "models"
+    assert main(["download", "--model", "qwen-image-edit-2511", "--dir", str(out)]) == 0
+    snap = out / "qwen-image-edit-2511"
+    for rel, data in files.items():
+        if rel.endswith(".bin") or rel == "README.md":
+            continue
+        assert (snap / rel).read_bytes() == data, rel
+    from qwennb.edit import resolve_edit_model
+    from qwennb.models import find_local_models
+
+    (local,) = find_local_models(out)
+    assert local.name == "qwen-image-edit-2511" and local.complete and local.task == "image-edit"
+    assert resolve_edit_model(None, folder=str(out)) == ("qwen-image-edit-2511", local.path, None)
