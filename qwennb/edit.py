@@ -263,10 +263,15 @@ def default_output_size(image: InputImage | Any) -> tuple[tuple[int, int], str |
     """
     w, h = image.size
     w2, h2 = round16(w), round16(h)
-    role = getattr(image, "role", "image")
+    name = role_name(getattr(image, "role", "image"))
     if (w2, h2) == (w, h):
-        return (w, h), f"output {w}x{h}: the size of the input {role}"
-    return (w2, h2), f"output {w2}x{h2}: the input {role} {w}x{h} rounded to multiples of 16"
+        return (w, h), f"output {w}x{h}: the size of {name}"
+    return (w2, h2), f"output {w2}x{h2}: {name} {w}x{h} rounded to multiples of 16"
+
+
+def role_name(role: str) -> str:
+    """How a notice names an input: "the input image", "the init image", "image 2"."""
+    return {"image": "the input image", "init image": "the init image", "mask": "the mask"}.get(role, role)
 
 
 def reference_size(width: int, height: int, area: int = MODEL_REFERENCE_AREA) -> tuple[int, int]:
@@ -404,8 +409,15 @@ def _derived(pipe: Any, class_name: str) -> Any:
     info = getattr(pipe, "qwennb", None)
     cache = info.setdefault("derived", {}) if isinstance(info, dict) else {}
     if class_name not in cache:
+        from diffusers.utils import logging as dlog
+
         cls = getattr(diffusers, class_name)
-        derived = cls.from_pipe(pipe)
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # from_pipe re-casts the shared modules and warns about it; nothing moves
+        try:
+            derived = cls.from_pipe(pipe)
+        finally:
+            dlog.set_verbosity(level)
         derived.set_progress_bar_config(disable=True)
         if hasattr(pipe, "prompt_template_encode_start_idx"):  # stand-ins count their own template
             derived.prompt_template_encode_start_idx = pipe.prompt_template_encode_start_idx
@@ -458,7 +470,7 @@ def _output_size(
         raise ImageInputError("give both width and height, or neither (then the input's size is used)")
     if (width, height) != first.size:
         notices.append(
-            f"output {width}x{height} as asked; the input {first.role} is {first.size[0]}x{first.size[1]} "
+            f"output {width}x{height} as asked; {role_name(first.role)} is {first.size[0]}x{first.size[1]} "
             "and is resized to it"
         )
     return width, height
@@ -509,7 +521,7 @@ def edit_job(
         drift = abs((rw / rh) / (width / height) - 1)
         if drift > 0.005 and x is inputs[0]:
             notices.append(
-                f"the {x.role} reaches the model at {rw}x{rh} (aspect {rw / rh:.3f}) but the output is "
+                f"{role_name(x.role)} reaches the model at {rw}x{rh} (aspect {rw / rh:.3f}) but the output is "
                 f"{width}x{height} (aspect {width / height:.3f}): content may shift or stretch by up to "
                 f"{drift * 100:.1f}%; give a size of the image's aspect to avoid it"
             )

@@ -297,8 +297,6 @@ class QwenMagics(Magics):
         handle.update(
             _Text(f"qwennb: {state}: {result.steps_completed}/{result.steps} steps in {result.total_s:.1f} s")
         )
-        for n in result.notices:
-            display(_Text(f"note: {n}"))
         if not options.no_save and result.images:
             result.save(options.out or self.save_dir, embed_metadata=self.embed_metadata)
         if not self.show_plot:

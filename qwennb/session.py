@@ -110,7 +110,8 @@ class Session:
                 line += f"; {', '.join(swap.shared)} the same weights"
             if swap.unverified:
                 line += f"; {', '.join(swap.unverified)} the same architecture (weights not compared)"
-            line += f"; up to {swap.swap_gib:.1f} GiB of weights differ (qwennb reloads the whole pipeline)"
+            gib = f"{swap.swap_gib:.1f}" if swap.swap_gib >= 1 else f"{swap.swap_gib:.3f}"
+            line += f"; up to {gib} GiB of weights differ (qwennb reloads the whole pipeline)"
             notice = f"{notice} {line}" if notice else line
         self.unload()
         t0 = time.perf_counter()

@@ -538,3 +538,32 @@ def test_download_fetches_what_the_edit_pipeline_reads(hub, tmp_path):  # noqa: 
     (local,) = find_local_models(out)
     assert local.name == "qwen-image-edit-2511" and local.complete and local.task == "image-edit"
     assert resolve_edit_model(None, folder=str(out)) == ("qwen-image-edit-2511", local.path, None)
+
+
+# --------------------------------------------------------------------------- the tuned path on edits
+
+
+@pytest.mark.parametrize("config_dir, tuned", [("tiny", True), ("tiny-edit", False)])
+def test_tuned_path_on_edits_matches_stock(config_dir, tuned):
+    """2509-style transformers run qwennb's tuned path (CFG pairs included); 2511's zero_cond_t falls back."""
+    from qwennb import speed
+    from qwennb.stand_ins import build_tiny_edit_pipeline
+
+    pipe = build_tiny_edit_pipeline(config_dir=config_dir)
+    pipe.set_progress_bar_config(disable=True)
+    refs = [picture(64, 64, 1), picture(64, 64, 2)]
+
+    def final_latents():
+        last = {}
+        edit(pipe, refs, "swap them", steps=3, seed=1, on_step=lambda s: last.update(x=s.latents.clone()))
+        return last["x"]
+
+    stock = final_latents()
+    state = speed.enable_fast_path(pipe.transformer, compile=False, scheduler=pipe.scheduler)
+    fast = final_latents()
+    assert float((fast - stock).norm() / stock.norm()) < 1e-4
+    assert (
+        (state.stats["forwards"] == 6 and state.stats["cfg_pairs"] == 2)
+        if tuned
+        else state.stats["forwards"] == 0
+    )
