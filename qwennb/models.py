@@ -387,6 +387,13 @@ def inspect_folder(path: str | os.PathLike[str], hub_id: str | None = None) -> L
     """Describe a model folder: which model, which architecture, whether it is complete."""
     index = read_model_index(path)
     spec = _spec_for(index, hub_id)
+    if spec is not None and not hub_id and spec.pipeline_class == "QwenImageEditPlusPipeline":
+        # 2509 and 2511 share a pipeline class; 2511's transformer keeps the references' timestep at zero.
+        try:
+            tconf = json.loads((Path(path) / "transformer" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            tconf = {}
+        spec = get_model("qwen-image-edit-2511" if tconf.get("zero_cond_t") else "qwen-image-edit-2509")
     missing = missing_files(path)
     return LocalModel(
         name=spec.name if spec else Path(path).name,

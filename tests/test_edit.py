@@ -510,6 +510,7 @@ def edit_repo():
     index["_class_name"] = "QwenImageEditPlusPipeline"
     index["processor"] = ["transformers", "Qwen2VLProcessor"]
     files["model_index.json"] = json.dumps(index).encode()
+    files["transformer/config.json"] = b'{"_class_name": "QwenImageTransformer2DModel", "zero_cond_t": true}'
     for name in (
         "preprocessor_config.json",
         "video_preprocessor_config.json",
@@ -567,3 +568,20 @@ def test_tuned_path_on_edits_matches_stock(config_dir, tuned):
         if tuned
         else state.stats["forwards"] == 0
     )
+
+
+def test_a_local_edit_folder_is_told_2509_from_2511(tmp_path):
+    from qwennb.models import inspect_folder
+
+    for name, zero in (("a", True), ("b", False)):
+        folder = tmp_path / name
+        (folder / "transformer").mkdir(parents=True)
+        index = {
+            "_class_name": "QwenImageEditPlusPipeline",
+            "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+        }
+        (folder / "model_index.json").write_text(json.dumps(index))
+        (folder / "transformer" / "config.json").write_text(json.dumps({"zero_cond_t": zero}))
+    assert inspect_folder(tmp_path / "a").name == "qwen-image-edit-2511"
+    assert inspect_folder(tmp_path / "b").name == "qwen-image-edit-2509"
+    assert inspect_folder(tmp_path / "b").task == "image-edit"
