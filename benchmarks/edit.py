@@ -16,8 +16,9 @@ weights, instruction, reference images and seed, runs:
 with 1 and with 3 reference images of 1024x1024, CFG 4, after one warm-up image per configuration. Per run:
 median s/step over the denoising loop (GPU-synchronised in the step callback), total time, peak GPU memory,
 the relative L2 error of the final latents against stock on the same seed, and how many transformer forwards
-took qwennb's tuned path (the tuned path falls back to stock diffusers for ``zero_cond_t``: 2511's forwards
-are then counted as not tuned).
+took qwennb's tuned path. The tuned path does not cover 2511's ``zero_cond_t``: for it ``apply_plan`` uses
+diffusers' regional compile (``compile_repeated_blocks``) instead, so its ``tuned_forwards`` is 0 by design; the
+``2509`` rows show the tuned path on edits (reference tokens in the sequence, CFG pairs batched).
 
 Writes ``edit-<card>.json`` (``card``, ``torch``, ``diffusers``, ``runs``: one row per configuration with
 ``config``, ``model``, ``refs``, ``width``, ``height``, ``cfg``, ``steps``, ``s_per_step``, ``speedup_vs_stock``,

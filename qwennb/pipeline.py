@@ -174,8 +174,14 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
-    fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn"
-    fast = bool(plan.compile and getattr(plan, "fast_path", False))
+    # The tuned path does not cover Qwen-Image-Edit-2511's zero_cond_t (its forward would fall back to stock
+    # diffusers, uncompiled): such a transformer gets diffusers' regional compile instead, and fp8 storage by
+    # layerwise casting instead of the tuned path's fp8 matmuls.
+    zero_cond_t = bool(getattr(pipe.transformer.config, "zero_cond_t", False))
+    fp8_mm = (
+        bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and not zero_cond_t
+    )
+    fast = bool(plan.compile and getattr(plan, "fast_path", False) and not zero_cond_t)
     if fast:
         # The tuned path (same math; it compiles its block function) goes on before any offload hooks. With fp8
         # matmuls its FP8Linear layers replace the bf16 Linears, quantised on the GPU a layer at a time, so a

@@ -585,3 +585,21 @@ def test_a_local_edit_folder_is_told_2509_from_2511(tmp_path):
     assert inspect_folder(tmp_path / "a").name == "qwen-image-edit-2511"
     assert inspect_folder(tmp_path / "b").name == "qwen-image-edit-2509"
     assert inspect_folder(tmp_path / "b").task == "image-edit"
+
+
+def test_the_first_edit_pipeline_runs_one_image_at_one_megapixel():
+    from qwennb.stand_ins import build_tiny_edit_pipeline
+
+    pipe = build_tiny_edit_pipeline(pipeline_class="QwenImageEditPipeline")
+    pipe.set_progress_bar_config(disable=True)
+    seen, handle = count_tokens(pipe)
+    try:
+        r = edit(pipe, picture(64, 48), "make it blue", steps=2, seed=1, cfg=1.0)
+    finally:
+        handle.remove()
+    assert r.images[0].size == (64, 48) and len(r.step_times_s) == 2
+    assert seen == [image_tokens(64, 48) + reference_tokens([(64, 48)])] * 2  # the reference at 1 megapixel
+    with pytest.raises(ImageInputError, match="QwenImageEditPipeline takes exactly 1 input image, got 2"):
+        edit(pipe, [picture(), picture()], "x")
+    with pytest.raises(ImageInputError, match="reference_area is for 2509/2511"):
+        edit(pipe, picture(), "x", reference_area=512 * 512)
