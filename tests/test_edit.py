@@ -603,3 +603,14 @@ def test_the_first_edit_pipeline_runs_one_image_at_one_megapixel():
         edit(pipe, [picture(), picture()], "x")
     with pytest.raises(ImageInputError, match="reference_area is for 2509/2511"):
         edit(pipe, picture(), "x", reference_area=512 * 512)
+
+
+def test_the_plan_says_2511_runs_outside_the_tuned_path():
+    hw = describe_machine(gpu_memory_gb=24)
+    p2511 = plan_edit(hw, "qwen-image-edit-2511")
+    p2509 = plan_edit(hw, "qwen-image-edit-2509")
+    assert p2509.fast_path and p2509.fp8_matmul
+    assert not p2511.fast_path and not p2511.fp8_matmul and p2511.estimated_s_per_step is None
+    assert p2511.components["transformer"].storage_dtype == "float8_e4m3fn"
+    assert "layerwise casting" in p2511.components["transformer"].reason
+    assert any("zero_cond_t" in r and "regional compile" in r for r in p2511.reasons)
