@@ -683,6 +683,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if args.mask is not None:
             images["mask"] = read_mask(args.mask, images["init_image"].size)
     name, path, notice = resolve_model(args.model)
+    from .models import get_model
+
+    if get_model(name).task == "image-edit":  # before loading 57 GB that generate would refuse
+        raise GenerationError(
+            f'{name} is an edit model: use `qwennb edit IMAGE... "instruction" --model {name}`'
+        )
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
     plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)

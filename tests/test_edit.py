@@ -387,6 +387,12 @@ def test_cli_edit_errors_are_one_line_before_loading(tmp_path, capsys, argv, mes
     assert err.count("\n") == 1 and message in err and "loaded" not in err
 
 
+def test_cli_generate_refuses_an_edit_model_before_loading(tmp_path, capsys):
+    assert main(["generate", "a cat", "--model", EDIT_MODEL, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{EDIT_MODEL} is an edit model: use `qwennb edit" in err and "loaded" not in err
+
+
 def test_cli_generate_img2img(tmp_path, capsys):
     init, mask = tmp_path / "init.png", tmp_path / "mask.png"
     picture(64, 64).save(init)
