@@ -607,6 +607,185 @@ print(f"Optimization status: matches plan = {validation['matches_plan']}")
     ),
 ]
 
+NOTEBOOKS["05_editing"] = [
+    md(
+        f"""
+# Editing: images in, images out
+
+{badge("05_editing")}
+
+What you will learn:
+1. how to edit the last result, a variable or a file with `%%qwen_edit` (Qwen-Image-Edit-2511/2509: up to 3
+   reference images; the first Qwen-Image-Edit: one),
+2. what the output size is and why (the input's, rounded to multiples of 16, said in one line),
+3. how each input is recorded in the result and the PNG (its sha256),
+4. image-to-image and inpainting with `%%qwen_generate --init-image ... --strength ... --mask ...`,
+5. how bad inputs are refused before any model loads.
+
+Without real weights this runs on the tiny stand-ins (`tiny` for text-to-image, `tiny-edit` for editing): real
+diffusers pipelines with random weights, so every picture below is noise, but every size, step, hash and
+message is what the real models give.
+"""
+    ),
+    INSTALL,
+    code("%load_ext qwennb"),
+    md(
+        """
+## 1. Edit the last result
+
+Make an image, then edit it: `--image _` takes the last result. The loaded model is a text-to-image model, so
+`--model` names the edit model to load; qwennb says what the two share and what is swapped.
+"""
+    ),
+    code(
+        """
+%%qwen_generate --seed 1 --size 128x96 --steps 4 --no-save
+a red kite over a green field
+"""
+    ),
+    code(
+        """
+%%qwen_edit --image _ --model tiny-edit --seed 2 --steps 4 --no-save
+make the kite blue and keep everything else
+"""
+    ),
+    md(
+        """
+The edit kept the input's size (128x96). The notes say it, and say when the model sees the reference at a
+slightly different aspect ratio (so content could shift): nothing is resized silently.
+
+## 2. Several reference images, from variables, files or bytes
+
+2509 and 2511 take up to three references ("Picture 1", "Picture 2", ... in the instruction). `--image` takes
+`_`, a variable (PIL image, numpy array, image bytes, a result) or a path.
+"""
+    ),
+    code(
+        """
+import io
+import numpy as np
+from PIL import Image
+
+person = Image.new("RGB", (96, 128), (200, 160, 120))
+hat = np.zeros((64, 64, 3), np.uint8); hat[16:48, 8:56] = (20, 20, 160)
+buf = io.BytesIO(); Image.new("RGB", (80, 80), (30, 140, 60)).save(buf, format="PNG")
+background = buf.getvalue()
+Image.new("RGB", (64, 64), "white").save("/tmp/qwennb-note.png")
+"""
+    ),
+    code(
+        """
+%%qwen_edit --image person --image hat --image background --seed 3 --steps 4 --no-save
+Picture 1 wears the hat from picture 2 in the garden of picture 3
+"""
+    ),
+    code(
+        """
+r = _
+for x in r.inputs:
+    print(f"{x['role']:<8} {x['source']:<10} {x['width']}x{x['height']}  sha256 {x['sha256'][:16]}...")
+print("output:", r.images[0].size, "| steps:", len(r.step_times_s), "| model:", r.model)
+"""
+    ),
+    md(
+        """
+## 3. The Python API and provenance
+
+`qwennb.edit(pipe, images, instruction, ...)` returns the same `GenerationResult` as `qwennb.generate`. Saved
+PNGs carry the parameters and every input's sha256 (of its decoded pixels: the same for a file, its bytes or a
+PIL copy), so you can check which inputs made an image.
+"""
+    ),
+    code(
+        """
+import tempfile
+import qwennb
+from qwennb.edit import edit, image_sha256, load_provenance
+
+pipe = get_ipython().magics_manager.registry["QwenMagics"].session.pipe
+result = edit(pipe, [person, "/tmp/qwennb-note.png"], "put the note in their hand", steps=4, seed=7)
+(path,) = result.save(tempfile.mkdtemp())
+meta = load_provenance(path)
+print("task:", meta["task"], "| seed:", meta["seed"], "| steps:", meta["steps"], "| cfg:", meta["cfg"])
+print("input 1 is `person`:", meta["inputs"][0]["sha256"] == image_sha256(person))
+print("input 2 source:", meta["inputs"][1]["source"])
+"""
+    ),
+    md(
+        """
+## 4. Image-to-image and inpainting
+
+These run on a text-to-image model with the same weights (`QwenImageImg2ImgPipeline` /
+`QwenImageInpaintPipeline`, built from the loaded components: nothing is loaded twice). `--strength` is the
+share of the schedule that redraws the image: 0.3 runs the last 30% of the steps and keeps the layout, 1.0 starts
+from noise.
+"""
+    ),
+    code(
+        """
+%qwen load tiny
+"""
+    ),
+    code(
+        """
+start = Image.new("RGB", (128, 128), (230, 200, 60))
+for s in (0.3, 1.0):
+    r = qwennb.generate(pipe := get_ipython().magics_manager.registry["QwenMagics"].session.pipe,
+                        "a sunflower field", init_image=start, strength=s, steps=10, seed=4)
+    print(f"strength {s}: {len(r.step_times_s)} of {r.steps} steps ran, output {r.images[0].size}")
+"""
+    ),
+    code(
+        """
+mask = np.zeros((128, 128), np.uint8); mask[32:96, 32:96] = 255   # white: redraw, black: keep
+r = qwennb.generate(pipe, "a red barn", init_image=start, mask=mask, strength=1.0, steps=6, seed=5)
+out, before = np.asarray(r.images[0]).astype(int), np.asarray(start).astype(int)
+print("unmasked pixels changed by at most:", int(np.abs(out - before)[mask == 0].max()))
+print("masked pixels redrawn:", float(np.abs(out - before)[mask == 255].mean()) > 10)
+"""
+    ),
+    code(
+        """
+%%qwen_generate --init-image start --strength 0.6 --mask mask --steps 6 --seed 6 --no-save
+a red barn
+"""
+    ),
+    md(
+        """
+## 5. Bad inputs get one line, before anything loads
+
+In the magics they are `UsageError`s; in the CLI one line and exit status 2; in Python `ImageInputError` (a
+`QwennbError`):
+"""
+    ),
+    code(
+        """
+from qwennb.edit import ImageInputError, check_edit_inputs, check_strength, read_image, read_mask
+
+for attempt in (
+    lambda: read_image("/no/such/photo.png"),
+    lambda: read_image(b"not an image"),
+    lambda: read_mask(np.zeros((64, 64), np.uint8), (128, 128)),
+    lambda: check_edit_inputs("qwen-image-edit-2511", [person] * 4, "x"),
+    lambda: check_strength(1.5),
+):
+    try:
+        attempt()
+    except ImageInputError as e:
+        print(e)
+"""
+    ),
+    md(
+        """
+From a terminal: `qwennb edit photo.png "make it blue" --model qwen-image-edit-2511 --json`, and
+`qwennb generate "a prompt" --init-image photo.png --strength 0.5 [--mask mask.png]`.
+
+**Next:** `02_optimization.ipynb` for how the plan fits a model (edit models count their reference images'
+tokens), or back to `00_quickstart.ipynb`.
+"""
+    ),
+]
+
 
 def build(name: str, cells: list[nbformat.NotebookNode]) -> float:
     nb = nbformat.v4.new_notebook()

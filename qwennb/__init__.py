@@ -51,6 +51,9 @@ _LAZY = {
     "resolve_model": "pipeline",
     "PRESETS": "presets",
     "Session": "session",
+    "edit": "edit",
+    "load_edit_pipeline": "edit",
+    "compare_models": "edit",
 }
 
 

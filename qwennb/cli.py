@@ -139,7 +139,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 "or --force to plan it on the CPU"
             )
     overrides = OptimizationConfig(force=args.force, dtype="float32" if args.fp32 else None, mode=args.mode)
-    plan = make_plan(hw, model or "qwen-image", overrides)
+    from .models import get_model
+
+    plan_fn = make_plan
+    if model and not _is_dir(model) and get_model(model).task == "image-edit":
+        # the activations also hold the reference images' tokens
+        from .edit import plan_for_model as plan_fn
+    plan = plan_fn(hw, model or "qwen-image", overrides)
     print(plan.to_json() if args.json else plan_text(plan))
     return 0
 
@@ -219,6 +225,11 @@ def add_generate_parser(sub: Any) -> None:
         metavar="PATH[:SCALE]",
         help="a LoRA (.safetensors file, folder or hub id) at SCALE (default 1); repeat for several",
     )
+    g.add_argument("--init-image", help="image-to-image: start from this image file")
+    g.add_argument(
+        "--strength", type=float, help="img2img/inpainting: share of the image redrawn, 0 < s <= 1"
+    )
+    g.add_argument("--mask", help="inpainting: mask file (white redraws, black keeps), the init image's size")
     g.set_defaults(func=_cmd_generate)
 
 
@@ -352,11 +363,35 @@ def _save_or_rescue(result: Any, out: str, embed_metadata: bool) -> None:
         ) from None
 
 
+def _image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--init-image``, ``--strength``, ``--mask``: read and checked before anything loads."""
+    if args.init_image is None and args.strength is None and args.mask is None:
+        return {}
+    from .edit import check_strength, read_image, read_mask
+
+    if args.init_image is None:
+        raise QwennbError("--strength and --mask need --init-image")
+    images: dict[str, Any] = {"init_image": read_image(args.init_image, role="init image")}
+    if args.strength is not None:
+        images["strength"] = check_strength(args.strength)
+    if args.mask is not None:
+        images["mask"] = read_mask(args.mask, images["init_image"].size)
+    return images
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import os
 
     # Every option is checked before anything heavy is imported or loaded (torch, diffusers, the weights).
     opts = _options_from_args(args, args.prompt, num_images=args.n)
+    images = _image_options(args)
+    from .models import get_model
+    from .pipeline import resolve_model
+
+    if args.model and not _is_dir(args.model) and get_model(args.model).task == "image-edit":
+        # before loading 57 GB that generate would refuse
+        name = resolve_model(args.model)[0]
+        raise QwennbError(f'{name} is an edit model: use `qwennb edit IMAGE... "instruction" --model {name}`')
     from tqdm.auto import tqdm
 
     from .generation import generate
@@ -386,6 +421,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             num_images=opts["num_images"],
             preset=opts.get("preset"),
             on_step=on_step,
+            **images,
         )
     finally:
         for bar in bars:
@@ -679,9 +715,100 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_generate_parser(sub)
     add_sweep_parser(sub)
+    add_edit_parser(sub)
     add_enhance_parser(sub)
     add_download_parser(sub)
     return p
+
+
+def add_edit_parser(sub: Any) -> None:
+    """``qwennb edit IMAGE [IMAGE...] "instruction"``."""
+    e = sub.add_parser(
+        "edit",
+        help="edit images by an instruction (Qwen-Image-Edit; the tiny edit stand-in when no weights are found)",
+    )
+    e.add_argument(
+        "inputs", nargs="+", metavar="IMAGE... INSTRUCTION", help="1 to 3 image files, then the instruction"
+    )
+    e.add_argument(
+        "--model",
+        default=None,
+        help="edit model: registry name, hub id or folder (default: local 2511/2509/edit, else tiny-edit)",
+    )
+    e.add_argument("--steps", type=int)
+    e.add_argument("--cfg", type=float, help="true_cfg_scale (1 turns guidance off)")
+    e.add_argument("--seed", type=int)
+    e.add_argument(
+        "--size", help="output WIDTHxHEIGHT (default: the first image's, rounded to multiples of 16)"
+    )
+    e.add_argument("--negative", default=None, help="negative prompt")
+    e.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
+    e.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    add_mode_argument(e)
+    e.set_defaults(func=_cmd_edit)
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from .edit import check_edit_inputs, edit, plan_edit, resolve_edit_model
+    from .generation import parse_size
+    from .hardware import detect
+    from .pipeline import build
+
+    if len(args.inputs) < 2:
+        raise QwennbError('give at least one image and the instruction: qwennb edit IMAGE "instruction"')
+    *paths, instruction = args.inputs
+    width = height = None
+    if args.size:
+        width, height = parse_size(args.size)
+    name, path, notice = resolve_edit_model(args.model)
+    images = check_edit_inputs(name, paths, instruction)  # before anything loads
+    if notice:
+        print(f"qwennb: {notice}", file=sys.stderr)
+    plan = plan_edit(detect(), name, {"mode": args.mode} if args.mode else None, references=len(images))
+    for w in plan.warnings:
+        print(f"qwennb: {w}", file=sys.stderr)
+    t0 = time.perf_counter()
+    pipe = build(plan, path)
+    print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, unit="step", file=sys.stderr, disable=os.environ.get("QWENNB_NO_PROGRESS") == "1")
+
+    def on_step(s: Any) -> None:
+        bar.total = s.total
+        bar.update(1)
+
+    try:
+        result = edit(
+            pipe,
+            images,
+            instruction,
+            negative_prompt=args.negative,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            width=width,
+            height=height,
+            on_step=on_step,
+        )
+    finally:
+        bar.close()
+    for n in result.notices:
+        print(f"qwennb: {n}", file=sys.stderr)
+    result.save(args.out, embed_metadata=not args.no_metadata)
+    if args.json:
+        d = result.to_dict()
+        d.pop("plan")
+        print(json.dumps(d, indent=2, ensure_ascii=False))
+    else:
+        for p in result.paths:
+            print(p)
+        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,6 +106,9 @@ class GenerationResult:
     original_prompt: str | None = None  # before enhancement or positive magic
     created: str = field(default_factory=lambda: datetime.now().isoformat(timespec="seconds"))
     loras: list[dict[str, Any]] = field(default_factory=list)  # name, source, sha256, scale of each LoRA on
+    task: str = "text-to-image"  # or "edit", "img2img", "inpaint" (qwennb.edit)
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # input images: source, size, sha256
+    strength: float | None = None  # img2img / inpainting
 
     @property
     def steps_completed(self) -> int:
@@ -410,6 +413,12 @@ def generate(
     wait: bool = True,
     preview: bool | int = False,
     loras: list[dict[str, Any]] | None = None,
+    init_image: Any = None,
+    strength: float | None = None,
+    mask: Any = None,
+    keep_unmasked: bool = True,
+    _job: Any = None,
+    _notices: list[str] | None = None,
 ) -> GenerationResult:
     """Generate images with a loaded pipeline and return a :class:`GenerationResult`.
 
@@ -433,6 +442,12 @@ def generate(
     ``loras`` (records as in ``result.loras`` or a PNG's parameters: source, scale, sha256) makes the
     pipeline's LoRAs exactly these first (see :func:`qwennb.lora.ensure`); the few-step presets
     ("lightning-8", "lightning-4") load the model's Lightning LoRA and use its scheduler for the run.
+
+    Image-to-image: ``init_image`` (PIL, numpy, path or bytes) and ``strength`` (0 < s <= 1, default 0.6);
+    with ``mask`` (white: redraw) it inpaints, and ``keep_unmasked`` puts the unmasked pixels back exactly.
+    The output size defaults to the init image's, rounded to multiples of 16 (a notice says so). These run
+    ``QwenImageImg2ImgPipeline`` / ``QwenImageInpaintPipeline`` built from the loaded components. For edit
+    models use :func:`qwennb.edit.edit`.
     """
     import torch
 
@@ -453,7 +468,18 @@ def generate(
             "positive_magic": positive_magic,
         }
     )
-    notices: list[str] = []
+    notices: list[str] = list(_notices or [])
+    if _job is None and (init_image is not None or strength is not None or mask is not None):
+        from .edit import image_job
+
+        _job, width, height = image_job(
+            pipe, init_image, strength, mask, width, height, notices, keep_unmasked
+        )
+    elif _job is None and type(pipe).__name__ in ("QwenImageEditPlusPipeline", "QwenImageEditPipeline"):
+        raise GenerationError(
+            f"{getattr(pipe, 'qwennb', {}).get('model', 'this')} is an edit model: give it images with "
+            "qwennb.edit(pipe, images, instruction) (%%qwen_edit, `qwennb edit`)"
+        )
     if true_cfg_scale is not None:
         cfg = true_cfg_scale
     steps, cfg, width, height = resolve_options(
@@ -461,11 +487,18 @@ def generate(
     )
     # The preset's or the plan's values are checked too (a plan could hold anything).
     validate_generate_options({"steps": steps, "cfg": cfg, "seed": seed, "num_images": num_images})
+    # img2img and inpainting skip the first (1 - strength) of the schedule: this many steps run.
+    run_steps = _job.steps_run(steps) if _job is not None else steps
     info = getattr(pipe, "qwennb", {})
     plan: Plan | None = info.get("plan")
     model = info.get("model", "unknown")
     if plan is not None and plan.budget_gb is not None:
-        need = with_size(plan, width, height, num_images)
+        if _job is not None and _job.extra_tokens:  # the sequence also holds the reference images' tokens
+            from .edit import planning_size
+
+            need = with_size(plan, *planning_size(width, height, _job.extra_tokens), num_images)
+        else:
+            need = with_size(plan, width, height, num_images)
         if need > plan.budget_gb:
             fit = largest_size_that_fits(plan, width, height, num_images)
             hint = f"; the largest size of this shape that fits is {fit[0]}x{fit[1]}" if fit else ""
@@ -524,11 +557,15 @@ def generate(
         if cuda:
             denoise_peak = torch.cuda.max_memory_allocated() / 1024**3
         if on_step is not None:
-            image = previewer(len(step_times), steps, kwargs["latents"]) if previewer is not None else None
-            on_step(
-                StepInfo(len(step_times), steps, step_times[-1], now - last["t0"], kwargs["latents"], image)
+            image = (
+                previewer(len(step_times), run_steps, kwargs["latents"]) if previewer is not None else None
             )
-        if stop and len(step_times) < steps:
+            on_step(
+                StepInfo(
+                    len(step_times), run_steps, step_times[-1], now - last["t0"], kwargs["latents"], image
+                )
+            )
+        if stop and len(step_times) < run_steps:
             p_._interrupt = True
         return {}
 
@@ -546,15 +583,16 @@ def generate(
         ):
             _sync(device)
             t0 = time.perf_counter()
-            embeds, mask = _encode(pipe, text, num_images, device)
-            neg = _encode(pipe, negative_prompt, num_images, device) if cfg > 1 else (None, None)
+            encode = _job.encode if _job is not None else (lambda t, n, d: _encode(pipe, t, n, d))
+            embeds, embeds_mask = encode(text, num_images, device)
+            neg = encode(negative_prompt, num_images, device) if cfg > 1 else (None, None)
             _sync(device)
             text_s = time.perf_counter() - t0
             generator = torch.Generator(device="cpu").manual_seed(seed)
             last["t"] = last["t0"] = time.perf_counter()
-            out = pipe(
+            out = (_job.run if _job is not None else pipe)(
                 prompt_embeds=embeds,
-                prompt_embeds_mask=mask,
+                prompt_embeds_mask=embeds_mask,
                 negative_prompt_embeds=neg[0],
                 negative_prompt_embeds_mask=neg[1],
                 true_cfg_scale=cfg,
@@ -568,12 +606,12 @@ def generate(
             )
             _sync(device)
             decode_s = time.perf_counter() - last["t"]
-            images = list(out.images)
-            interrupted = len(step_times) < steps
+            images = _job.finish(list(out.images)) if _job is not None else list(out.images)
+            interrupted = len(step_times) < run_steps
     except KeyboardInterrupt:
         interrupted = True
         images = []
-        notices.append(f"interrupted after {len(step_times)} of {steps} steps")
+        notices.append(f"interrupted after {len(step_times)} of {run_steps} steps")
     except torch.OutOfMemoryError as exc:
         del exc
         last.clear()
@@ -599,7 +637,9 @@ def generate(
     if interrupted:
         free_memory()
         if images:
-            notices.append(f"stopped after {len(step_times)} of {steps} steps; the image is partly denoised")
+            notices.append(
+                f"stopped after {len(step_times)} of {run_steps} steps; the image is partly denoised"
+            )
     peak = torch.cuda.max_memory_allocated() / 1024**3 if cuda else None
     steps_done = max(1, len(step_times))
     return GenerationResult(
@@ -626,6 +666,9 @@ def generate(
         plan=plan.to_dict() if plan is not None else None,
         original_prompt=original_prompt,
         loras=_lora_records(pipe),
+        task=_job.task if _job is not None else "text-to-image",
+        inputs=[x.describe() for x in _job.inputs + ([_job.mask] if _job.mask else [])] if _job else [],
+        strength=_job.strength if _job is not None else None,
     )
 
 
@@ -669,6 +712,8 @@ def _metadata(result: GenerationResult, index: int) -> dict[str, Any]:
         "qwennb_version": __version__,
         "created": result.created,
         "interrupted": result.interrupted,
+        **({"task": result.task, "inputs": result.inputs} if result.inputs else {}),
+        **({"strength": result.strength} if result.strength is not None else {}),
     }
 
 

@@ -24,7 +24,7 @@ from traitlets import Bool, Float, Int, Unicode
 from .display import history_html, history_text, progress_html, progress_line
 from .errors import QwennbError
 from .generation import GenerationResult, StepInfo, is_busy
-from .options import validate_generate_options
+from .options import parse_size, validate_generate_options
 from .plan import describe_modes
 from .presets import PRESETS, describe_presets
 from .session import Session
@@ -177,6 +177,7 @@ class QwenMagics(Magics):
         except QwennbError as exc:
             raise UsageError(str(exc)) from None
         opts = self.cell_options(options)  # every option is checked before the model loads
+        images = self.image_options(options)  # --init-image, --strength, --mask: checked before loading
         out = opts.pop("out", None)
         if not self.session.loaded:
             self.load()
@@ -209,7 +210,7 @@ class QwenMagics(Magics):
         self._last_preview = None
         try:
             result = self.session.generate(
-                prompt, on_step=on_step, original_prompt=original, preview=preview, **opts
+                prompt, on_step=on_step, original_prompt=original, preview=preview, **opts, **images
             )
         except QwennbError as exc:
             handle.update(_Text(""))  # the error is shown once, as the UsageError below
@@ -237,6 +238,121 @@ class QwenMagics(Magics):
                 f"the image was made but could not be saved to {out} ({reason}); it is kept as %qwen history "
                 f"entry #{index}: save it with %qwen save {index} OTHER_FOLDER"
             ) from None
+
+    def resolve_image(self, token: str, role: str = "image", mode: str = "RGB") -> Any:
+        """An image named in a magic's options: ``_`` (the last result), a variable (a PIL image, array, bytes or
+        result), or a file path; read and checked now, before any model loads."""
+        from .edit import read_image
+
+        ns = self.shell.user_ns if self.shell is not None else {}
+        token = token.strip()
+        quoted = token[:1] in ("'", '"')
+        name = token.strip("'\"")
+        if not quoted and name in ns:
+            value = ns[name]
+        elif not quoted and (name == "_" or (name.isidentifier() and not os.path.exists(name))):
+            what = "no result yet" if name == "_" else "no variable or file of that name"
+            raise UsageError(f"{role} {name}: {what}")
+        else:
+            value = name  # a path (read_image says when it is missing or not an image)
+        if name == "_" and not quoted and isinstance(value, str):  # IPython's `_` before any output
+            raise UsageError(f"{role} _: no result yet")
+        if hasattr(value, "images") and hasattr(value, "seed"):  # a GenerationResult (or its no-plot view)
+            if not value.images:
+                raise UsageError(f"{role} {token}: that result has no image (it was stopped before decoding)")
+            value = value.images[0]
+        try:
+            return read_image(value, role=role, mode=mode)
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+
+    def image_options(self, options: Any) -> dict[str, Any]:
+        """``--init-image``, ``--strength`` and ``--mask`` of %%qwen_generate, read and checked."""
+        from .edit import check_strength, read_mask
+
+        init = getattr(options, "init_image", None)
+        strength = getattr(options, "strength", None)
+        mask = getattr(options, "mask", None)
+        if init is None:
+            if strength is not None or mask is not None:
+                raise UsageError("--strength and --mask need --init-image")
+            return {}
+        out: dict[str, Any] = {"init_image": self.resolve_image(init, "init image")}
+        try:
+            if strength is not None:
+                out["strength"] = check_strength(strength)
+            if mask is not None:
+                m = self.resolve_image(mask, "mask", mode="L")
+                out["mask"] = read_mask(m, out["init_image"].size)
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+        return out
+
+    def edit_cell(self, instruction: str, options: Any) -> GenerationResult:
+        """Run one edit from parsed options: images checked first, then the edit model loaded if needed."""
+        from .edit import check_edit_inputs, is_edit_pipeline, resolve_edit_model
+
+        if not options.image:
+            raise UsageError(
+                "give the image(s) to edit: %%qwen_edit --image _ (or a variable name, or a path)"
+            )
+        images = [
+            self.resolve_image(t, f"image {i + 1}" if len(options.image) > 1 else "image")
+            for i, t in enumerate(options.image)
+        ]
+        loaded = self.session.pipe if self.session.loaded else None
+        try:
+            if options.model:
+                name = resolve_edit_model(options.model)[0]
+            elif loaded is not None and is_edit_pipeline(loaded):
+                name = self.session.report.model if self.session.report else type(loaded).__name__
+            elif loaded is not None:
+                raise UsageError(
+                    f"the loaded model ({self.session.report.model if self.session.report else '?'}) is not an "
+                    "edit model; add --model qwen-image-edit-2511 (or tiny-edit), or %qwen load one"
+                )
+            else:
+                name = resolve_edit_model(None)[0]
+            check_edit_inputs(name if loaded is None or options.model else loaded, images, instruction)
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
+        if loaded is None or (options.model and self.session.report and self.session.report.model != name):
+            self.load(name)
+        width = height = None
+        if options.size:
+            try:
+                width, height = parse_size(options.size)
+            except QwennbError as exc:
+                raise UsageError(str(exc)) from None
+        handle = display(_Text("qwennb: encoding the prompt..."), display_id=True)
+
+        def on_step(s: StepInfo) -> None:
+            handle.update(_Text(progress_line(s.step, s.total, s.step_s, s.elapsed_s)))
+
+        try:
+            result = self.session.edit(
+                images,
+                instruction,
+                negative_prompt=options.negative,
+                steps=options.steps if options.steps is not None else (self.default_steps or None),
+                cfg=options.cfg if options.cfg is not None else (self.default_cfg or None),
+                seed=options.seed,
+                width=width,
+                height=height,
+                on_step=on_step,
+            )
+        except QwennbError as exc:
+            handle.update(_Text(f"qwennb: not run: {exc}"))
+            raise UsageError(str(exc)) from None
+        state = "stopped" if result.interrupted else "done"
+        handle.update(
+            _Text(f"qwennb: {state}: {result.steps_completed}/{result.steps} steps in {result.total_s:.1f} s")
+        )
+        if not options.no_save and result.images:
+            result.save(options.out or self.save_dir, embed_metadata=self.embed_metadata)
+        if not self.show_plot:
+            return _NoPlot(result)  # type: ignore[return-value]
+        return result
 
     def _enhance_for_cell(self, prompt: str) -> tuple[str, str]:
         try:
@@ -281,6 +397,13 @@ class QwenMagics(Magics):
         metavar="PATH[:SCALE]",
         help="load a LoRA (file, folder or hub id) at SCALE (default 1); it stays loaded; repeat for several",
     )
+    @argument("--init-image", help="image-to-image: start from this image (_, a variable or a path)")
+    @argument(
+        "--strength", type=float, help="img2img/inpainting: share of the image redrawn, 0 < s <= 1 (0.6)"
+    )
+    @argument(
+        "--mask", help="inpainting: white redraws, black keeps (_, a variable or a path; the image's size)"
+    )
     @cell_magic
     def qwen_generate(self, line: str, cell: str) -> GenerationResult:
         """Generate images from the cell body (the prompt).
@@ -299,6 +422,43 @@ class QwenMagics(Magics):
             raise UsageError("the cell is empty: write the prompt in the cell body")
         prompt = fill_prompt(body, self.shell.user_ns if self.shell is not None else {})
         return self.generate_cell(prompt, options)
+
+    @magic_arguments()
+    @argument(
+        "--image",
+        action="append",
+        help="an image to edit: _ (the last result), a variable or a path; repeat "
+        "for up to 3 references (2509/2511)",
+    )
+    @argument(
+        "--model", help="edit model to load (default: the loaded edit model, a local one, else tiny-edit)"
+    )
+    @argument("--steps", type=int, help="denoising steps (at least 2)")
+    @argument("--cfg", type=float, help="true_cfg_scale; 1 turns guidance off")
+    @argument("--seed", type=int, help="random seed (drawn and shown when omitted)")
+    @argument("--size", help="output WIDTHxHEIGHT (default: the first image's, rounded to multiples of 16)")
+    @argument("--negative", help="negative prompt (default ' ' when CFG > 1)")
+    @argument("--out", help="folder for the PNGs (default: QwenMagics.save_dir)")
+    @argument("--no-save", action="store_true", help="do not write PNGs")
+    @cell_magic
+    def qwen_edit(self, line: str, cell: str) -> GenerationResult:
+        """Edit images by the instruction in the cell body (Qwen-Image-Edit 2511/2509/first release).
+
+        ``--image`` takes ``_`` (the last result), a variable holding a PIL image, a numpy array, image bytes or a
+        result, or a file path; repeat it for up to 3 reference images. ``{name}`` in the instruction is filled
+        from the notebook's variables. The output is the first image's size (rounded to multiples of 16).
+
+        Example::
+
+            %%qwen_edit --image _ --seed 7
+            Make the sky purple and keep everything else as it is
+        """
+        options = parse_argstring(self.qwen_edit, line)
+        body = cell.strip()
+        if not body:
+            raise UsageError("the cell is empty: write the edit instruction in the cell body")
+        instruction = fill_prompt(body, self.shell.user_ns if self.shell is not None else {})
+        return self.edit_cell(instruction, options)
 
     @line_magic
     def qwen(self, line: str) -> Any:
@@ -331,6 +491,7 @@ class QwenMagics(Magics):
             "%qwen describe PATH      describe an image's style for use as a prompt\n"
             "%qwen lora add PATH [SCALE] [name=N] | list | scale NAME SCALE | remove NAME|all | off | on\n"
             "%%qwen_generate [opts]   generate from the cell body (%%qwen_generate? for options)\n"
+            "%%qwen_edit --image X    edit images by the instruction in the cell body\n"
             "%qwen_ui                 the widget panel"
         )
 

@@ -96,11 +96,34 @@ REGISTRY: dict[str, ModelSpec] = {
             "image-edit",
             "MMDiT",
             "QwenImageEditPipeline",
-            "qwen-image",
+            "qwen-image-edit",
             ("transformer", "text_encoder", "vae"),
-            description="Qwen-Image-Edit: the same size class, trained to edit an input image. "
-            "The wrong model for text-to-image.",
+            description="Qwen-Image-Edit: the same size class, trained to edit one input image "
+            "(qwennb.edit, %%qwen_edit). The wrong model for text-to-image.",
             aliases=("qwen/qwen-image-edit",),
+        ),
+        ModelSpec(
+            "qwen-image-edit-2511",
+            "Qwen/Qwen-Image-Edit-2511",
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "qwen-image-edit-2511",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-Edit-2511 (Dec 2025): edits with 1 to 3 reference images; its transformer "
+            "keeps the references' timestep at zero (zero_cond_t).",
+            aliases=("qwen/qwen-image-edit-2511", "edit-2511"),
+        ),
+        ModelSpec(
+            "qwen-image-edit-2509",
+            "Qwen/Qwen-Image-Edit-2509",
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "qwen-image-edit-2509",
+            ("transformer", "text_encoder", "vae"),
+            description="Qwen-Image-Edit-2509 (Sep 2025): edits with 1 to 3 reference images.",
+            aliases=("qwen/qwen-image-edit-2509", "edit-2509"),
         ),
         ModelSpec(
             "qwen2-vl-7b",
@@ -172,6 +195,31 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Qwen-Image-2.1's configs with random weights: real shapes, speed and memory; images "
             "are noise.",
             aliases=("synthetic-2.1",),
+        ),
+        ModelSpec(
+            "tiny-edit",
+            None,
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "tiny-edit",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Embedded edit stand-in: QwenImageEditPlusPipeline's classes (2511's zero_cond_t, a "
+            "Qwen2-VL processor) with tiny configs, built in code. Its images are noise.",
+        ),
+        ModelSpec(
+            "qwen-image-edit-synthetic",
+            None,
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "qwen-image-edit-2511",
+            ("transformer", "text_encoder", "vae"),
+            stand_in=True,
+            description="Qwen-Image-Edit-2511's real configs with random weights: real shapes, speed and memory "
+            "of editing; images are noise.",
+            aliases=("edit-synthetic",),
         ),
     ]
 }
@@ -503,6 +551,13 @@ def inspect_folder(path: str | os.PathLike[str], hub_id: str | None = None) -> L
     """Describe a model folder: which model, which architecture, whether it is complete."""
     index = read_model_index(path)
     spec = _spec_for(index, hub_id)
+    if spec is not None and not hub_id and spec.pipeline_class == "QwenImageEditPlusPipeline":
+        # 2509 and 2511 share a pipeline class; 2511's transformer keeps the references' timestep at zero.
+        try:
+            tconf = json.loads((Path(path) / "transformer" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            tconf = {}
+        spec = get_model("qwen-image-edit-2511" if tconf.get("zero_cond_t") else "qwen-image-edit-2509")
     missing = missing_files(path)
     return LocalModel(
         name=spec.name if spec else Path(path).name,

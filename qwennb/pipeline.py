@@ -104,13 +104,15 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
 
 
 def _load_pretrained(plan: Plan, path: str | None) -> Any:
+    import diffusers
     import torch
-    from diffusers import QwenImagePipeline
-
-    if get_model(plan.model).pipeline_class == "QwenImage21Pipeline":
-        from diffusers import QwenImage21Pipeline as QwenImagePipeline  # Qwen-Image-2.1's own pipeline
 
     spec = get_model(plan.model)
+    # Edit models load into their own pipelines (which also read the processor folder); Qwen-Image-Edit's
+    # weights would load into the text-to-image pipeline too (same transformer class), without the processor.
+    # Qwen-Image-2.1 has its own pipeline class too.
+    own_class = spec.task == "image-edit" or spec.pipeline_class == "QwenImage21Pipeline"
+    cls = getattr(diffusers, spec.pipeline_class if own_class else "QwenImagePipeline")
     source = path or spec.hub_id
     if source is None:
         raise LoadError(f"{plan.model} has no weights to load")
@@ -152,8 +154,7 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
             gpu_blocks=_gpu_blocks(plan),
         )
     try:
-        # Qwen-Image-Edit's weights load into the text-to-image pipeline too (same transformer class).
-        return QwenImagePipeline.from_pretrained(source, **kwargs)
+        return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"could not load {source}: {first}") from exc
@@ -207,11 +208,16 @@ def _build_stand_in(plan: Plan) -> Any:
     if plan.model == "tiny":
         device = "cuda" if plan.device == "cuda" else "cpu"
         return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
+    if plan.model == "tiny-edit":
+        device = "cuda" if plan.device == "cuda" else "cpu"
+        return stand_ins.build_tiny_edit_pipeline(seed=0, device=device, dtype=dtype)
     # Synthetic: materialise each component where the plan keeps it, never a full host copy of the rest.
     devices = {}
     for name, comp in plan.components.items():
         on_gpu = plan.device == "cuda" and comp.placement == "gpu" and comp.storage_dtype == plan.dtype
         devices[name] = torch.device("cuda") if on_gpu else torch.device("cpu")
+    if get_model(plan.model).task == "image-edit":
+        return stand_ins.build_synthetic_edit_pipeline(device=devices, dtype=dtype)
     transformer = None
     if _stored_form(plan):
         from .loading import build_synthetic_transformer
@@ -248,8 +254,10 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
     # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT; other transformers (Qwen-Image-2.1)
-    # take diffusers' regional compile and layerwise fp8 storage.
-    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    # take diffusers' regional compile and layerwise fp8 storage. Nor does it cover Qwen-Image-Edit-2511's
+    # zero_cond_t (its forward would fall back to stock diffusers, uncompiled): that one gets the same.
+    zero_cond_t = bool(getattr(pipe.transformer.config, "zero_cond_t", False))
+    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel" and not zero_cond_t
     fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
     fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
     if fast:

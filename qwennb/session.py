@@ -77,7 +77,7 @@ class Session:
 
         name, path, _ = resolve_model(model)
         # A folder the user named is sized from its own configs (a small model saved there is not Qwen-Image).
-        return make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
+        return _make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
 
     def load(
         self,
@@ -93,12 +93,28 @@ class Session:
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
-        plan = make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
+        if name == "tiny-edit" and notice is None:
+            notice = (
+                "the tiny edit stand-in is loaded: its edits are noise (no real Qwen-Image-Edit weights)."
+            )
+        plan = _make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
         licence = get_model(name).licence
         if licence:
             notice = f"{notice} {licence}" if notice else licence
         for source, _ in loras or []:
             check_for_model(source, name)
+        if self.report is not None and self.report.model != name:
+            from .edit import compare_models
+
+            swap = compare_models(self.report.model, name, self.report.path, path)
+            line = f"switching from {self.report.model}: {', '.join(swap.swapped)} swapped"
+            if swap.shared:
+                line += f"; {', '.join(swap.shared)} the same weights"
+            if swap.unverified:
+                line += f"; {', '.join(swap.unverified)} the same architecture (weights not compared)"
+            gib = f"{swap.swap_gib:.1f}" if swap.swap_gib >= 1 else f"{swap.swap_gib:.3f}"
+            line += f"; up to {gib} GiB of weights differ (qwennb reloads the whole pipeline)"
+            notice = f"{notice} {line}" if notice else line
         self.unload()
         t0 = time.perf_counter()
         self.pipe = build(plan, path, loras=loras)
@@ -287,6 +303,15 @@ class Session:
 
         lora.enable(self.require())
 
+    def edit(self, images: Any, instruction: str, **kwargs: Any) -> GenerationResult:
+        """``qwennb.edit`` on the loaded (edit) pipeline; the result joins the history."""
+        from .edit import edit
+
+        result = edit(self.require(), images, instruction, **kwargs)
+        self.history.append(result)
+        del self.history[: -self.max_history]
+        return result
+
     def info(self) -> dict[str, Any]:
         """Card, memory in use, plan and what is really active on the loaded pipeline."""
         from .pipeline import validate_optimization
@@ -364,3 +389,12 @@ def load_history(path: str | os.PathLike[str]) -> list[GenerationResult]:
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
             raise QwennbError(f"{path} line {n} is not a qwennb history entry ({exc})") from None
     return out
+
+
+def _make_plan(hardware: Hardware, name: str, overrides: OptimizationConfig | dict[str, Any] | None) -> Plan:
+    """``make_plan`` for a text-to-image model or a folder; an edit model's plan counts its reference images."""
+    if os.path.isdir(name):
+        return make_plan(hardware, name, overrides)
+    from .edit import plan_for_model
+
+    return plan_for_model(hardware, name, overrides)

@@ -754,3 +754,142 @@ def build_tiny_vl(
     model.eval()
     model.requires_grad_(False)
     return model, build_tiny_vl_processor(kind)
+
+
+# --------------------------------------------------------------------------------------------------
+# Edit pipelines (Qwen-Image-Edit, -2509, -2511): the same components plus a Qwen2-VL processor
+# --------------------------------------------------------------------------------------------------
+
+
+def _edit_processor_class() -> type:
+    """transformers' ``Qwen2VLProcessor``, accepting no video processor (the Edit pipelines only send images).
+
+    Its constructor checks every part's class, and without torchvision the video processor's class cannot be
+    looked up at all; this subclass skips that one check when no video processor is given. Everything the
+    pipelines call (``__call__`` with ``text`` and ``images``) is transformers' own code.
+    """
+    import transformers
+
+    class Qwen2VLImageOnlyProcessor(transformers.Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> Any:
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return Qwen2VLImageOnlyProcessor
+
+
+def build_edit_processor(tokenizer: PreTrainedTokenizerBase | None = None, **image_kwargs: Any) -> Any:
+    """The Qwen2-VL processor the Edit pipelines call: a tokenizer plus Qwen2-VL's image processor.
+
+    ``image_kwargs`` go to :func:`qwen2vl_image_processor` (default: Qwen2.5-VL-7B-Instruct's numbers).
+
+    Example:
+        >>> from PIL import Image
+        >>> proc = build_edit_processor(max_pixels=224 * 224)
+        >>> out = proc(text=["<|vision_start|><|image_pad|><|vision_end|>blue"], images=[Image.new("RGB", (112, 56))],
+        ...            return_tensors="pt")
+        >>> out["image_grid_thw"].tolist()  # 4 x 8 patches of 14 pixels, merged 2x2 into 8 image tokens
+        [[1, 4, 8]]
+    """
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    return _edit_processor_class()(
+        image_processor=qwen2vl_image_processor(**image_kwargs),
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=CHATML_TEMPLATE,
+    )
+
+
+def _edit_pipeline_class(name: str) -> type:
+    import diffusers
+
+    if name not in ("QwenImageEditPlusPipeline", "QwenImageEditPipeline"):
+        raise ValueError(f"not an edit pipeline: {name!r}")
+    return getattr(diffusers, name)
+
+
+def _assemble_edit(
+    scheduler, vae, text_encoder, tokenizer, processor, transformer, pipeline_class: str
+) -> Any:
+    for model in (vae, text_encoder, transformer):
+        if model is not None:
+            model.eval()
+            model.requires_grad_(False)
+    cls = _edit_pipeline_class(pipeline_class)
+    pipe = cls(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=transformer,
+    )
+    # The pipelines drop the system part of their template (64 tokens with Qwen's tokenizer); count it for
+    # this tokenizer. QwenImageEditPipeline's template puts the image before "{}": only the system part counts.
+    template = pipe.prompt_template_encode.replace("<|vision_start|><|image_pad|><|vision_end|>{}", "{}")
+    pipe.prompt_template_encode_start_idx = template_prefix_tokens(tokenizer, template)
+    return pipe
+
+
+def build_tiny_edit_pipeline(
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    pipeline_class: str = "QwenImageEditPlusPipeline",
+    config_dir: str = "tiny-edit",
+) -> Any:
+    """A toy-size ``QwenImageEditPlusPipeline`` (or ``QwenImageEditPipeline``) of the real classes.
+
+    The components of :func:`build_tiny_pipeline` (same seeds, so the same weights) from ``configs/tiny-edit``,
+    whose transformer has 2511's ``zero_cond_t``, plus :func:`build_edit_processor` with small images
+    (56x56 to 224x224 for the vision tower). Its edits are noise: it runs the edit code path anywhere.
+
+    Example:
+        >>> from PIL import Image
+        >>> pipe = build_tiny_edit_pipeline()
+        >>> out = pipe(image=[Image.new("RGB", (128, 96), "red")], prompt="make it blue", negative_prompt=" ",
+        ...            true_cfg_scale=4.0, width=128, height=96, num_inference_steps=2)
+        >>> out.images[0].size
+        (128, 96)
+    """
+    transformer, vae, text_encoder = _empty_components(config_dir)
+    tokenizer = build_tiny_tokenizer()
+    base = 3 * int(seed)
+    for offset, model in enumerate((transformer, vae, text_encoder)):
+        materialize_(model, device=device, dtype=dtype, init=_tiny_init(_cpu_generator(base + offset)))
+    processor = build_edit_processor(tokenizer, min_pixels=TINY_VL_MIN_PIXELS, max_pixels=TINY_VL_MAX_PIXELS)
+    return _assemble_edit(
+        _scheduler(config_dir), vae, text_encoder, tokenizer, processor, transformer, pipeline_class
+    )
+
+
+def build_synthetic_edit_pipeline(
+    device: str | torch.device | dict[str, str | torch.device] = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    config_dir: str = "qwen-image-edit-2511",
+    pipeline_class: str = "QwenImageEditPlusPipeline",
+    seed: int = 0,
+    std: float = 0.02,
+) -> Any:
+    """Qwen-Image-Edit's real architecture (2511's configs by default) with random weights, built on the device.
+
+    As :func:`build_synthetic_pipeline` (nothing passes through host RAM unless ``device`` says so), wrapped in
+    the edit pipeline with :func:`build_edit_processor` at Qwen2.5-VL's real image sizes.
+
+    Example:
+        >>> pipe = build_synthetic_edit_pipeline("cuda")  # doctest: +SKIP
+        >>> type(pipe).__name__  # doctest: +SKIP
+        'QwenImageEditPlusPipeline'
+    """
+    base = build_synthetic_pipeline(device=device, dtype=dtype, config_dir=config_dir, seed=seed, std=std)
+    processor = build_edit_processor(base.tokenizer)
+    return _assemble_edit(
+        base.scheduler,
+        base.vae,
+        base.text_encoder,
+        base.tokenizer,
+        processor,
+        base.transformer,
+        pipeline_class,
+    )

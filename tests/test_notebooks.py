@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["00_quickstart", "01_setup", "02_optimization", "03_multimodal", "04_migration"]
+NAMES = ["00_quickstart", "01_setup", "02_optimization", "03_multimodal", "04_migration", "05_editing"]
 
 
 def load(name):

@@ -1,0 +1,283 @@
+"""Editing speed: stock ``QwenImageEditPlusPipeline`` against qwennb, on full-size Qwen-Image-Edit with random weights.
+
+Rerun on a CUDA machine with one card of 80 GB or more (H100/H200) and qwennb installed, with one command:
+
+    python benchmarks/edit.py --out benchmarks/results
+
+For each transformer config (``2511``: Qwen-Image-Edit-2511's, with ``zero_cond_t``; ``2509``: without it) it
+builds ``qwen-image-edit-synthetic``'s components once on the GPU in bf16 and, in the same process, on the same
+weights, instruction, reference images and seed, runs:
+
+- ``stock``: the pipeline as built, called as a hand-written script would (``pipe(image=refs, prompt=...,
+  negative_prompt=" ", true_cfg_scale=4, width=1024, height=1024)``);
+- ``qwennb``: the same pipeline after ``qwennb.pipeline.apply_plan`` with the plan ``qwennb.edit.plan_edit``
+  makes for the card, called through ``qwennb.edit`` (references at the model's 1 megapixel, as stock).
+
+with 1 and with 3 reference images of 1024x1024, CFG 4, after one warm-up image per configuration. Per run:
+median s/step over the denoising loop (GPU-synchronised in the step callback), total time, peak GPU memory,
+the relative L2 error of the final latents against stock on the same seed, and how many transformer forwards
+took qwennb's tuned path. The tuned path does not cover 2511's ``zero_cond_t``: for it ``apply_plan`` uses
+diffusers' regional compile (``compile_repeated_blocks``) instead, so its ``tuned_forwards`` is 0 by design; the
+``2509`` rows show the tuned path on edits (reference tokens in the sequence, CFG pairs batched).
+
+Writes ``edit-<card>.json`` (``card``, ``torch``, ``diffusers``, ``runs``: one row per configuration with
+``config``, ``model``, ``refs``, ``width``, ``height``, ``cfg``, ``steps``, ``s_per_step``, ``speedup_vs_stock``,
+``latent_rel_err``, ``peak_gpu_gb``, ``tuned_forwards``) and ``edit-<card>.md``. ``--smoke`` runs the whole flow
+on the tiny edit stand-in on the CPU (small sizes, 2 steps) to check that the script executes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+INSTRUCTION = "Put the two objects on a wooden table and make the background a sunny kitchen"
+SEED = 1234
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def references(n: int, size: int) -> list[Any]:
+    """Deterministic structured pictures (colour fields and a square), one per reference."""
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        a = np.zeros((size, size, 3), np.uint8)
+        a[:] = rng.integers(0, 255, 3)
+        q = size // 4
+        a[q : 3 * q, q : 3 * q] = rng.integers(0, 255, 3)
+        out.append(Image.fromarray(a))
+    return out
+
+
+def build(config: str, device: str) -> Any:
+    from qwennb import stand_ins
+
+    if device == "cpu":
+        pipe = stand_ins.build_tiny_edit_pipeline(
+            config_dir="tiny-edit" if config == "2511" else "tiny", dtype=torch.float32
+        )
+    else:
+        cfg_dir = "qwen-image-edit-2511" if config == "2511" else "qwen-image-edit-2509"
+        pipe = stand_ins.build_synthetic_edit_pipeline("cuda", torch.bfloat16, config_dir=cfg_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_stock(pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, device: str) -> dict[str, Any]:
+    times: list[float] = []
+    state: dict[str, Any] = {}
+    mark = {"t": 0.0}
+
+    def cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+        sync(device)
+        now = time.perf_counter()
+        times.append(now - mark["t"])
+        mark["t"] = now
+        if i == steps - 1:
+            state["latents"] = kw["latents"].detach().float().cpu().clone()
+        return {}
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t0 = time.perf_counter()
+    mark["t"] = t0
+    with torch.no_grad():
+        pipe(
+            image=refs,
+            prompt=INSTRUCTION,
+            negative_prompt=" ",
+            true_cfg_scale=cfg,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            callback_on_step_end=cb,
+        )
+    sync(device)
+    # Stock's first step also holds its prompt and VAE encoding (the callback clock starts before the call):
+    # the median over the steps leaves it out.
+    return {
+        "step_times_s": times,
+        "total_s": time.perf_counter() - t0,
+        "latents": state["latents"],
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None,
+    }
+
+
+def run_qwennb(pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, device: str) -> dict[str, Any]:
+    from qwennb.edit import edit
+
+    state: dict[str, Any] = {}
+
+    def on_step(s: Any) -> None:
+        if s.step == s.total:
+            state["latents"] = s.latents.detach().float().cpu().clone()
+
+    from qwennb import speed
+
+    st = getattr(pipe.transformer, speed.STATE_ATTR, None)
+    before = st.stats["forwards"] if st is not None else 0
+    r = edit(
+        pipe,
+        refs,
+        INSTRUCTION,
+        steps=steps,
+        cfg=cfg,
+        seed=SEED,
+        width=size,
+        height=size,
+        reference_area=1024 * 1024,  # the model's 1 megapixel, as stock
+        on_step=on_step,
+    )
+    tuned = (st.stats["forwards"] - before) if st is not None else 0
+    return {
+        "step_times_s": r.step_times_s,
+        "total_s": r.total_s,
+        "latents": state["latents"],
+        "peak_gpu_gb": r.peak_gpu_memory_gb,
+        "tuned_forwards": tuned,
+        "forwards": r.transformer_passes_per_step * len(r.step_times_s),
+    }
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=4.0)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--refs", default="1,3", help="reference counts to run, e.g. 1,3")
+    ap.add_argument(
+        "--configs",
+        default=None,
+        help="transformer configs: 2511 (zero_cond_t), 2509 (default: both; --smoke: 2511)",
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="the whole flow on the tiny edit stand-in on the CPU"
+    )
+    args = ap.parse_args(argv)
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU: run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    size, steps = (64, 2) if args.smoke else (args.size, args.steps)
+    from qwennb.hardware import detect
+    from qwennb.pipeline import apply_plan
+
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke"
+    import diffusers
+
+    record: dict[str, Any] = {
+        "card": card,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "instruction": INSTRUCTION,
+        "seed": SEED,
+        "runs": [],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = card_slug(card)
+    ref_counts = [int(x) for x in args.refs.split(",")]
+    for config in (args.configs or ("2511" if args.smoke else "2511,2509")).split(","):
+        model = f"qwen-image-edit-{config}-synthetic" if device == "cuda" else f"tiny-edit ({config} config)"
+        pipe = build(config, device)
+        stock: dict[int, dict[str, Any]] = {}
+        for n in ref_counts:
+            refs = references(n, size if device == "cuda" else 64)
+            run_stock(pipe, refs, size, steps, args.cfg, device)  # warm-up
+            stock[n] = run_stock(pipe, refs, size, steps, args.cfg, device)
+        from qwennb.edit import plan_edit
+
+        name = "qwen-image-edit-synthetic" if device == "cuda" else "tiny-edit"
+        plan = plan_edit(detect(), name, references=max(ref_counts))
+        pipe.qwennb = {"model": name, "path": None, "plan": plan, "load_s": 0.0}
+        apply_plan(pipe, plan)
+        for n in ref_counts:
+            refs = references(n, size if device == "cuda" else 64)
+            run_qwennb(pipe, refs, size, steps, args.cfg, device)  # warm-up (compiles)
+            q = run_qwennb(pipe, refs, size, steps, args.cfg, device)
+            s = stock[n]
+            s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
+            q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])
+            base = dict(model=model, refs=n, width=size, height=size, cfg=args.cfg, steps=steps)
+            record["runs"].append(
+                dict(
+                    config="stock",
+                    **base,
+                    s_per_step=round(s_med, 4),
+                    speedup_vs_stock=1.0,
+                    latent_rel_err=0.0,
+                    total_s=round(s["total_s"], 3),
+                    peak_gpu_gb=s["peak_gpu_gb"],
+                    tuned_forwards=0,
+                )
+            )
+            record["runs"].append(
+                dict(
+                    config="qwennb",
+                    **base,
+                    s_per_step=round(q_med, 4),
+                    speedup_vs_stock=round(s_med / q_med, 3),
+                    latent_rel_err=round(rel_err(q["latents"], s["latents"]), 5),
+                    total_s=round(q["total_s"], 3),
+                    peak_gpu_gb=q["peak_gpu_gb"],
+                    tuned_forwards=q["tuned_forwards"],
+                    forwards=q["forwards"],
+                    plan=plan.arrangement,
+                )
+            )
+            (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
+        del pipe
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    lines = [
+        f"# Editing: stock QwenImageEditPlusPipeline vs qwennb on {card}",
+        "",
+        f"{record['date']}, torch {record['torch']}, diffusers {record['diffusers']}; {size}x{size}, CFG "
+        f"{args.cfg:g}, {steps} steps, seed {SEED}; random weights.",
+        "",
+        "| model | refs | config | s/step | speed-up | latent rel. err | peak GiB | tuned forwards |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["runs"]:
+        peak = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
+        lines.append(
+            f"| {r['model']} | {r['refs']} | {r['config']} | {r['s_per_step']:.4f} | {r['speedup_vs_stock']:.2f}x | "
+            f"{r['latent_rel_err']:.2e} | {peak} | {r['tuned_forwards']} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / f"edit-{slug}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
