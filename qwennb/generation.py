@@ -593,6 +593,9 @@ def add_generate_parser(sub: Any) -> None:
     g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
     g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument(
+        "--gpus", type=int, default=1, help="GPUs for the request: one worker process each (qwennb.parallel)"
+    )
     from .cli import add_mode_argument
 
     add_mode_argument(g)
@@ -628,21 +631,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     name, path, notice = resolve_model(args.model)
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
-    plan = make_plan(detect(), name, {"mode": args.mode} if args.mode else None)
-    for w in plan.warnings:
-        print(f"qwennb: {w}", file=sys.stderr)
-    t0 = time.perf_counter()
-    pipe = build(plan, path)
-    print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    overrides = {"mode": args.mode} if args.mode else None
+    session = None
+    if args.gpus != 1:  # worker processes, one per GPU
+        from .parallel import session_for
+        from .session import Session
+
+        session = session_for(Session(), args.gpus)
+        report = session.load(args.model, overrides)
+        plan = report.plan
+        print(f"qwennb: loaded {name} ({plan.arrangement}) in {report.seconds:.1f} s", file=sys.stderr)
+    else:
+        plan = make_plan(detect(), name, overrides)
+        for w in plan.warnings:
+            print(f"qwennb: {w}", file=sys.stderr)
+        t0 = time.perf_counter()
+        pipe = build(plan, path)
+        print(
+            f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+        )
     bar = tqdm(total=None, unit="step", file=sys.stderr, disable=os.environ.get("QWENNB_NO_PROGRESS") == "1")
 
     def on_step(s: StepInfo) -> None:
         bar.total = s.total
         bar.update(1)
 
+    run = session.generate if session is not None else lambda *a, **k: generate(pipe, *a, **k)
     try:
-        result = generate(
-            pipe,
+        result = run(
             args.prompt,
             negative_prompt=args.negative,
             steps=args.steps,
@@ -657,6 +673,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
+        if session is not None:
+            session.unload()
     for n in result.notices:
         print(f"qwennb: {n}", file=sys.stderr)
     result.save(args.out, embed_metadata=not args.no_metadata)

@@ -1136,10 +1136,11 @@ class ParallelSession:
         )
         pool.start()
         self.pool = pool
+        import dataclasses
+
         plan = pool._plan()
-        plan.arrangement = f"{plan.arrangement}; on {self.gpus} workers" + (
-            f" (Ulysses {self.ulysses})" if self.ulysses > 1 else ""
-        )
+        where = f"; on {self.gpus} workers" + (f" (Ulysses {self.ulysses})" if self.ulysses > 1 else "")
+        plan = dataclasses.replace(plan, arrangement=plan.arrangement + where)
         self.report = LoadReport(name, path, plan, self.hardware, pool.load_s or 0.0, notice)
         return self.report
 
@@ -1174,3 +1175,32 @@ class ParallelSession:
             out["plan"] = self.report.plan
             out["workers"] = list(self.pool.info) if self.pool else []
         return out
+
+
+def session_for(current: Any, gpus: Any = 1, ulysses: Any = 1) -> Any:
+    """The session to load into for ``gpus`` (and a Ulysses degree): ``current`` when it already fits, else a
+    fresh :class:`qwennb.session.Session` (one GPU) or :class:`ParallelSession`, after unloading ``current``.
+    Bad values raise :class:`ParallelError` before anything loads.
+
+    Example:
+        >>> from qwennb.session import Session
+        >>> s = Session()
+        >>> session_for(s, 1) is s, type(session_for(s, 2)).__name__
+        (True, 'ParallelSession')
+    """
+    from .session import Session
+
+    for name, v in (("gpus", gpus), ("ulysses", ulysses)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ParallelError(f"{name} must be a whole number of at least 1, got {v!r}")
+    if gpus % ulysses:
+        raise ParallelError(f"the ulysses degree ({ulysses}) must divide the number of GPUs ({gpus})")
+    if gpus == 1:
+        if isinstance(current, Session):
+            return current
+        current.unload()
+        return Session()
+    if isinstance(current, ParallelSession) and (current.gpus, current.ulysses) == (gpus, ulysses):
+        return current
+    current.unload()
+    return ParallelSession(gpus=gpus, ulysses=ulysses)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwennb.errors import GenerationError
+from qwennb.errors import GenerationError, QwennbError
 from qwennb.generation import StopSignal
 from qwennb.parallel import (
     SMALL_MODEL,
@@ -254,3 +254,73 @@ def test_four_workers_cfg_times_ulysses_and_data(single):
         assert out.parallel_mode == "data" and len(out.images) == 3
         assert rel_err(out.final_latents, ref3_lat) < 1e-5
         assert max(pixels_diff(a, b) for a, b in zip(out.images, ref3.images, strict=True)) <= 1
+
+
+# ----------------------------------------------------------------------------- the magics and the CLI, one option
+
+
+def test_session_for_checks_and_switches():
+    from qwennb.parallel import ParallelSession, session_for
+
+    s = Session()
+    assert session_for(s, 1) is s
+    p = session_for(s, 2)
+    assert isinstance(p, ParallelSession) and p.gpus == 2 and not p.loaded
+    assert session_for(p, 2) is p and isinstance(session_for(p, 1), Session)
+    with pytest.raises(ParallelError, match="gpus must be"):
+        session_for(s, 0)
+    with pytest.raises(ParallelError, match="must divide"):
+        session_for(s, 4, 3)
+    with pytest.raises(QwennbError, match="no model is loaded"):
+        p.require()
+
+
+def test_magics_load_with_gpus_generate_and_unload_ends_the_workers(capsys):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from qwennb.parallel import ParallelSession
+
+    shell = InteractiveShell.instance()
+    if "qwennb" not in shell.extension_manager.loaded:
+        shell.run_line_magic("load_ext", "qwennb")
+    m = shell.magics_manager.registry["QwenMagics"]
+    try:
+        with pytest.raises(UsageError, match="gpus must be"):
+            shell.run_line_magic("qwen", f"load {SMALL_MODEL} gpus=0")
+        shell.run_line_magic("qwen", f"load {SMALL_MODEL} gpus=2")
+        assert "on 2 workers" in capsys.readouterr().out
+        assert isinstance(m.session, ParallelSession) and m.session.loaded
+        pids = m.session.pool.pids
+        r = shell.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --seed 3 --no-save", PROMPT)
+        assert r.parallel_mode == "cfg" and r.steps_completed == 2 and r.images[0].size == (64, 64)
+        assert m.session.history[-1] is r
+        with pytest.raises(UsageError, match="one-GPU session"):
+            shell.run_line_magic("qwen", "enhance a fox")
+        shell.run_line_magic("qwen", "unload")
+        assert not m.session.loaded
+        for pid in pids:  # the worker processes are gone: their memory (GPU memory on GPUs) is freed
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        shell.run_line_magic("qwen", f"load {SMALL_MODEL}")  # leave the shared shell on one process
+    assert type(m.session) is Session
+
+
+def test_cli_generate_with_gpus(tmp_path, capsys):
+    from qwennb.cli import main
+
+    assert main(["generate", "x", "--gpus", "0", "--model", SMALL_MODEL]) == 2
+    assert "gpus must be" in capsys.readouterr().err
+    out = tmp_path / "out"
+    code = main(
+        ["generate", PROMPT, "--gpus", "2", "--model", SMALL_MODEL, "--steps", "2", "--size", "64x64"]
+        + ["--seed", "4", "--out", str(out), "--json"]
+    )
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "on 2 workers" in captured.err
+    import json
+
+    d = json.loads(captured.out)
+    assert d["parallel_mode"] == "cfg" and d["gpus"] == 2 and len(list(out.glob("*.png"))) == 1
