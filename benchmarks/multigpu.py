@@ -19,8 +19,9 @@ Same synthetic full-size weights (``qwen-image-synthetic``, seed 0), prompt and 
 
 Per run: median s/step over steps 2..end of a timed image after a warm-up image (the warm-up compiles),
 images/s (images over the timed ``generate``'s wall time, text encoding and decoding included), speed-up
-against ``qwennb-1gpu`` (s/step for one image, images/s for data parallel), and the relative L2 error of the
-final packed latents against ``qwennb-1gpu`` on the same seed (for data parallel, its first image). NVLink
+against ``qwennb-1gpu`` (s/step for one image; for data parallel, images/s against one GPU running the same
+2N images as one batch), and the relative L2 error of the final packed latents against ``qwennb-1gpu``'s single
+image on the same seed (for batches, their first image). NVLink
 multicast stays off in every process (``qwennb.parallel.WORKER_ENV``).
 
 Writes ``multigpu-<card>.json`` (``card``, ``gpus_available``, ``runs`` with ``config``, ``gpus``, ``width``,
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
 import statistics
 import sys
@@ -60,9 +62,14 @@ def median_step(times: list[float]) -> float:
 
 
 def rel_err(a: Any, b: Any) -> float | None:
-    if a is None or b is None or a.shape != b.shape:
+    import numpy as np
+
+    if a is None or b is None:
         return None
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return None
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # --------------------------------------------------------------------------- stock diffusers, N ranks
@@ -148,7 +155,7 @@ def _stock_worker(
                     s_per_step=median_step(times),
                     images_per_s=1 / wall,
                     peak_gpu_gb=torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
-                    latents=out_.images.float().cpu() if rank == 0 else None,
+                    latents=out_.images.float().cpu().numpy() if rank == 0 else None,  # by value
                 )
             except Exception as exc:  # noqa: BLE001 - recorded, like the measured stock failures
                 row["error"] = (
@@ -181,8 +188,10 @@ def run_stock(world: int, cases: list[dict[str, Any]], smoke: bool) -> list[dict
     for _ in cases:
         try:
             row = out.get(timeout=1800)
-        except Exception:  # noqa: BLE001
+        except queue.Empty:
             row = {"error": "no result within 30 minutes"}
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be read back
+            row = {"error": f"{type(exc).__name__}: {exc}"}
         rows.append(row)
         if "error" in row and "s_per_step" not in row and "load_s" not in row:
             rows += [row] * (len(cases) - len(rows))
@@ -292,11 +301,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         base = {
-            (r["width"], r["cfg"]): r for r in results if r["config"] == "qwennb-1gpu" and "s_per_step" in r
+            (r["width"], r["cfg"], r["num_images"]): r
+            for r in results
+            if r["config"] == "qwennb-1gpu" and "s_per_step" in r
         }
         runs = []
         for r in results:
-            b = base.get((r["width"], r["cfg"]))
+            # Against one GPU with the same images: for data parallel, its 2N images in one batch (throughput).
+            b = base.get((r["width"], r["cfg"], r["num_images"]))
+            first = base.get((r["width"], r["cfg"], 1))
             row = {k: v for k, v in r.items() if k != "latents"}
             row.setdefault("s_per_step", None)
             row.setdefault("images_per_s", None)
@@ -307,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                     row["speedup_vs_qwennb_1gpu"] = round(r["images_per_s"] / b["images_per_s"], 3)
                 else:
                     row["speedup_vs_qwennb_1gpu"] = round(b["s_per_step"] / r["s_per_step"], 3)
-                err = rel_err(r.get("latents"), b.get("latents"))
+            if first is not None and r.get("s_per_step"):  # the first image against one GPU's single image
+                err = rel_err(r.get("latents"), first.get("latents"))
                 row["latent_rel_err"] = None if err is None else float(f"{err:.3g}")
             runs.append(row)
         data = {
@@ -355,10 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             return [{"error": f"{type(exc).__name__}: {exc}"} for _ in a[-3 if fn is run_pool else -2]]
 
-    for case, row in zip(
-        cases, safely(run_pool, 1, 1, [{**c, "mode": "data"} for c in cases], model, smoke), strict=True
-    ):
-        record("qwennb-1gpu", 1, case, row)
+    one = [{**c, "mode": "data"} for c in cases] + [{**c, "mode": "data", "images": 2 * gpus} for c in cases]
+    for case, row in zip(one, safely(run_pool, 1, 1, one, model, smoke), strict=True):
+        record("qwennb-1gpu", 1, case, row, case.get("images", 1))
     if not args.skip_stock:
         for case, row in zip(cases, safely(run_stock, 1, cases, smoke), strict=True):
             record("stock-1gpu", 1, case, row)

@@ -594,7 +594,8 @@ def _serve(
     return {
         "result": result,
         "peak_gb": result.peak_gpu_memory_gb,
-        "latents": latents.detach().float().cpu()
+        # numpy, pickled by value: a torch tensor would travel as a shared-memory handle that dies with the sender
+        "latents": latents.detach().float().cpu().numpy()
         if leader and job.get("return_latents") and latents is not None
         else None,
     }
@@ -1061,7 +1062,7 @@ class WorkerPool:
             why=choice.why if choice.mode.startswith(mode) else f"{mode} (asked for)",
             **fields_,
         )
-        out.final_latents = torch.cat(lat) if lat else None  # type: ignore[attr-defined]
+        out.final_latents = torch.cat([torch.from_numpy(x) for x in lat]) if lat else None  # type: ignore[attr-defined]
         return out
 
 
