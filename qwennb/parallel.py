@@ -937,7 +937,7 @@ class WorkerPool:
         except KeyboardInterrupt:  # a second Ctrl-C: do not wait for the workers
             self.close()
             raise
-        return self._merge(payloads, mode, counts, choice, time.perf_counter() - t0, prompt)
+        return self._merge(payloads, mode, counts, choice, time.perf_counter() - t0, parallel is not None)
 
     def _plan(self) -> Any:
         """The plan the workers load with (made here too, for the defaults and the checks before sending)."""
@@ -1006,7 +1006,7 @@ class WorkerPool:
         counts: list[int] | None,
         choice: ParallelPlan,
         wall_s: float,
-        prompt: str,
+        asked: bool,
     ) -> ParallelResult:
         import torch
 
@@ -1059,7 +1059,7 @@ class WorkerPool:
             parallel_mode=mode if not (mode == "cfg" and self.ulysses > 1) else "cfg+ulysses",
             gpus=used,
             peak_gpu_memory_per_gpu_gb=peaks,
-            why=choice.why if choice.mode.startswith(mode) else f"{mode} (asked for)",
+            why=f"{mode} (asked for)" if asked else choice.why,
             **fields_,
         )
         out.final_latents = torch.cat([torch.from_numpy(x) for x in lat]) if lat else None  # type: ignore[attr-defined]
