@@ -700,9 +700,8 @@ class WorkerPool:
         if self.running:
             return self
         self.close()
-        get_model(self.model) if not os.path.isdir(
-            self.model
-        ) else None  # an unknown name fails here, at once
+        if not os.path.isdir(self.model):
+            get_model(self.model)  # an unknown name fails here, before anything starts
         device = self._check_machine()
         if self.ulysses > 1 and self._heads() % self.ulysses:
             raise ParallelError(
