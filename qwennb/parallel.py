@@ -529,6 +529,17 @@ def _worker_main(
             continue
         if msg[0] == "close":
             break
+        if msg[0] == "info":  # what is really active on this worker's pipeline, and its GPU memory
+            try:
+                from .pipeline import validate_optimization
+
+                active = validate_optimization(pipe)
+                if cuda:
+                    active["gpu_memory_allocated_gb"] = round(torch.cuda.memory_allocated() / 1024**3, 2)
+                results.put(("result", rank, msg[1], active))
+            except Exception as exc:  # noqa: BLE001
+                results.put(("error", rank, msg[1], _describe(exc)))
+            continue
         _, req_id, job = msg
         try:
             payload = _serve(
@@ -938,6 +949,16 @@ class WorkerPool:
             raise
         return self._merge(payloads, mode, counts, choice, time.perf_counter() - t0, parallel is not None)
 
+    def active(self) -> list[dict[str, Any]]:
+        """``validate_optimization`` read back from every worker's pipeline (with its GPU memory in use)."""
+        if not self.running:
+            raise ParallelError("the worker pool is not running: start it (pool.start()) or load a model")
+        self._req += 1
+        for q in self._requests:
+            q.put(("info", self._req))
+        done = self._collect(self._req, None, StopSignal())
+        return [done[r] for r in sorted(done)]
+
     def _plan(self) -> Any:
         """The plan the workers load with (made here too, for the defaults and the checks before sending)."""
         if self._plan_cache is None:
@@ -1174,6 +1195,10 @@ class ParallelSession:
             out["model"] = self.report.model
             out["plan"] = self.report.plan
             out["workers"] = list(self.pool.info) if self.pool else []
+            if self.loaded:
+                active = self.pool.active()
+                out["active"] = active[0]
+                out["active_per_worker"] = active
         return out
 
 

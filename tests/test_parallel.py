@@ -295,6 +295,8 @@ def test_magics_load_with_gpus_generate_and_unload_ends_the_workers(capsys):
         r = shell.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --seed 3 --no-save", PROMPT)
         assert r.parallel_mode == "cfg" and r.steps_completed == 2 and r.images[0].size == (64, 64)
         assert m.session.history[-1] is r
+        info = shell.run_line_magic("qwen", "info")
+        assert "model: tiny" in info.text and len(m.session.info()["active_per_worker"]) == 2
         with pytest.raises(UsageError, match="one-GPU session"):
             shell.run_line_magic("qwen", "enhance a fox")
         shell.run_line_magic("qwen", "unload")
