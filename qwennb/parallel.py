@@ -501,6 +501,11 @@ def _worker_main(
         t0 = time.perf_counter()
         plan = load["plan"]  # made once by the controller (the same identical GPUs)
         pipe = build(plan, load.get("path"))
+        if load.get("tuned_path_eager") and ulysses == 1:
+            from .speed import enable_fast_path, is_fast
+
+            if not is_fast(pipe.transformer):
+                enable_fast_path(pipe.transformer, compile=False, scheduler=pipe.scheduler)
         if ulysses > 1:
             _enable_ulysses(pipe.transformer, ulysses, mesh)
         info = {
@@ -637,7 +642,9 @@ class WorkerPool:
     process group; ``ulysses`` > 1 turns on diffusers' Ulysses sequence parallelism inside groups of that many
     ranks (fixed while the pool lives). ``device="cpu"`` runs CPU ranks over gloo (tests; any machine).
     :meth:`generate` takes :func:`qwennb.generate`'s options and a ``parallel`` mode ("cfg", "ulysses",
-    "data"), chosen by :func:`choose_parallel` when omitted.
+    "data"), chosen by :func:`choose_parallel` when omitted. ``tuned_path_eager`` turns on qwennb's tuned path
+    uncompiled in every worker where the plan left it off (a GPU plan turns it on, compiled), so CPU tests
+    cover the tuned path inside the modes.
 
     Example:
         >>> pool = WorkerPool(gpus=2, model="tiny", device="cpu")  # doctest: +SKIP
@@ -657,6 +664,7 @@ class WorkerPool:
         device: str | None = None,
         threads: int | None = None,
         start_timeout_s: float = 900.0,
+        tuned_path_eager: bool = False,
     ) -> None:
         if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
             raise ParallelError(f"gpus must be a whole number of at least 1, got {gpus!r}")
@@ -672,6 +680,7 @@ class WorkerPool:
         self.device = device
         self.threads = threads
         self.start_timeout_s = start_timeout_s
+        self.tuned_path_eager = tuned_path_eager
         self.info: list[dict[str, Any]] = []
         self.load_s: float | None = None
         self._procs: list[Any] = []
@@ -730,6 +739,7 @@ class WorkerPool:
             "plan": self._plan(),
             "device": device,
             "threads": threads,
+            "tuned_path_eager": self.tuned_path_eager,
         }
         t0 = time.perf_counter()
         init_file = os.path.join(self._tmp, "rendezvous")

@@ -56,7 +56,8 @@ def reference(single, **kw):
 
 @pytest.fixture(scope="module")
 def pool2():
-    pool = WorkerPool(gpus=2, model=SMALL_MODEL, device="cpu", threads=1).start()
+    # The tuned path (uncompiled) in each worker, as on a GPU, where the plan turns it on (compiled).
+    pool = WorkerPool(gpus=2, model=SMALL_MODEL, device="cpu", threads=1, tuned_path_eager=True).start()
     yield pool
     pool.close()
 
@@ -162,6 +163,7 @@ def test_cfg_parallel_equals_one_process(single, pool2):
     assert rel_err(out.final_latents, ref_lat) < 1e-5
     assert pixels_diff(out.images[0], ref.images[0]) <= 1
     assert out.seed == 5 and out.cfg == 4.0 and len(out.peak_gpu_memory_per_gpu_gb) == 2
+    assert [a["fast_path"] for a in pool2.active()] == [True, True]  # the tuned path ran inside each worker
 
 
 def test_data_parallel_equals_one_process(single, pool2):
