@@ -644,7 +644,8 @@ class WorkerPool:
     :meth:`generate` takes :func:`qwennb.generate`'s options and a ``parallel`` mode ("cfg", "ulysses",
     "data"), chosen by :func:`choose_parallel` when omitted. ``tuned_path_eager`` turns on qwennb's tuned path
     uncompiled in every worker where the plan left it off (a GPU plan turns it on, compiled), so CPU tests
-    cover the tuned path inside the modes.
+    cover the tuned path inside the modes. Workers are spawned, so a script starts the pool under
+    ``if __name__ == "__main__":``.
 
     Example:
         >>> pool = WorkerPool(gpus=2, model="tiny", device="cpu")  # doctest: +SKIP
