@@ -225,6 +225,9 @@ def add_generate_parser(sub: Any) -> None:
         metavar="PATH[:SCALE]",
         help="a LoRA (.safetensors file, folder or hub id) at SCALE (default 1); repeat for several",
     )
+    g.add_argument(
+        "--gpus", type=int, default=1, help="GPUs for the request: one worker process each (qwennb.parallel)"
+    )
     g.add_argument("--init-image", help="image-to-image: start from this image file")
     g.add_argument(
         "--strength", type=float, help="img2img/inpainting: share of the image redrawn, 0 < s <= 1"
@@ -396,7 +399,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from .generation import generate
 
-    pipe = _load_for_cli(args)
+    session = None
+    if args.gpus != 1:  # worker processes, one per GPU
+        from .parallel import session_for
+        from .session import Session
+
+        session = session_for(Session(), args.gpus)
+        report = session.load(args.model, {"mode": args.mode} if args.mode else None)
+        print(
+            f"qwennb: loaded {report.model} ({report.plan.arrangement}) in {report.seconds:.1f} s",
+            file=sys.stderr,
+        )
+    else:
+        pipe = _load_for_cli(args)
     bars: list[Any] = []  # made at the first step, when the total is known (no empty "0step" bar before)
 
     def on_step(s: Any) -> None:
@@ -407,9 +422,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if s.step == s.total:
             bars[0].close()  # before the decode, so the bar's time is the denoising's
 
+    run = session.generate if session is not None else lambda *a, **k: generate(pipe, *a, **k)
     try:
-        result = generate(
-            pipe,
+        result = run(
             args.prompt,
             negative_prompt=opts.get("negative_prompt"),
             steps=opts.get("steps"),
@@ -426,6 +441,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
+        if session is not None:
+            session.unload()
     for n in result.notices:
         print(f"qwennb: {n}", file=sys.stderr)
     _save_or_rescue(result, args.out, not args.no_metadata)

@@ -133,6 +133,13 @@ class QwenMagics(Magics):
     ) -> Any:
         """Load a model (replacing the current one) and show the banner."""
         name = model or self.model or None
+        overrides = dict(overrides or {})
+        try:  # gpus=N [ulysses=K]: worker processes, one per GPU (qwennb.parallel)
+            from .parallel import session_for
+
+            self.session = session_for(self.session, overrides.pop("gpus", 1), overrides.pop("ulysses", 1))
+        except QwennbError as exc:
+            raise UsageError(str(exc)) from None
         if self.mode and "mode" not in (overrides or {}):
             overrides = {**(overrides or {}), "mode": self.mode}
         if show:
@@ -140,7 +147,7 @@ class QwenMagics(Magics):
             # banner as a separate output so that notebooks store and compare it.
             display(_Text(f"qwennb: loading {name or 'the default model'}..."))
         try:
-            report = self.session.load(name, overrides)
+            report = self.session.load(name, overrides or None)
         except QwennbError as exc:
             raise UsageError(str(exc)) from None
         if show:
