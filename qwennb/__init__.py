@@ -46,6 +46,8 @@ _LAZY = {
     "resolve_model": "pipeline",
     "PRESETS": "presets",
     "Session": "session",
+    "batch": "batch",
+    "BatchResult": "batch",
 }
 
 
