@@ -634,6 +634,7 @@ class Worker:
         overrides: dict[str, Any] | None = None,
         pipe: Any = None,
         device: str = "",
+        warmup: dict[str, Any] | None = None,
     ) -> None:
         self.stop_signal: Any = None
         if pipe is None:
@@ -645,6 +646,8 @@ class Worker:
             pipe = build(make_plan(detect(), name, overrides), path)
         self.pipe = pipe
         self.name = f"{socket.gethostname()}:{os.getpid()}" + (f":{device}" if device else "")
+        if warmup:  # one throwaway image: compiled graphs and caches are ready before the first item
+            self.run(warmup)
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.name, "pid": os.getpid(), "host": socket.gethostname()}
@@ -674,6 +677,8 @@ class Worker:
             "worker": self.name,
             "started": t0,
             "timings": {
+                "began": round(t0, 4),
+                "ended": round(time.time(), 4),
                 "text_encoding_s": round(result.text_encoding_s, 4),
                 "denoise_s": round(denoise, 4),
                 "decode_s": round(result.decode_s, 4),
@@ -693,7 +698,9 @@ class Worker:
 _LOCAL: dict[str, Any] = {}
 
 
-def _local_init(model: str | None, overrides: Any, slots: Any, stop_event: Any, threads: int) -> None:
+def _local_init(
+    model: str | None, overrides: Any, slots: Any, stop_event: Any, threads: int, warmup: Any = None
+) -> None:
     """ProcessPoolExecutor initializer: pin this process to its GPU, then load the pipeline once."""
     import signal
 
@@ -707,7 +714,9 @@ def _local_init(model: str | None, overrides: Any, slots: Any, stop_event: Any, 
 
     if threads:
         torch.set_num_threads(threads)
-    _LOCAL["worker"] = Worker(model, overrides, device=f"cuda{slot}" if slot is not None else "cpu")
+    _LOCAL["worker"] = Worker(
+        model, overrides, device=f"cuda{slot}" if slot is not None else "cpu", warmup=warmup
+    )
     _LOCAL["stop_event"] = stop_event
 
 
@@ -784,12 +793,19 @@ class LocalEngine:
     name = "local"
 
     def __init__(
-        self, model: str | None, overrides: Any, gpus: list[int] | None, workers: int, threads: int = 0
+        self,
+        model: str | None,
+        overrides: Any,
+        gpus: list[int] | None,
+        workers: int,
+        threads: int = 0,
+        warmup: dict[str, Any] | None = None,
     ) -> None:
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")
         self.model, self.overrides, self.gpus, self.threads = model, overrides, gpus, threads
+        self.warmup = warmup
         self.n = len(gpus) if gpus else workers
         self.stop_event = self.ctx.Event()
         self.rebuilds = 0
@@ -808,7 +824,7 @@ class LocalEngine:
             max_workers=self.n,
             mp_context=self.ctx,
             initializer=_local_init,
-            initargs=(self.model, self.overrides, slots, self.stop_event, self.threads),
+            initargs=(self.model, self.overrides, slots, self.stop_event, self.threads, self.warmup),
         )
 
     def free(self) -> int:
@@ -857,8 +873,8 @@ class LocalEngine:
 
 class RayEngine:
     """One long-lived Ray actor per GPU of the cluster (or ``workers`` CPU actors), each loading the
-    pipeline once; items go to whichever actor is free (``ray.wait``). A lost actor is restarted by Ray
-    (``max_restarts``) and its item retried; an actor that keeps dying is dropped.
+    pipeline once; items go to whichever actor is free (``ray.wait``). A lost actor's item is retried on a
+    free actor; Ray restarts the actor (``max_restarts``), which rejoins once it answers again.
     """
 
     name = "ray"
@@ -870,6 +886,7 @@ class RayEngine:
         overrides: Any,
         workers: int | None,
         max_restarts: int = 1,
+        warmup: dict[str, Any] | None = None,
     ) -> None:
         try:
             import ray
@@ -890,14 +907,15 @@ class RayEngine:
         else:
             n, opts = workers or 1, {"num_cpus": 1}
         cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, max_concurrency=2, **opts)(_RayWorker)
-        self.actors = [cls.remote(model, overrides) for _ in range(n)]
+        self.actors = [cls.remote(model, overrides, warmup) for _ in range(n)]
         infos = ray.get([a.info.remote() for a in self.actors])
         self.names = {a: i["worker"] for a, i in zip(self.actors, infos, strict=True)}
         self.workers = [i["worker"] for i in infos]
         self.pids = [i["pid"] for i in infos]
         self.idle = list(self.actors)
         self.busy: dict[Any, Any] = {}  # ref -> actor
-        self.losses: dict[Any, int] = {}
+        self.probes: dict[Any, Any] = {}  # ref of an info() call -> an actor that was lost, until it answers
+        self.lost: list[str | None] = []
 
     def free(self) -> int:
         return len(self.idle)
@@ -913,30 +931,55 @@ class RayEngine:
 
     def wait(self, handles: list[Any], timeout: float) -> list[_Outcome]:
         ray = self.ray
-        ready, _ = ray.wait(list(handles), num_returns=1, timeout=timeout)
+        refs = list(handles) + list(self.probes)
+        if not refs:
+            time.sleep(timeout)
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         out = []
         for ref in ready:
+            if ref in self.probes:
+                self._probed(ref)
+                continue
             actor = self.busy.pop(ref)
             try:
                 value = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                self.losses[actor] = self.losses.get(actor, 0) + 1
-                if self.losses[actor] <= 2:
-                    self.idle.append(actor)  # Ray restarts it (max_restarts) or the next call fails fast
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                # Lost mid-item: the item is retried elsewhere; the actor rejoins once it answers again
+                # (Ray restarts it, max_restarts) or is dropped if it is dead for good.
+                self.probes[actor.info.remote()] = actor
+                text = str(exc).strip()
+                first = text.splitlines()[0] if text else type(exc).__name__
                 out.append(_Outcome(ref, "lost", message=f"worker {self.names.get(actor)} lost: {first}"))
                 continue
             except ray.exceptions.RayError as exc:
                 self.idle.append(actor)
-                first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-                out.append(_Outcome(ref, "error", message=first))
+                text = str(exc).strip()
+                last = text.splitlines()[-1] if text else type(exc).__name__
+                out.append(_Outcome(ref, "error", message=last))
                 continue
-            self.losses[actor] = 0
             self.idle.append(actor)
             out.append(_Outcome(ref, "ok", value))
-        if not self.idle and not self.busy:
+        if not self.idle and not self.busy and not self.probes:
             raise BatchError("every Ray worker was lost")
         return out
+
+    def _probed(self, ref: Any) -> None:
+        ray = self.ray
+        actor = self.probes.pop(ref)
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
+            time.sleep(0.2)
+            self.probes[actor.info.remote()] = actor
+            return
+        except ray.exceptions.RayActorError:  # dead for good
+            self.lost.append(self.names.get(actor))
+            return
+        self.names[actor] = info["worker"]
+        if info["worker"] not in self.workers:
+            self.workers.append(info["worker"])
+        self.idle.append(actor)
 
     def stop(self) -> None:
         for actor in self.busy.values():
@@ -952,11 +995,11 @@ class RayEngine:
 class _RayWorker(Worker):
     """A :class:`Worker` as a Ray actor (threaded, so that ``stop`` is heard while ``run`` runs)."""
 
-    def __init__(self, model: str | None, overrides: Any) -> None:
+    def __init__(self, model: str | None, overrides: Any, warmup: dict[str, Any] | None = None) -> None:
         import ray
 
         gpu_ids = ray.get_gpu_ids()
-        super().__init__(model, overrides, device=f"gpu{gpu_ids[0]}" if gpu_ids else "cpu")
+        super().__init__(model, overrides, device=f"gpu{gpu_ids[0]}" if gpu_ids else "cpu", warmup=warmup)
 
 
 # --------------------------------------------------------------------------- the run
@@ -1135,18 +1178,22 @@ def run_batch(
     strict: bool = False,
     ray: str | None = None,
     workers: int | None = None,
+    gpus: int | list[int] | None = None,
     pipe: Any = None,
     overrides: dict[str, Any] | None = None,
     on_event: Callable[[BatchEvent], None] | None = None,
     stop: Any = None,
     max_attempts: int = 3,
     sheet: bool = True,
+    warmup: bool = False,
 ) -> BatchResult:
     """Make every image of a prompt file (or list) into ``out``, skipping what is already there.
 
     Engines: ``pipe=`` runs in this process on a loaded pipeline; ``ray="auto"`` (the running cluster),
     ``"local"`` (start one here) or an address runs on Ray actors; otherwise one worker process per GPU
-    with enough free memory, or ``workers`` CPU processes (default 1). Prompt problems are found before
+    with enough free memory (``gpus``: at most this many, or these indices), or ``workers`` CPU processes
+    (default 1); ``warmup`` has each worker make one throwaway image first (compiled graphs ready, for
+    timing). Prompt problems are found before
     anything loads: with ``strict`` they raise :class:`BatchError`, otherwise the lines are skipped and
     listed in ``problems``. ``stop`` (a :class:`qwennb.generation.StopSignal`) or Ctrl-C stops at the
     items' next step; unfinished items stay pending for the next run. ``on_event`` gets a
@@ -1269,20 +1316,28 @@ def run_batch(
         interrupted = False
         try:
             if todo:
+                warm = {**todo[0].request(), "id": "warm-up", "prompt": "warm-up"} if warmup else None
                 if pipe is not None:
                     engine = InlineEngine(pipe, stop)
                 elif ray:
-                    engine = RayEngine(ray, name if path is None else path, overrides, workers)
+                    n_ray = workers if workers else (gpus if isinstance(gpus, int) else None)
+                    engine = RayEngine(ray, name if path is None else path, overrides, n_ray, warmup=warm)
                 else:
-                    gpus = free_gpus(hardware, plan.estimated_peak_gpu_gb) if plan.device == "cuda" else []
-                    if plan.device == "cuda" and not gpus:
+                    usable = free_gpus(hardware, plan.estimated_peak_gpu_gb) if plan.device == "cuda" else []
+                    if isinstance(gpus, int):
+                        usable = usable[:gpus]
+                    elif gpus is not None:
+                        usable = [g for g in usable if g in gpus]
+                    if plan.device == "cuda" and not usable:
                         raise BatchError(
                             f"no GPU has the {plan.estimated_peak_gpu_gb:.1f} GiB free that {name} needs "
                             "(free some, or pass pipe= to use the loaded model)"
                         )
                     n = workers or 1
-                    threads = max(1, (os.cpu_count() or 1) // n) if not gpus else 0
-                    engine = LocalEngine(name if path is None else path, overrides, gpus or None, n, threads)
+                    threads = max(1, (os.cpu_count() or 1) // n) if not usable else 0
+                    engine = LocalEngine(
+                        name if path is None else path, overrides, usable or None, n, threads, warm
+                    )
                 interrupted = _drive(
                     engine, todo, state, manifest, inflight, counts, emit, stop, max_attempts, folder
                 )

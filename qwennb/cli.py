@@ -127,12 +127,17 @@ def add_mode_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_batch_arguments(b: argparse.ArgumentParser) -> None:
-    """The options of ``qwennb batch`` (and of ``%qwen batch``)."""
+def add_batch_arguments(b: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    """The options of ``qwennb batch`` (and of ``%qwen batch``, where ``--out`` has a default)."""
     b.add_argument(
         "file", help="prompts: .jsonl (one object a line), .csv with a header, or text (one a line)"
     )
-    b.add_argument("--out", required=True, help="output folder (rerun on it to resume)")
+    b.add_argument(
+        "--out",
+        required=out_default is None,
+        default=out_default,
+        help="output folder (rerun on it to resume)",
+    )
     b.add_argument("--model", default=None, help="registry name, hub id or folder (default as for generate)")
     b.add_argument("--steps", type=int, help="steps for lines that give none")
     b.add_argument("--cfg", type=float, help="true_cfg_scale for lines that give none")
@@ -146,6 +151,7 @@ def add_batch_arguments(b: argparse.ArgumentParser) -> None:
         help="run on Ray: auto (the running cluster), local (start one here) or an address",
     )
     b.add_argument("--workers", type=int, help="worker processes on CPU (or at most this many GPUs on Ray)")
+    b.add_argument("--gpus", help="use at most N local GPUs, or these (e.g. 0,2); default every free GPU")
     b.add_argument("--strict", action="store_true", help="refuse the file if any line is bad")
     b.add_argument("--max-attempts", type=int, default=3, help="tries per item before it counts as failed")
     b.add_argument("--no-sheet", action="store_true", help="no contact sheet at the end")
@@ -171,6 +177,12 @@ def batch_options(args: argparse.Namespace) -> dict[str, Any]:
         from .presets import get_preset
 
         get_preset(args.preset)
+    gpus: Any = None
+    if args.gpus:
+        try:
+            gpus = [int(x) for x in args.gpus.split(",")] if "," in args.gpus else int(args.gpus)
+        except ValueError:
+            raise QwennbError(f"--gpus must be a count or a list like 0,1; got {args.gpus!r}") from None
     size = None
     if args.size:
         from .generation import parse_size
@@ -187,6 +199,7 @@ def batch_options(args: argparse.Namespace) -> dict[str, Any]:
         "strict": args.strict,
         "ray": args.ray,
         "workers": args.workers,
+        "gpus": gpus,
         "max_attempts": args.max_attempts,
         "sheet": not args.no_sheet,
         "overrides": {"mode": args.mode} if getattr(args, "mode", None) else None,

@@ -378,7 +378,14 @@ def test_local_workers_sigint_then_resume(tmp_path, pipe):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: a busy 2-core machine can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 
@@ -401,8 +408,8 @@ def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluste
 
     r = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, on_event=on_event, **SMALL)
     assert killed, "no worker was busy to be killed"
-    assert (r.total, r.done, r.failed, r.pending, r.engine) == (20, 20, 0, 0, "ray")
-    assert len(set(r.workers)) == 2
+    assert (r.total, r.done, r.failed, r.pending, r.engine) == (20, 20, 0, 0, "ray"), r.failures
+    assert len(set(r.workers)) >= 2 and killed[next(iter(killed))] in r.workers  # (+1 if Ray's restart rejoined)
     rows = lines(r.manifest)
     assert len(rows) == 20 and len({x["id"] for x in rows}) == 20 and {x["status"] for x in rows} == {"done"}
     files = sorted(p.name for p in (out / "images").iterdir())
@@ -420,3 +427,59 @@ def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluste
     # A second run skips everything (no worker is started).
     r2 = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, **SMALL)
     assert (r2.done, r2.skipped, r2.started, r2.engine) == (0, 20, 0, "none")
+
+
+# --------------------------------------------------------------------------- notebook: widget and magic
+
+
+def test_progress_widget_counts_thumbnails_and_stop_button(tmp_path, pipe):
+    from qwennb.widgets import BatchProgress
+
+    bp = BatchProgress(thumbs=3)
+    prompts = [f"widget {i}" for i in range(6)]
+
+    def on_event(e):
+        bp(e)
+        if e.kind == "item_done" and e.done == 4:
+            bp.stop_button.click()
+
+    r = run_batch(prompts, tmp_path / "o", pipe=pipe, on_event=on_event, stop=bp.stop, **SMALL)
+    assert r.interrupted and (r.done, r.pending) == (4, 2)
+    assert (bp.bar.value, bp.bar.max) == (4, 6)
+    assert len(bp.strip.children) == 3 and bp.strip.children[0].value[:4] == b"\x89PNG"
+    assert bp.status.value.startswith("4/6 · 4 made, 0 already done, 0 failed · ")
+    assert bp.stop_button.disabled
+    # In the background (what %qwen batch --background does): the rest, then the thread's result.
+    bp2 = BatchProgress().start(run_batch, prompts=prompts, out=tmp_path / "o", pipe=pipe, **SMALL)
+    r2 = bp2.wait(120)
+    assert (r2.done, r2.skipped) == (2, 4) and bp2.status.value.endswith("finished")
+
+
+def test_magic_batch_on_the_loaded_model(tmp_path):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    loaded = "qwennb" in shell.extension_manager.loaded
+    if not loaded:
+        shell.run_line_magic("config", f"QwenMagics.model = {MODEL!r}")
+        shell.run_line_magic("load_ext", "qwennb")
+    try:
+        f = tmp_path / "p.jsonl"
+        f.write_text('{"prompt": "a fox"}\n{"prompt": "a cat", "seed": 3}\n{"prompt": "x", "steps": 1}\n')
+        out = tmp_path / "o"
+        shown = shell.run_line_magic("qwen", f"batch {f} --out {out} --steps 2 --size 64x64")
+        text = shown._repr_mimebundle_()["text/plain"]
+        assert text.startswith("qwennb batch finished: 2 items: 2 made, 0 already done, 0 failed, 0 not run")
+        assert "1 bad lines skipped" in text
+        assert 'src="data:image/png;base64,' in shown._repr_mimebundle_()["text/html"]
+        assert len(list((out / "images").iterdir())) == 2
+        with pytest.raises(UsageError, match=f"{f}:3: steps must be from 2 to 1000, got 1; --strict"):
+            shell.run_line_magic("qwen", f"batch {f} --out {out} --strict --steps 2 --size 64x64")
+        with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+            shell.run_line_magic("qwen", f"batch {f} --bogus")
+        bp = shell.run_line_magic("qwen", f"batch {f} --out {out} --steps 2 --size 64x64 --background")
+        assert bp.wait(120).skipped == 2
+    finally:
+        if not loaded:
+            shell.run_line_magic("unload_ext", "qwennb")
