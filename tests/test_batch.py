@@ -409,7 +409,9 @@ def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluste
     r = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, on_event=on_event, **SMALL)
     assert killed, "no worker was busy to be killed"
     assert (r.total, r.done, r.failed, r.pending, r.engine) == (20, 20, 0, 0, "ray"), r.failures
-    assert len(set(r.workers)) >= 2 and killed[next(iter(killed))] in r.workers  # (+1 if Ray's restart rejoined)
+    assert (
+        len(set(r.workers)) >= 2 and killed[next(iter(killed))] in r.workers
+    )  # (+1 if Ray's restart rejoined)
     rows = lines(r.manifest)
     assert len(rows) == 20 and len({x["id"] for x in rows}) == 20 and {x["status"] for x in rows} == {"done"}
     files = sorted(p.name for p in (out / "images").iterdir())
