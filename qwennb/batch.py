@@ -809,10 +809,11 @@ class LocalEngine:
         self.n = len(gpus) if gpus else workers
         self.stop_event = self.ctx.Event()
         self.rebuilds = 0
+        self.made_since_start = 0
         self.busy = 0
         self.pool: Any = None
         self._start()
-        self.workers = [f"cuda{g}" for g in gpus] if gpus else [f"cpu worker {i}" for i in range(self.n)]
+        self.workers: list[str] = []  # filled with the real names (host:pid:device) as workers report
 
     def _start(self) -> None:
         from concurrent.futures import ProcessPoolExecutor
@@ -845,7 +846,11 @@ class LocalEngine:
         broken = False
         for fut in done:
             try:
-                out.append(_Outcome(fut, "ok", fut.result()))
+                value = fut.result()
+                out.append(_Outcome(fut, "ok", value))
+                self.made_since_start += 1
+                if value.get("worker") and value["worker"] not in self.workers:
+                    self.workers.append(value["worker"])
             except BrokenProcessPool as exc:
                 broken = True
                 out.append(_Outcome(fut, "lost", message=f"a worker process died ({exc})"))
@@ -854,6 +859,12 @@ class LocalEngine:
         if broken:
             self.rebuilds += 1
             self.pool.shutdown(wait=False, cancel_futures=True)
+            if not self.made_since_start and self.rebuilds >= 2:
+                raise BatchError(
+                    "the worker processes die before finishing any item (loading the model fails, or the "
+                    "machine runs out of memory); try one item with `qwennb generate` to see why"
+                )
+            self.made_since_start = 0
             self._start()
         return out
 
@@ -908,7 +919,14 @@ class RayEngine:
             n, opts = workers or 1, {"num_cpus": 1}
         cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, max_concurrency=2, **opts)(_RayWorker)
         self.actors = [cls.remote(model, overrides, warmup) for _ in range(n)]
-        infos = ray.get([a.info.remote() for a in self.actors])
+        try:
+            infos = ray.get([a.info.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.close()
+            text = str(exc).strip()
+            raise BatchError(
+                f"the Ray workers could not load {model}: {text.splitlines()[-1] if text else type(exc).__name__}"
+            ) from None
         self.names = {a: i["worker"] for a, i in zip(self.actors, infos, strict=True)}
         self.workers = [i["worker"] for i in infos]
         self.pids = [i["pid"] for i in infos]

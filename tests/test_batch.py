@@ -343,7 +343,8 @@ def test_local_workers_sigint_then_resume(tmp_path, pipe):
     deadline = time.time() + 300
     while time.time() < deadline:
         m = out / "manifest.jsonl"
-        if m.exists() and sum('"status": "done"' in x for x in m.read_text().splitlines()) >= 3:
+        done = [x for x in Manifest(out).load().values() if x["status"] == "done"] if m.exists() else []
+        if len(done) >= 3 and len({x["worker"] for x in done}) == 2:  # both workers are making images
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
