@@ -47,7 +47,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .errors import QwennbError
+from .errors import PlanError, QwennbError
 
 KEYS = (
     "prompt",
@@ -1252,7 +1252,16 @@ def run_batch(
         plan = None
     hardware = detect()
     if plan is None:
-        plan = make_plan(hardware, name, overrides)
+        try:
+            plan = make_plan(hardware, name, overrides)
+        except PlanError:
+            if not ray or hardware.gpus:
+                raise
+            # A driver without a GPU sends work to a GPU cluster: check the prompts against an 80 GB card
+            # (each actor makes its own plan for the card it has).
+            from .plan import describe_machine
+
+            plan = make_plan(describe_machine(gpu_memory_gb=80.0, host_ram_gb=256.0), name, overrides)
     pset = read_prompts(
         prompts,
         model=name,
