@@ -293,7 +293,7 @@ def test_parquet_manifest_when_pyarrow_is_present(tmp_path, pipe):
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_json_last_line_and_errors(tmp_path, capsys):
+def test_cli_errors_are_one_line_before_anything_loads(tmp_path, capsys):
     f = tmp_path / "p.txt"
     f.write_text("a red fox\na blue bird\n")
     out = tmp_path / "out"
@@ -302,6 +302,15 @@ def test_cli_json_last_line_and_errors(tmp_path, capsys):
     assert capsys.readouterr().err == "qwennb: error: size must look like 1024x1024, got '64by64'\n"
     assert main(["batch", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     assert "no such prompt file" in capsys.readouterr().err
+    for extra, message in [
+        (["--gpus", "two"], "--gpus must be a count or a list like 0,1; got 'two'"),
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--size", "64x64", "--aspect", "1:1"], "give --size or --aspect, not both"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ]:
+        assert main(["batch", str(f), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qwennb: error: {message}") and err.count("\n") == 1
     assert not (out / "manifest.jsonl").exists()
 
 
