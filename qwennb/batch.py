@@ -912,6 +912,8 @@ class RayEngine:
                     ray.init(address=address, log_to_driver=False)
             except ConnectionError as exc:
                 raise BatchError(f"cannot reach a Ray cluster at {address!r}: {exc}") from None
+            except Exception as exc:  # Ray raises a bare Exception when its node does not start in time
+                raise BatchError(f"could not start Ray here: {exc}") from None
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus:
             n, opts = min(workers or gpus, gpus), {"num_gpus": 1}
