@@ -264,7 +264,8 @@ def _as_str(key: str, v: Any) -> str:
 
 
 def _digest(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False).encode()).hexdigest()
+    # repr of str/int/float/None is stable across runs and Python versions, and cheaper than JSON.
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def _seed_for(item_id: str) -> int:
