@@ -54,6 +54,8 @@ _LAZY = {
     "edit": "edit",
     "load_edit_pipeline": "edit",
     "compare_models": "edit",
+    "batch": "batch",
+    "BatchResult": "batch",
 }
 
 

@@ -674,6 +674,125 @@ def add_download_parser(sub: Any) -> None:
     d.set_defaults(func=_cmd_download)
 
 
+def add_batch_arguments(b: argparse.ArgumentParser, out_default: str | None = None) -> None:
+    """The options of ``qwennb batch`` (and of ``%qwen batch``, where ``--out`` has a default)."""
+    b.add_argument(
+        "file", help="prompts: .jsonl (one object a line), .csv with a header, or text (one a line)"
+    )
+    b.add_argument(
+        "--out",
+        required=out_default is None,
+        default=out_default,
+        help="output folder (rerun on it to resume)",
+    )
+    b.add_argument("--model", default=None, help="registry name, hub id or folder (default as for generate)")
+    b.add_argument("--steps", type=int, help="steps for lines that give none")
+    b.add_argument("--cfg", type=float, help="true_cfg_scale for lines that give none")
+    b.add_argument("--size", help="WIDTHxHEIGHT for lines that give none")
+    b.add_argument("--aspect", help="official aspect ratio for lines that give none")
+    b.add_argument("--preset", help="preset for lines that give none")
+    b.add_argument("--negative", help="negative prompt for lines that give none")
+    b.add_argument(
+        "--ray",
+        metavar="auto|local|ADDRESS",
+        help="run on Ray: auto (the running cluster), local (start one here) or an address",
+    )
+    b.add_argument("--workers", type=int, help="worker processes on CPU (or at most this many GPUs on Ray)")
+    b.add_argument("--gpus", help="use at most N local GPUs, or these (e.g. 0,2); default every free GPU")
+    b.add_argument("--strict", action="store_true", help="refuse the file if any line is bad")
+    b.add_argument("--max-attempts", type=int, default=3, help="tries per item before it counts as failed")
+    b.add_argument("--no-sheet", action="store_true", help="no contact sheet at the end")
+    b.add_argument("--json", action="store_true", help="the last line of output is one JSON object")
+
+
+def batch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_batch`` keyword arguments from parsed batch arguments (checked before anything loads)."""
+    if args.workers is not None and args.workers < 1:
+        raise QwennbError(f"--workers must be at least 1, got {args.workers}")
+    if args.max_attempts < 1:
+        raise QwennbError(f"--max-attempts must be at least 1, got {args.max_attempts}")
+    if args.size and args.aspect:
+        raise QwennbError("give --size or --aspect, not both")
+    if args.aspect:
+        from .presets import ASPECT_RATIOS
+
+        if args.aspect not in ASPECT_RATIOS:
+            raise QwennbError(
+                f"unknown aspect ratio {args.aspect!r}; choose one of: {', '.join(ASPECT_RATIOS)}"
+            )
+    if args.preset:
+        from .presets import get_preset
+
+        get_preset(args.preset)
+    gpus: Any = None
+    if args.gpus:
+        try:
+            gpus = [int(x) for x in args.gpus.split(",")] if "," in args.gpus else int(args.gpus)
+        except ValueError:
+            raise QwennbError(f"--gpus must be a count or a list like 0,1; got {args.gpus!r}") from None
+    size = None
+    if args.size:
+        from .generation import parse_size
+
+        size = parse_size(args.size)
+    return {
+        "model": args.model,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "size": size,
+        "aspect": args.aspect,
+        "preset": args.preset,
+        "negative": args.negative,
+        "strict": args.strict,
+        "ray": args.ray,
+        "workers": args.workers,
+        "gpus": gpus,
+        "max_attempts": args.max_attempts,
+        "sheet": not args.no_sheet,
+        "overrides": {"mode": args.mode} if getattr(args, "mode", None) else None,
+    }
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm.auto import tqdm
+
+    from .batch import run_batch
+
+    options = batch_options(args)
+    bar: Any = None
+
+    def on_event(e: Any) -> None:
+        nonlocal bar
+        if e.kind == "start":
+            for p in e.problems:
+                print(f"qwennb: skipped {p}", file=sys.stderr)
+            bar = tqdm(
+                total=e.total,
+                initial=e.skipped,
+                unit="img",
+                file=sys.stderr,
+                disable=os.environ.get("QWENNB_NO_PROGRESS") == "1",
+            )
+        elif bar is not None and e.kind in ("item_done", "item_failed"):
+            bar.update(1)
+            bar.set_postfix(failed=e.failed, refresh=False)
+        elif e.kind in ("item_retry", "stopping"):
+            print(f"qwennb: {e.item_id + ': ' if e.item_id else ''}{e.message}", file=sys.stderr)
+
+    try:
+        result = run_batch(args.file, args.out, on_event=on_event, **options)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        print(result.summary())
+    return 130 if result.interrupted else (1 if result.failed else 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``qwennb`` command."""
     p = _Parser(prog="qwennb", description="Run Qwen-Image from a notebook or the shell.")
@@ -735,6 +854,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_edit_parser(sub)
     add_enhance_parser(sub)
     add_download_parser(sub)
+
+    b = sub.add_parser(
+        "batch", help="many images from a prompt file, resumable, on every GPU or a Ray cluster"
+    )
+    add_batch_arguments(b)
+    add_mode_argument(b)
+    b.set_defaults(func=_cmd_batch)
     return p
 
 

@@ -320,3 +320,35 @@ def load_report_html(report: Any) -> str:
         f"in {report.seconds:.1f} s</div>"
     )
     return head + note + plan_html(report.plan)
+
+
+def batch_status_line(e: Any) -> str:
+    """One line for a batch progress event: counts, images per minute, time left.
+
+    Example:
+        >>> from qwennb.batch import BatchEvent
+        >>> batch_status_line(BatchEvent("item_done", 10, 3, 2, 1, 2, 60.0))
+        '6/10 · 3 made, 2 already done, 1 failed · 3.0 images/min · ETA 1 min 20 s'
+    """
+    finished = e.done + e.skipped + e.failed
+    parts = [f"{finished}/{e.total}", f"{e.done} made, {e.skipped} already done, {e.failed} failed"]
+    if e.images_per_min:
+        parts.append(f"{e.images_per_min:.1f} images/min")
+    eta = e.eta_s
+    if eta is not None and e.kind != "end":
+        m, s = divmod(int(round(eta)), 60)
+        parts.append(f"ETA {m} min {s} s" if m else f"ETA {s} s")
+    if e.kind == "end":
+        parts.append("finished")
+    elif e.kind == "stopping":
+        parts.append("stopping")
+    return " · ".join(parts)
+
+
+def batch_html(result: Any) -> str:
+    """A batch run's summary with its contact sheet (for ``%qwen batch``)."""
+    body = f"<pre>{html.escape(result.summary())}</pre>"
+    if result.contact_sheet_png:
+        with open(result.contact_sheet_png, "rb") as f:
+            body += f'<img src="data:image/png;base64,{_b64(f.read())}" style="max-width:100%">'
+    return body

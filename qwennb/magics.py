@@ -497,6 +497,7 @@ class QwenMagics(Magics):
             "%qwen enhance PROMPT     rewrite a prompt with the text encoder\n"
             "%qwen describe PATH      describe an image's style for use as a prompt\n"
             "%qwen lora add PATH [SCALE] [name=N] | list | scale NAME SCALE | remove NAME|all | off | on\n"
+            "%qwen batch FILE [opts]  many images from a prompt file, resumable (%qwen batch --help)\n"
             "%%qwen_generate [opts]   generate from the cell body (%%qwen_generate? for options)\n"
             "%%qwen_edit --image X    edit images by the instruction in the cell body\n"
             "%qwen_ui                 the widget panel"
@@ -737,6 +738,48 @@ class QwenMagics(Magics):
             (self.session.lora_disable if cmd == "off" else self.session.lora_enable)()
             return _Text(f"qwennb: LoRAs {cmd}")
         raise UsageError(usage)
+
+    def _qwen_batch(self, rest: str) -> Any:
+        """``%qwen batch FILE [--out DIR] [--steps N] ... [--ray auto|ADDRESS] [--background]``: a prompt file
+        to a folder of images, with a live progress widget. On the loaded model unless ``--ray``/``--workers``
+        ask for other workers; ``--background`` returns at once (Stop button; ``_.result`` when done)."""
+        import argparse
+        import shlex
+
+        from .batch import run_batch
+        from .cli import add_batch_arguments, add_mode_argument, batch_options
+        from .display import batch_html
+        from .widgets import BatchProgress
+
+        class _P(argparse.ArgumentParser):
+            def error(self, message: str) -> None:
+                raise UsageError(f"%qwen batch: {message}")
+
+            def exit(self, status: int = 0, message: str | None = None) -> None:
+                raise UsageError(message or "%qwen batch: see the options above")
+
+        p = _P(prog="%qwen batch")
+        add_batch_arguments(p, out_default=os.path.join(self.save_dir, "batch"))
+        add_mode_argument(p)
+        p.add_argument("--background", action="store_true", help="run in a thread; the widget has Stop")
+        try:
+            args = p.parse_args(shlex.split(rest))
+        except ValueError as exc:
+            raise UsageError(f"%qwen batch: {exc}") from None
+        options = batch_options(args)
+        if not options["ray"] and not options["workers"]:
+            if not self.session.loaded or (
+                args.model and self.session.report and args.model != self.session.report.model
+            ):
+                self.load(args.model or None)
+            options["pipe"] = self.session.require()
+        progress = BatchProgress()
+        display(progress.widget)
+        if args.background:
+            progress.start(run_batch, prompts=args.file, out=args.out, **options)
+            return progress
+        result = run_batch(args.file, args.out, on_event=progress, stop=progress.stop, **options)
+        return _Text(result.summary(), batch_html(result))
 
     @line_magic
     def qwen_ui(self, line: str) -> Any:

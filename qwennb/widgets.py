@@ -449,3 +449,93 @@ def history_widget(
     box.add_class("qwennb-history")
     box.output = out  # type: ignore[attr-defined]
     return box
+
+
+class BatchProgress:
+    """Live progress of a batch run (``%qwen batch``): done/failed counts, ETA, images per minute, a strip
+    of the latest thumbnails and a Stop button. Call it with each :class:`qwennb.batch.BatchEvent`.
+
+    Example:
+        >>> import tempfile
+        >>> from qwennb.batch import run_batch
+        >>> from qwennb.session import Session
+        >>> from qwennb.widgets import BatchProgress
+        >>> s = Session(); _ = s.load("tiny")
+        >>> bp = BatchProgress()
+        >>> r = run_batch(["a fox", "a cat"], tempfile.mkdtemp(), pipe=s.pipe, steps=2, size="64x64",
+        ...               on_event=bp, stop=bp.stop)
+        >>> bp.bar.value, bp.bar.max, len(bp.strip.children)
+        (2, 2, 2)
+    """
+
+    def __init__(self, thumbs: int = 8, thumb_side: int = 96) -> None:
+        self.stop = StopSignal()
+        self.thumbs, self.thumb_side = thumbs, thumb_side
+        self.bar = w.IntProgress(value=0, min=0, max=1, description="batch")
+        self.status = w.Label(value="reading the prompts...")
+        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop")
+        self.stop_button.on_click(lambda _b: self.request_stop())
+        self.strip = w.HBox([])
+        self.problems = w.HTML(value="")
+        self.result: Any = None
+        self.error: str | None = None
+        self.thread: threading.Thread | None = None
+        self.widget = w.VBox([w.HBox([self.bar, self.status, self.stop_button]), self.strip, self.problems])
+        self.widget.add_class("qwennb-batch")
+
+    def request_stop(self) -> None:
+        """What the Stop button does: the items in flight end at their next step; the rest stays pending."""
+        self.stop.set()
+        self.status.value = "stopping: the items in flight end at their next step..."
+
+    def __call__(self, e: Any) -> None:
+        from .display import batch_status_line
+
+        self.bar.max = max(1, e.total)
+        self.bar.value = e.done + e.skipped + e.failed
+        self.bar.bar_style = "danger" if e.failed else ("success" if e.kind == "end" else "")
+        self.status.value = batch_status_line(e)
+        if e.kind == "start" and e.problems:
+            import html
+
+            items = "".join(f"<li>{html.escape(p)}</li>" for p in e.problems[:20])
+            more = f"<li>... and {len(e.problems) - 20} more</li>" if len(e.problems) > 20 else ""
+            self.problems.value = f"<b>skipped lines</b><ul>{items}{more}</ul>"
+        if e.kind == "item_done" and e.path:
+            from PIL import Image
+
+            try:
+                with Image.open(e.path) as im:
+                    data = png_bytes(im.convert("RGB"), self.thumb_side)
+            except OSError:
+                return
+            img = w.Image(value=data, format="png", layout=w.Layout(width=f"{self.thumb_side}px"))
+            self.strip.children = (*self.strip.children, img)[-self.thumbs :]
+        if e.kind == "end":
+            self.stop_button.disabled = True
+
+    def start(self, run: Callable[..., Any], **kwargs: Any) -> BatchProgress:
+        """Run ``run(on_event=self, stop=self.stop, **kwargs)`` in a thread (so Stop is heard); the outcome
+        lands in ``result`` (or ``error``)."""
+
+        def target() -> None:
+            try:
+                self.result = run(on_event=self, stop=self.stop, **kwargs)
+            except QwennbError as exc:
+                self.error = str(exc)
+                self.status.value = f"error: {exc}"
+            except Exception as exc:  # noqa: BLE001 - the widget must say what happened
+                self.error = f"{type(exc).__name__}: {exc}"
+                self.status.value = f"error: {self.error}"
+            finally:
+                self.stop_button.disabled = True
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        return self
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until a run started with :meth:`start` ends; returns its result."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return self.result

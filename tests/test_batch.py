@@ -1,0 +1,494 @@
+"""Batch generation on the real small pipeline: prompt files, validation, manifest, resume, the local and
+Ray engines, a worker killed mid-run, SIGINT, the CLI. No mocks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import qwennb
+from qwennb.batch import (
+    BatchError,
+    Defaults,
+    FolderLock,
+    Manifest,
+    read_prompts,
+    run_batch,
+    write_new_file,
+)
+from qwennb.cli import main
+from qwennb.generation import StopSignal, generate, load_params
+from qwennb.pipeline import build
+from qwennb.plan import describe_machine, make_plan
+
+# The small model every batch test runs ("toy" replaces "tiny" as the default when it lands).
+MODEL = os.environ.get("QWENNB_BATCH_TEST_MODEL", "tiny")
+SMALL = dict(steps=2, size="64x64")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def plan():
+    return make_plan(describe_machine(host_ram_gb=8), MODEL)
+
+
+@pytest.fixture(scope="module")
+def pipe(plan):
+    return build(plan)
+
+
+def lines(path):
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- reading and validating
+
+
+def test_jsonl_csv_and_text_give_the_same_items_with_defaults(tmp_path, plan):
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a red fox", "seed": 9}\n\n# a comment\n{"prompt": "a blue bird", "steps": 5, "size": "96x64"}\n'
+    )
+    (tmp_path / "p.csv").write_text("prompt,seed,steps,size\na red fox,9,,\na blue bird,,5,96x64\n")
+    d = Defaults(steps=3, width=64, height=64, cfg=2.5)
+    a = read_prompts(tmp_path / "p.jsonl", model=MODEL, plan=plan, defaults=d)
+    b = read_prompts(tmp_path / "p.csv", model=MODEL, plan=plan, defaults=d)
+    assert [(i.id, i.seed, i.steps, i.width, i.height, i.cfg) for i in a.items] == [
+        (i.id, i.seed, i.steps, i.width, i.height, i.cfg) for i in b.items
+    ]
+    fox, bird = a.items
+    assert (fox.seed, fox.steps, fox.width, fox.height, fox.cfg) == (9, 3, 64, 64, 2.5)
+    assert (bird.steps, bird.width, bird.height) == (5, 96, 64)
+    assert fox.source.endswith("p.jsonl:1") and bird.source.endswith("p.jsonl:4")
+    assert b.items[1].source.endswith("p.csv:3")
+    (tmp_path / "p.txt").write_text("a red fox\n\n# skipped\na blue bird\n")
+    t = read_prompts(tmp_path / "p.txt", model=MODEL, plan=plan, defaults=d)
+    assert [i.prompt for i in t.items] == ["a red fox", "a blue bird"] and t.items[1].source.endswith(":4")
+    # Without defaults the plan's own defaults apply.
+    p = read_prompts(["x"], model=MODEL, plan=plan).items[0]
+    assert (p.steps, p.cfg, p.width, p.height) == (
+        plan.defaults["steps"],
+        plan.defaults["cfg"],
+        plan.defaults["width"],
+        plan.defaults["height"],
+    )
+
+
+def test_ids_and_seeds_are_deterministic_and_distinct(plan):
+    src = ["a fox", "a fox", {"prompt": "a cat", "n": 3, "seed": 40}, {"prompt": "a cat", "id": "cat1"}]
+    a = read_prompts(src, model=MODEL, plan=plan)
+    b = read_prompts(src, model=MODEL, plan=plan)
+    assert [(i.id, i.seed) for i in a.items] == [(i.id, i.seed) for i in b.items]
+    ids = [i.id for i in a.items]
+    assert len(set(ids)) == 6
+    assert ids[1] == ids[0] + "-2"  # the same prompt twice: two images with their own seeds
+    assert a.items[0].seed != a.items[1].seed
+    assert [i.seed for i in a.items[2:5]] == [40, 41, 42]
+    assert ids[2:5] == [ids[2][:-2] + f"-{k}" for k in range(3)] and ids[5] == "cat1"
+    # Another step count is another image: another id (and key); the same count, the same id.
+    other = read_prompts(["a fox"], model=MODEL, plan=plan, defaults=Defaults(steps=3)).items[0]
+    assert other.id != ids[0] and other.key != a.items[0].key
+    assert read_prompts(["a fox"], model=MODEL, plan=plan).items[0].id == ids[0]
+
+
+def test_malformed_lines_are_reported_with_file_and_line(tmp_path, plan):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(
+        "\n".join(
+            [
+                '{"prompt": "fine"}',
+                '{"prompt": "a", "steps": 1}',
+                "{not json",
+                '{"prompt": ""}',
+                '{"prompt": "b", "preset": "nope"}',
+                '{"prompt": "c", "stpes": 3}',
+                '{"prompt": "d", "size": "64x64", "aspect": "1:1"}',
+                '{"prompt": "e", "id": "fine"}',
+                '{"prompt": "f", "id": "fine"}',
+                '{"prompt": "g", "cfg": 0.5}',
+                "[1, 2]",
+            ]
+        )
+    )
+    ps = read_prompts(f, model=MODEL, plan=plan)
+    assert [i.prompt for i in ps.items] == ["fine", "e"]
+    got = {p.source.rsplit(":", 1)[1]: p.message for p in ps.problems}
+    assert sorted(got, key=int) == ["2", "3", "4", "5", "6", "7", "9", "10", "11"]
+    assert got["2"] == "steps must be from 2 to 1000, got 1"
+    assert got["3"].startswith("not valid JSON")
+    assert got["4"] == "the prompt is empty"
+    assert got["5"].startswith("unknown preset 'nope'")
+    assert got["6"].startswith("unknown field 'stpes'")
+    assert got["7"] == "give either a size or an aspect ratio, not both"
+    assert got["9"] == f"id 'fine' is already used at {f}:8"
+    assert got["10"] == "cfg must be at least 1 (1 turns guidance off), got 0.5"
+    assert got["11"] == "a line must be a JSON object"
+    assert ps.problems[0].text() == f"{f}:2: steps must be from 2 to 1000, got 1"
+
+
+def test_a_size_that_does_not_fit_the_plan_is_refused_before_loading():
+    plan = make_plan(describe_machine(gpu_memory_gb=24), "qwen-image-synthetic")
+    ps = read_prompts(
+        [{"prompt": "ok", "size": "1024x1024"}, {"prompt": "huge", "size": "4096x4096"}],
+        model="qwen-image-synthetic",
+        plan=plan,
+    )
+    assert [i.prompt for i in ps.items] == ["ok"]
+    assert ps.problems[0].source == "item 2"
+    assert "4096x4096 does not fit the plan's" in ps.problems[0].message
+
+
+def test_strict_refuses_the_file_and_nothing_loads(tmp_path, plan):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n{"prompt": "b", "steps": 1}\n{"prompt": ""}\n')
+    with pytest.raises(BatchError) as e:
+        run_batch(f, tmp_path / "out", model=MODEL, strict=True)
+    assert str(e.value) == (
+        f"{f}:2: steps must be from 2 to 1000, got 1 (and 1 more bad line); --strict refuses the file"
+    )
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+
+
+def test_ten_thousand_lines_are_validated_in_two_seconds(tmp_path, plan):
+    f = tmp_path / "big.jsonl"
+    rows = [
+        json.dumps({"prompt": f"prompt number {i}", "seed": i, "steps": 2 + i % 5, "size": "64x64"})
+        for i in range(10_000)
+    ]
+    rows[5000] = '{"prompt": "bad", "steps": "x"}'
+    f.write_text("\n".join(rows) + "\n")
+    t0 = time.perf_counter()
+    ps = read_prompts(f, model=MODEL, plan=plan)
+    took = time.perf_counter() - t0
+    assert len(ps.items) == 9_999 and len(ps.problems) == 1
+    assert ps.problems[0].text() == f"{f}:5001: steps must be a whole number, got 'x'"
+    assert took <= 2.0, took
+
+
+# --------------------------------------------------------------------------- files and folders
+
+
+def test_write_new_file_never_overwrites(tmp_path):
+    target = tmp_path / "a.png"
+    write_new_file(target, b"first")
+    with pytest.raises(FileExistsError):
+        write_new_file(target, b"second")
+    assert target.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]  # no temporary file left
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(tmp_path, pipe):
+    out = tmp_path / "out"
+    out.mkdir()
+    with FolderLock(out), pytest.raises(BatchError, match="another qwennb batch .* is writing to"):
+        run_batch(["a"], out, pipe=pipe, **SMALL)
+    assert run_batch(["a"], out, pipe=pipe, **SMALL).done == 1  # free again
+
+
+def test_an_unwritable_folder_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["batch", str(blocker), "--out", str(blocker / "sub"), "--model", MODEL]) == 2
+
+
+def test_manifest_ignores_a_line_cut_short(tmp_path):
+    m = Manifest(tmp_path)
+    m.append({"id": "a", "status": "running"})
+    m.append({"id": "a", "status": "done"})
+    m.close()
+    with open(m.path, "a") as f:
+        f.write('{"id": "b", "stat')
+    assert m.load() == {"a": {"id": "a", "status": "done"}}
+
+
+# --------------------------------------------------------------------------- runs on a loaded pipeline
+
+
+def test_run_resume_and_redo_only_missing_or_failed(tmp_path, pipe):
+    out = tmp_path / "out"
+    prompts = [
+        "a red fox",
+        "a blue bird",
+        {"prompt": "a green tree", "seed": 77, "cfg": 1},
+        "a boat",
+        "a cup",
+    ]
+    events = []
+    r = qwennb.batch(prompts, out=out, pipe=pipe, on_event=events.append, **SMALL)
+    assert (r.total, r.done, r.skipped, r.failed, r.pending, r.started) == (5, 5, 0, 0, 0, 5)
+    assert [e.kind for e in events].count("item_done") == 5 and events[-1].kind == "end"
+    rows = lines(r.manifest)
+    assert len(rows) == 5 and {x["status"] for x in rows} == {"done"}
+    tree = rows[2]
+    assert (tree["seed"], tree["cfg"], tree["steps"], tree["width"]) == (77, 1.0, 2, 64)
+    assert tree["denoise_s"] > 0 and tree["worker"].endswith(":inline") and tree["attempts"] == 1
+    # The file is a provenance PNG with the manifest's parameters, and the image is what generate() makes.
+    png = out / tree["path"]
+    assert load_params(png)["seed"] == 77 and load_params(png)["steps"] == 2
+    ref = generate(pipe, "a green tree", seed=77, steps=2, cfg=1.0, width=64, height=64)
+    assert np.array_equal(np.asarray(Image.open(png).convert("RGB")), np.asarray(ref.images[0]))
+    assert (out / "contact_sheet.html").read_text().count("<img") == 5
+    assert Image.open(out / "contact_sheet.png").size == (3 * 160, 2 * 160)
+    inodes = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").iterdir()}
+
+    r2 = run_batch(prompts, out, pipe=pipe, **SMALL)
+    assert (r2.done, r2.skipped, r2.started) == (0, 5, 0)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "images").iterdir()} == inodes
+
+    # One image lost, one recorded as failed (a failed item has no file): exactly those two are made again.
+    (out / rows[0]["path"]).unlink()
+    (out / rows[3]["path"]).unlink()
+    rows[3].update(status="failed", error="out of GPU memory")
+    Manifest(out).rewrite(rows)
+    r3 = run_batch(prompts, out, pipe=pipe, **SMALL)
+    assert (r3.done, r3.skipped, r3.failed) == (2, 3, 0)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(inodes)
+    assert (out / rows[1]["path"]).stat().st_ino == inodes[Path(rows[1]["path"]).name][0]
+
+
+def test_a_file_written_but_not_recorded_is_kept(tmp_path, pipe):
+    out = tmp_path / "out"
+    r = run_batch(["a", "b"], out, pipe=pipe, **SMALL)
+    (out / "manifest.jsonl").unlink()  # as if the run died between writing the image and recording it
+    before = {p.name: p.stat().st_ino for p in (out / "images").iterdir()}
+    r2 = run_batch(["a", "b"], out, pipe=pipe, **SMALL)
+    assert (r2.done, r2.skipped) == (0, 2)
+    assert {p.name: p.stat().st_ino for p in (out / "images").iterdir()} == before
+    assert [x["status"] for x in lines(r.manifest)] == ["done", "done"]
+
+
+def test_stop_leaves_a_consistent_manifest_and_the_rest_pending(tmp_path, pipe):
+    out = tmp_path / "out"
+    stop = StopSignal()
+    prompts = [f"prompt {i}" for i in range(6)]
+
+    def on_event(e):
+        if e.kind == "item_done" and e.done == 2:
+            stop.set()
+
+    r = run_batch(prompts, out, pipe=pipe, stop=stop, on_event=on_event, **SMALL)
+    assert r.interrupted and (r.done, r.pending, r.started) == (2, 4, 2)
+    rows = lines(r.manifest)
+    assert [x["status"] for x in rows] == ["done"] * 2 + ["pending"] * 4
+    assert len(list((out / "images").iterdir())) == 2
+    r2 = run_batch(prompts, out, pipe=pipe, **SMALL)
+    assert (r2.done, r2.skipped, r2.interrupted) == (4, 2, False)
+
+
+def test_parquet_manifest_when_pyarrow_is_present(tmp_path, pipe):
+    pq = pytest.importorskip("pyarrow.parquet")
+    r = run_batch(["a", "b", "c"], tmp_path / "out", pipe=pipe, **SMALL)
+    table = pq.read_table(r.parquet).to_pylist()
+    assert [(x["id"], x["seed"], x["status"]) for x in table] == [
+        (x["id"], x["seed"], x["status"]) for x in lines(r.manifest)
+    ]
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_errors_are_one_line_before_anything_loads(tmp_path, capsys):
+    f = tmp_path / "p.txt"
+    f.write_text("a red fox\na blue bird\n")
+    out = tmp_path / "out"
+    # Errors: one line, exit 2, before anything loads.
+    assert main(["batch", str(f), "--out", str(out), "--size", "64by64"]) == 2
+    assert capsys.readouterr().err == "qwennb: error: size must look like 1024x1024, got '64by64'\n"
+    assert main(["batch", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert "no such prompt file" in capsys.readouterr().err
+    for extra, message in [
+        (["--gpus", "two"], "--gpus must be a count or a list like 0,1; got 'two'"),
+        (["--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--size", "64x64", "--aspect", "1:1"], "give --size or --aspect, not both"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+    ]:
+        assert main(["batch", str(f), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"qwennb: error: {message}") and err.count("\n") == 1
+    assert not (out / "manifest.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- local engine and SIGINT
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "QWENNB_NO_PROGRESS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "qwennb.cli", "batch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
+
+
+def test_local_workers_sigint_then_resume(tmp_path, pipe):
+    """Two local worker processes; SIGINT mid-run leaves a consistent manifest; the rerun redoes at most
+    the items that were in flight, and skips the rest."""
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"picture {i}"}) + "\n" for i in range(16)))
+    out = tmp_path / "out"
+    proc = _cli(
+        str(f),
+        "--out",
+        str(out),
+        "--model",
+        MODEL,
+        "--steps",
+        "4",
+        "--size",
+        "64x64",
+        "--workers",
+        "2",
+        "--json",
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = out / "manifest.jsonl"
+        done = [x for x in Manifest(out).load().values() if x["status"] == "done"] if m.exists() else []
+        if len(done) >= 3 and len({x["worker"] for x in done}) == 2:  # both workers are making images
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    first = json.loads(stdout.strip().splitlines()[-1])
+    assert first["interrupted"] and first["total"] == 16 and 3 <= first["done"] < 16
+    assert first["started"] - first["done"] <= 2  # at most the items in flight are unfinished
+    assert len(set(first["workers"])) == 2
+    rows = lines(first["manifest"])
+    assert len(rows) == 16 and {x["status"] for x in rows} <= {"done", "pending"}
+    done_rows = [x for x in rows if x["status"] == "done"]
+    assert len(done_rows) == first["done"] and all((out / x["path"]).is_file() for x in done_rows)
+    assert len({x["worker"] for x in done_rows}) == 2  # both processes made images
+    assert len(list((out / "images").iterdir())) == first["done"]
+    # Resume (on the loaded pipeline: ids do not depend on the engine): only the rest is made.
+    second = run_batch(f, out, pipe=pipe, steps=4, size="64x64")
+    assert (second.skipped, second.done, second.failed) == (first["done"], 16 - first["done"], 0)
+    assert len(list((out / "images").iterdir())) == 16
+    # A third run, through the CLI: nothing to do.
+    proc = _cli(str(f), "--out", str(out), "--model", MODEL, "--steps", "4", "--size", "64x64", "--json")
+    stdout, stderr = proc.communicate(timeout=120)
+    last = json.loads(stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, stderr
+    assert (last["total"], last["done"], last["skipped"], last["failed"]) == (16, 0, 16, 0)
+    assert last["manifest"] == first["manifest"]
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    for attempt in range(3):  # Ray gives its raylet 30 s to register: a busy 2-core machine can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluster, pipe):
+    prompts = [f"ray picture {i}" for i in range(20)]
+    out = tmp_path / "out"
+    started: list[str] = []
+    killed: dict[str, str] = {}
+
+    def on_event(e):
+        if e.kind == "item_start":
+            started.append(e.item_id)
+            if len(started) == 8:  # kill the process of the actor that was just handed this item
+                os.kill(int(e.worker.split(":")[1]), signal.SIGKILL)
+                killed[e.item_id] = e.worker
+
+    r = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, on_event=on_event, **SMALL)
+    assert len(killed) == 1
+    assert (r.total, r.done, r.failed, r.pending, r.engine) == (20, 20, 0, 0, "ray"), r.failures
+    assert (
+        len(set(r.workers)) >= 2 and killed[next(iter(killed))] in r.workers
+    )  # (+1 if Ray's restart rejoined)
+    rows = lines(r.manifest)
+    assert len(rows) == 20 and len({x["id"] for x in rows}) == 20 and {x["status"] for x in rows} == {"done"}
+    files = sorted(p.name for p in (out / "images").iterdir())
+    assert files == sorted(Path(x["path"]).name for x in rows)  # every item once, no extra file
+    lost = next(x for x in rows if x["id"] == next(iter(killed)))
+    assert lost["attempts"] == 2  # the lost item was retried once
+    assert sum(x["attempts"] for x in rows) == 21  # and nothing else was redone
+    # The images are those of the reference pipeline (same seed, same model, another process).
+    one = rows[7]
+    ref = generate(pipe, one["prompt"], seed=one["seed"], steps=2, width=64, height=64)
+    diff = np.abs(
+        np.asarray(Image.open(out / one["path"]).convert("RGB"), int) - np.asarray(ref.images[0], int)
+    )
+    assert diff.max() <= 2
+    # A second run skips everything (no worker is started).
+    r2 = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, **SMALL)
+    assert (r2.done, r2.skipped, r2.started, r2.engine) == (0, 20, 0, "none")
+
+
+# --------------------------------------------------------------------------- notebook: widget and magic
+
+
+def test_progress_widget_counts_thumbnails_and_stop_button(tmp_path, pipe):
+    from qwennb.widgets import BatchProgress
+
+    bp = BatchProgress(thumbs=3)
+    prompts = [f"widget {i}" for i in range(6)]
+
+    def on_event(e):
+        bp(e)
+        if e.kind == "item_done" and e.done == 4:
+            bp.stop_button.click()
+
+    r = run_batch(prompts, tmp_path / "o", pipe=pipe, on_event=on_event, stop=bp.stop, **SMALL)
+    assert r.interrupted and (r.done, r.pending) == (4, 2)
+    assert (bp.bar.value, bp.bar.max) == (4, 6)
+    assert len(bp.strip.children) == 3 and bp.strip.children[0].value[:4] == b"\x89PNG"
+    assert bp.status.value.startswith("4/6 · 4 made, 0 already done, 0 failed · ")
+    assert bp.stop_button.disabled
+    # In the background (what %qwen batch --background does): the rest, then the thread's result.
+    bp2 = BatchProgress().start(run_batch, prompts=prompts, out=tmp_path / "o", pipe=pipe, **SMALL)
+    r2 = bp2.wait(120)
+    assert (r2.done, r2.skipped) == (2, 4) and bp2.status.value.endswith("finished")
+
+
+def test_magic_batch_on_the_loaded_model(tmp_path):
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    loaded = "qwennb" in shell.extension_manager.loaded
+    if not loaded:
+        shell.run_line_magic("config", f"QwenMagics.model = {MODEL!r}")
+        shell.run_line_magic("load_ext", "qwennb")
+    try:
+        f = tmp_path / "p.jsonl"
+        f.write_text('{"prompt": "a fox"}\n{"prompt": "a cat", "seed": 3}\n{"prompt": "x", "steps": 1}\n')
+        out = tmp_path / "o"
+        shown = shell.run_line_magic("qwen", f"batch {f} --out {out} --steps 2 --size 64x64")
+        text = shown._repr_mimebundle_()["text/plain"]
+        assert text.startswith("qwennb batch finished: 2 items: 2 made, 0 already done, 0 failed, 0 not run")
+        assert "1 bad lines skipped" in text
+        assert 'src="data:image/png;base64,' in shown._repr_mimebundle_()["text/html"]
+        assert len(list((out / "images").iterdir())) == 2
+        with pytest.raises(UsageError, match=f"{f}:3: steps must be from 2 to 1000, got 1; --strict"):
+            shell.run_line_magic("qwen", f"batch {f} --out {out} --strict --steps 2 --size 64x64")
+        with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+            shell.run_line_magic("qwen", f"batch {f} --bogus")
+        bp = shell.run_line_magic("qwen", f"batch {f} --out {out} --steps 2 --size 64x64 --background")
+        assert bp.wait(120).skipped == 2
+    finally:
+        if not loaded:
+            shell.run_line_magic("unload_ext", "qwennb")
