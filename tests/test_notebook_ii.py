@@ -393,7 +393,8 @@ def test_load_params_on_invalid_json_metadata_is_one_line(tmp_path):
 
 
 CORE = ["options", "generation", "enhance", "pipeline", "plan", "models", "hardware", "download", "speed",
-        "presets", "session", "sweep", "preview", "errors", "compat", "stand_ins"]  # fmt: skip
+        "presets", "session", "sweep", "preview", "errors", "compat", "stand_ins", "toy", "lora", "edit", "batch",
+        "parallel", "loading", "stand_ins21"]  # fmt: skip
 PRESENTATION = {"cli", "display", "magics", "widgets"}
 
 
@@ -402,8 +403,6 @@ def test_the_core_imports_no_presentation_module_and_no_argparse(name):
     path = ROOT / "qwennb" / f"{name}.py"
     if not path.exists():
         pytest.skip(f"{name}.py is not in this tree")
-    if name == "plan":  # being rewritten in parallel (#14), which drops its display import itself
-        pytest.skip("plan.py: its display import is removed by #14")
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
