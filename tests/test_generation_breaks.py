@@ -77,7 +77,9 @@ def test_out_of_memory_frees_the_steps_tensors_while_the_error_is_still_held(pip
         # The error is still referenced here (as IPython keeps the last traceback): the latents must be gone.
         assert len(held) == 2 and [r() is None for r in held] == [True, True]
         assert info.value.__context__ is None  # no out-of-memory error (and its frames) kept as context
-        assert 2 in collections  # a full garbage collection ran after the error (then CUDA's cache is emptied)
+        assert (
+            2 in collections
+        )  # a full garbage collection ran after the error (then CUDA's cache is emptied)
     finally:
         gc.callbacks.remove(on_gc)
         handle.remove()

@@ -7,7 +7,7 @@ model does not fit, and nothing is printed as a plan.
 import pytest
 
 from qwennb.cli import main
-from qwennb.errors import PlanError, QwennbError
+from qwennb.errors import PlanError
 from qwennb.plan import describe_machine, make_plan
 
 # Refused on main when this file was written (2 GB: the smallest arrangement needs 1.9 GiB of a 1.0 GiB budget).
@@ -22,7 +22,6 @@ def test_make_plan_refuses_a_card_too_small_with_a_plan_error(gb):
     message = str(info.value)
     assert f"{gb:g} GiB" in message
     assert "\n" not in message and len(message) < 300
-    assert isinstance(info.value, QwennbError)
 
 
 @pytest.mark.parametrize("gb", TOO_SMALL_GB)

@@ -353,8 +353,15 @@ def test_cache_configs_are_the_documented_ones():
     fbc, ts = speed.cache_config("first_block"), speed.cache_config("taylorseer")
     assert type(fbc).__name__ == "FirstBlockCacheConfig" and fbc.threshold == 0.05
     assert type(ts).__name__ == "TaylorSeerCacheConfig"
-    assert (ts.cache_interval, ts.disable_cache_before_step, ts.max_order, ts.use_lite_mode) == (5, 3, 1, True)
-    with pytest.raises(ValueError, match="unknown cache mode 'bogus'; choose one of: first_block, taylorseer"):
+    assert (ts.cache_interval, ts.disable_cache_before_step, ts.max_order, ts.use_lite_mode) == (
+        5,
+        3,
+        1,
+        True,
+    )
+    with pytest.raises(
+        ValueError, match="unknown cache mode 'bogus'; choose one of: first_block, taylorseer"
+    ):
         speed.cache_config("bogus")
 
 
@@ -381,7 +388,9 @@ def test_caches_compose_with_the_fast_path(pipe):
             tr.disable_cache()
         speed.apply_cache(tr, "first_block")
         with pytest.raises(RuntimeError, match="before disable_fast_path"):
-            speed.disable_fast_path(tr)  # the cache wraps the tuned blocks: removing them first would leave stale ones
+            speed.disable_fast_path(
+                tr
+            )  # the cache wraps the tuned blocks: removing them first would leave stale ones
         assert speed.is_fast(tr)
         tr.disable_cache()
         speed.disable_fast_path(tr)
