@@ -98,3 +98,38 @@ def test_a_non_square_png_round_trips_width_and_height(pipe, tmp_path, size):
     again = generate(pipe, **params)
     assert again.images[0].size == (w, h)
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(path).convert("RGB")))
+
+
+def test_generate_gives_stock_diffusers_pixels_for_the_same_seed(pipe):
+    """generate() is diffusers' pipeline with a CPU generator seeded with the recorded seed, a " " negative prompt
+    and true_cfg_scale: the same pixels as calling the pipeline directly."""
+    r = generate(pipe, "a red fox", seed=5, width=64, height=48, steps=3, cfg=4.0)
+    stock = pipe(
+        "a red fox",
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        width=64,
+        height=48,
+        num_inference_steps=3,
+        generator=torch.Generator("cpu").manual_seed(5),
+    ).images[0]
+    assert r.images[0].size == stock.size == (64, 48)
+    assert np.array_equal(np.asarray(r.images[0]), np.asarray(stock))
+
+
+def test_median_step_time_is_the_median_of_the_recorded_steps(pipe):
+    import statistics
+
+    for steps in (4, 5):  # an even and an odd count
+        r = generate(pipe, "a cat", seed=1, width=64, height=64, steps=steps)
+        assert len(r.step_times_s) == steps
+        assert r.median_step_s == statistics.median(r.step_times_s)
+        assert r.to_dict()["median_step_s"] == r.median_step_s and r.to_dict()["steps_completed"] == steps
+
+
+@pytest.mark.parametrize("steps", [1, 0, 1001])
+def test_step_counts_that_cannot_work_are_refused(pipe, steps):
+    """One step gives NaN with this scheduler (its sigmas need two points), so the least is 2."""
+    with pytest.raises(GenerationError, match="steps must be"):
+        generate(pipe, "a cat", steps=steps, width=64, height=64)
+    assert generate(pipe, "a cat", steps=2, seed=1, width=64, height=64).steps_completed == 2
