@@ -122,7 +122,7 @@ MUTATIONS: list[Mutation] = [
         GEN,
         "        if need > plan.budget_gb:",
         "        if need > 2 * plan.budget_gb:",
-        (T_GEN, "-k", "budget"),
+        (T_BREAKS, "-k", "budget"),
     ),
     Mutation(
         "NaN output not detected",

@@ -133,3 +133,45 @@ def test_step_counts_that_cannot_work_are_refused(pipe, steps):
     with pytest.raises(GenerationError, match="steps must be"):
         generate(pipe, "a cat", steps=steps, width=64, height=64)
     assert generate(pipe, "a cat", steps=2, seed=1, width=64, height=64).steps_completed == 2
+
+
+def test_a_size_over_the_budget_is_refused_before_the_transformer_runs(pipe):
+    """The refusal names the need, the budget and the largest size of the same shape that fits, and comes before
+    any step (the transformer never runs)."""
+    import re
+
+    from qwennb.plan import with_size
+
+    plan = make_plan(describe_machine(12, host_ram_gb=128), "qwen-image")
+    size, n = 1536, 4
+    assert with_size(plan, size, size, n) > plan.budget_gb  # over this plan's budget...
+    assert with_size(plan, 1024, 1024, 1) <= plan.budget_gb  # ...which a default image fits
+
+    def no_step(module, args):
+        raise AssertionError("the transformer ran for a size over the budget")
+
+    saved = pipe.qwennb["plan"]
+    handle = pipe.transformer.register_forward_pre_hook(no_step)
+    try:
+        pipe.qwennb["plan"] = plan
+        with pytest.raises(GenerationError) as info:
+            generate(pipe, "a cat", width=size, height=size, num_images=n, steps=2)
+    finally:
+        handle.remove()
+        pipe.qwennb["plan"] = saved
+    m = re.fullmatch(
+        r"1536x1536 x4 needs about ([\d.]+) GiB but the plan's budget is ([\d.]+) GiB; "
+        r"the largest size of this shape that fits is (\d+)x(\d+)",
+        str(info.value),
+    )
+    assert m, str(info.value)
+    need, budget, w, h = float(m[1]), float(m[2]), int(m[3]), int(m[4])
+    assert (
+        need == round(with_size(plan, size, size, n), 1)
+        and budget == round(plan.budget_gb, 1)
+        and need > budget
+    )
+    assert w == h < size and w % 16 == 0 and with_size(plan, w, h, n) <= plan.budget_gb
+    assert (
+        with_size(plan, w + 80, h + 80, n) > plan.budget_gb
+    )  # the largest on the 5% grid, not any that fits
