@@ -457,3 +457,46 @@ def test_plan_turns_on_the_fast_path_only_where_it_applies():
     assert not ada.fp8_matmul and any("8.9" in w for w in ada.warnings)
     with pytest.raises(PlanError, match=r"unknown cache 'bogus'; choose one of: first_block, taylorseer"):
         make_plan(big, "qwen-image", {"cache": "bogus"})
+
+
+@pytest.mark.parametrize("with_schedule", [False, True])
+def test_modulation_cache_follows_weight_changes_at_the_same_timestep(with_schedule):
+    """The cached modulation vectors are keyed on the weights' versions too: a weight changed in place between two
+    calls at the same timestep (a LoRA fused mid-session) gives the new stock output, not the stale vectors."""
+    pipe = build_tiny_pipeline(seed=0)
+    tr = pipe.transformer
+    pipe.scheduler.set_timesteps(4, mu=0.5)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(1, 64, 64, generator=g), torch.randn(1, 9, 32, generator=g)
+    t = (pipe.scheduler.timesteps[1:2] / 1000).float()
+    w = tr.transformer_blocks[0].img_mod[1].weight
+
+    def call():
+        return tr(
+            hidden_states=x,
+            encoder_hidden_states=text,
+            timestep=t,
+            img_shapes=[[(1, 8, 8)]],
+            return_dict=False,
+        )[0]
+
+    with torch.no_grad():
+        before = call()
+        w.mul_(1.5)
+        after = call()
+        w.div_(1.5)
+        assert rel(after, before) > 1e-3  # the change shows in the stock output
+        state = speed.enable_fast_path(
+            tr, compile=False, batch_cfg=False, scheduler=pipe.scheduler if with_schedule else None
+        )
+        try:
+            with speed.expect_cfg(tr, False):
+                assert rel(call(), before) < 1e-5
+                w.mul_(1.5)
+                assert rel(call(), after) < 1e-5
+                w.div_(1.5)
+                assert rel(call(), before) < 1e-5
+            key = "modulation_from_schedule" if with_schedule else "modulation_reused"
+            assert state.stats[key] == (3 if with_schedule else 0)
+        finally:
+            speed.disable_fast_path(tr)
