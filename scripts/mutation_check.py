@@ -225,16 +225,16 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "a card too small is not refused",
         PLAN,
-        "    if not options:\n",
+        "    if not on_gpu:\n",
         "    if False:\n",
         ("tests/test_plan_refusals.py",),
     ),
     Mutation(
         "speed calibration moved 7% (EAGER_EFFICIENCY)",
         PLAN,
-        "EAGER_EFFICIENCY = 0.352",
-        "EAGER_EFFICIENCY = 0.377",
-        ("tests/test_plan.py", *NB_PLAN),
+        "EAGER_EFFICIENCY = REF_STEP_TFLOP / (STOCK_S_PER_STEP * H100_TFLOPS)",
+        "EAGER_EFFICIENCY = 1.07 * REF_STEP_TFLOP / (STOCK_S_PER_STEP * H100_TFLOPS)",
+        ("tests/test_plan.py", "tests/test_plan_calibration.py", *NB_PLAN),
     ),
     Mutation(
         "memory reserve shrunk",
