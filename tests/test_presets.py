@@ -36,6 +36,8 @@ def test_presets_steps_and_cfg():
         "balanced": (20, 3.5),
         "high-quality": (35, 4.0),
         "official": (50, 4.0),
+        "lightning-4": (4, 1.0),  # the Lightning LoRAs' distilled schedules: CFG off
+        "lightning-8": (8, 1.0),
     }
     assert PRESETS["official"].official_sizes and not PRESETS["balanced"].official_sizes
 
