@@ -537,7 +537,7 @@ def generate(
     t_start = time.perf_counter()
     text_s = decode_s = 0.0
     images: list[Any] = []
-    interrupted = False
+    interrupted = out_of_memory = False
     denoise_peak = None
 
     previewer = None
@@ -612,18 +612,21 @@ def generate(
         interrupted = True
         images = []
         notices.append(f"interrupted after {len(step_times)} of {run_steps} steps")
-    except torch.OutOfMemoryError as exc:
-        del exc
+    except torch.OutOfMemoryError:
+        # Raised below, outside this block: an error raised here would keep the OOM as its context, and with
+        # it the pipeline's frames and the step's tensors, for as long as the notebook keeps the traceback.
+        out_of_memory = True
+    finally:
+        hook.remove()
+        pipe._interrupt = False
+        run.release()
+    if out_of_memory:
         last.clear()
         free_memory()
         raise GenerationError(
             f"out of GPU memory at {width}x{height} x{num_images}; use a smaller size or fewer images, or load a "
             "plan that keeps less on the GPU (e.g. OptimizationConfig(transformer_placement='group_offload'))"
-        ) from None
-    finally:
-        hook.remove()
-        pipe._interrupt = False
-        run.release()
+        )
     latents = last.pop("latents", None)
     if latents is not None and not bool(torch.isfinite(latents).all()):
         del latents

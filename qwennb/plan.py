@@ -129,13 +129,15 @@ MODES: dict[str, tuple[dict[str, Any], str]] = {
     "turbo": (
         {"fp8_matmul": True},
         "fp8 weights and fp8 matmuls (compute capability 8.9+): 0.208 s/step against 0.244 exact and 0.366 "
-        "for stock diffusers (1024x1024, CFG 4), half the transformer's memory; the final latents drift 7e-2, "
-        "3x the rounding floor",
+        "for stock diffusers (H100, 1024x1024, CFG 4; speed run 6, with the bf16 weights still held); as "
+        "shipped the fp8 weights replace the bf16 ones (estimated peak 38.9 GiB against 57.9 exact, not yet "
+        "measured); the final latents drift 7e-2, 3x the rounding floor",
     ),
     "turbo-cache": (
         {"cache": "taylorseer"},
         "TaylorSeer step cache (predicts 4 of every 5 steps after the first 3): a 50-step 1024x1024 image in "
-        "3.9 s against 18.6 for stock; drift 0.27, 11x the rounding floor; little gain at 20 steps or fewer",
+        "3.9 s against 18.6 for stock (H100, CFG 4; speed run 1); drift 0.27, 11x the rounding floor; little "
+        "gain at 20 steps or fewer",
     ),
 }
 

@@ -1187,6 +1187,12 @@ def disable_fast_path(transformer: Any) -> None:
     if state is None:
         return
     for block in transformer.transformer_blocks:
+        registry = getattr(block, "_diffusers_hook", None)  # (hooks copy the wrapped forward's attributes)
+        if registry is not None and getattr(registry, "hooks", None):
+            raise RuntimeError(
+                "remove diffusers hooks (e.g. transformer.disable_cache()) before disable_fast_path"
+            )
+    for block in transformer.transformer_blocks:
         fwd = block.__dict__.get("forward")
         if fwd is not None and not getattr(fwd, "_qwennb_fast", False):
             raise RuntimeError(

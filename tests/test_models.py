@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -71,9 +72,12 @@ def test_folder_detection_complete_and_incomplete(tmp_path):
     assert not bad.complete and bad.missing == [
         "transformer/diffusion_pytorch_model-00002-of-00002.safetensors"
     ]
-    assert [m.name for m in find_local_models(tmp_path)] == ["bad", "good"] or len(
-        find_local_models(tmp_path)
-    ) == 2
+    found = find_local_models(tmp_path)  # each snapshot folder under tmp_path, in name order
+    assert [(Path(m.path).name, m.name, m.complete) for m in found] == [
+        ("bad", "qwen-image", False),
+        ("good", "qwen-image", True),
+    ]
+    assert [m.path for m in find_local_models(tmp_path / "good")] == [str(tmp_path / "good")]
 
 
 def test_detection_service_facade(tmp_path):

@@ -64,3 +64,51 @@ def test_nbval_fails_when_a_meaningful_output_changes(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "loaded qwen-image" in proc.stdout and "1 failed" in proc.stdout
+
+
+def _sanitized(text):
+    import re
+
+    from nbval.plugin import get_sanitize_patterns
+
+    for regex, replace in get_sanitize_patterns((NOTEBOOKS / "sanitize.cfg").read_text()):
+        text = re.sub(regex, replace, text)
+    return text
+
+
+@pytest.mark.parametrize(
+    "stored, changed",
+    [
+        # the plan's estimates (a 7% calibration change shows)
+        (" 24 GB |  22.2 GiB | 0.29 s/step | transformer", " 24 GB |  22.2 GiB | 0.27 s/step | transformer"),
+        ("est. peak 22.2 GiB GPU of 22.3 usable", "est. peak 23.8 GiB GPU of 22.3 usable"),
+        ("streams 55 blocks (17.4 GiB) a forward", "streams 55 blocks (18.6 GiB) a forward"),
+        # figures quoted from the benchmark results
+        ("0.208 s/step against 0.244 exact", "0.223 s/step against 0.244 exact"),
+        (
+            "a 50-step 1024x1024 image in 3.9 s against 18.6",
+            "a 50-step 1024x1024 image in 4.2 s against 18.6",
+        ),
+        ("same pixels: True", "same pixels: False"),
+    ],
+)
+def test_the_sanitizer_keeps_deterministic_figures(stored, changed):
+    assert _sanitized(stored) != _sanitized(changed)
+
+
+@pytest.mark.parametrize(
+    "stored, changed",
+    [
+        ("loaded tiny in 0.1 s: everything on cpu", "loaded tiny in 0.9 s: everything on cpu"),
+        ("loaded <b>tiny</b> in 0.1 s</div>", "loaded <b>tiny</b> in 12.5 s</div>"),
+        ("seed 42 · 8 steps · CFG 4 · 256×256 · 0.8 s", "seed 42 · 8 steps · CFG 4 · 256×256 · 1.7 s"),
+        (
+            "CFG 4.0: 2 transformer passes a step, median 0.0117 s/step",
+            "CFG 4.0: 2 transformer passes a step, median 0.0639 s/step",
+        ),
+        ("qwennb: no GPU (2 CPUs)", "qwennb: no GPU (16 CPUs)"),
+        ("qwennb: done: 8/8 steps in 0.8 s", "qwennb: encoding the prompt..."),
+    ],
+)
+def test_the_sanitizer_masks_what_this_machine_measures(stored, changed):
+    assert _sanitized(stored) == _sanitized(changed)

@@ -1,0 +1,409 @@
+"""A small, rerunnable mutation check: break the code one line at a time and see whether the tests notice.
+
+Each mutation below replaces one exact snippet of a module (generation, the tuned path in speed, plan, presets)
+with a broken version, in a temporary copy of the repository, and runs only the tests that cover that place.
+A mutation is *caught* when those tests fail, *survived* when they pass, and *stale* when its snippet is no
+longer in the module (the code moved on: update the list).
+
+    python scripts/mutation_check.py                 # all mutations, a summary at the end
+    python scripts/mutation_check.py --only speed    # the mutations of one module
+    python scripts/mutation_check.py --write tests/MUTATION.md   # also record the table
+
+Runs on the CPU with the tiny model; about 15-20 minutes for the whole list on 2 cores (each run starts a
+fresh pytest, so a mutation never leaks into the next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    module: str  # path under the repository
+    old: str  # an exact snippet, found once
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+
+
+GEN = "qwennb/generation.py"
+SPEED = "qwennb/speed.py"
+PLAN = "qwennb/plan.py"
+PRESETS = "qwennb/presets.py"
+T_BREAKS = "tests/test_generation_breaks.py"
+T_GEN = "tests/test_generation.py"
+T_SPEED = "tests/test_speed.py"
+# The stored plan outputs of 02_optimization (peaks and s/step for 80-12 GB), compared by nbval: a constant of the
+# plan's cost model that moves shows there.
+NB_PLAN = ("notebooks/02_optimization.ipynb", "--nbval", "--nbval-sanitize-with", "notebooks/sanitize.cfg")
+
+MUTATIONS: list[Mutation] = [
+    # ---------------------------------------------------------------- generation
+    Mutation(
+        "second Ctrl-C ignored",
+        GEN,
+        "            signal.signal(signal.SIGINT, previous)\n            raise KeyboardInterrupt",
+        "            pass",
+        (T_BREAKS, "-k", "ctrl_c"),
+    ),
+    Mutation(
+        "first Ctrl-C does not ask to stop",
+        GEN,
+        "            raise KeyboardInterrupt\n        stop.set()",
+        "            raise KeyboardInterrupt",
+        (T_BREAKS, "-k", "ctrl_c"),
+    ),
+    Mutation(
+        "SIGINT handler not put back",
+        GEN,
+        "    finally:\n        signal.signal(signal.SIGINT, previous)",
+        "    finally:\n        pass",
+        (T_BREAKS, "-k", "ctrl_c"),
+    ),
+    Mutation(
+        "OOM path keeps the step's latents",
+        GEN,
+        "    if out_of_memory:\n        last.clear()",
+        "    if out_of_memory:\n        pass",
+        (T_BREAKS, "-k", "out_of_memory"),
+    ),
+    Mutation(
+        "OOM path frees no memory",
+        GEN,
+        "        last.clear()\n        free_memory()\n        raise GenerationError(",
+        "        last.clear()\n        raise GenerationError(",
+        (T_BREAKS, "-k", "out_of_memory"),
+    ),
+    Mutation(
+        "OOM error raised inside the except block (keeps the frames as context)",
+        GEN,
+        "        out_of_memory = True\n",
+        "        out_of_memory = True\n        raise GenerationError('out of GPU memory at 64x64 x1')\n",
+        (T_BREAKS, "-k", "out_of_memory"),
+    ),
+    Mutation(
+        "load_params swaps width and height",
+        GEN,
+        "    return {k: meta[k] for k in keys if k in meta}",
+        '    return {k: meta[{"width": "height", "height": "width"}.get(k, k)] for k in keys if k in meta}',
+        (T_BREAKS, "-k", "png"),
+    ),
+    Mutation(
+        "Stop never ends the run early",
+        GEN,
+        "        if stop and len(step_times) < steps:",
+        "        if False:",
+        (T_GEN, "-k", "stop_signal or ctrl_c"),
+    ),
+    Mutation(
+        "no default negative prompt: CFG silently off",
+        GEN,
+        '    if cfg > 1 and not negative_prompt:\n        negative_prompt = " "',
+        "    if False:\n        pass",
+        (T_GEN, "-k", "cfg"),
+    ),
+    Mutation(
+        "the seed is not the generator's seed",
+        GEN,
+        'generator = torch.Generator(device="cpu").manual_seed(seed)',
+        'generator = torch.Generator(device="cpu").manual_seed(seed + 1)',
+        (T_GEN, T_BREAKS, "-k", "seed or stock"),
+    ),
+    Mutation(
+        "size over the budget not refused",
+        GEN,
+        "        if need > plan.budget_gb:",
+        "        if False:",
+        (T_BREAKS, "-k", "budget"),
+    ),
+    Mutation(
+        "NaN output not detected",
+        GEN,
+        "if latents is not None and not bool(torch.isfinite(latents).all()):",
+        "if False:",
+        (T_GEN, "-k", "nan"),
+    ),
+    Mutation(
+        "one step allowed (gives NaN)",
+        "qwennb/options.py",
+        "    if not _whole(steps) or steps < 2:",
+        "    if not _whole(steps) or steps < 1:",
+        (T_GEN, T_BREAKS, "-k", "bad_options or step_counts"),
+    ),
+    Mutation(
+        "the tuned path is always told CFG is on",
+        GEN,
+        "expect_cfg(pipe.transformer, cfg > 1)",
+        "expect_cfg(pipe.transformer, True)",
+        (T_SPEED, "-k", "generate_tells"),
+    ),
+    Mutation(
+        "median of an even count takes the upper middle",
+        GEN,
+        "return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2",
+        "return s[mid]",
+        (T_GEN, T_BREAKS, "-k", "median or timing"),
+    ),
+    # ---------------------------------------------------------------- speed: the tuned path's CFG pairing
+    Mutation(
+        "stored half handed to a different negative prompt",
+        SPEED,
+        "        if same_call(stash) and _same_text(stash[4], text):",
+        "        if same_call(stash):",
+        (T_SPEED, "-k", "negative or batched"),
+    ),
+    Mutation(
+        "latents version not checked",
+        SPEED,
+        "rec[0] is hidden_states and rec[1] == version and rec[2] == values",
+        "rec[0] is hidden_states and rec[2] == values",
+        (T_SPEED, "-k", "batched"),
+    ),
+    Mutation(
+        "timestep not checked",
+        SPEED,
+        "rec[0] is hidden_states and rec[1] == version and rec[2] == values",
+        "rec[0] is hidden_states and rec[1] == version",
+        (T_SPEED, "-k", "batched"),
+    ),
+    Mutation(
+        "expect_cfg(False) ignored",
+        SPEED,
+        "    solo = state.cfg_hint is False or state.cfg_solo is text",
+        "    solo = state.cfg_solo is text",
+        (T_SPEED, "-k", "generate_tells or batched"),
+    ),
+    Mutation(
+        "the negative text paired with itself on new latents",
+        SPEED,
+        "        and not _same_text(guess, text)  # the negative text itself",
+        "        and True  # the negative text itself",
+        (T_SPEED, "-k", "matches_stock or negative"),
+    ),
+    Mutation(
+        "modulation cache ignores weight versions",
+        SPEED,
+        "            versions = tuple(p._version for p in state.mod_params)",
+        "            versions = ()",
+        (T_SPEED, "-k", "modulation"),
+    ),
+    Mutation(
+        "real RoPE sign flipped",
+        SPEED,
+        "def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:\n",
+        "def apply_rotary_emb_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:\n"
+        "    sin = -sin\n",
+        (T_SPEED, "-k", "rope"),
+    ),
+    Mutation(
+        "disable_fast_path leaves the tuned processors",
+        SPEED,
+        "    transformer.set_attn_processor(dict(state.processors))\n",
+        "",
+        (T_SPEED, "-k", "restores"),
+    ),
+    Mutation(
+        "disable_fast_path under cache hooks not refused",
+        SPEED,
+        '        if registry is not None and getattr(registry, "hooks", None):\n            raise RuntimeError(\n'
+        '                "remove diffusers hooks',
+        '        if False:\n            raise RuntimeError(\n                "remove diffusers hooks',
+        (T_SPEED, "-k", "caches_compose"),
+    ),
+    # ---------------------------------------------------------------- plan
+    Mutation(
+        "a card too small is not refused",
+        PLAN,
+        "    if not on_gpu:\n",
+        "    if False:\n",
+        ("tests/test_plan_refusals.py",),
+    ),
+    Mutation(
+        "speed calibration moved 7% (EAGER_EFFICIENCY)",
+        PLAN,
+        "EAGER_EFFICIENCY = REF_STEP_TFLOP / (STOCK_S_PER_STEP * H100_TFLOPS)",
+        "EAGER_EFFICIENCY = 1.07 * REF_STEP_TFLOP / (STOCK_S_PER_STEP * H100_TFLOPS)",
+        ("tests/test_plan.py", "tests/test_plan_calibration.py", *NB_PLAN),
+    ),
+    Mutation(
+        "memory reserve shrunk",
+        PLAN,
+        "RESERVE_SHARE = 0.03",
+        "RESERVE_SHARE = 0.01",
+        ("tests/test_plan.py", *NB_PLAN),
+    ),
+    Mutation(
+        "lossy picked at a smaller gain",
+        PLAN,
+        "LOSSY_MIN_GAIN = 1.5",
+        "LOSSY_MIN_GAIN = 1.1",
+        ("tests/test_plan.py", T_SPEED, "-k", "plan or lossy or 48"),
+    ),
+    # ---------------------------------------------------------------- presets
+    Mutation(
+        "16:9 size swapped",
+        PRESETS,
+        '    "16:9": (1664, 928),',
+        '    "16:9": (928, 1664),',
+        (T_GEN, "tests/test_presets.py", "-k", "aspect or preset"),
+    ),
+    Mutation(
+        "round16 rounds down",
+        PRESETS,
+        "    return max(16, int(round(x / 16)) * 16)",
+        "    return max(16, int(x / 16) * 16)",
+        (T_GEN, "tests/test_presets.py", "-k", "rounded or aspect or round"),
+    ),
+    Mutation(
+        "ultra-fast preset steps changed",
+        PRESETS,
+        'Preset("ultra-fast", 12, 3.0,',
+        'Preset("ultra-fast", 10, 3.0,',
+        (T_GEN, "tests/test_presets.py", "-k", "preset"),
+    ),
+    Mutation(
+        "Chinese not detected (wrong positive magic)",
+        PRESETS,
+        '    return any("\\u4e00" <= ch <= "\\u9fff" or "\\u3400" <= ch <= "\\u4dbf" for ch in text)',
+        '    return any("\\u3400" <= ch <= "\\u4dbf" for ch in text)',
+        ("tests/test_presets.py", "tests/test_enhance.py", "-k", "chinese or magic or language"),
+    ),
+    Mutation(
+        "preset names not normalised",
+        PRESETS,
+        '    key = name.strip().lower().replace("_", "-")',
+        "    key = name",
+        ("tests/test_presets.py", T_GEN, "-k", "preset"),
+    ),
+]
+
+
+def _copy_repo(dest: Path) -> None:
+    for name in ("qwennb", "tests"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    shutil.copytree(ROOT / "benchmarks", dest / "benchmarks")  # the recorded GPU results some tests read
+    (dest / "notebooks").mkdir()
+    for nb in (ROOT / "notebooks").glob("*.ipynb"):
+        shutil.copy2(nb, dest / "notebooks" / nb.name)
+    shutil.copy2(ROOT / "notebooks" / "sanitize.cfg", dest / "notebooks" / "sanitize.cfg")
+
+
+def _run_tests(work: Path, args: tuple[str, ...], timeout: float) -> tuple[str, float]:
+    existing = [
+        a for a in args if not a.startswith(("tests/", "notebooks/")) or (work / a.split("::")[0]).exists()
+    ]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-o", "addopts=", "-p", "no:cacheprovider", *existing]
+    env = {**os.environ, "PYTHONPATH": str(work), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if proc.returncode == 0:
+        return "survived", elapsed
+    if proc.returncode == 5:  # no tests collected: the selection is wrong, not the code
+        return "no tests", elapsed
+    if (
+        proc.returncode != 1
+    ):  # 2-4: interrupted, internal or usage error (e.g. the mutated module does not import)
+        return "error", elapsed
+    return "caught", elapsed
+
+
+def run(mutations: list[Mutation], timeout: float, baseline: bool) -> list[tuple[Mutation, str, float]]:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="qwennb-mutation-") as tmp:
+        work = Path(tmp)
+        _copy_repo(work)
+        if baseline:  # the selected tests must pass on the unmutated code, or "caught" means nothing
+            for args in sorted({m.tests for m in mutations}):
+                outcome, _ = _run_tests(work, args, timeout)
+                if outcome != "survived":
+                    print(f"baseline: {' '.join(args)} -> {outcome}; fix the tests first", flush=True)
+                    sys.exit(1)
+        for m in mutations:
+            path = work / m.module
+            source = path.read_text()
+            if source.count(m.old) != 1:
+                results.append((m, "stale", 0.0))
+                print(
+                    f"stale     {m.module}: {m.name} (snippet found {source.count(m.old)} times)", flush=True
+                )
+                continue
+            path.write_text(source.replace(m.old, m.new))
+            try:
+                outcome, elapsed = _run_tests(work, m.tests, timeout)
+            finally:
+                path.write_text(source)
+            results.append((m, outcome, elapsed))
+            print(f"{outcome:<9} {m.module}: {m.name} ({elapsed:.0f} s)", flush=True)
+    return results
+
+
+def report(results: list[tuple[Mutation, str, float]]) -> str:
+    scored = [r for r in results if r[1] in ("caught", "survived", "timeout")]
+    caught = sum(r[1] in ("caught", "timeout") for r in scored)
+    lines = [
+        f"Score: **{caught}/{len(scored)} caught** ({100 * caught / max(1, len(scored)):.0f}%)"
+        + (f"; {len(results) - len(scored)} stale or without tests" if len(results) > len(scored) else ""),
+        "",
+        "| module | mutation | outcome | tests run | s |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m, outcome, elapsed in results:
+        lines.append(
+            f"| {m.module.split('/')[-1]} | {m.name} | {outcome} | `{' '.join(m.tests)}` | {elapsed:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--only", help="mutate only modules whose path contains this (generation, speed, plan, presets)"
+    )
+    ap.add_argument(
+        "--name", help="run only the mutations whose name contains one of these (comma-separated)"
+    )
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per test run (default 300)")
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="skip running the selected tests unmutated first"
+    )
+    ap.add_argument("--write", help="write the result table into this markdown file (between markers)")
+    args = ap.parse_args(argv)
+    chosen = [
+        m
+        for m in MUTATIONS
+        if (not args.only or args.only in m.module)
+        and (not args.name or any(n.strip() in m.name for n in args.name.split(",")))
+    ]
+    t0 = time.perf_counter()
+    results = run(chosen, args.timeout, baseline=not args.no_baseline)
+    table = report(results)
+    print(f"\n{table}\n\n({time.perf_counter() - t0:.0f} s in all)")
+    if args.write:
+        path = Path(args.write)
+        start, end = "<!-- mutation-check:start -->", "<!-- mutation-check:end -->"
+        text = path.read_text() if path.exists() else f"{start}\n{end}\n"
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        path.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    survived = sum(r[1] == "survived" for r in results)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
