@@ -382,6 +382,22 @@ def _image_options(args: argparse.Namespace) -> dict[str, Any]:
     return images
 
 
+def _report_result(result: Any, args: argparse.Namespace) -> int:
+    """Notices to stderr, the PNGs saved (or rescued to a temporary folder), then the paths or one JSON object."""
+    for n in result.notices:
+        print(f"qwennb: {n}", file=sys.stderr)
+    _save_or_rescue(result, args.out, not args.no_metadata)
+    if args.json:
+        d = result.to_dict()
+        d.pop("plan")
+        print(json.dumps(d, indent=2, ensure_ascii=False))
+    else:
+        for p in result.paths:
+            print(p)
+        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import os
 
@@ -443,18 +459,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             bar.close()
         if session is not None:
             session.unload()
-    for n in result.notices:
-        print(f"qwennb: {n}", file=sys.stderr)
-    _save_or_rescue(result, args.out, not args.no_metadata)
-    if args.json:
-        d = result.to_dict()
-        d.pop("plan")
-        print(json.dumps(d, indent=2, ensure_ascii=False))
-    else:
-        for p in result.paths:
-            print(p)
-        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
-    return 0
+    return _report_result(result, args)
 
 
 # --------------------------------------------------------------------------- enhance, describe
@@ -940,18 +945,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
-    for n in result.notices:
-        print(f"qwennb: {n}", file=sys.stderr)
-    result.save(args.out, embed_metadata=not args.no_metadata)
-    if args.json:
-        d = result.to_dict()
-        d.pop("plan")
-        print(json.dumps(d, indent=2, ensure_ascii=False))
-    else:
-        for p in result.paths:
-            print(p)
-        print(f"{result.caption()}; median {result.median_step_s or 0:.3f} s/step")
-    return 0
+    return _report_result(result, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -843,20 +843,9 @@ def load_provenance(png: str | os.PathLike[str]) -> dict[str, Any]:
     Example:
         >>> load_provenance("missing.png")  # doctest: +SKIP
     """
-    import json
+    from .generation import read_metadata
 
-    from PIL import Image
-
-    from .generation import PNG_KEY
-
-    try:
-        with Image.open(png) as im:
-            raw = im.info.get(PNG_KEY) or getattr(im, "text", {}).get(PNG_KEY)
-    except OSError as exc:
-        raise GenerationError(f"cannot read {png}: {exc}") from None
-    if not raw:
-        raise GenerationError(f"{png} carries no qwennb parameters (saved elsewhere, or with metadata off)")
-    return json.loads(raw)
+    return read_metadata(png)
 
 
 class _CallableModule(types.ModuleType):

@@ -756,11 +756,11 @@ def save_images(
     return paths
 
 
-def load_params(png: str | os.PathLike[str]) -> dict[str, Any]:
-    """The generation parameters stored in a PNG saved by qwennb (``generate(pipe, **params)`` redoes it).
+def read_metadata(png: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything qwennb stored in a PNG it saved (one JSON object), or a one-line :class:`GenerationError`.
 
     Example:
-        >>> load_params("missing.png")  # doctest: +SKIP
+        >>> read_metadata("missing.png")  # doctest: +SKIP
     """
     from PIL import Image
 
@@ -779,6 +779,16 @@ def load_params(png: str | os.PathLike[str]) -> dict[str, Any]:
         ) from None
     if not isinstance(meta, dict):
         raise GenerationError(f"{png} has qwennb metadata that is not a JSON object")
+    return meta
+
+
+def load_params(png: str | os.PathLike[str]) -> dict[str, Any]:
+    """The generation parameters stored in a PNG saved by qwennb (``generate(pipe, **params)`` redoes it).
+
+    Example:
+        >>> load_params("missing.png")  # doctest: +SKIP
+    """
+    meta = read_metadata(png)
     keys = ("prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "num_images", "loras")
     out = {k: meta[k] for k in keys if k in meta}
     preset = meta.get("preset")

@@ -6,6 +6,7 @@ EDIT_MODEL and T2I_MODEL are the only places naming the stand-ins: when the trai
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,6 +368,19 @@ def test_cli_edit_json(tmp_path, capsys):
     assert d["seed"] == 6 and d["steps"] == 2 and len(d["step_times_s"]) == 2 and d["model"] == EDIT_MODEL
     assert (d["width"], d["height"]) == (80, 48) and Image.open(d["images"][0]).size == (80, 48)
     assert load_provenance(d["images"][0])["inputs"][0]["sha256"] == image_sha256(picture(80, 48))
+
+
+def test_cli_edit_keeps_the_image_when_the_folder_cannot_be_written(tmp_path, capsys):
+    path = tmp_path / "in.png"
+    picture(64, 64).save(path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    argv = ["edit", str(path), "make it blue", "--model", EDIT_MODEL, "--seed", "6", "--steps", "2"]
+    assert main([*argv, "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"qwennb: error: could not save to {blocker / 'out'}")
+    rescued = Path(err.split("saved to ")[-1].split()[0])
+    assert rescued.suffix == ".png" and Image.open(rescued).size == (64, 64)
 
 
 @pytest.mark.parametrize(
