@@ -250,9 +250,14 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerBase:
     """
     from tokenizers import Tokenizer
 
-    backend = Tokenizer.from_str(_tiny_tokenizer_json())
-    cls = _qwen2_tokenizer_class()
-    tokenizer = cls(
+    return wrap_qwen_tokenizer(Tokenizer.from_str(_tiny_tokenizer_json()))
+
+
+def wrap_qwen_tokenizer(backend: Any) -> PreTrainedTokenizerBase:
+    """A ``tokenizers`` backend (Qwen's special tokens already added) as the tokenizer class QwenImagePipeline
+    expects: ``<|endoftext|>`` pads, ``<|im_end|>`` ends, ChatML template. Used by the tiny stand-ins and by the
+    toy model's training script."""
+    tokenizer = _qwen2_tokenizer_class()(
         tokenizer_object=backend,
         unk_token=None,
         bos_token=None,

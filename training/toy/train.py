@@ -65,13 +65,7 @@ def log(msg: str) -> None:
 def build_tokenizer(seed: int):
     from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, trainers
 
-    from qwennb.stand_ins import (
-        CHATML_TEMPLATE,
-        SPECIAL_TOKENS,
-        TOKENIZER_CORPUS,
-        _new_backend_tokenizer,
-        _qwen2_tokenizer_class,
-    )
+    from qwennb.stand_ins import SPECIAL_TOKENS, TOKENIZER_CORPUS, _new_backend_tokenizer, wrap_qwen_tokenizer
 
     rng = random.Random(seed)
     corpus = [TEMPLATE.split("{}")[0].replace("<|im_start|>", "").replace("<|im_end|>", "")] * 200
@@ -90,18 +84,7 @@ def build_tokenizer(seed: int):
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    backend = Tokenizer.from_str(tok.to_str())
-    tokenizer = _qwen2_tokenizer_class()(
-        tokenizer_object=backend,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-        chat_template=CHATML_TEMPLATE,
-        model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-    )
+    tokenizer = wrap_qwen_tokenizer(Tokenizer.from_str(tok.to_str()))
     from qwennb.stand_ins import template_prefix_tokens
 
     n = template_prefix_tokens(tokenizer, TEMPLATE)
