@@ -114,6 +114,7 @@ def _machine_from_args(args: argparse.Namespace) -> Any:
         pcie_gen=args.pcie_gen,
         pcie_width=args.pcie_width,
         tflops=args.tflops,
+        gpu_count=max(1, args.gpus or 1),
     )
 
 
@@ -138,7 +139,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                 "--gpu-memory 24GB --host-ram 64GB` (also --compute-capability, --pcie-gen, --pcie-width, --tflops), "
                 "or --force to plan it on the CPU"
             )
-    overrides = OptimizationConfig(force=args.force, dtype="float32" if args.fp32 else None, mode=args.mode)
+    overrides = OptimizationConfig(
+        force=args.force, dtype="float32" if args.fp32 else None, mode=args.mode, gpus=args.gpus
+    )
     from .models import get_model
 
     plan_fn = make_plan
@@ -838,6 +841,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pcie-width",
         type=int,
         help=f"PCIe lanes of the described card (default: {DESCRIBED_DEFAULTS['pcie_width']})",
+    )
+    pl.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="spread one request over N identical GPUs (with --gpu-memory: the described machine has N); "
+        "the plan says which parallel mode and why",
     )
     pl.add_argument(
         "--tflops",

@@ -191,7 +191,7 @@ class OptimizationConfig:
     allow_lossy: bool | None = None  # may the plan pick fp8/quantised storage to fit memory?
     force: bool = False  # plan the real model on CPU, or a card without bf16 in fp32
     mode: str | None = None  # a named set of the options above (MODES: "exact", "turbo", "turbo-cache")
-    # GPUs to spread one image over. Not planned yet: the plan uses one GPU (Plan.gpus says how many it used).
+    # GPUs to spread one request over (identical ones; the plan's ``parallel`` says how: qwennb.parallel).
     gpus: int | None = None
 
     @classmethod
@@ -265,7 +265,8 @@ class Plan:
     time_split: dict[str, float] = field(default_factory=dict)  # seconds an image: compute, streaming, ...
     estimated_load_s: float | None = None
     assumptions: list[str] = field(default_factory=list)  # what was assumed about a described machine
-    gpus: int = 1  # GPUs the plan uses (one, for now)
+    gpus: int = 1  # GPUs one request uses (gpus=N spreads it: see ``parallel``)
+    parallel: dict[str, Any] | None = None  # qwennb.parallel.choose_parallel's choice for gpus=N
     source: str | None = None  # the model folder the sizes were read from, if any
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,8 +322,9 @@ def describe_machine(
     pcie_gen: int | None = None,
     pcie_width: int | None = None,
     tflops: float | None = None,
+    gpu_count: int = 1,
 ) -> Hardware:
-    """A described (not detected) machine, to plan for a card you do not have.
+    """A described (not detected) machine, to plan for a card you do not have (``gpu_count`` identical ones).
 
     What is not given is assumed, and each assumption is recorded (``Hardware.notes``, then
     ``Plan.assumptions``) with the ``qwennb plan`` flag that changes it: host RAM 64 GiB, compute capability
@@ -374,6 +376,7 @@ def describe_machine(
                 bf16_tflops=rate,
             )
         )
+        gpus += [replace(gpus[0], index=i) for i in range(1, max(1, int(gpu_count)))]
     return Hardware(
         gpus=gpus,
         host_ram_gb=host,
@@ -1019,7 +1022,7 @@ def make_plan(
         f"bf16, host link {st.h2d_gbps:.0f} GB/s."
     )
     reasons += choice.reasons
-    return _plan_on_gpu(
+    plan = _plan_on_gpu(
         spec,
         model,
         gpu,
@@ -1034,6 +1037,34 @@ def make_plan(
         warnings + choice.warnings,
         assumed,
     )
+    return _over_gpus(plan, cfg, hardware, tconf)
+
+
+def _over_gpus(plan: Plan, cfg: OptimizationConfig, hardware: Hardware, tconf: dict[str, Any]) -> Plan:
+    """``gpus=N`` (N > 1): how one request spreads over N identical GPUs, chosen by
+    :func:`qwennb.parallel.choose_parallel` (CFG-parallel, Ulysses or both; data parallel for several images),
+    with its reason and cost; each GPU holds the arrangement planned above. N must not exceed the identical GPUs.
+    """
+    if not cfg.gpus or cfg.gpus <= 1:
+        return plan
+    best = hardware.best_gpu
+    same = [g for g in hardware.gpus if (g.name, g.total_memory_gb) == (best.name, best.total_memory_gb)]
+    if cfg.gpus > len(same):
+        raise PlanError(f"gpus={cfg.gpus}: this machine has {len(same)} GPU(s) like {best.name}")
+    from .parallel import choose_parallel
+
+    par = choose_parallel(
+        cfg.gpus,
+        plan.defaults["cfg"],
+        *plan.estimated_for,
+        heads=int(tconf.get("num_attention_heads", 24)),
+        head_dim=int(tconf.get("attention_head_dim", 128)),
+        layers=int(tconf.get("num_layers", 60)),
+    )
+    plan.gpus = par.gpus_used
+    plan.parallel = asdict(par)
+    plan.reasons.append(f"gpus={cfg.gpus}: {par.text()}")
+    return plan
 
 
 def _plan_whole(
@@ -1219,10 +1250,6 @@ def _plan_on_gpu(
         )
     if cfg.cache:
         warnings.append(f"cache {cfg.cache!r} reuses work between steps: faster, but outputs change")
-    if cfg.gpus and cfg.gpus > 1:
-        warnings.append(
-            f"gpus={cfg.gpus}: one image over several GPUs is not planned yet; this plan uses one GPU"
-        )
     return Plan(
         model=spec.name,
         hub_id=spec.hub_id,

@@ -350,9 +350,10 @@ def test_too_small_card_is_refused_in_one_line():
     assert "\n" not in str(e.value) and "GiB" in str(e.value)
 
 
-def test_gpus_field_is_reserved_for_multi_gpu():
-    plan = make_plan(describe_machine(80, **H100), "qwen-image", {"gpus": 2})
-    assert plan.gpus == 1 and any("gpus=2" in w for w in plan.warnings)
+def test_gpus_beyond_a_one_gpu_machine_are_refused():
+    # spreading over GPUs is tests/test_plan_gpus.py's; a machine with one card cannot give two
+    with pytest.raises(PlanError, match=r"gpus=2: this machine has 1 GPU"):
+        make_plan(describe_machine(80, **H100), "qwen-image", {"gpus": 2})
 
 
 def test_plan_core_imports_no_presentation_module():
