@@ -1374,6 +1374,10 @@ def run_batch(
         finally:
             if engine is not None:
                 engine.close(abandon=bool(inflight))
+            for tmp in (folder / IMAGES).glob(".*.tmp"):
+                tmp.unlink(
+                    missing_ok=True
+                )  # a write an interrupted worker never finished: nothing refers to it
             for rec in state.values():  # in flight when abandoned (a second Ctrl-C), or queued for a retry
                 if rec["status"] not in ("done", "failed"):
                     rec["status"] = "pending"

@@ -184,7 +184,9 @@ def test_stop_reaches_the_workers(pool2):
             stop.set()
 
     out = pool2.generate(PROMPT, on_step=on_step, stop=stop, **{**KW, "steps": 8})
-    assert out.interrupted and out.steps_completed == 2 and len(out.images) == 1
+    # The controller hears of step 2 through a queue while the workers go on: they stop at the next step they
+    # start after the signal, the 3rd at the latest (as with Ctrl-C below), and never run to the end.
+    assert out.interrupted and out.steps_completed in (2, 3) and len(out.images) == 1
     # The pool is still usable, and the next run is whole.
     assert pool2.generate(PROMPT, **KW).steps_completed == 3
 
