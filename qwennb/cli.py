@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -385,6 +385,25 @@ def _image_options(args: argparse.Namespace) -> dict[str, Any]:
     return images
 
 
+def _step_bar() -> tuple[Callable[[Any], None], list[Any]]:
+    """A tqdm step bar on stderr made at the first step, when the total is known (no empty "0step" bar before
+    it), closed at the last step (before the decode, so its time is the denoising's). Returns the ``on_step``
+    callback and the list holding the bar, for closing it on an early exit."""
+    from tqdm.auto import tqdm
+
+    bars: list[Any] = []
+
+    def on_step(s: Any) -> None:
+        if not bars:
+            disable = os.environ.get("QWENNB_NO_PROGRESS") == "1"
+            bars.append(tqdm(total=s.total, unit="step", file=sys.stderr, disable=disable))
+        bars[0].update(1)
+        if s.step == s.total:
+            bars[0].close()
+
+    return on_step, bars
+
+
 def _report_result(result: Any, args: argparse.Namespace) -> int:
     """Notices to stderr, the PNGs saved (or rescued to a temporary folder), then the paths or one JSON object."""
     for n in result.notices:
@@ -402,7 +421,6 @@ def _report_result(result: Any, args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import os
 
     # Every option is checked before anything heavy is imported or loaded (torch, diffusers, the weights).
     opts = _options_from_args(args, args.prompt, num_images=args.n)
@@ -414,8 +432,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         # before loading 57 GB that generate would refuse
         name = resolve_model(args.model)[0]
         raise QwennbError(f'{name} is an edit model: use `qwennb edit IMAGE... "instruction" --model {name}`')
-    from tqdm.auto import tqdm
-
     from .generation import generate
 
     session = None
@@ -431,15 +447,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         pipe = _load_for_cli(args)
-    bars: list[Any] = []  # made at the first step, when the total is known (no empty "0step" bar before)
-
-    def on_step(s: Any) -> None:
-        if not bars:
-            disable = os.environ.get("QWENNB_NO_PROGRESS") == "1"
-            bars.append(tqdm(total=s.total, unit="step", file=sys.stderr, disable=disable))
-        bars[0].update(1)
-        if s.step == s.total:
-            bars[0].close()  # before the decode, so the bar's time is the denoising's
+    on_step, bars = _step_bar()
 
     run = session.generate if session is not None else lambda *a, **k: generate(pipe, *a, **k)
     try:
@@ -908,7 +916,6 @@ def add_edit_parser(sub: Any) -> None:
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from .edit import check_edit_inputs, edit, plan_edit, resolve_edit_model
@@ -932,14 +939,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = build(plan, path)
     print(f"qwennb: loaded {name} ({plan.arrangement}) in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=None, unit="step", file=sys.stderr, disable=os.environ.get("QWENNB_NO_PROGRESS") == "1")
-
-    def on_step(s: Any) -> None:
-        bar.total = s.total
-        bar.update(1)
-
+    on_step, bars = _step_bar()
     try:
         result = edit(
             pipe,
@@ -954,7 +954,8 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     return _report_result(result, args)
 
 

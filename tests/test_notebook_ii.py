@@ -161,6 +161,24 @@ def test_cli_progress_has_no_stray_zero_step_bar(tmp_path):
     assert json.loads(proc.stdout)["seed"] == 1
 
 
+def test_cli_edit_progress_has_no_stray_zero_step_bar(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), QWENNB_NO_PROGRESS="0", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [PY, "-m", "qwennb.cli", "edit", str(tmp_path / "in.png"), "make it blue", "--model", "tiny-edit"]
+        + ["--steps", "3", "--seed", "1", "--out", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0step [" not in proc.stderr and "step [" not in proc.stderr.replace("step/s]", "")
+    assert "3/3" in proc.stderr and json.loads(proc.stdout)["seed"] == 1
+
+
 # --------------------------------------------------------------------------- 2. save errors never lose the image
 
 
