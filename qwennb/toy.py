@@ -312,6 +312,9 @@ _EN_POSITION = {
             "to the left",
             "on the left side",
             "in the left part of the image",
+            "at the left edge",
+            "on the left of the frame",
+            "far left",
         ],
         "right": [
             "on the right",
@@ -319,15 +322,37 @@ _EN_POSITION = {
             "to the right",
             "on the right side",
             "in the right part of the image",
+            "at the right edge",
+            "on the right of the frame",
+            "far right",
         ],
-        "top": ["at the top", "on top", "in the upper part", "near the top", "at the top of the image"],
-        "bottom": ["at the bottom", "in the lower part", "near the bottom", "at the bottom of the image"],
+        "top": [
+            "at the top",
+            "on top",
+            "in the upper part",
+            "near the top",
+            "at the top of the image",
+            "high in the image",
+            "up high",
+            "at the top of the frame",
+        ],
+        "bottom": [
+            "at the bottom",
+            "in the lower part",
+            "near the bottom",
+            "at the bottom of the image",
+            "low in the image",
+            "down low",
+            "at the bottom of the frame",
+        ],
         "center": [
             "in the center",
             "in the middle",
             "at the centre",
             "centered",
             "in the centre of the image",
+            "right at the center",
+            "in the middle of the frame",
         ],
     },
     "heldout": {
@@ -348,11 +373,17 @@ _EN_BACKGROUND = {
         "the background is {}",
         "background: {}",
         "on a plain {} background",
+        "on a {} backdrop",
+        "{} backdrop",
+        "in front of a {} background",
+        "the backdrop is {}",
+        "on a solid {} background",
     ],
     "heldout": ["set against a {} backdrop", "over a flat {} backdrop"],
 }
 _EN_PREFIX = {
     "train": [
+        "",
         "",
         "",
         "a picture of ",
@@ -362,9 +393,29 @@ _EN_PREFIX = {
         "a flat illustration of ",
         "show ",
         "there is ",
+        "generate ",
+        "make ",
+        "render ",
+        "i want ",
+        "create ",
+        "an illustration of ",
+        "a minimal image of ",
+        "a clean picture with ",
+        "here is ",
+        "an icon of ",
     ],
     "heldout": ["please paint ", "a simple graphic showing "],
 }
+# Words that say nothing about the scene, so that the model learns to look past words it does not know.
+_EN_FILLERS = ["nice", "clean", "single", "solid", "bold", "flat", "neat", "cute", "plain", "lone"]
+_EN_SUFFIX = [
+    ", minimal",
+    ", flat colours",
+    ", vector style",
+    " with nothing else",
+    ", nothing else",
+    ", clean",
+]
 _ZH_TEMPLATES = {
     "train": [
         "{bg}背景上有一个{obj}，在{pos}",
@@ -372,9 +423,18 @@ _ZH_TEMPLATES = {
         "一个{obj}位于{pos}，{bg}背景",
         "{obj}在{pos}，{bg}背景",
         "画一个{obj}，在{pos}，背景为{bg}",
+        "在{pos}画一个{obj}，{bg}背景",
+        "{bg}的背景，{pos}有一个{obj}",
+        "背景是{bg}，{obj}在{pos}",
+        "一个{obj}，位置在{pos}，背景{bg}",
+        "{obj}，{pos}，{bg}背景",
+        "生成一张图：{bg}背景，{pos}一个{obj}",
+        "底色为{bg}，一个{obj}在{pos}",
+        "{bg}底，{pos}有个{obj}",
     ],
     "heldout": ["请在{bg}的背景上画一个{obj}，放在{pos}", "{pos}是一个{obj}，底色{bg}"],
 }
+_ZH_PREFIX = ["", "", "", "", "一张图片：", "简单的图：", "扁平风格，", "帮我画："]
 
 
 def _article(word: str) -> str:
@@ -406,6 +466,8 @@ def caption(
         return _caption_zh(scene, rng, keep, split)
     words = _EN
     obj = []
+    if split == "train" and rng.random() < 0.15:
+        obj.append(rng.choice(_EN_FILLERS))
     if keep["size"]:
         obj.append(rng.choice(words["size"][scene.size]))
     if keep["colour"]:
@@ -418,13 +480,20 @@ def caption(
     extras = []
     if keep["position"]:
         extras.append(rng.choice(_EN_POSITION[split][scene.position]))
+    bg = None
     if keep["background"]:
-        extras.append(
-            rng.choice(_EN_BACKGROUND[split]).format(rng.choice(words["background"][scene.background]))
-        )
-    rng.shuffle(extras)
+        bg = rng.choice(_EN_BACKGROUND[split]).format(rng.choice(words["background"][scene.background]))
     sep = rng.choice([" ", ", "])
-    text = sep.join(parts + extras)
+    if bg and split == "train" and not prefix and rng.random() < 0.25:
+        # the background first: "On a gray background, a red circle at the top"
+        text = bg + ", " + sep.join(parts + extras)
+    else:
+        if bg:
+            extras.append(bg)
+        rng.shuffle(extras)
+        text = sep.join(parts + extras)
+    if split == "train" and rng.random() < 0.1:
+        text += rng.choice(_EN_SUFFIX)
     if rng.random() < 0.3:
         text = text[0].upper() + text[1:]
     if rng.random() < 0.3:
@@ -450,6 +519,8 @@ def _caption_zh(scene: Scene, rng: random.Random, keep: dict[str, bool], split: 
         text = rng.choice(["{bg}背景上的一个{obj}", "一个{obj}，{bg}背景"]).format(obj=obj, bg=bg)
     else:
         text = rng.choice(["一个{obj}", "画一个{obj}"]).format(obj=obj)
+    if split == "train":
+        text = rng.choice(_ZH_PREFIX) + text
     return text + ("。" if rng.random() < 0.3 else "")
 
 
@@ -466,7 +537,17 @@ def _lexicon() -> list[tuple[str, str, str, str]]:
         out += [(w, "position", value, "zh") for w in ws]
     for value, ws in _ZH["background"].items():
         for w in ws:
-            for form in (w + "背景", w + "的背景", "背景是" + w, "背景为" + w, "底色" + w, w + "底"):
+            for form in (
+                w + "背景",
+                w + "的背景",
+                "背景是" + w,
+                "背景为" + w,
+                "背景" + w,
+                "底色为" + w,
+                "底色是" + w,
+                "底色" + w,
+                w + "底",
+            ):
                 out.append((form, "background", value, "zh"))
     for value in POSITIONS:
         out.append((value, "position", value, "en"))
@@ -477,8 +558,8 @@ def _lexicon() -> list[tuple[str, str, str, str]]:
         ("centred", "position", "center", "en"),
         ("upper", "position", "top", "en"),
         ("lower", "position", "bottom", "en"),
-        ("high up", "position", "top", "en"),
-        ("low in the frame", "position", "bottom", "en"),
+        ("high", "position", "top", "en"),
+        ("low", "position", "bottom", "en"),
         ("grey", "colour", "gray", "en"),
         ("circular", "shape", "circle", "en"),
         ("round", "shape", "circle", "en"),

@@ -71,7 +71,7 @@ def build_tokenizer(seed: int):
     corpus = [TEMPLATE.split("{}")[0].replace("<|im_start|>", "").replace("<|im_end|>", "")] * 200
     for _ in range(20000):
         scene = toy.random_scene(rng)
-        corpus.append(toy.caption(scene, rng, lang="zh" if rng.random() < 0.35 else "en", drop=DROP))
+        corpus.append(toy.caption(scene, rng, lang="zh" if rng.random() < 0.5 else "en", drop=DROP))
     corpus += TOKENIZER_CORPUS.splitlines()
     tok = _new_backend_tokenizer()
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
@@ -345,7 +345,7 @@ def make_caption(scene: toy.Scene, rng: random.Random) -> str:
         return " "
     if r < 0.10:
         return ""
-    return toy.caption(scene, rng, lang="zh" if rng.random() < 0.35 else "en", drop=DROP)
+    return toy.caption(scene, rng, lang="zh" if rng.random() < 0.5 else "en", drop=DROP)
 
 
 def train_dit(
