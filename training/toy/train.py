@@ -273,23 +273,89 @@ def latent_stats(vae, device, rng, n: int) -> tuple[list[float], list[float]]:
 
 @torch.no_grad()
 def build_pool(vae, device, rng, total: int) -> dict:
-    """Encoded scenes per resolution: {(w, h): (latents (N, 16, h/8, w/8) normalised, [Scene])}."""
+    """Encoded scenes per resolution: {(w, h): (latents (N, 16, h/8, w/8) normalised, shape masks (N, 1, h/8,
+    w/8) at latent resolution, [Scene])}."""
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1)
     pool = {}
     for (w, h), share in RESOLUTIONS.items():
         n = int(total * share)
-        lat, sc = [], []
+        lat, fgs, sc = [], [], []
         for start in range(0, n, 256):
             batch = scenes(rng, min(256, n - start))
-            x = toy.render_batch(batch, w, h, device=device)[:, :, None]
+            x = toy.render_batch(batch, w, h, device=device)
+            fg = ((x - x[..., :1, :1]).abs().amax(dim=1, keepdim=True) > 0.05).float()
+            fgs.append(F.max_pool2d(fg, 8) > 0)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                z = vae.encode(x).latent_dist.mode()[:, :, 0].float()
+                z = vae.encode(x[:, :, None]).latent_dist.mode()[:, :, 0].float()
             lat.append(((z - mean) / std).to(torch.bfloat16))
             sc += batch
-        pool[(w, h)] = (torch.cat(lat), sc)
+        pool[(w, h)] = (torch.cat(lat), torch.cat(fgs), sc)
         log(f"pool {w}x{h}: {n} scenes")
     return pool
+
+
+class CaptionBank:
+    """``per_scene`` captions of every pool scene, tokenised once (padded token ids and masks on the device),
+    so that a training step only indexes tensors: captioning and tokenising 256-512 strings a step in Python
+    is slower than the small model's forward and backward."""
+
+    def __init__(self, pipe, pool: dict, rng: random.Random, device, per_scene: int = 3):
+        self.k = per_scene
+        self.banks = {}
+        empties = self._tokenise(pipe, [" ", ""], device)
+        self.empty = empties
+        for key, (_, _, sc) in pool.items():
+            caps = [real_caption(s, rng) for s in sc for _ in range(per_scene)]
+            self.banks[key] = self._tokenise(pipe, caps, device)
+            ref = pipe.tokenizer(
+                [pipe.prompt_template_encode.format(c) for c in caps[:8]], padding=True, return_tensors="pt"
+            )
+            ids, mask = self.banks[key][0][:8].cpu(), self.banks[key][1][:8].cpu()
+            n = ref.input_ids.shape[1]
+            if not (torch.equal(ids[:, :n].long(), ref.input_ids) and not mask[:, n:].any()):
+                raise SystemExit("the caption bank tokenises differently from the pipeline")
+            log(
+                f"captions {key[0]}x{key[1]}: {len(caps)} tokenised, {self.banks[key][0].shape[1]} tokens max"
+            )
+
+    @staticmethod
+    def _tokenise(pipe, caps: list[str], device):
+        ids, masks = [], []
+        tok = pipe.tokenizer
+        length = pipe.tokenizer_max_length + pipe.prompt_template_encode_start_idx
+        for start in range(0, len(caps), 8192):
+            t = tok(
+                [pipe.prompt_template_encode.format(c) for c in caps[start : start + 8192]],
+                max_length=length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids.append(t.input_ids.to(torch.int32))
+            masks.append(t.attention_mask.to(torch.bool))
+        ids, masks = torch.cat(ids), torch.cat(masks)
+        longest = int(masks.sum(1).max())
+        return ids[:, :longest].to(device), masks[:, :longest].to(device)
+
+    def sample(self, key, idx: torch.Tensor, p_empty: float = 0.1):
+        """Token ids and mask for scenes ``idx`` of resolution ``key``: one of their captions at random,
+        or (with probability ``p_empty``) an empty caption, so that true CFG has its unconditional branch."""
+        ids, masks = self.banks[key]
+        device = ids.device
+        n = idx.shape[0]
+        rows = idx.to(device) * self.k + torch.randint(0, self.k, (n,), device=device)
+        width = max(ids.shape[1], self.empty[0].shape[1])
+        out_ids = F.pad(ids[rows], (0, width - ids.shape[1]))
+        out_mask = F.pad(masks[rows], (0, width - ids.shape[1]))
+        empty = torch.rand(n, device=device) < p_empty
+        which = torch.randint(0, 2, (n,), device=device)
+        e_ids = F.pad(self.empty[0], (0, width - self.empty[0].shape[1]))[which]
+        e_mask = F.pad(self.empty[1], (0, width - self.empty[1].shape[1]))[which]
+        out_ids = torch.where(empty[:, None], e_ids, out_ids)
+        out_mask = torch.where(empty[:, None], e_mask, out_mask)
+        longest = int(out_mask.sum(1).max())
+        return out_ids[:, :longest].long(), out_mask[:, :longest].long()
 
 
 def shift_sigmas(s: torch.Tensor, seq_len: int, cfg: dict) -> torch.Tensor:
@@ -311,10 +377,15 @@ def encode_text(pipe, captions: list[str], device):
         truncation=True,
         return_tensors="pt",
     ).to(device)
-    mask = tok.attention_mask
+    return encode_ids(pipe, tok.input_ids, tok.attention_mask)
+
+
+def encode_ids(pipe, ids: torch.Tensor, mask: torch.Tensor):
+    """The text encoder's last hidden state without the template prefix, for already tokenised prompts."""
+    drop = pipe.prompt_template_encode_start_idx
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
     out = pipe.text_encoder(
-        input_ids=tok.input_ids,
+        input_ids=ids,
         attention_mask=mask,
         position_ids=pos[None].expand(3, -1, -1),
         output_hidden_states=True,
@@ -339,17 +410,22 @@ def check_encoder(pipe, device) -> bool:
     return err < 1e-4
 
 
-def make_caption(scene: toy.Scene, rng: random.Random) -> str:
-    r = rng.random()
-    if r < 0.08:
-        return " "
-    if r < 0.10:
-        return ""
+def real_caption(scene: toy.Scene, rng: random.Random) -> str:
     return toy.caption(scene, rng, lang="zh" if rng.random() < 0.5 else "en", drop=DROP)
 
 
 def train_dit(
-    pipe, pool, device, rng, seconds: float, batch: int, sched_cfg: dict, history: list, min_steps: int
+    pipe,
+    pool,
+    bank: CaptionBank,
+    device,
+    rng,
+    seconds: float,
+    batch: int,
+    sched_cfg: dict,
+    history: list,
+    min_steps: int,
+    fg_weight: float,
 ):
     from diffusers import QwenImagePipeline
 
@@ -369,7 +445,10 @@ def train_dit(
     base_lrs = [g["lr"] for g in opt.param_groups]
     keys = list(pool)
     weights = [RESOLUTIONS[k] for k in keys]
-    fast = check_encoder(pipe, device)
+    if not check_encoder(pipe, device):
+        raise SystemExit(
+            "the fast text encoding differs from encode_prompt: the text conditioning would be wrong"
+        )
     t0 = time.time()
     step = 0
     running = None
@@ -383,11 +462,11 @@ def train_dit(
         for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * lr_scale
         (w, h) = rng.choices(keys, weights=weights)[0]
-        lat, sc = pool[(w, h)]
+        lat, fgmask, _ = pool[(w, h)]
         bsz = batch if (w, h) == (256, 256) else batch * 2
-        idx = torch.randint(0, lat.shape[0], (bsz,), device="cpu")
-        x0 = lat[idx.to(lat.device)].float()
-        caps = [make_caption(sc[i], rng) for i in idx.tolist()]
+        idx = torch.randint(0, lat.shape[0], (bsz,), device=lat.device)
+        x0 = lat[idx].float()
+        ids, ids_mask = bank.sample((w, h), idx)
         hh, ww = x0.shape[-2:]
         seq = (hh // 2) * (ww // 2)
         u = torch.where(
@@ -400,7 +479,7 @@ def train_dit(
         xt = (1 - sig[:, None, None, None]) * x0 + sig[:, None, None, None] * noise
         target = noise - x0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            emb, mask = encode_text(pipe, caps, device) if fast else pipe.encode_prompt(caps, device=device)
+            emb, mask = encode_ids(pipe, ids, ids_mask)
             packed = QwenImagePipeline._pack_latents(xt, bsz, 16, hh, ww)
             pred = transformer(
                 hidden_states=packed,
@@ -411,7 +490,13 @@ def train_dit(
                 return_dict=False,
             )[0]
         tgt = QwenImagePipeline._pack_latents(target, bsz, 16, hh, ww)
-        loss = F.mse_loss(pred.float(), tgt)
+        # The shape's latent pixels weigh (1 + fg_weight) times a background pixel: a small shape is a few
+        # per cent of the image, so with a plain MSE the model learns the background long before it learns
+        # to put the named colour and shape at the named place from pure noise (run 4: at sigma 1 its x0
+        # prediction was the background alone).
+        wmap = 1.0 + fg_weight * fgmask[idx].float().expand(-1, 16, -1, -1)
+        wpk = QwenImagePipeline._pack_latents(wmap, bsz, 16, hh, ww)
+        loss = ((pred.float() - tgt) ** 2 * wpk).sum() / wpk.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(transformer.parameters()) + list(te.parameters()), 1.0)
@@ -422,6 +507,12 @@ def train_dit(
                 for p_ema, p in zip(dst.parameters(), src.parameters(), strict=True):
                     p_ema.lerp_(p.detach(), 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step in (50, 51) and device.type == "cuda":
+            torch.cuda.synchronize()
+            if step == 50:
+                t_mark = time.time()
+            else:
+                log(f"one step at batch {bsz} ({w}x{h}): {1000 * (time.time() - t_mark):.0f} ms")
         if step % 200 == 0:
             history.append(
                 {
@@ -571,7 +662,18 @@ def main() -> None:
     ap.add_argument("--vae-minutes", type=float, default=4.0, help="time budget of the VAE stage")
     ap.add_argument("--pool", type=int, default=96000, help="encoded scenes in the training pool")
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument(
+        "--fg-weight",
+        type=float,
+        default=3.0,
+        help="extra loss weight of the shape's latent pixels (DiT stage)",
+    )
     ap.add_argument("--vae", default=None, help="a trained VAE folder to reuse (skips the VAE stage)")
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="a toy model folder whose transformer and text encoder training goes on from",
+    )
     ap.add_argument("--eval", type=int, default=240, help="held-out prompt/seed pairs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a minute on the CPU: tiny budgets, checks the path")
@@ -633,18 +735,36 @@ def main() -> None:
     pool = build_pool(vae, device, rng, args.pool)
     timings["pool_s"] = round(time.time() - t, 1)
 
-    te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(text_encoder_config(tokenizer))).to(
-        device
-    )
-    transformer = QwenImageTransformer2DModel(**TRANSFORMER).to(device)
+    if args.init:
+        # go on from an earlier run's transformer, text encoder and tokenizer (its VAE must be --vae's)
+        prev = QwenImagePipeline.from_pretrained(args.init, vae=vae, torch_dtype=torch.float32)
+        te, transformer, tokenizer = prev.text_encoder.to(device), prev.transformer.to(device), prev.tokenizer
+        log(f"transformer and text encoder go on from {args.init}")
+    else:
+        te = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(text_encoder_config(tokenizer)))
+        te = te.to(device)
+        transformer = QwenImageTransformer2DModel(**TRANSFORMER).to(device)
     vae.requires_grad_(False)
     pipe = QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=te, tokenizer=tokenizer, transformer=transformer
     )
     assert pipe.prompt_template_encode == TEMPLATE, "diffusers' prompt template changed"
     t = time.time()
+    bank = CaptionBank(pipe, pool, rng, device, per_scene=3 if not args.smoke else 2)
+    timings["captions_s"] = round(time.time() - t, 1)
+    t = time.time()
     steps = train_dit(
-        pipe, pool, device, rng, args.minutes * 60, args.batch, sched_cfg, history, 2 if args.smoke else 100
+        pipe,
+        pool,
+        bank,
+        device,
+        rng,
+        args.minutes * 60,
+        args.batch,
+        sched_cfg,
+        history,
+        2 if args.smoke else 100,
+        args.fg_weight,
     )
     timings["dit_s"] = round(time.time() - t, 1)
     timings["dit_steps"] = steps
