@@ -148,6 +148,19 @@ REGISTRY: dict[str, ModelSpec] = {
             aliases=("qwen/qwen2.5-vl-7b-instruct",),
         ),
         ModelSpec(
+            "toy",
+            None,
+            "text-to-image",
+            "MMDiT",
+            "QwenImagePipeline",
+            "toy",
+            ("transformer", "text_encoder", "vae"),
+            description="Embedded toy model (25 MB, in the package): Qwen-Image's own classes at a small size, "
+            "trained on a toy world of one flat shape on a plain background (training/toy). It draws the colour, "
+            "position and background a prompt names, in English or Chinese; its shapes are still blobs. "
+            "Not Qwen-Image.",
+        ),
+        ModelSpec(
             "tiny",
             None,
             "text-to-image",
@@ -225,8 +238,10 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-# The model qwennb plans and loads where no GPU is found (``qwennb plan`` without a GPU plans it).
-EMBEDDED_MODEL = "tiny"
+# The model qwennb plans and loads where no real weights are found (``qwennb plan`` without a GPU plans it).
+EMBEDDED_MODEL = "toy"
+# Where the toy model's diffusers folder sits in the package (loaded with from_pretrained, as real weights are).
+TOY_MODEL_DIR = str(Path(__file__).resolve().parent / "toy_model")
 
 
 def get_model(name: str) -> ModelSpec:

@@ -23,15 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LoadError, UnknownModelError
-from .models import find_local_models, get_model, inspect_folder
+from .models import TOY_MODEL_DIR, find_local_models, get_model, inspect_folder
 from .plan import Plan
 
 log = logging.getLogger("qwennb")
 
-TINY_NOTICE = (
-    "No Qwen-Image weights found: loaded the tiny stand-in (real classes, tiny configs); its images are noise. "
-    "Run `qwennb download --model qwen-image` or set QWENNB_MODEL to a model folder."
+TOY_NOTICE = (
+    "No Qwen-Image weights found: loaded the embedded toy model (Qwen-Image's classes at a small size, trained "
+    "on a toy world of one flat shape on a plain background; not Qwen-Image). It draws the colour, position and "
+    "background a prompt names (its shapes are still blobs). "
+    "Run `qwennb download --model qwen-image` or set QWENNB_MODEL to a model folder for the real model."
 )
+# kept for code that imported it: the embedded default used to be the random tiny stand-in
+TINY_NOTICE = TOY_NOTICE
 
 
 # Complete local snapshots loaded when no model is named, newest first.
@@ -57,14 +61,18 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
 
     Order: ``name`` (a registry name, hub id or folder), the ``QWENNB_MODEL`` environment variable, a
     complete Qwen-Image-2512 or Qwen-Image snapshot on disk (the Hugging Face cache or ``folder``), else
-    ``tiny`` with a notice.
+    the embedded ``toy`` model (a folder in the package) with a notice.
 
     Example:
         >>> resolve_model("tiny")
         ('tiny', None, None)
+        >>> resolve_model("toy")[0], resolve_model("toy")[1].endswith("toy_model")
+        ('toy', True)
     """
     name = name or os.environ.get("QWENNB_MODEL") or None
     if name:
+        if os.path.isdir(name) and Path(name).resolve() == Path(TOY_MODEL_DIR):
+            return "toy", TOY_MODEL_DIR, None
         if os.path.isdir(name):
             local = inspect_folder(name)
             if local.architecture != "MMDiT":
@@ -83,6 +91,8 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
         spec = get_model(name)
         if spec.stand_in:
             return spec.name, None, None
+        if spec.name == "toy":
+            return "toy", TOY_MODEL_DIR, None
         for m in find_local_models(folder):
             if m.hub_id == spec.hub_id or m.name == spec.name:
                 if not m.complete:
@@ -100,7 +110,7 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
     for default in DEFAULT_MODELS:
         if default in found:
             return default, found[default].path, None
-    return "tiny", None, TINY_NOTICE
+    return "toy", TOY_MODEL_DIR, TOY_NOTICE
 
 
 def _load_pretrained(plan: Plan, path: str | None) -> Any:

@@ -115,6 +115,7 @@ DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1}
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 * 4 / 2, "int8": 1.0 + 1 / 1024}
 PRESET_DEFAULTS = {
     "tiny": {"steps": 8, "cfg": 4.0, "width": 256, "height": 256},
+    "toy": {"steps": 20, "cfg": 4.0, "width": 256, "height": 256},
     "gpu": {"steps": 20, "cfg": 4.0, "width": 1024, "height": 1024},
 }
 
@@ -928,8 +929,8 @@ def _resolve(overrides: OptimizationConfig | dict[str, Any] | None) -> tuple[Opt
     return cfg, notes
 
 
-def _defaults(cfg: OptimizationConfig, small: bool, reasons: list[str]) -> dict[str, Any]:
-    defaults = dict(PRESET_DEFAULTS["tiny" if small else "gpu"])
+def _defaults(cfg: OptimizationConfig, small: bool, reasons: list[str], model: str = "") -> dict[str, Any]:
+    defaults = dict(PRESET_DEFAULTS[model if model in PRESET_DEFAULTS else "tiny" if small else "gpu"])
     for key, attr in (
         ("steps", "optimal_steps"),
         ("cfg", "optimal_cfg_scale"),
@@ -990,7 +991,7 @@ def make_plan(
     if device == "cuda" and gpu is None:
         raise PlanError("device 'cuda' was asked for but no CUDA GPU was found")
     small = sum(s.params for s in sizes.values()) < 1e9  # a stand-in or a toy: its own small defaults
-    defaults = _defaults(cfg, small, reasons)
+    defaults = _defaults(cfg, small, reasons, spec.name)
     w, h = width or defaults["width"], height or defaults["height"]
     if w % 16 or h % 16:
         raise PlanError(f"size {w}x{h} is not a multiple of 16")
@@ -1116,6 +1117,10 @@ def _plan_whole(
     reasons.append(f"{dtype} on {device}: {weights:.2f} GiB of weights, everything in one place.")
     if spec.name == "tiny":
         reasons.append("tiny stand-in: the real classes with tiny configs; its images are noise.")
+    if spec.name == "toy":
+        reasons.append(
+            "toy model: Qwen-Image's classes at a small size, trained on a toy world of flat shapes (not Qwen-Image)."
+        )
     peak = weights + _act_gib(*size, 1) * (0.01 if weights < 1 else 1) if device != "cpu" else 0.0
     return Plan(
         model=spec.name,

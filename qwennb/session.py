@@ -93,6 +93,8 @@ class Session:
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
+        if name == "toy" and notice is None:
+            notice = "the embedded toy model is loaded: a toy world of flat shapes on plain backgrounds, not Qwen-Image."
         if name == "tiny-edit" and notice is None:
             notice = (
                 "the tiny edit stand-in is loaded: its edits are noise (no real Qwen-Image-Edit weights)."

@@ -193,7 +193,11 @@ def test_validate_optimization_reads_back_the_pipeline(pipe):
 
 def test_default_model_rule(monkeypatch, tmp_path):
     monkeypatch.delenv("QWENNB_MODEL", raising=False)
-    assert resolve_model(folder=str(tmp_path)) == ("tiny", None, TINY_NOTICE)
+    from qwennb.models import TOY_MODEL_DIR
+    from qwennb.pipeline import TOY_NOTICE
+
+    assert resolve_model(folder=str(tmp_path)) == ("toy", TOY_MODEL_DIR, TOY_NOTICE)
+    assert resolve_model(TOY_MODEL_DIR) == ("toy", TOY_MODEL_DIR, None)
     monkeypatch.setenv("QWENNB_MODEL", "tiny")
     assert resolve_model() == ("tiny", None, None)
     monkeypatch.setenv("QWENNB_MODEL", "qwen-image")
