@@ -748,10 +748,15 @@ class EvalItem:
 
 
 def eval_set(
-    n: int = 240, seed: int = 1234, sizes: Sequence[tuple[int, int]] = ((256, 256),)
+    n: int = 240,
+    seed: int = 1234,
+    sizes: Sequence[tuple[int, int]] = ((256, 256),),
+    split: str = "heldout",
 ) -> list[EvalItem]:
     """``n`` held-out prompt/seed pairs: half English, half Chinese (the same scenes in both languages),
     phrased with the held-out phrasings only, naming colour, shape, position and background.
+    ``split="train"`` phrases the same kind of scenes with the training phrasings instead (new scenes and
+    seeds, familiar wording): the gap between the two says how far the model generalises to other words.
 
     Example:
         >>> items = eval_set(4)
@@ -767,7 +772,7 @@ def eval_set(
         width, height = sizes[k % len(sizes)]
         expected = {a: getattr(scene, a) for a in ("colour", "shape", "position", "background")}
         for lang in ("en", "zh"):
-            text = caption(scene, rng, lang=lang, drop=full, split="heldout")
+            text = caption(scene, rng, lang=lang, drop=full, split=split)
             items.append(EvalItem(text, 10_000 + 2 * k, lang, expected, width, height))
     return items[:n]
 
