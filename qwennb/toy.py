@@ -456,7 +456,7 @@ def caption(
     Example:
         >>> caption(Scene("circle", "red", "left", "large", "white"), random.Random(3),
         ...         drop={"size": 0.0, "position": 0.0, "background": 0.0, "colour": 0.0, "shape": 0.0})
-        'Draw a large red disk at the left on a plain white background.'
+        'A drawing of one nice big scarlet disc, on a white backdrop, far left'
     """
     drop = drop or {}
     keep = {a: rng.random() >= drop.get(a, 0.0) for a in ATTRIBUTES}
