@@ -25,7 +25,7 @@ def magics(ip):
     return ip.magics_manager.registry["QwenMagics"]
 
 
-def test_load_ext_is_quick_and_loads_tiny_with_a_notice(capsys):
+def test_load_ext_is_quick_and_loads_the_toy_with_a_notice(capsys):
     shell = InteractiveShell.instance()
     if "qwennb" in shell.extension_manager.loaded:
         shell.run_line_magic("unload_ext", "qwennb")
@@ -34,7 +34,7 @@ def test_load_ext_is_quick_and_loads_tiny_with_a_notice(capsys):
     elapsed = time.perf_counter() - t0
     out = capsys.readouterr().out
     assert elapsed < 10, f"%load_ext took {elapsed:.1f} s"
-    assert "loaded tiny" in out and "its images are noise" in out
+    assert "loaded toy" in out and "not Qwen-Image" in out
     assert magics(shell).session.loaded
 
 
@@ -147,9 +147,9 @@ def test_config_traitlets(ip):
 def test_qwen_subcommands(ip, capsys):
     info = ip.run_line_magic("qwen", "info")
     assert info["loaded"] and info["active"]["matches_plan"]
-    assert "model: tiny" in info._repr_mimebundle_()["text/plain"]
+    assert "model: toy" in info._repr_mimebundle_()["text/plain"]
     plan = ip.run_line_magic("qwen", "plan")
-    assert plan.model == "tiny"
+    assert plan.model == "toy"
     other = ip.run_line_magic("qwen", "plan tiny enable_vae_slicing=True")
     assert other.vae_slicing
     ip.run_line_magic("qwen", "presets")
