@@ -8,6 +8,9 @@ leaves out:
 
 - **Safetensors only.** A ``.bin``, ``.pt``, ``.pth``, ``.ckpt`` or ``.pkl`` file is refused with the reason:
   those are pickles, and unpickling a file can run code.
+- **Alpha from the metadata.** diffusers saves a trained LoRA's tensors raw and its ``lora_alpha`` in the file's
+  ``lora_adapter_metadata``; it is folded into the weights (:func:`fold_alpha`), so such a file loads at the
+  strength it was trained at, as the same weights in kohya's layout with an ``alpha`` key do.
 - **Keys checked first.** A LoRA whose modules are not in the transformer (or have other shapes) is refused
   in one line naming the first keys that do not match, instead of being loaded in part.
 - **Provenance.** Each LoRA is recorded with its name, source, sha256 and scale; generation copies this into
