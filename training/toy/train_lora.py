@@ -48,7 +48,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-import train as base  # noqa: E402  (training/toy/train.py: shift_sigmas, DROP)
+import train as base  # noqa: E402  (training/toy/train.py: shift_sigmas, real_caption, generate)
 
 from qwennb import toy  # noqa: E402
 
