@@ -8,6 +8,9 @@ leaves out:
 
 - **Safetensors only.** A ``.bin``, ``.pt``, ``.pth``, ``.ckpt`` or ``.pkl`` file is refused with the reason:
   those are pickles, and unpickling a file can run code.
+- **Alpha from the metadata.** diffusers saves a trained LoRA's tensors raw and its ``lora_alpha`` in the file's
+  ``lora_adapter_metadata``; it is folded into the weights (:func:`fold_alpha`), so such a file loads at the
+  strength it was trained at, as the same weights in kohya's layout with an ``alpha`` key do.
 - **Keys checked first.** A LoRA whose modules are not in the transformer (or have other shapes) is refused
   in one line naming the first keys that do not match, instead of being loaded in part.
 - **Provenance.** Each LoRA is recorded with its name, source, sha256 and scale; generation copies this into
@@ -256,6 +259,79 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise LoraError(f"{path} is not a readable safetensors file: {_first_line(exc)}") from None
 
 
+def adapter_config(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The transformer's LoRA config that diffusers keeps in a ``.safetensors`` file's metadata
+    (``lora_adapter_metadata``: ``r``, ``lora_alpha``, ``alpha_pattern``, ``use_rslora``...), written by
+    ``save_lora_weights(..., transformer_lora_adapter_metadata=...)`` (keys prefixed ``transformer.``) and by
+    ``transformer.save_lora_adapter`` (no prefix); None when the file has none.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> f = tempfile.NamedTemporaryFile(suffix=".safetensors", delete=False).name
+        >>> save_file({"x": torch.zeros(1)}, f, metadata={"lora_adapter_metadata": '{"transformer.lora_alpha": 8}'})
+        >>> adapter_config(f)
+        {'lora_alpha': 8}
+    """
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    except (SafetensorError, OSError, ValueError):
+        return None
+    try:
+        config = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    if not isinstance(config, dict):
+        return None
+    if any(k.startswith("transformer.") for k in config):
+        config = {
+            k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")
+        }
+    return config
+
+
+def fold_alpha(state_dict: dict[str, Any], config: dict[str, Any] | None) -> dict[str, Any]:
+    """Multiply each ``lora_B`` of a diffusers-layout state dict by its layer's alpha / rank (alpha / sqrt(rank)
+    with ``use_rslora``), alpha from ``config`` (:func:`adapter_config`: ``alpha_pattern`` first, then
+    ``lora_alpha``): the state dict alone then scales as the file was trained. Without a config, or where
+    alpha equals the rank, nothing changes (PEFT's default alpha is the rank).
+
+    Example:
+        >>> import torch
+        >>> sd = {"transformer.a.lora_A.weight": torch.ones(4, 2), "transformer.a.lora_B.weight": torch.ones(2, 4)}
+        >>> fold_alpha(sd, {"lora_alpha": 8})["transformer.a.lora_B.weight"][0, 0].item()
+        2.0
+    """
+    if not config or config.get("lora_alpha") is None and not config.get("alpha_pattern"):
+        return state_dict
+    from peft.utils.other import get_pattern_key
+
+    alpha = config.get("lora_alpha")
+    patterns = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    out = dict(state_dict)
+    for key, a in state_dict.items():
+        m = _LORA_KEY.match(key)
+        if m is None or m.group(2) != "A" or getattr(a, "ndim", 0) != 2:
+            continue
+        b_key = f"transformer.{m.group(1)}.lora_B.weight"
+        if b_key not in out:
+            continue
+        layer_alpha = patterns.get(get_pattern_key(list(patterns), m.group(1)), alpha)
+        if layer_alpha is None:
+            continue
+        rank = int(a.shape[0])
+        scale = float(layer_alpha) / (math.sqrt(rank) if rslora else rank)
+        if scale != 1.0:
+            out[b_key] = out[b_key] * scale
+    return out
+
+
 def to_diffusers(state_dict: dict[str, Any], source: str = "the LoRA") -> dict[str, Any]:
     """Convert any supported layout to diffusers' (``transformer.<module>.lora_A/B.weight``, alpha folded in),
     with diffusers' own ``QwenImageLoraLoaderMixin.lora_state_dict``."""
@@ -456,6 +532,10 @@ def prepare(
     raw = read_state_dict(path)
     fmt = detect_format(raw)
     sd = to_diffusers(raw, text)
+    if fmt == "diffusers":
+        # diffusers keeps a trained LoRA's alpha in the file's metadata, not in its tensors: a state dict
+        # handed to load_lora_weights alone would load at rank/alpha of its strength.
+        sd = fold_alpha(sd, adapter_config(path))
     rank, layers = check_keys(transformer, sd, text)
     return sd, path, file_sha256(path), fmt, rank, layers
 

@@ -116,6 +116,38 @@ def test_alpha_is_folded_in_as_alpha_over_rank(pipe, files):
     assert torch.allclose(layer.get_delta_weight("a4"), 0.25 * b @ a, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("saver", ["save_lora_weights", "save_lora_adapter"])
+def test_a_diffusers_file_keeps_its_alpha_in_the_metadata_and_it_is_honoured(pipe, tmp_path, saver):
+    """A LoRA trained with PEFT at lora_alpha != r and saved by diffusers keeps its tensors raw and alpha in the
+    file's ``lora_adapter_metadata``; qwennb used to load the tensors alone, at r/alpha of the strength (the toy
+    LoRA, rank 4 alpha 8, came out half as strong as its kohya copy)."""
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    other = new_pipe().transformer
+    other.add_adapter(LoraConfig(r=RANK, lora_alpha=3 * RANK, target_modules=["to_q", "to_v"]))
+    for name, p in other.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    name = "transformer_blocks.0.attn.to_q"
+    trained = dict(other.named_modules())[name].get_delta_weight("default").detach()
+    if saver == "save_lora_weights":
+        QwenImagePipeline.save_lora_weights(
+            tmp_path,
+            transformer_lora_layers=get_peft_model_state_dict(other),
+            weight_name="a.safetensors",
+            transformer_lora_adapter_metadata=other.peft_config["default"].to_dict(),
+        )
+    else:
+        other.save_lora_adapter(tmp_path, weight_name="a.safetensors")
+    path = tmp_path / "a.safetensors"
+    assert lora.adapter_config(path)["lora_alpha"] == 3 * RANK
+    info = lora.add(pipe, path, 1.0)
+    assert info.format == "diffusers" and info.rank == RANK
+    got = dict(pipe.transformer.named_modules())[name].get_delta_weight(info.name).detach()
+    assert torch.allclose(got, trained, rtol=1e-5, atol=1e-7)
+
+
 def test_scale_zero_is_no_lora_and_removing_restores_the_pixels_exactly(pipe, files, base):
     info = lora.add(pipe, files["kohya"], 0.0)
     assert np.array_equal(image(pipe), base)
