@@ -98,7 +98,7 @@ class QwenMagics(Magics):
     """The qwennb magics and their configuration."""
 
     model = Unicode(
-        "", help="Model to load: registry name, hub id or folder (default: QWENNB_MODEL, local, tiny)"
+        "", help="Model to load: registry name, hub id or folder (default: QWENNB_MODEL, local, toy)"
     ).tag(config=True)
     autoload = Bool(True, help="Load the model when the extension is loaded").tag(config=True)
     default_steps = Int(0, help="Steps when a cell gives none (0: the preset's or the plan's)").tag(
