@@ -127,7 +127,8 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
     if source is None:
         raise LoadError(f"{plan.model} has no weights to load")
     kwargs: dict[str, Any] = {
-        "torch_dtype": _torch_dtype(plan.dtype),
+        # dtype, not torch_dtype: diffusers 0.42 deprecates torch_dtype (a FutureWarning on every load)
+        "dtype": _torch_dtype(plan.dtype),
         "use_safetensors": True,
         "local_files_only": path is not None or offline(),
     }
@@ -156,7 +157,7 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
         cuda = torch.device("cuda") if torch.cuda.is_available() else None
         kwargs["transformer"] = load_transformer(
             folder,
-            kwargs["torch_dtype"],
+            kwargs["dtype"],
             fp8=fp8,
             quantize_on=cuda,
             layerwise_fp8=layerwise,
