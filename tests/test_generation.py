@@ -237,6 +237,14 @@ def test_seed_facade_loads_the_embedded_toy_without_a_gpu(tmp_path, monkeypatch)
     assert optimizer.plan.model == "toy" and optimizer.validate_optimization(p)["matches_plan"]
 
 
+def test_build_finds_the_toy_in_the_package_without_a_path():
+    # README: qwennb.build(qwennb.make_plan(detect(), "toy")) loads the toy (it has no hub id to fetch from).
+    from qwennb.models import TOY_MODEL_DIR
+
+    p = build(make_plan(describe_machine(), "toy"))
+    assert p.qwennb["model"] == "toy" and p.qwennb["path"] == TOY_MODEL_DIR
+
+
 def test_cli_generate_mode_is_planned_and_its_warning_shown(tmp_path, capsys):
     argv = ["generate", "x", "--model", "tiny", "--steps", "2", "--size", "64x64", "--out", str(tmp_path)]
     assert main([*argv, "--mode", "turbo"]) == 0
