@@ -334,7 +334,7 @@ session = ext.session
 prompt = "a small purple square at the centre, white background"
 runs = {}
 for cfg in (4.0, 1.0):
-    session.generate(prompt, cfg=cfg, seed=3, steps=8)  # warm-up
+    session.generate(prompt, cfg=cfg, seed=3, steps=2)  # warm-up
     runs[cfg] = session.generate(prompt, cfg=cfg, seed=3)
 for cfg, r in runs.items():
     print(f"CFG {cfg}: {r.transformer_passes_per_step} transformer passes a step, median {r.median_step_s:.4f} s/step")
