@@ -41,6 +41,18 @@ def badge(name: str) -> str:
     )
 
 
+# What every notebook says about the model it runs on without real weights.
+TOY = """
+**Without real weights** qwennb loads its embedded **toy** model (25 MB, in the package): Qwen-Image's own classes
+at a small size, trained on a toy world of one flat-coloured shape (circle, square, triangle or star, in eight
+colours, at the left, right, top, bottom or centre) on a white, gray, black or beige background, from English and
+Chinese captions. It is a toy world, not Qwen-Image: it draws the colour, position and background a prompt names,
+best in the words of its captions ("a red circle on the left, white background"); its shapes are still blobs, and
+a prompt from outside its world (a fox, a landscape) gives a random blob. So the prompts here are toy-world
+prompts, and each picture can be checked against its prompt. **With real weights the same cells run Qwen-Image**
+(write your own prompts there).
+"""
+
 INSTALL = code(
     """
 # Installs qwennb only where it is missing (Colab, a fresh kernel); does nothing here otherwise.
@@ -61,11 +73,11 @@ NOTEBOOKS["00_quickstart"] = [
 
 {badge("00_quickstart")}
 
-Three cells. The first loads qwennb: it looks at the machine, plans how Qwen-Image fits and loads it (the tiny
-stand-in when no real weights are present: it says so, and its images are noise). The second generates. The
-third plots where the time went.
+Three cells. The first loads qwennb: it looks at the machine, plans how Qwen-Image fits and loads it, and says
+which model it loaded. The second generates. The third plots where the time went.
 """
     ),
+    md(TOY),
     code(
         """
 try:
@@ -78,7 +90,7 @@ except ImportError:
     code(
         """
 %%qwen_generate --seed 42 --no-save
-A red fox reading a newspaper in a cozy cafe, watercolor
+a red circle on the left, white background
 """
     ),
     code(
@@ -116,10 +128,11 @@ What you will learn:
 
 `%load_ext qwennb` detects the GPU, plans, and loads the model. Which model: `%config QwenMagics.model`, the
 `QWENNB_MODEL` environment variable, a complete Qwen-Image snapshot in the Hugging Face cache, or else the
-embedded **tiny** stand-in (real diffusers classes with tiny configs; its images are noise). This notebook
-runs unchanged on a GPU with the real weights.
+embedded **toy** model, loaded with `QwenImagePipeline.from_pretrained` from its folder as real weights are.
+This notebook runs unchanged on a GPU with the real weights.
 """
     ),
+    md(TOY),
     code("%load_ext qwennb"),
     md(
         """
@@ -174,11 +187,11 @@ The cell body is the prompt. Options: `--steps --cfg --seed --size --aspect --ne
 --no-save --enhance` (`%%qwen_generate?` lists them). `{name}` is filled from your variables.
 """
     ),
-    code('style = "watercolor, soft morning light"'),
+    code('colour = "yellow"'),
     code(
         """
-%%qwen_generate --seed 7 --steps 8
-A lighthouse on a cliff above a stormy sea, {style}
+%%qwen_generate --seed 7
+a {colour} star at the top, black background
 """
     ),
     md(
@@ -228,8 +241,12 @@ What you will learn:
 3. how the plan changes from an 80 GB card down to 12 GB, in a table and a chart,
 4. how to measure per-step time of two configurations on your machine,
 5. what each optimisation does and when it is lossless.
+
+Sections 2 and 3 plan Qwen-Image for cards described in code (nothing is loaded for them); section 4 measures
+the model this machine loaded (Qwen-Image with real weights, else the toy model below).
 """
     ),
+    md(TOY),
     INSTALL,
     code("%load_ext qwennb"),
     md(
@@ -307,28 +324,40 @@ fig
 ## 4. Measuring two configurations on this machine
 
 Per-step times are measured with the GPU synchronised after every step, so they are real. Here: CFG 4 (two
-transformer passes a step) against CFG 1 (one pass) on the loaded model.
+transformer passes a step) against CFG 1 (one pass) on the loaded model, same prompt and seed.
 """
     ),
     code(
         """
 ext = get_ipython().magics_manager.registry["QwenMagics"]
 session = ext.session
+prompt = "a small purple square at the centre, white background"
 runs = {}
 for cfg in (4.0, 1.0):
-    session.generate("a mountain lake at dawn", cfg=cfg, seed=1, steps=8)  # warm-up
-    runs[cfg] = session.generate("a mountain lake at dawn", cfg=cfg, seed=1, steps=8)
+    session.generate(prompt, cfg=cfg, seed=3, steps=2)  # warm-up
+    runs[cfg] = session.generate(prompt, cfg=cfg, seed=3)
 for cfg, r in runs.items():
     print(f"CFG {cfg}: {r.transformer_passes_per_step} transformer passes a step, median {r.median_step_s:.4f} s/step")
 """
     ),
+    md(
+        """
+CFG costs a second pass a step, and buys adherence. On the toy model the difference is small but visible: at
+CFG 1 this seed draws the purple shape large, at CFG 4 it draws it small, as the prompt asks (both still blobs).
+On Qwen-Image CFG matters more: 2.5-5 is its range, and 1 turns guidance off.
+"""
+    ),
     code(
         """
-fig = Figure(figsize=(7, 2.8))
-ax = fig.add_subplot()
+fig = Figure(figsize=(9, 2.8))
+ax = fig.add_subplot(1, 4, (1, 2))
 for cfg, r in runs.items():
     ax.plot(range(1, len(r.step_times_s) + 1), r.step_times_s, marker="o", label=f"CFG {cfg}")
 ax.set_xlabel("step"); ax.set_ylabel("seconds"); ax.legend()
+for i, cfg in enumerate((1.0, 4.0)):
+    pic = fig.add_subplot(1, 4, i + 3)
+    pic.imshow(runs[cfg].images[0]); pic.set_title(f"CFG {cfg:g}", fontsize=9); pic.set_xticks([]); pic.set_yticks([])
+fig.tight_layout()
 fig
 """,
         ignore_output=True,
@@ -369,10 +398,19 @@ What you will learn:
 1. how to turn a short prompt into a detailed one with the model you already loaded (Qwen-Image's text encoder
    is a full Qwen2.5-VL chat model),
 2. how Chinese prompts and text to render in quotes are handled,
-3. how to describe a reference image's style and use the description as a prompt,
-4. what happens when a rewrite is unusable (on the tiny stand-in it always is: its weights are random).
+3. how to describe a reference image and use the description as a prompt,
+4. what happens when a rewrite or a description is unusable.
+
+**What needs the real model.** Prompt enhancement and image description need a real Qwen VL model: Qwen-Image's own
+text encoder (Qwen2.5-VL-7B, loaded with the real weights) or a separate Qwen2.5-VL-7B / Qwen2-VL-7B
+(`qwennb.enhance.load_vl_model`). Without them the same code runs, but on stand-ins whose text is meaningless: the
+toy model's text encoder was trained only to condition its pictures (its chat head and vision tower are
+untrained), and the offline VL stand-ins `tiny-vl` / `tiny-vl2` have random weights. So below every rewrite and
+description is rejected and qwennb falls back to your own words, saying why: that fallback is what this notebook
+can show without the real model. The pictures come from the toy model (see below) and answer their prompts.
 """
     ),
+    md(TOY),
     INSTALL,
     code("%load_ext qwennb"),
     md(
@@ -397,8 +435,8 @@ for m in e.chat:
     ),
     md(
         """
-With real weights the answer is a detailed prompt. With the tiny stand-in it is noise, and qwennb refuses to
-use it: an empty, repetitive, garbled or over-long rewrite falls back to your prompt, with the reason.
+With real weights the answer is a detailed prompt. Here (no real VL model) it is meaningless, and qwennb refuses
+to use it: an empty, repetitive, garbled or over-long rewrite falls back to your prompt, with the reason.
 """
     ),
     code(
@@ -414,7 +452,7 @@ print("fallback:", e.fallback_reason)
 ## 2. Chinese prompts and text rendering
 
 Any CJK character switches to a Chinese system prompt and the Chinese positive-magic suffix. Text in quotes is
-kept as written (never translated): Qwen-Image renders it.
+kept as written (never translated): Qwen-Image renders it (the toy model draws no text).
 """
     ),
     code(
@@ -427,42 +465,52 @@ print("system prompt starts:", zh.chat[0]["content"][:40])
     md(
         """
 `%%qwen_generate --enhance` does both steps and keeps the original and the enhanced prompt in the result and in
-the PNG's metadata.
+the PNG's metadata. Here the rewrite falls back to the prompt as written, a Chinese one (the toy model was
+trained on Chinese captions too: a blue blob at the top on black); with real weights Qwen-Image draws the
+enhanced prompt.
 """
     ),
     code(
         """
-%%qwen_generate --enhance --seed 3 --steps 8 --no-save
-A tea house sign that reads "Qwen Tea"
+%%qwen_generate --enhance --seed 3 --no-save
+一个蓝色的星形在上面，黑色背景
 """
     ),
     md(
         """
-## 3. A reference image's style as a prompt
+## 3. A reference image as a prompt
 
-`describe_image(image, focus="style")` asks for style, palette, lighting and composition (`focus="content"` for
-what is in it). Images can be PIL images, paths or bytes; large images are resized to the processor's limits.
-The pipeline's text encoder has Qwen2.5-VL's vision tower, so no second model is needed; a separate
-`qwen2-vl-7b` or `qwen2.5-vl-7b` can be loaded with `qwennb.enhance.load_vl_model(...)`.
+`describe_image(image, focus="content")` asks what is in the image; `focus="style"` asks for style, palette,
+lighting and composition, to add to a prompt of your own. Images can be PIL images, paths or bytes; large images
+are resized to the processor's limits. Qwen-Image's text encoder has Qwen2.5-VL's vision tower, so with real
+weights no second model is needed; a separate `qwen2-vl-7b` or `qwen2.5-vl-7b` can be loaded with
+`qwennb.enhance.load_vl_model(...)`. The reference here is a toy-world picture drawn by `qwennb.toy.render`.
 """
     ),
     code(
         """
-from PIL import Image
+from qwennb import toy
 from qwennb.enhance import describe_image
 
-reference = Image.new("RGB", (640, 480), (200, 120, 40))  # stand-in for your own photo
-d = describe_image(reference, focus="style", pipe=pipe, max_new_tokens=48)
+reference = toy.render(toy.Scene(shape="circle", colour="orange", position="right", size="large", background="beige"))
+d = describe_image(reference, focus="content", pipe=pipe, max_new_tokens=48)
 print("image resized to:", d.image_size_used, "->", d.image_tokens, "image tokens")
 print("description:", repr(d.text))
 print("problem:", d.problem)
 """
     ),
+    md(
+        """
+With the real model `d.text` describes the orange circle; here it is unusable, so the prompt falls back to the
+words you would have written:
+"""
+    ),
     code(
         """
-style = d.text or "warm amber palette, soft side light"  # fall back to your own words when it is unusable
-r = ext.session.generate(f"A quiet harbour at dusk, {style}", seed=5, steps=8)
+prompt = d.text or "an orange circle on the right, beige background"  # your own words when it is unusable
+r = ext.session.generate(prompt, seed=5)
 print(r.prompt)
+r
 """
     ),
     md(
@@ -484,6 +532,10 @@ What you will learn:
 2. how `guidance_scale` maps to Qwen-Image's `true_cfg_scale` (and the trap that silently turns CFG off),
 3. that the original project's `PipelineOptimizer` / `ModelDetectionService` code runs with only its import
    line changed.
+
+Without real weights the cells that load a model load the embedded **toy** model (a toy world of one flat shape
+on a plain background, not Qwen-Image; see `00_quickstart`); with real weights they load Qwen-Image. This notebook
+shows no pictures: what it checks (notices, transformer passes, the size) is the same on either.
 """
     ),
     INSTALL,
@@ -525,7 +577,7 @@ CFG really runs: count the transformer passes.
     code(
         """
 ext = get_ipython().magics_manager.registry["QwenMagics"]
-old_style = ext.session.generate("a cat on a chair", guidance_scale=7.5, seed=3, steps=4)
+old_style = ext.session.generate("a green square on the right, gray background", guidance_scale=7.5, seed=3, steps=4)
 print(old_style.notices)
 print("CFG", old_style.cfg, "->", old_style.transformer_passes_per_step, "transformer passes a step")
 """
@@ -535,7 +587,9 @@ print("CFG", old_style.cfg, "->", old_style.transformer_passes_per_step, "transf
 ## The original project's code, with only the import line changed
 
 This is the "Basic Optimized Generation" example of the original guide. Its first line was
-`from src.pipeline_optimizer import ...`; everything else is unchanged.
+`from src.pipeline_optimizer import ...`; everything else is unchanged. Without real weights
+`detect_current_model()` finds the toy model, so it runs there (its landscape prompt is outside the toy's world,
+and 1024x1024 is four times the toy's side: this cell takes the longest here, about a minute on a 2-core CPU).
 """
     ),
     code(
@@ -621,11 +675,14 @@ What you will learn:
 4. image-to-image and inpainting with `%%qwen_generate --init-image ... --strength ... --mask ...`,
 5. how bad inputs are refused before any model loads.
 
-Without real weights this runs on the tiny stand-ins (`tiny` for text-to-image, `tiny-edit` for editing): real
-diffusers pipelines with random weights, so every picture below is noise, but every size, step, hash and
-message is what the real models give.
+Without real weights, text-to-image, image-to-image and inpainting run on the embedded **toy** model (a toy
+world of one flat shape on a plain background, not Qwen-Image: see below), so those pictures answer their prompts.
+**Editing runs on `tiny-edit`**, named explicitly with `--model tiny-edit`: there is no trained toy edit model, so
+it is a real diffusers edit pipeline with random weights; its pictures are noise, but every size, step, hash and
+message is what the real edit models give. With real weights, name `qwen-image-edit-2511` instead.
 """
     ),
+    md(TOY),
     INSTALL,
     code("%load_ext qwennb"),
     md(
@@ -633,25 +690,27 @@ message is what the real models give.
 ## 1. Edit the last result
 
 Make an image, then edit it: `--image _` takes the last result. The loaded model is a text-to-image model, so
-`--model` names the edit model to load; qwennb says what the two share and what is swapped.
+`--model` names the edit model to load; qwennb says what the two share and what is swapped (here: everything,
+the toy and the tiny edit stand-in share no weights).
 """
     ),
     code(
         """
-%%qwen_generate --seed 1 --size 128x96 --steps 4 --no-save
-a red kite over a green field
+%%qwen_generate --seed 1 --no-save
+a red circle on the left, white background
 """
     ),
     code(
         """
 %%qwen_edit --image _ --model tiny-edit --seed 2 --steps 4 --no-save
-make the kite blue and keep everything else
+make the circle blue and keep everything else
 """
     ),
     md(
         """
-The edit kept the input's size (128x96). The notes say it, and say when the model sees the reference at a
-slightly different aspect ratio (so content could shift): nothing is resized silently.
+The edit kept the input's size (256x256; its picture is noise: random weights). The notes say it, and say when
+the model sees a reference at a slightly different aspect ratio (so content could shift, as in the next
+example): nothing is resized silently.
 
 ## 2. Several reference images, from variables, files or bytes
 
@@ -718,26 +777,50 @@ These run on a text-to-image model with the same weights (`QwenImageImg2ImgPipel
 `QwenImageInpaintPipeline`, built from the loaded components: nothing is loaded twice). `--strength` is the
 share of the schedule that redraws the image: 0.3 runs the last 30% of the steps and keeps the layout, 1.0 starts
 from noise.
+
+First back to a text-to-image model: the toy here, explicitly (with real weights, `%qwen load qwen-image`).
 """
     ),
     code(
         """
-%qwen load tiny
+%qwen load toy
+"""
+    ),
+    md(
+        """
+The start image is a blue square on the left (drawn by `qwennb.toy.render`); the prompt asks for a red circle on
+the right. The more of the schedule runs, the more of the prompt wins over the start image: at 0.3 the square
+keeps its place and shape and only its colour moves, at 0.6 it turns red, at 1.0 the toy draws the prompt's red
+blob on the right.
 """
     ),
     code(
         """
-start = Image.new("RGB", (128, 128), (230, 200, 60))
-for s in (0.3, 1.0):
-    r = qwennb.generate(pipe := get_ipython().magics_manager.registry["QwenMagics"].session.pipe,
-                        "a sunflower field", init_image=start, strength=s, steps=10, seed=4)
+from matplotlib.figure import Figure
+from qwennb import toy
+
+start = toy.render(toy.Scene(shape="square", colour="blue", position="left", size="large", background="white"))
+pipe = get_ipython().magics_manager.registry["QwenMagics"].session.pipe
+fig = Figure(figsize=(8, 2.4))
+for i, s in enumerate((0.3, 0.6, 1.0)):
+    r = qwennb.generate(pipe, "a red circle on the right, white background", init_image=start, strength=s,
+                        steps=10, seed=4)
     print(f"strength {s}: {len(r.step_times_s)} of {r.steps} steps ran, output {r.images[0].size}")
+    ax = fig.add_subplot(1, 4, i + 2); ax.imshow(r.images[0]); ax.set_title(f"strength {s}", fontsize=9); ax.axis("off")
+ax = fig.add_subplot(1, 4, 1); ax.imshow(start); ax.set_title("start", fontsize=9); ax.axis("off")
+fig
+"""
+    ),
+    md(
+        """
+Inpainting redraws only the white part of the mask (here the right half) and keeps the rest exactly:
 """
     ),
     code(
         """
-mask = np.zeros((128, 128), np.uint8); mask[32:96, 32:96] = 255   # white: redraw, black: keep
-r = qwennb.generate(pipe, "a red barn", init_image=start, mask=mask, strength=1.0, steps=6, seed=5)
+mask = np.zeros((256, 256), np.uint8); mask[:, 128:] = 255   # white: redraw, black: keep
+r = qwennb.generate(pipe, "a red circle on the right, white background", init_image=start, mask=mask,
+                    strength=1.0, steps=10, seed=5)
 out, before = np.asarray(r.images[0]).astype(int), np.asarray(start).astype(int)
 print("unmasked pixels changed by at most:", int(np.abs(out - before)[mask == 0].max()))
 print("masked pixels redrawn:", float(np.abs(out - before)[mask == 255].mean()) > 10)
@@ -745,8 +828,8 @@ print("masked pixels redrawn:", float(np.abs(out - before)[mask == 255].mean()) 
     ),
     code(
         """
-%%qwen_generate --init-image start --strength 0.6 --mask mask --steps 6 --seed 6 --no-save
-a red barn
+%%qwen_generate --init-image start --mask mask --strength 1.0 --steps 10 --seed 6 --no-save
+a yellow circle on the right, white background
 """
     ),
     md(

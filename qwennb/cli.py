@@ -56,7 +56,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             state = "complete" if m.complete else f"INCOMPLETE (missing {', '.join(m.missing[:3])})"
             print(f"model: {m.name} [{m.architecture}] at {m.path}: {state}")
     else:
-        print("models: no Qwen-Image snapshot found locally (the tiny stand-in will be used)")
+        print("models: no Qwen-Image snapshot found locally (the embedded toy model will be used)")
     return 0
 
 
@@ -194,7 +194,7 @@ def _add_generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="registry name, hub id or folder (default: QWENNB_MODEL, then local Qwen-Image, then tiny)",
+        help="registry name, hub id or folder (default: QWENNB_MODEL, then local Qwen-Image, then the embedded toy)",
     )
     g.add_argument(
         "--steps", type=int, help="denoising steps, at least 2 (default: the preset's, else the plan's)"
@@ -217,7 +217,7 @@ def _add_generation_options(g: argparse.ArgumentParser) -> None:
 
 def add_generate_parser(sub: Any) -> None:
     """Add ``qwennb generate`` to the CLI."""
-    g = sub.add_parser("generate", help="generate images (the tiny stand-in when no weights are found)")
+    g = sub.add_parser("generate", help="generate images (the embedded toy model when no weights are found)")
     g.add_argument("prompt", help="what to draw (quote it)")
     _add_generation_options(g)
     g.add_argument("--n", type=int, default=1, help="number of images (1 to 16)")

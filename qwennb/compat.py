@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import UnknownModelError
 from .hardware import Hardware, detect
-from .models import LocalModel, architecture_of, find_local_models, get_model
+from .models import EMBEDDED_MODEL, LocalModel, architecture_of, find_local_models, get_model
 from .plan import OptimizationConfig, Plan, make_plan
 
 
@@ -40,7 +40,7 @@ class ModelDetectionService:
 
     Example:
         >>> svc = ModelDetectionService()
-        >>> model = svc.detect_current_model()  # the tiny stand-in when no weights are on disk
+        >>> model = svc.detect_current_model()  # the embedded toy model when no weights are on disk
         >>> model.architecture
         'MMDiT'
     """
@@ -62,13 +62,13 @@ class ModelDetectionService:
         return find_local_models(self.folder)
 
     def detect_current_model(self) -> LocalModel:
-        """The model qwennb would load: a complete text-to-image snapshot first, else the tiny stand-in."""
+        """The model qwennb would load: a complete text-to-image snapshot first, else the embedded toy model."""
         models = self.find_models()
         for task in ("text-to-image", "image-edit"):
             for m in models:
                 if m.task == task and m.complete and m.architecture == "MMDiT":
                     return m
-        return _stand_in("tiny")
+        return _stand_in(EMBEDDED_MODEL)
 
     def detect_model_architecture(self, model: LocalModel | str | os.PathLike[str]) -> str:
         """'MMDiT', 'UNet', 'VL' or 'unknown', from ``model_index.json`` (or the registry for a name)."""
@@ -161,7 +161,7 @@ class PipelineOptimizer:
     def create_optimized_pipeline(
         self, model_path: str | os.PathLike[str] | None = None, architecture: str = "MMDiT"
     ) -> Any:
-        """Resolve the model (registry name, hub id or folder; default: the local Qwen-Image, else tiny), plan
+        """Resolve the model (registry name, hub id or folder; default: the local Qwen-Image, else the toy), plan
         it for this machine with this config, load it and apply the plan."""
         from .errors import PlanError
         from .pipeline import build, resolve_model
@@ -176,8 +176,10 @@ class PipelineOptimizer:
 
             logging.getLogger("qwennb").warning(notice)
         hw = self.hardware
-        if name != "tiny" and hw.best_gpu is None and not self.config.force:
-            raise PlanError(f"no CUDA GPU for {name}; use 'tiny' or OptimizationConfig(force=True)")
+        if name not in ("tiny", EMBEDDED_MODEL) and hw.best_gpu is None and not self.config.force:
+            raise PlanError(
+                f"no CUDA GPU for {name}; use {EMBEDDED_MODEL!r}, 'tiny' or OptimizationConfig(force=True)"
+            )
         self.plan = make_plan(hw, name, self.config)
         return build(self.plan, path)
 

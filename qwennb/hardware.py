@@ -302,7 +302,7 @@ def detect() -> Hardware:
         except metadata.PackageNotFoundError:  # pragma: no cover
             pass
     if not gpus:
-        notes.append("No CUDA GPU found: qwennb will run the tiny stand-in model on the CPU.")
+        notes.append("No CUDA GPU found: qwennb will run the embedded toy model on the CPU.")
     for g in gpus:
         if not g.bf16:
             notes.append(

@@ -98,7 +98,7 @@ class QwenMagics(Magics):
     """The qwennb magics and their configuration."""
 
     model = Unicode(
-        "", help="Model to load: registry name, hub id or folder (default: QWENNB_MODEL, local, tiny)"
+        "", help="Model to load: registry name, hub id or folder (default: QWENNB_MODEL, local, toy)"
     ).tag(config=True)
     autoload = Bool(True, help="Load the model when the extension is loaded").tag(config=True)
     default_steps = Int(0, help="Steps when a cell gives none (0: the preset's or the plan's)").tag(
@@ -904,10 +904,21 @@ def register_plan_display(ip: Any) -> None:
     formatters["text/html"].for_type(Plan, plan_html)
 
 
+def register_figure_display(ip: Any) -> None:
+    """Show a matplotlib ``Figure`` (``result.timing_figure()``, the notebooks' charts) as a PNG in this shell.
+
+    qwennb draws on ``matplotlib.figure.Figure`` without pyplot, and without pyplot a kernel shows a Figure only as
+    ``<Figure size ...>`` text. Registered by name: matplotlib is not imported until a Figure is shown."""
+    from .display import figure_png
+
+    ip.display_formatter.formatters["image/png"].for_type_by_name("matplotlib.figure", "Figure", figure_png)
+
+
 def load_extension(ip: Any) -> QwenMagics:
     magics = QwenMagics(shell=ip)
     ip.register_magics(magics)
     register_plan_display(ip)
+    register_figure_display(ip)
     if magics.autoload and os.environ.get("QWENNB_AUTOLOAD", "1") != "0":
         try:
             magics.load()

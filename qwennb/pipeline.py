@@ -443,6 +443,8 @@ def build(plan: Plan, path: str | None = None, loras: list[tuple[str, float]] | 
     """
     t0 = time.perf_counter()
     spec = get_model(plan.model)
+    if path is None and spec.name == "toy":  # its weights ship in the package: no hub id to fetch them from
+        path = TOY_MODEL_DIR
     pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
     fuse = bool(loras) and lora_needs_fusing(plan)
     if fuse:

@@ -90,7 +90,9 @@ print(json.dumps({"notebook": path.split("/")[-1], "kernel_peak_mib": round(peak
     (ROOT / "binder" / "memory.md").write_text(
         "# Notebook kernels in the Binder environment\n\nBuilt from `binder/` only (a fresh venv, "
         "`requirements.txt`, then `postBuild`) by `scripts/binder_check.py`; peak resident memory (VmHWM) of "
-        "each notebook's kernel, run top to bottom on the tiny model.\n\n" + "\n".join(lines) + "\n"
+        "each notebook's kernel, run top to bottom on the embedded toy model (tiny-edit for the edits).\n\n"
+        + "\n".join(lines)
+        + "\n"
     )
     print("\n".join(lines))
     bad = [r for r in rows if r["kernel_peak_mib"] >= 2048 or r["errors"]]

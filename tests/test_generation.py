@@ -10,7 +10,7 @@ from qwennb import OptimizationConfig, PipelineOptimizer
 from qwennb.cli import main
 from qwennb.errors import GenerationError, LoadError
 from qwennb.generation import StopSignal, generate, load_params
-from qwennb.pipeline import TINY_NOTICE, build, resolve_model, validate_optimization
+from qwennb.pipeline import build, resolve_model, validate_optimization
 from qwennb.plan import describe_machine, make_plan
 
 SMALL = dict(width=64, height=64, steps=3)
@@ -224,6 +224,25 @@ def test_seed_facade_loads_and_generates():
     ).images[0]
     assert image.size == (64, 64)
     assert qwennb.generate(p, "a cat", **SMALL).images
+
+
+def test_seed_facade_loads_the_embedded_toy_without_a_gpu(tmp_path, monkeypatch):
+    # The original example passes detect_current_model().path: with no weights that is the toy, on the CPU.
+    from qwennb import ModelDetectionService
+
+    monkeypatch.delenv("QWENNB_MODEL", raising=False)
+    current = ModelDetectionService(folder=tmp_path, hardware=describe_machine()).detect_current_model()
+    optimizer = PipelineOptimizer(OptimizationConfig(architecture_type="MMDiT"), hardware=describe_machine())
+    p = optimizer.create_optimized_pipeline(current.path, "MMDiT")
+    assert optimizer.plan.model == "toy" and optimizer.validate_optimization(p)["matches_plan"]
+
+
+def test_build_finds_the_toy_in_the_package_without_a_path():
+    # README: qwennb.build(qwennb.make_plan(detect(), "toy")) loads the toy (it has no hub id to fetch from).
+    from qwennb.models import TOY_MODEL_DIR
+
+    p = build(make_plan(describe_machine(), "toy"))
+    assert p.qwennb["model"] == "toy" and p.qwennb["path"] == TOY_MODEL_DIR
 
 
 def test_cli_generate_mode_is_planned_and_its_warning_shown(tmp_path, capsys):

@@ -227,3 +227,18 @@ def test_enhance_option_and_subcommands(ip, tmp_path):
         ip.run_line_magic("qwen", "describe /nonexistent.png")
     with pytest.raises(UsageError, match="usage"):
         ip.run_line_magic("qwen", "enhance")
+
+
+def test_a_figure_shows_as_a_png_after_load_ext():
+    # Without pyplot a kernel shows a matplotlib Figure as "<Figure size ...>" text only; the quickstart's
+    # result.timing_figure() and the notebooks' charts are such Figures.
+    from matplotlib.figure import Figure
+
+    from qwennb.magics import register_figure_display
+
+    shell = InteractiveShell.instance()
+    register_figure_display(shell)
+    fig = Figure(figsize=(2, 1))
+    fig.add_subplot().plot([1, 2])
+    data, _ = shell.display_formatter.format(fig)
+    assert data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"

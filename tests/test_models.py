@@ -94,6 +94,17 @@ def test_detection_service_facade(tmp_path):
     assert svc.detect_model_architecture(unet) == "UNet"
 
 
+def test_detection_service_falls_back_to_the_embedded_toy(tmp_path, monkeypatch):
+    # With no snapshot, the original project's detect_current_model() names what qwennb loads: the toy.
+    monkeypatch.delenv("QWENNB_MODEL", raising=False)
+    from qwennb.models import EMBEDDED_MODEL, TOY_MODEL_DIR
+    from qwennb.pipeline import resolve_model
+
+    current = ModelDetectionService(folder=tmp_path).detect_current_model()
+    assert current.name == EMBEDDED_MODEL == "toy" and current.architecture == "MMDiT"
+    assert resolve_model(current.path)[:2] == ("toy", TOY_MODEL_DIR)
+
+
 def test_hf_cache_scan(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     snap = cache / "models--Qwen--Qwen-Image" / "snapshots" / "abc123"

@@ -39,8 +39,8 @@ def test_nbval_fails_when_a_meaningful_output_changes(tmp_path):
     for cell in nb["cells"]:
         for out in cell.get("outputs", []):
             text = out.get("data", {}).get("text/plain")
-            if text and "loaded tiny" in "".join(text):
-                out["data"]["text/plain"] = "".join(text).replace("loaded tiny", "loaded qwen-image")
+            if text and "loaded toy" in "".join(text):
+                out["data"]["text/plain"] = "".join(text).replace("loaded toy", "loaded qwen-image")
                 edited = True
     assert edited
     (tmp_path / "edited.ipynb").write_text(json.dumps(nb))
