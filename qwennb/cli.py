@@ -607,7 +607,7 @@ def _cmd_download_lora(args: argparse.Namespace) -> int:
     model = args.lora_model
     if model is None:
         found = resolve_model()[0]
-        model = found if found != "tiny" else "qwen-image"
+        model = found if found not in ("tiny", "toy") else "qwen-image"  # LoRAs are for the real model
     model = dl.get_model(model).name
     source, path = dl.fetch_lora(args.lora, model)
     digest = file_sha256(path)

@@ -683,9 +683,13 @@ def _model_facts(model: str) -> tuple[dict[str, ComponentSize], dict[str, Any], 
     """Sizes, transformer config and registry entry of a registry name or a model folder (sized from its own
     configs)."""
     if os.path.isdir(model):
+        from .models import TOY_MODEL_DIR
+
         local = inspect_folder(model)
         try:
-            spec = get_model(local.name)
+            spec = get_model(
+                "toy" if os.path.realpath(model) == os.path.realpath(TOY_MODEL_DIR) else local.name
+            )
         except Exception:  # noqa: BLE001 - an unknown folder of Qwen-Image's classes
             spec = get_model("qwen-image")
         sizes = folder_sizes(model)

@@ -329,3 +329,11 @@ def test_a_real_ctrl_c_stops_at_the_next_step_with_a_partial_image(pipe):
     r = generate(pipe, "a cat", seed=1, on_step=on_step, width=64, height=64, steps=6)
     assert r.interrupted and r.steps_completed == 2 and len(r.images) == 1
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+
+
+def test_the_toy_planned_by_its_folder_is_the_toy():
+    from qwennb.models import TOY_MODEL_DIR
+    from qwennb.plan import describe_machine, make_plan
+
+    plan = make_plan(describe_machine(host_ram_gb=8), TOY_MODEL_DIR)
+    assert plan.model == "toy" and plan.defaults["steps"] == 20 and plan.defaults["width"] == 256
