@@ -492,3 +492,5 @@ def test_magic_batch_on_the_loaded_model(tmp_path):
     finally:
         if not loaded:
             shell.run_line_magic("unload_ext", "qwennb")
+            # the shell is a singleton: leave its config as found, for the tests of the default model
+            shell.run_line_magic("config", "QwenMagics.model = ''")
