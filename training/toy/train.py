@@ -413,6 +413,22 @@ def check_encoder(pipe, device) -> bool:
     return err < 1e-4
 
 
+def predict(transformer, xt: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, sig: torch.Tensor):
+    """The transformer's velocity for latents ``xt`` (N, 16, h, w) at noise levels ``sig``, packed as the
+    pipeline packs them (N, h/2 * w/2, 64)."""
+    from diffusers import QwenImagePipeline
+
+    n, c, hh, ww = xt.shape
+    return transformer(
+        hidden_states=QwenImagePipeline._pack_latents(xt, n, c, hh, ww),
+        encoder_hidden_states=emb,
+        encoder_hidden_states_mask=mask,
+        timestep=sig,
+        img_shapes=[[(1, hh // 2, ww // 2)]] * n,
+        return_dict=False,
+    )[0]
+
+
 def real_caption(scene: toy.Scene, rng: random.Random) -> str:
     return toy.caption(scene, rng, lang="zh" if rng.random() < 0.5 else "en", drop=DROP)
 
@@ -483,15 +499,7 @@ def train_dit(
         target = noise - x0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             emb, mask = encode_ids(pipe, ids, ids_mask)
-            packed = QwenImagePipeline._pack_latents(xt, bsz, 16, hh, ww)
-            pred = transformer(
-                hidden_states=packed,
-                encoder_hidden_states=emb,
-                encoder_hidden_states_mask=mask,
-                timestep=sig,
-                img_shapes=[[(1, hh // 2, ww // 2)]] * bsz,
-                return_dict=False,
-            )[0]
+            pred = predict(transformer, xt, emb, mask, sig)
         tgt = QwenImagePipeline._pack_latents(target, bsz, 16, hh, ww)
         # The shape's latent pixels weigh (1 + fg_weight) times a background pixel: a small shape is a few
         # per cent of the image, so with a plain MSE the model learns the background long before it learns

@@ -181,14 +181,7 @@ def train(pipe, pools: dict, rng: random.Random, args, sched_cfg: dict, history:
         sig = base.shift_sigmas(u, (hh // 2) * (ww // 2), sched_cfg).clamp(1e-4, 1.0)
         noise = torch.randn_like(x0)
         xt = (1 - sig[:, None, None, None]) * x0 + sig[:, None, None, None] * noise
-        pred = transformer(
-            hidden_states=QwenImagePipeline._pack_latents(xt, bsz, 16, hh, ww),
-            encoder_hidden_states=emb,
-            encoder_hidden_states_mask=mask,
-            timestep=sig,
-            img_shapes=[[(1, hh // 2, ww // 2)]] * bsz,
-            return_dict=False,
-        )[0]
+        pred = base.predict(transformer, xt, emb, mask, sig)
         tgt = QwenImagePipeline._pack_latents(noise - x0, bsz, 16, hh, ww)
         wmap = 1.0 + args.fg_weight * pool["fg"][idx].float().expand(-1, 16, -1, -1)
         wpk = QwenImagePipeline._pack_latents(wmap, bsz, 16, hh, ww)
