@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from stock_steps import timed_call  # benchmarks/ is the script's folder
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 SEED = 1234
@@ -82,30 +83,18 @@ class Bench:
 
     # ---- one image, two ways
     def stock_image(self, pipe: Any, steps: int, size: int) -> tuple[float, float]:
-        times: list[float] = []
-        last = {}
-
-        def cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            sync()
-            now = time.perf_counter()
-            times.append(now - last["t"])
-            last["t"] = now
-            return {}
-
-        sync()
-        t0 = last["t"] = time.perf_counter()
-        pipe(
+        times, total = timed_call(
+            pipe,
+            sync,
             prompt=PROMPT,
             true_cfg_scale=1.0,
             num_inference_steps=steps,
             width=size,
             height=size,
             generator=torch.Generator("cpu").manual_seed(SEED),
-            callback_on_step_end=cb,
         )
-        sync()
         # the first interval includes text encoding: the median of the steps is unaffected
-        return statistics.median(times), time.perf_counter() - t0
+        return statistics.median(times), total
 
     def qwennb_image(self, pipe: Any, steps: int, size: int, preset: str | None) -> tuple[float, float]:
         from qwennb.generation import generate

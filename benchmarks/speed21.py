@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from stock_steps import timed_call  # benchmarks/ is the script's folder
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 SEED = 1234
@@ -81,19 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
 
     def stock() -> tuple[float, float]:
-        times: list[float] = []
-        last: dict[str, float] = {}
-
-        def cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
-            sync()
-            now = time.perf_counter()
-            times.append(now - last["t"])
-            last["t"] = now
-            return {}
-
-        sync()
-        t0 = last["t"] = time.perf_counter()
-        pipe(
+        times, total = timed_call(
+            pipe,
+            sync,
             prompt=PROMPT,
             negative_prompt=" ",
             true_cfg_scale=args.cfg,
@@ -101,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             width=args.size,
             height=args.size,
             generator=torch.Generator("cpu").manual_seed(SEED),
-            callback_on_step_end=cb,
         )
-        sync()
-        return statistics.median(times[1:] or times), time.perf_counter() - t0
+        return statistics.median(times[1:] or times), total
 
     def qwennb() -> tuple[float, float]:
         r = generate(
