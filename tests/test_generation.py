@@ -337,3 +337,22 @@ def test_the_toy_planned_by_its_folder_is_the_toy():
 
     plan = make_plan(describe_machine(host_ram_gb=8), TOY_MODEL_DIR)
     assert plan.model == "toy" and plan.defaults["steps"] == 20 and plan.defaults["width"] == 256
+
+
+def test_a_toy_folder_without_its_weights_is_a_clear_load_error(monkeypatch, tmp_path):
+    # a package installed without its data files: one short LoadError, not a traceback from deep in diffusers
+    import shutil
+
+    import qwennb.pipeline as qp
+    from qwennb.errors import LoadError
+    from qwennb.models import TOY_MODEL_DIR
+    from qwennb.plan import describe_machine, make_plan
+
+    broken = tmp_path / "toy_model"
+    shutil.copytree(TOY_MODEL_DIR, broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    monkeypatch.setattr(qp, "TOY_MODEL_DIR", str(broken))
+    name, path, _ = qp.resolve_model("toy")
+    assert path == str(broken)
+    with pytest.raises(LoadError, match="could not load"):
+        qp.build(make_plan(describe_machine(host_ram_gb=8), name), path)
