@@ -34,8 +34,6 @@ TOY_NOTICE = (
     "background a prompt names (its shapes are still blobs). "
     "Run `qwennb download --model qwen-image` or set QWENNB_MODEL to a model folder for the real model."
 )
-# kept for code that imported it: the embedded default used to be the random tiny stand-in
-TINY_NOTICE = TOY_NOTICE
 
 
 # Complete local snapshots loaded when no model is named, newest first.
