@@ -77,7 +77,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU check with the small model")
     ap.add_argument("--prompts", type=int, default=None)
     ap.add_argument("--engines", default="local,ray")
-    ap.add_argument("--out", default=None, help="results file (default benchmarks/results/batch-<card>.json)")
+    ap.add_argument(
+        "--out", default=None, help="results file or folder (default benchmarks/results/batch-<card>.json)"
+    )
     args = ap.parse_args()
     hw = detect()
     if args.smoke:
@@ -95,7 +97,40 @@ def main() -> int:
         gpu_counts = [1, 2]
     opts["model"] = model
     prompts = [f"benchmark prompt {i}: a lighthouse on a cliff at dusk, number {i}" for i in range(n)]
-    runs = []
+    card = "smoke-cpu" if args.smoke else card_slug(hw)
+    default = Path(tempfile.gettempdir()) if args.smoke else RESULTS  # smoke numbers are not results
+    path = Path(args.out) if args.out else default / f"batch-{card}.json"
+    if path.is_dir():
+        path = path / f"batch-{card}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict] = []
+
+    def write() -> None:  # after every run, so that a run cut short keeps what it measured
+        result = {
+            "card": card,
+            "model": model,
+            "options": {k: v for k, v in opts.items() if k != "model"},
+            "prompts": n,
+            "smoke": args.smoke,
+            "runs": runs,
+        }
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        lines = [
+            f"# Batch throughput on {card} ({model}, {n} prompts, {opts['size'][0]}x{opts['size'][1]}, "
+            f"{opts['steps']} steps, CFG {opts['cfg']:g})",
+            "",
+            "| engine | GPUs | images | failed | images/s | speed-up vs 1 GPU | outside denoising | busy share |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in runs:
+            lines.append(
+                f"| {r['engine']} | {r['gpus']} | {r['images']} | {r['failed']} | {r['images_per_s']:.4f} | "
+                f"{r['speedup_vs_1gpu']} | {r['outside_denoise_share']} | {r['busy_share']} |"
+            )
+        if args.smoke:
+            lines += ["", "SMOKE RUN on CPU processes: these numbers say nothing about GPUs."]
+        path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
     for engine in args.engines.split(","):
         if engine == "ray":
             try:
@@ -110,23 +145,12 @@ def main() -> int:
             row["speedup_vs_1gpu"] = round(row["images_per_s"] / base, 3) if base else None
             runs.append(row)
             print(json.dumps(row), flush=True)
+            write()
         if engine == "ray":
             import ray
 
             ray.shutdown()
-    card = "smoke-cpu" if args.smoke else card_slug(hw)
-    result = {
-        "card": card,
-        "model": model,
-        "options": {k: v for k, v in opts.items() if k != "model"},
-        "prompts": n,
-        "smoke": args.smoke,
-        "runs": runs,
-    }
-    default = Path(tempfile.gettempdir()) if args.smoke else RESULTS  # smoke numbers are not results
-    path = Path(args.out) if args.out else default / f"batch-{card}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write()
     print(f"wrote {path}")
     return 0
 

@@ -44,6 +44,8 @@ def stock_run(pipe, steps: int, width: int, height: int, cfg: float, seed: int) 
         now = time.perf_counter()
         times.append(now - last["t"])
         last["t"] = now
+        if i == steps - 1:
+            last["latents"] = kw["latents"].detach().float().cpu()
         return {}
 
     torch.cuda.reset_peak_memory_stats()
@@ -67,7 +69,111 @@ def stock_run(pipe, steps: int, width: int, height: int, cfg: float, seed: int) 
         "total_s": total,
         "s_per_step": statistics.median(times[1:]),
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3,
+        "latents": last.get("latents"),
     }
+
+
+def mode_run(args) -> int:
+    """A named mode as shipped (``make_plan(..., overrides={"mode": ...})`` -> ``build`` -> ``generate``: for
+    turbo, fp8 weights quantised while loading) beside stock diffusers on bf16 weights drawn from the same seed
+    (``build_synthetic_pipeline``; the stand-in's loader draws identical bf16 weights), both on the card in one
+    process. Records load time, s/step, peak memory and the final latents' relative error against stock."""
+    from qwennb.generation import generate
+    from qwennb.hardware import detect
+    from qwennb.pipeline import build
+    from qwennb.plan import make_plan
+    from qwennb.stand_ins import build_synthetic_pipeline, build_tiny_pipeline
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hw = detect()
+    model = "qwen-image-synthetic"
+    if args.smoke:  # the flow on the tiny model on the CPU: checks the script, its numbers mean nothing
+        for name in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated", "memory_allocated"):
+            setattr(torch.cuda, name, lambda *a, **k: 0)
+        model, args.size, args.steps = "tiny", 64, 3
+    card = hw.best_gpu.name if hw.best_gpu else "cpu-smoke"
+    slug = card_slug(card)
+    plan = make_plan(hw, model, overrides={"mode": args.mode})
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    pipe = build(plan)
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    weights_gb = torch.cuda.memory_allocated() / 1024**3
+    t0 = time.perf_counter()
+    if args.smoke:
+        stock = build_tiny_pipeline(seed=0, dtype=torch.float32)
+    else:
+        stock = build_synthetic_pipeline(device="cuda", dtype=torch.bfloat16)
+    stock.set_progress_bar_config(disable=True)
+    torch.cuda.synchronize()
+    stock_load_s = time.perf_counter() - t0
+    size, steps = args.size, args.steps
+    prompt = "a red fox reading a newspaper in a cafe, watercolor"
+    generate(pipe, "warm up", steps=3, width=size, height=size, cfg=4.0, seed=0)
+    stock_run(stock, 3, size, size, 4.0, 0)
+    rows = []
+    for r in range(args.repeats):
+        got = {}
+
+        def keep(s, got=got):
+            if s.step == s.total:
+                got["latents"] = s.latents.detach().float().cpu()
+
+        torch.cuda.reset_peak_memory_stats()
+        res = generate(
+            pipe, prompt, steps=steps, width=size, height=size, cfg=4.0, seed=1234 + r, on_step=keep
+        )
+        q_peak = torch.cuda.max_memory_allocated() / 1024**3
+        st = stock_run(stock, steps, size, size, 4.0, 1234 + r)
+        a, b = got["latents"], st.pop("latents")
+        rows.append(
+            {
+                "repeat": r,
+                "qwennb_s_per_step": res.median_step_s,
+                "qwennb_total_s": res.total_s,
+                "qwennb_peak_gpu_gb": q_peak,
+                "stock_s_per_step": st["s_per_step"],
+                "stock_total_s": st["total_s"],
+                "latent_rel_err": float((a - b).norm() / b.norm()),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    med = {k: statistics.median(x[k] for x in rows) for k in rows[0] if k != "repeat"}
+    record = {
+        "card": card,
+        "smoke": bool(args.smoke),
+        "mode": args.mode,
+        "arrangement": plan.arrangement,
+        "plan_estimated_peak_gpu_gb": plan.estimated_peak_gpu_gb,
+        "plan_predicted_s_per_step": plan.predicted_s_per_step,
+        "load_s": round(load_s, 1),
+        "stock_load_s": round(stock_load_s, 1),
+        "weights_gpu_gb": round(weights_gb, 2),
+        "size": size,
+        "steps": steps,
+        "cfg": 4.0,
+        "runs": rows,
+        "median": med,
+        "speedup_vs_stock": med["stock_s_per_step"] / med["qwennb_s_per_step"],
+    }
+    (out / f"core-{args.mode}-{slug}.json").write_text(json.dumps(record, indent=2))
+    md = (
+        f"# `mode={args.mode}` as shipped on {card}\n\n"
+        f"Plan: {plan.arrangement} (estimated peak {plan.estimated_peak_gpu_gb:.1f} GiB, predicted "
+        f"{plan.predicted_s_per_step} s/step). {size}x{size}, CFG 4, {steps} steps, medians of {args.repeats} "
+        f"after warm-up; stock diffusers on bf16 weights of the same seed in the same process.\n\n"
+        "| | s/step | image s | peak GiB | load s |\n| --- | --- | --- | --- | --- |\n"
+        f"| stock | {med['stock_s_per_step']:.3f} | {med['stock_total_s']:.2f} | – | {stock_load_s:.1f} |\n"
+        f"| qwennb {args.mode} | {med['qwennb_s_per_step']:.3f} | {med['qwennb_total_s']:.2f} | "
+        f"{med['qwennb_peak_gpu_gb']:.2f} | {load_s:.1f} |\n\n"
+        f"Speed-up {record['speedup_vs_stock']:.2f}x; final latents' relative error against stock "
+        f"{med['latent_rel_err']:.2e}.\n"
+    )
+    (out / f"core-{args.mode}-{slug}.md").write_text(md)
+    print(md)
+    return 0
 
 
 def main() -> int:
@@ -77,7 +183,17 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="also time the plan with regional compile")
+    ap.add_argument(
+        "--mode", help="measure a named plan mode as shipped (e.g. turbo) against stock: core-<mode>-<card>.*"
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="with --mode: the tiny model on the CPU (checks the script)"
+    )
     args = ap.parse_args()
+    if args.mode:
+        return mode_run(args)
+    if args.smoke:
+        ap.error("--smoke goes with --mode")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -149,6 +265,7 @@ def main() -> int:
             )
             if cfg > 1:
                 st = stock_run(pipe, args.steps, args.size, args.size, cfg, 1234 + r)
+                st.pop("latents", None)
                 record["runs"].append({"config": "stock", "cfg": cfg, "repeat": r, **st})
             print(record["runs"][-1]["config"], cfg, r, record["runs"][-1]["s_per_step"], flush=True)
     if args.compile:

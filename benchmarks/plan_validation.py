@@ -144,7 +144,8 @@ def table(record: dict) -> str:
     for r in record["runs"]:
         if r.get("arrangement") is None:
             lines.append(
-                f"| {r['cap_gb']:g} | {r['host_budget_gb']:g} | refused: {r.get('refused', '')} |" + " |" * 10
+                f"| {r['cap_gb']:g} | {r['host_budget_gb']:g} | refused: {r.get('refused') or ('failed: ' + r.get('error', ''))[:200]} |"
+                + " |" * 10
             )
             continue
         p, m = r.get("predicted_s_per_step"), r.get("measured_s_per_step")
@@ -172,6 +173,14 @@ def main() -> int:
     ap.add_argument(
         "--measure-all", action="store_true", help="measure every pair, even identical arrangements"
     )
+    ap.add_argument(
+        "--pairs",
+        nargs="+",
+        help="(cap, host budget) pairs in the order to run, e.g. 24:64 12:32 (instead of --caps x --hosts)",
+    )
+    ap.add_argument(
+        "--budget-s", type=float, default=1e9, help="start no new pair after this many seconds (results kept)"
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
@@ -186,51 +195,66 @@ def main() -> int:
     card = "cpu (smoke)" if args.smoke or not torch.cuda.is_available() else torch.cuda.get_device_name(0)
     out = Path(args.out or ("/tmp/qwennb-plan-validation" if args.smoke else "benchmarks/results"))
     rows, seen = [], {}
-    for cap in args.caps:
-        for host in args.hosts:
-            key = None if args.measure_all else _plan_key(cap, host, args.size, args.smoke)
-            if key is not None and key in seen:
-                row = {**seen[key], "cap_gb": cap, "host_budget_gb": host}
-                row["reused_from"] = [seen[key]["cap_gb"], seen[key]["host_budget_gb"]]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                continue
-            t0 = time.perf_counter()
-            cmd = [sys.executable, __file__, "--one", f"{cap:g}:{host:g}", "--steps", str(args.steps)]
-            cmd += ["--size", str(args.size)] + (["--smoke"] if args.smoke else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
-            row = (
-                json.loads(line[-1][4:])
-                if line
-                else {
-                    "cap_gb": cap,
-                    "host_budget_gb": host,
-                    "arrangement": None,
-                    "oom": False,
-                    "error": " / ".join(proc.stderr.strip().splitlines()[-3:]),
-                }
-            )
-            row["wall_s"] = round(time.perf_counter() - t0, 1)
-            rows.append(row)
-            if key is not None and row.get("measured_s_per_step"):
-                seen[key] = row
-            print(json.dumps(row), flush=True)
-    record = {
-        "card": card,
-        "torch": torch.__version__,
-        "model": "tiny" if args.smoke else "qwen-image-synthetic",
-        "size": args.size,
-        "steps": args.steps,
-        "cfg": 4.0,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "reused": any(r.get("reused_from") for r in rows),
-        "runs": rows,
-    }
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"plan-validation-{slug_of(card)}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table(record))
+
+    def write() -> dict:  # after every pair, so that a run cut short keeps what it measured
+        record = {
+            "card": card,
+            "torch": torch.__version__,
+            "model": "tiny" if args.smoke else "qwen-image-synthetic",
+            "size": args.size,
+            "steps": args.steps,
+            "cfg": 4.0,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "reused": any(r.get("reused_from") for r in rows),
+            "runs": rows,
+        }
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(table(record))
+        return record
+
+    pairs = (
+        [tuple(float(x) for x in p.split(":")) for p in args.pairs]
+        if args.pairs
+        else [(cap, host) for cap in args.caps for host in args.hosts]
+    )
+    started = time.perf_counter()
+    for cap, host in pairs:
+        if time.perf_counter() - started > args.budget_s:
+            print(f"budget spent: {cap:g}:{host:g} and later pairs not run", flush=True)
+            break
+        key = None if args.measure_all else _plan_key(cap, host, args.size, args.smoke)
+        if key is not None and key in seen:
+            row = {**seen[key], "cap_gb": cap, "host_budget_gb": host}
+            row["reused_from"] = [seen[key]["cap_gb"], seen[key]["host_budget_gb"]]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write()
+            continue
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--one", f"{cap:g}:{host:g}", "--steps", str(args.steps)]
+        cmd += ["--size", str(args.size)] + (["--smoke"] if args.smoke else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
+        row = (
+            json.loads(line[-1][4:])
+            if line
+            else {
+                "cap_gb": cap,
+                "host_budget_gb": host,
+                "arrangement": None,
+                "oom": False,
+                "error": " / ".join(proc.stderr.strip().splitlines()[-3:]),
+            }
+        )
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        if key is not None and row.get("measured_s_per_step"):
+            seen[key] = row
+        print(json.dumps(row), flush=True)
+        write()
+    record = write()
     print(table(record))
     return 0
 

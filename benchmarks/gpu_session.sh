@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of qwennb in one background session on a 2-GPU machine, for lent machines whose commands
+# may run at most 10 minutes each (on a machine of your own, run the scripts it names directly).
+#
+#   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
+#                                            # detached, waits up to WAIT s, packs what is done into $OUT
+#   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
+#
+# Phase 1, one GPU each, side by side:
+#   GPU 0: plan_validation.py (caps x host budgets, most telling pairs first, time-boxed)
+#   GPU 1: fewstep.py, edit.py, gpu_core.py --mode turbo, preview_overhead.py, toy_adherence.py, speed21.py
+# Phase 2, both GPUs: multigpu.py.  Phase 3, both GPUs: batch.py (local engine).
+# Results land in $R (then benchmarks/results/ once copied back), logs beside them.
+set -u
+W=/tmp/gs
+R=$W/results
+WAIT=${WAIT:-570}
+here=$(cd "$(dirname "$0")/.." && pwd)
+
+job() { # job SECONDS NAME CMD...: run with a timeout (cut to the phase's end), log to $W/NAME.log
+  local t=$1 name=$2
+  shift 2
+  local t0 left
+  t0=$(date +%s)
+  left=$((${PHASE_END:-$((t0 + t))} - t0))
+  [ "$left" -lt "$t" ] && t=$left
+  if [ "$t" -lt 60 ]; then
+    echo "[$(date +%T)] $name: skipped (phase time spent)" >> $W/session.log
+    return
+  fi
+  echo "[$(date +%T)] $name: start (limit ${t}s)" >> $W/session.log
+  timeout --kill-after=20 "$t" "$@" > "$W/$name.log" 2>&1
+  local rc=$?
+  echo "[$(date +%T)] $name: exit $rc after $(($(date +%s) - t0))s" >> $W/session.log
+}
+
+lane_a() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 500 plan_validation python3 benchmarks/plan_validation.py --out $R --budget-s 380 \
+    --pairs 80:128 24:64 12:32 8:32 16:32 48:32 16:64 12:64 24:32 80:32 8:64 48:64
+  job 150 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
+}
+
+lane_b() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 200 fewstep python3 benchmarks/fewstep.py --out $R --sizes 1024 --repeats 3 --warmup 1
+  job 180 edit python3 benchmarks/edit.py --out $R --steps 10 --refs 1,3 --configs 2511,2509
+  job 160 turbo python3 benchmarks/gpu_core.py --mode turbo --out $R --repeats 2
+  job 90 preview python3 benchmarks/preview_overhead.py --out $R --repeats 3
+  job 150 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
+}
+
+phases() {
+  cd "$here" || exit 1
+  export PYTHONPATH=/tmp/site:$here PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm,pcie.link.gen.max,pcie.link.width.max \
+    --format=csv > $W/nvidia-smi.csv 2>&1
+  nvidia-smi topo -m > $W/topo.txt 2>&1
+  python3 -c 'import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, torch.cuda.device_count())' \
+    > $W/versions.txt 2>&1
+  PHASE_END=$(($(date +%s) + ${PHASE1_S:-660}))
+  lane_a &
+  lane_b &
+  wait
+  unset PHASE_END
+  echo "[$(date +%T)] phase 1 done" >> $W/session.log
+  job 450 multigpu python3 benchmarks/multigpu.py --out $R --sizes 1024 --cfgs 4 1 --steps 20
+  job 330 batch python3 benchmarks/batch.py --engines local --out $R
+  echo "[$(date +%T)] all done" >> $W/session.log
+  touch $W/done
+}
+
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' . 2>/dev/null
+  ls -la "$OUT"
+}
+
+case "${1:-}" in
+  start)
+    mkdir -p $R
+    : > $W/session.log
+    if ls .whl/*.whl > /dev/null 2>&1; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    fi
+    setsid nohup bash "$0" phases > $W/phases.out 2>&1 < /dev/null &
+    ;;
+  phases)
+    phases
+    exit 0
+    ;;
+  collect) ;;
+  *)
+    echo "usage: $0 start|collect" >&2
+    exit 2
+    ;;
+esac
+t0=$(date +%s)
+while [ ! -f $W/done ] && [ $(($(date +%s) - t0)) -lt "$WAIT" ]; do sleep 5; done
+cat $W/session.log
+for f in $W/*.log; do
+  case $f in */session.log) continue ;; esac
+  echo "--- $(basename "$f")"
+  grep -v -i -E 'warn|it/s\]|Loading' "$f" | tail -n 6
+done
+pack
