@@ -50,6 +50,19 @@ lane_b() {
   job 150 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
 }
 
+# A second round for what the first could not finish (ROUND=2): the plan's caps, editing and the toy's adherence.
+lane_a2() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 560 plan_validation python3 benchmarks/plan_validation.py --out $R --budget-s 430 \
+    --pairs 24:64 12:32 8:32 16:32 48:32 16:64 12:64 24:32 8:64 80:128
+}
+
+lane_b2() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 210 edit python3 benchmarks/edit.py --out $R --steps 10 --refs 1,3 --configs 2511,2509
+  job 400 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
+}
+
 phases() {
   cd "$here" || exit 1
   export PYTHONPATH=/tmp/site:$here PYTHONUNBUFFERED=1
@@ -59,6 +72,14 @@ phases() {
   python3 -c 'import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, torch.cuda.device_count())' \
     > $W/versions.txt 2>&1
   PHASE_END=$(($(date +%s) + ${PHASE1_S:-660}))
+  if [ "${ROUND:-1}" = 2 ]; then
+    lane_a2 &
+    lane_b2 &
+    wait
+    echo "[$(date +%T)] all done" >> $W/session.log
+    touch $W/done
+    return
+  fi
   lane_a &
   lane_b &
   wait

@@ -50,6 +50,7 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool) -> dict:
         real_total = torch.cuda.get_device_properties(0).total_memory / 1024**3
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap / real_total))
         gpu.total_memory_gb = gpu.free_memory_gb = float(cap)
+        hw.gpus = [gpu]  # the capped card alone (another GPU of the machine must not become the best one)
     else:
         hw.gpus = []
     row: dict = {"cap_gb": cap, "host_budget_gb": host, "model": model, "oom": False}
@@ -107,7 +108,9 @@ def _plan_key(cap: float, host: float, size: int, smoke: bool) -> str | None:
     hw = detect()
     hw.host_ram_gb = hw.host_ram_available_gb = float(host)
     if hw.gpus and not smoke:
-        hw.best_gpu.total_memory_gb = hw.best_gpu.free_memory_gb = float(cap)
+        gpu = hw.best_gpu
+        gpu.total_memory_gb = gpu.free_memory_gb = float(cap)
+        hw.gpus = [gpu]
     else:
         hw.gpus = []
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 GIB = 1024**3
@@ -181,6 +181,34 @@ def _nvml_gpus(notes: list[str]) -> tuple[list[GPU], str | None]:
     return gpus, driver
 
 
+def visible_gpus(gpus: list[GPU], spec: str | None) -> list[GPU]:
+    """The GPUs a CUDA program sees under ``CUDA_VISIBLE_DEVICES=spec``, in its order and renumbered as torch
+    numbers them (NVML lists every GPU of the machine, whatever the variable says). Entries are NVML indices or
+    UUIDs (a unique prefix is enough, as for CUDA); as in CUDA, the list ends at the first entry that names no
+    GPU. ``None`` (unset) keeps all; MIG entries are not resolved here, so they keep all too.
+
+    Example:
+        >>> a = GPU(index=0, name="A", total_memory_gb=80, free_memory_gb=80, compute_capability="9.0", bf16=True)
+        >>> b = GPU(index=1, name="B", total_memory_gb=24, free_memory_gb=24, compute_capability="8.9", bf16=True)
+        >>> [(g.index, g.name) for g in visible_gpus([a, b], "1")]
+        [(0, 'B')]
+    """
+    if spec is None or any(e.strip().startswith("MIG-") for e in spec.split(",")):
+        return gpus
+    chosen: list[GPU] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry.isdigit():
+            match = [g for g in gpus if g.index == int(entry)]
+        elif entry:
+            match = [g for g in gpus if g.uuid and g.uuid.startswith(entry)]
+        else:
+            match = []
+        if len(match) != 1 or match[0] in chosen:
+            break
+        chosen.append(match[0])
+    return [replace(g, index=i) for i, g in enumerate(chosen)]
+
+
 def _merge_torch(gpus: list[GPU], notes: list[str]) -> tuple[list[GPU], str | None]:
     """Fill in what only torch knows (SM count, bf16) and add devices NVML missed."""
     try:
@@ -281,6 +309,13 @@ def detect() -> Hardware:
     """
     notes: list[str] = []
     gpus, driver = _nvml_gpus(notes)
+    hidden = len(gpus)
+    gpus = visible_gpus(gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if len(gpus) < hidden:
+        notes.append(
+            f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}: {len(gpus)} of the machine's {hidden} "
+            "GPUs are visible; the plan uses only those."
+        )
     torch_version = mps = cuda = None
     gpu_device_files = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
     if gpus or gpu_device_files or sys.platform != "linux" or os.environ.get("QWENNB_DETECT_TORCH") == "1":

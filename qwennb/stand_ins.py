@@ -784,6 +784,36 @@ def _edit_processor_class() -> type:
     return Qwen2VLImageOnlyProcessor
 
 
+_VISION_TOKENS = {
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def align_vision_token_ids(text_encoder: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """Point the text encoder's image/video/vision token ids at ``tokenizer``'s: a full-size config (ids near
+    151655) paired with the small stand-in tokenizer would find no image tokens in the prompt ("Image features
+    and image tokens do not match, tokens: 0"). Returns the ids set.
+
+    Example:
+        >>> from qwennb.stand_ins import build_tiny_edit_pipeline
+        >>> pipe = build_tiny_edit_pipeline()
+        >>> pipe.text_encoder.config.image_token_id = 151655
+        >>> align_vision_token_ids(pipe.text_encoder, pipe.tokenizer)["image_token_id"]
+        570
+    """
+    ids = {key: tokenizer.convert_tokens_to_ids(tok) for key, tok in _VISION_TOKENS.items()}
+    configs = [text_encoder.config, getattr(getattr(text_encoder, "model", None), "config", None)]
+    configs += [getattr(c, "text_config", None) for c in list(configs)]
+    for cfg in {id(c): c for c in configs if c is not None}.values():
+        for key, value in ids.items():
+            if hasattr(cfg, key) and isinstance(value, int) and value >= 0:
+                setattr(cfg, key, value)
+    return ids
+
+
 def build_edit_processor(tokenizer: PreTrainedTokenizerBase | None = None, **image_kwargs: Any) -> Any:
     """The Qwen2-VL processor the Edit pipelines call: a tokenizer plus Qwen2-VL's image processor.
 
@@ -888,6 +918,7 @@ def build_synthetic_edit_pipeline(
         'QwenImageEditPlusPipeline'
     """
     base = build_synthetic_pipeline(device=device, dtype=dtype, config_dir=config_dir, seed=seed, std=std)
+    align_vision_token_ids(base.text_encoder, base.tokenizer)
     processor = build_edit_processor(base.tokenizer)
     return _assemble_edit(
         base.scheduler,

@@ -634,3 +634,26 @@ def test_the_plan_says_2511_runs_outside_the_tuned_path():
     assert p2511.components["transformer"].storage_dtype == "float8_e4m3fn"
     assert "layerwise casting" in p2511.components["transformer"].reason
     assert any("zero_cond_t" in r and "regional compile" in r for r in p2511.reasons)
+
+
+def test_synthetic_edit_pipeline_finds_its_image_tokens_with_the_small_tokenizer(tmp_path):
+    # The full-size synthetic edit model pairs Qwen2.5-VL's real config (image token 151655) with the small
+    # stand-in tokenizer; unaligned, the text encoder finds no image tokens in the prompt and the edit fails
+    # ("Image features and image tokens do not match, tokens: 0"), as it did on the H200.
+    import shutil
+
+    import qwennb
+    from qwennb.stand_ins import build_synthetic_edit_pipeline
+
+    src = Path(qwennb.__file__).parent / "configs" / "tiny-edit"
+    dst = tmp_path / "tiny-edit-real-ids"
+    shutil.copytree(src, dst)
+    te = json.loads((dst / "text_encoder.json").read_text())
+    real = {"vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655}
+    te.update({k: v for k, v in real.items() if k in te})
+    (dst / "text_encoder.json").write_text(json.dumps(te))
+    pipe = build_synthetic_edit_pipeline(device="cpu", dtype=torch.float32, config_dir=str(dst))
+    assert pipe.text_encoder.config.image_token_id == pipe.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    pipe.qwennb = {"model": "tiny-edit", "plan": None}
+    r = edit(pipe, picture(64, 64), "make the square green", steps=2, seed=1)
+    assert r.images[0].size == (64, 64)
