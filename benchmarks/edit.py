@@ -165,6 +165,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
+def render(record: dict[str, Any], size: int, steps: int, cfg: float) -> str:
+    """The markdown table of a record (written after every configuration, so a run cut short keeps it)."""
+    lines = [
+        f"# Editing: stock QwenImageEditPlusPipeline vs qwennb on {record['card']}",
+        "",
+        f"{record['date']}, torch {record['torch']}, diffusers {record['diffusers']}; {size}x{size}, CFG "
+        f"{cfg:g}, {steps} steps, seed {SEED}; random weights.",
+        "",
+        "| model | refs | config | s/step | speed-up | latent rel. err | peak GiB | tuned forwards |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in record["runs"]:
+        peak = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
+        lines.append(
+            f"| {r['model']} | {r['refs']} | {r['config']} | {r['s_per_step']:.4f} | {r['speedup_vs_stock']:.2f}x | "
+            f"{r['latent_rel_err']:.2e} | {peak} | {r['tuned_forwards']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -254,26 +274,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
+            (out / f"edit-{slug}.md").write_text(render(record, size, steps, args.cfg))
         del pipe
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    lines = [
-        f"# Editing: stock QwenImageEditPlusPipeline vs qwennb on {card}",
-        "",
-        f"{record['date']}, torch {record['torch']}, diffusers {record['diffusers']}; {size}x{size}, CFG "
-        f"{args.cfg:g}, {steps} steps, seed {SEED}; random weights.",
-        "",
-        "| model | refs | config | s/step | speed-up | latent rel. err | peak GiB | tuned forwards |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in record["runs"]:
-        peak = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
-        lines.append(
-            f"| {r['model']} | {r['refs']} | {r['config']} | {r['s_per_step']:.4f} | {r['speedup_vs_stock']:.2f}x | "
-            f"{r['latent_rel_err']:.2e} | {peak} | {r['tuned_forwards']} |"
-        )
-    table = "\n".join(lines) + "\n"
+    table = render(record, size, steps, args.cfg)
     (out / f"edit-{slug}.md").write_text(table)
     print(table)
     return 0

@@ -1,6 +1,6 @@
 """What the live latent preview costs: seconds per step with ``preview=True`` against ``preview=False``.
 
-Target (#15): at most 3% of a step on the GPU. NOT RUN on a GPU yet (written on a machine without one). Rerun on
+Target (#15): at most 3% of a step on the GPU (H200: +0.18%, results/preview-nvidia-h200.md). Rerun on
 a CUDA machine with one 80 GB card:
 
     python benchmarks/preview_overhead.py --out benchmarks/results

@@ -30,8 +30,8 @@ Example:
     >>> p = choose_parallel(gpus=2, cfg=4.0, width=1024, height=1024, images=1)
     >>> p.mode, p.cfg_degree, p.ulysses_degree
     ('cfg', 2, 1)
-    >>> choose_parallel(gpus=2, cfg=1.0, width=1024, height=1024, images=1).mode
-    'ulysses'
+    >>> choose_parallel(gpus=2, cfg=1.0, width=1024, height=1024, images=1).mode  # Ulysses measured slower
+    'single'
     >>> choose_parallel(gpus=2, cfg=4.0, width=1024, height=1024, images=4).mode
     'data'
 """
@@ -128,6 +128,17 @@ def _largest_divisor(n: int, limit: int, ok: Callable[[int], bool]) -> int:
     return 1
 
 
+# One image without CFG over 2 GPUs, measured (benchmarks/multigpu.py, full-size synthetic, 20 steps, CFG 1).
+ULYSSES_MEASURED = {
+    "card": "H200",
+    "gpus": 2,
+    "size": 1024,
+    "ulysses_s_per_step": 0.185,
+    "one_gpu_s_per_step": 0.124,
+    "source": "benchmarks/results/multigpu-nvidia-h200.json",
+}
+
+
 def choose_parallel(
     gpus: int,
     cfg: float,
@@ -145,7 +156,8 @@ def choose_parallel(
 
     Rules: several images go data parallel (nothing exchanged a step, the best scaling); one image with
     CFG > 1 puts the two passes on two groups (one small all-gather a step) and, with 4 or more GPUs, runs
-    Ulysses sequence parallel inside each group; one image without CFG runs Ulysses over all the GPUs. Ulysses
+    Ulysses sequence parallel inside each group; one image without CFG stays on one GPU (Ulysses over 2 H200s
+    measured slower than one, :data:`ULYSSES_MEASURED`) unless the pool was loaded with a Ulysses degree. Ulysses
     needs the attention heads (24 for Qwen-Image) and the image tokens to divide by its degree; the largest
     degree that does is used. ``ulysses`` fixes the Ulysses degree (a pool loaded with one). ``heads``,
     ``head_dim``, ``layers`` and ``text_tokens`` describe the model (Qwen-Image's by default).
@@ -241,6 +253,18 @@ def choose_parallel(
                 exchanged_mb_per_step=exchanged,
             )
     else:
+        if ulysses is None:
+            m = ULYSSES_MEASURED
+            return ParallelPlan(
+                "single",
+                gpus,
+                why="one image without CFG: one GPU draws it. Ulysses sequence parallelism (a pool loaded with "
+                f"ulysses=N) measured slower than one GPU on {m['gpus']}x{m['card']} at {m['size']}² "
+                f"({m['ulysses_s_per_step']} against {m['one_gpu_s_per_step']} s/step, "
+                f"{m['source']}): its ranks run diffusers' own forward, not the tuned path, and each sends about "
+                f"{ulysses_mb(2, 1):.0f} MB a step.",
+                cost="none; the other GPUs idle (several images go data parallel).",
+            )
         sp = fixed(ulysses, gpus)
     if sp > 1 and gpus // sp == 1:
         exchanged = ulysses_mb(sp, 1)

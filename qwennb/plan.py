@@ -70,14 +70,20 @@ UPCAST_S_PER_GPARAM = 0.0786 / 20.42
 STREAM_OVERLAP = 1.0
 OFFLOAD_STEP_S = 0.087
 OFFLOAD_BLOCK_S = 0.00057
-# Pinned host-to-device copies reach hardware.PCIE_EFFICIENCY of the link; pageable ones about a third of that.
-PAGEABLE_SHARE = 0.35
+# Pinned host-to-device copies reach hardware.PCIE_EFFICIENCY of the link. Pageable ones (streamed weights that the
+# host RAM cannot keep pinned: group offload pins them on the fly) are host-bound and do not overlap compute:
+# 2.85 GB/s, the mean of the three pageable plan-validation runs on an H200 host (16/12/8 GB caps under a 32 GB
+# host budget: 2.91, 2.92, 2.73 GB/s; benchmarks/results/plan-validation-nvidia-h200.json). The link's own rate
+# caps it on a slower bus.
+PAGEABLE_GBPS = 2.85
 # Text encoder, a prompt and its negative: 0.126 s on the GPU (mean of the uncapped tiers runs, 0.10-0.17 s);
 # streamed leaf by leaf 0.715 s (mean, 0.67-0.78) = that + 15.45 GiB at 54 GB/s (0.306 s) + 0.283 s of hooks.
 TEXT_ENCODE_S = 0.126
 TEXT_STREAM_FIXED_S = 0.283
 TEXT_TOKENS = 77  # a typical prompt; the FLOP count is insensitive to it
-CPU_TFLOPS = 0.5  # what a text encoder (or a whole model) computes at on a many-core host, bf16
+# What a text encoder (or a whole model) computes at on the CPU, bf16: the text encoder on the H200 host's 32 cores
+# took 11.85 s for a prompt pair (plan validation, 12 GB cap, 32 GB host), i.e. 0.216 TFLOP/s.
+CPU_TFLOPS = 0.216
 # VAE decode of a 1024x1024 image (tiers runs, means): 0.102 s whole (0.09-0.14), 0.56 s in tiles (0.48-0.75).
 DECODE_S_PER_MP = 0.102 / 1.048576
 TILED_DECODE_SLOWDOWN = 5.5
@@ -129,10 +135,10 @@ MODES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "turbo": (
         {"fp8_matmul": True},
-        "fp8 weights and fp8 matmuls (compute capability 8.9+): 0.208 s/step against 0.244 exact and 0.366 "
-        "for stock diffusers (H100, 1024x1024, CFG 4; speed run 6, with the bf16 weights still held); as "
-        "shipped the fp8 weights replace the bf16 ones (estimated peak 38.9 GiB against 57.9 exact, not yet "
-        "measured); the final latents drift 7e-2, 3x the rounding floor",
+        "fp8 weights and fp8 matmuls (compute capability 8.9+), as shipped (fp8 weights quantised while "
+        "loading, in 11 s): 0.195 s/step against 0.345 for stock diffusers (H200, 1024x1024, CFG 4; "
+        "benchmarks/results/core-turbo-nvidia-h200), 34.8 GiB of weights on the GPU against 57.9 in bf16; the "
+        "final latents drift 7.6e-2 from stock's, about 3x the rounding floor",
     ),
     "turbo-cache": (
         {"cache": "taylorseer"},
@@ -511,6 +517,10 @@ class Setting:
     def h2d_gbps(self) -> float:
         return self.gpu.host_to_device_gbps or 27.1  # PCIe gen 4 x16
 
+    @property
+    def pageable_gbps(self) -> float:
+        return min(PAGEABLE_GBPS, self.h2d_gbps)
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -594,13 +604,16 @@ def cost(a: Arrangement, st: Setting) -> Cost:
         "sequential_offload": max(blk, 0.5),
     }.get(a.transformer, whole)
     stream_passes = 1 if a.tuned else st.passes
-    rate = st.h2d_gbps * 1e9 * (1.0 if a.pinned else PAGEABLE_SHARE)
+    pageable = st.pageable_gbps * 1e9
+    rate = st.h2d_gbps * 1e9 if a.pinned else pageable
     stream_gb = streamed * blk * stream_passes
     copies = stream_gb * GIB / rate
     if a.transformer == "sequential_offload":  # per-leaf synchronous copies: nothing hides
-        stream_s = whole * GIB * st.passes / (st.h2d_gbps * 1e9 * PAGEABLE_SHARE)
+        stream_s = whole * GIB * st.passes / pageable
     elif a.transformer == "model_offload":  # the transformer moves on and off once an image
-        stream_s = 2 * whole * GIB / (st.h2d_gbps * 1e9 * PAGEABLE_SHARE) / st.steps
+        stream_s = 2 * whole * GIB / pageable / st.steps
+    elif not a.pinned:  # pinned on the fly, on the host thread: nothing hides
+        stream_s = copies
     else:
         stream_s = max(0.0, copies - STREAM_OVERLAP * compute)
     offload_s = OFFLOAD_STEP_S + OFFLOAD_BLOCK_S * streamed * stream_passes if streamed else 0.0
@@ -611,7 +624,7 @@ def cost(a: Arrangement, st: Setting) -> Cost:
     text_s, text_streamed = {
         "gpu": (encode, 0.0),
         "group_offload": (encode + te_gb * GIB / (st.h2d_gbps * 1e9) + TEXT_STREAM_FIXED_S, te_gb),
-        "model_offload": (encode + 2 * te_gb * GIB / (st.h2d_gbps * 1e9 * PAGEABLE_SHARE), te_gb),
+        "model_offload": (encode + 2 * te_gb * GIB / pageable, te_gb),
         "cpu": (text_flops / (CPU_TFLOPS * 1e12), 0.0),
     }[a.text_encoder]
     mp = st.width * st.height / 1e6
@@ -852,9 +865,11 @@ def _why(
         streamed = blocks - (a.resident_blocks or 0)
         out.append(
             f"transformer: {a.resident_blocks} of {blocks} blocks stay on the GPU; {streamed} stream "
-            f"({c.streamed_gb_per_step:.1f} GiB a step at {st.h2d_gbps:.0f} GB/s"
-            + (" pinned" if a.pinned else ", pageable: host RAM is tight")
-            + f" = {c.streamed_gb_per_step * GIB / (st.h2d_gbps * 1e9 * (1 if a.pinned else PAGEABLE_SHARE)):.2f} s,"
+            f"({c.streamed_gb_per_step:.1f} GiB a step at "
+            + (f"{st.h2d_gbps:.0f}" if a.pinned else f"{st.pageable_gbps:.3g}")
+            + " GB/s"
+            + (" pinned" if a.pinned else ", pageable: host RAM is too tight to pin them")
+            + f" = {c.streamed_gb_per_step * GIB / ((st.h2d_gbps if a.pinned else st.pageable_gbps) * 1e9):.2f} s,"
             f" {'hidden under' if c.stream_s == 0 else 'longer than'} {c.compute_s:.2f} s of compute)."
         )
     other = [ac for ac in pool if ac[0].text_encoder != a.text_encoder and ac[0].matmul == a.matmul]

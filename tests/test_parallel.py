@@ -69,7 +69,11 @@ def test_choose_parallel_modes_and_degrees():
     p = choose_parallel(2, 4.0, 1024, 1024, 1)
     assert (p.mode, p.cfg_degree, p.ulysses_degree, p.gpus_used) == ("cfg", 2, 1, 2)
     assert p.exchanged_mb_per_step == pytest.approx(4096 * 64 * 2 / 1024**2)
+    # One image without CFG: Ulysses measured slower than one GPU on 2xH200, so one GPU draws it, unless the pool
+    # was loaded with a Ulysses degree.
     p = choose_parallel(2, 1.0, 1024, 1024, 1)
+    assert (p.mode, p.gpus_used) == ("single", 1) and "0.185 against 0.124" in p.why
+    p = choose_parallel(2, 1.0, 1024, 1024, 1, ulysses=2)
     assert (p.mode, p.ulysses_degree) == ("ulysses", 2)
     p = choose_parallel(4, 4.0, 1024, 1024, 1)
     assert (p.mode, p.cfg_degree, p.ulysses_degree) == ("cfg+ulysses", 2, 2)

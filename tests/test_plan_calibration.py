@@ -175,3 +175,56 @@ def test_mean_error_over_the_capped_runs_is_small():
             c = cost(_recorded_arrangement(t), h100(t["cap_gb"]))
             errs.append(c.s_per_step / t["s_per_step"] - 1)
     assert abs(statistics.mean(errs)) < 0.03 and max(map(abs, errs)) < 0.10
+
+
+# --------------------------------------------------------------------------- plan validation on the H200
+VALIDATION = json.loads((RESULTS / "plan-validation-nvidia-h200.json").read_text())["runs"]
+MEASURED = [r for r in VALIDATION if not r.get("reused_from") and r.get("measured_s_per_step")]
+
+
+def h200(cap: float, host: float):
+    return describe_machine(
+        cap, compute_capability="9.0", sm_count=132, max_sm_clock_mhz=1980, pcie_gen=5, host_ram_gb=host
+    )
+
+
+def _validation_arrangement(r: dict) -> Arrangement:
+    text = {"gpu": "gpu", "group_offload": "group_offload", "cpu": "cpu"}[r["text_encoder"]]
+    tiled = "VAE tiled" in r["arrangement"]
+    if r["resident_blocks"] is None:
+        storage = "float8_e4m3fn" if r["fp8_matmul"] else "bfloat16"
+        return Arrangement("gpu", storage, "float8" if r["fp8_matmul"] else "bfloat16", None, text, tiled)
+    return Arrangement(
+        "group_offload", "float8_e4m3fn", "float8", r["resident_blocks"], text, tiled, pinned=False
+    )
+
+
+def test_pageable_rate_refits_from_the_pageable_validation_runs():
+    """The three streamed H200 runs under a 32 GB host budget streamed pageable weights (too little RAM to pin
+    them): what they took beyond compute and hooks, over the bytes streamed, is PAGEABLE_GBPS."""
+    rates = []
+    for r in MEASURED:
+        if r["resident_blocks"] is None:
+            continue
+        st = setting(h200(r["cap_gb"], r["host_budget_gb"]), "qwen-image")
+        c = cost(_validation_arrangement(r), st)
+        rates.append(c.streamed_gb_per_step * GIB / (r["measured_s_per_step"] - c.compute_s - c.offload_s) / 1e9)
+    assert len(rates) == 3
+    assert close(P.PAGEABLE_GBPS, statistics.mean(rates))
+
+
+def test_cpu_rate_refits_from_the_cpu_text_encoder_run():
+    r = next(r for r in MEASURED if r["text_encoder"] == "cpu")
+    te = h200(r["cap_gb"], r["host_budget_gb"])
+    params = setting(te, "qwen-image").sizes["text_encoder"].params
+    assert close(P.CPU_TFLOPS, 2 * 2 * params * P.TEXT_TOKENS / r["text_encoding_s"] / 1e12)
+
+
+@pytest.mark.parametrize("r", MEASURED, ids=lambda r: f"{r['cap_gb']:g}-{r['host_budget_gb']:g}")
+def test_every_validation_run_within_the_targets_with_the_current_constants(r):
+    """±25% s/step, 15% GPU peak, host RSS at most the estimate + 10%; and the plan still picks that arrangement."""
+    plan = P.make_plan(h200(r["cap_gb"], r["host_budget_gb"]), "qwen-image-synthetic", width=1024, height=1024)
+    assert plan.arrangement == r["arrangement"]
+    assert abs(plan.predicted_s_per_step / r["measured_s_per_step"] - 1) <= 0.25
+    assert abs(plan.estimated_peak_gpu_gb / r["measured_peak_gb"] - 1) <= 0.15
+    assert r["measured_host_rss_gb"] <= plan.estimated_host_ram_gb * 1.10

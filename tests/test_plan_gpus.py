@@ -26,14 +26,15 @@ def test_one_gpu_plan_has_no_parallel_choice():
     [
         (2, 4.0, "cfg", (2, 1)),  # CFG's two passes on two GPUs
         (4, 4.0, "cfg+ulysses", (2, 2)),  # and Ulysses inside each pass
-        (2, 1.0, "ulysses", (1, 2)),  # no CFG: the sequence is split
+        (2, 1.0, "single", (1, 1)),  # no CFG: Ulysses measured slower than one GPU
     ],
 )
 def test_the_plan_spreads_one_request_as_choose_parallel_says(gpus, cfg, mode, degrees):
     plan = make_plan(_machine(gpus), "qwen-image", {"gpus": gpus, "optimal_cfg_scale": cfg})
-    assert plan.gpus == gpus and plan.parallel["mode"] == mode
+    used = degrees[0] * degrees[1]
+    assert plan.gpus == used and plan.parallel["mode"] == mode
     assert (plan.parallel["cfg_degree"], plan.parallel["ulysses_degree"]) == degrees
-    assert any(r.startswith(f"gpus={gpus}: {mode} on {gpus} of {gpus}") for r in plan.reasons)
+    assert any(r.startswith(f"gpus={gpus}: {mode} on {used} of {gpus}") for r in plan.reasons)
     # each GPU holds the arrangement a single GPU would: the per-GPU plan does not change
     single = make_plan(_machine(gpus), "qwen-image", {"optimal_cfg_scale": cfg})
     assert (
