@@ -49,7 +49,9 @@ def rows() -> list[str]:
         try:
             p = make_plan(hw, "qwen-image", width=1024, height=1024)
         except PlanError as exc:
-            out.append(f"| {name} | {mem} GB | {host} GB | gen {gen} x16 | refused: {exc} | – | – | {basis} |")
+            out.append(
+                f"| {name} | {mem} GB | {host} GB | gen {gen} x16 | refused: {exc} | – | – | {basis} |"
+            )
             continue
         out.append(
             f"| {name} | {mem} GB | {host} GB | gen {gen} x16 | {p.arrangement} | {p.predicted_s_per_step:.2f} | "

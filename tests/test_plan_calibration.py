@@ -228,3 +228,15 @@ def test_every_validation_run_within_the_targets_with_the_current_constants(r):
     assert abs(plan.predicted_s_per_step / r["measured_s_per_step"] - 1) <= 0.25
     assert abs(plan.estimated_peak_gpu_gb / r["measured_peak_gb"] - 1) <= 0.15
     assert r["measured_host_rss_gb"] <= plan.estimated_host_ram_gb * 1.10
+
+
+def test_readme_card_table_is_what_the_model_predicts():
+    """README's table of cards is `python scripts/card_table.py`'s output: a change to the model shows there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("card_table", RESULTS.parents[1] / "scripts" / "card_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    readme = (RESULTS.parents[1] / "README.md").read_text()
+    for row in mod.rows():
+        assert row in readme, row
