@@ -1,7 +1,9 @@
 """The ipywidgets panel (``%qwen_ui``): prompt, sliders, presets, Generate and Stop, the image and its timing.
 
 Nothing runs until Generate is pressed; sliders use ``continuous_update=False``. The generation runs in a
-background thread so that the Stop button (and the kernel's other messages) are heard while it runs.
+background thread so that the Stop button (and the kernel's other messages) are heard while it runs. An input
+image (an upload or the last result) turns Generate into image-to-image, and a mask painted over it in the
+browser (:class:`MaskPainter`) into inpainting.
 
 Example:
     >>> from qwennb.session import Session
