@@ -795,10 +795,10 @@ export default { render };
 """
 
 
-def _data_url(image: Any) -> str:
+def _data_url(image: Any, max_side: int | None = None) -> str:
     import base64
 
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, max_side)).decode("ascii")
 
 
 class MaskPainter(anywidget.AnyWidget):
@@ -837,8 +837,11 @@ class MaskPainter(anywidget.AnyWidget):
             if image is None:
                 self.image, self.width, self.height = "", 0, 0
             else:
-                self.image, (self.width, self.height) = _data_url(image.convert("RGB")), image.size
-                self.brush = max(2, round(max(image.size) / 10))
+                # Only shown under the canvas: at most 1024 pixels a side cross to the browser; the mask
+                # keeps the image's own size.
+                self.image = _data_url(image.convert("RGB"), 1024)
+                self.width, self.height = image.size
+                self.brush = min(256, max(2, round(max(image.size) / 10)))  # the panel slider spans 2-256
             self.mask = ""
 
     def set_mask(self, mask: Any | None) -> None:

@@ -170,6 +170,10 @@ def test_upload_sets_the_input_and_shows_strength_and_the_painter(panel):
     assert panel.painter.image.startswith("data:image/png;base64,") and panel.painter.mask == ""
     assert panel.aspect.disabled and "80x48 (upload orange.png)" in panel.status.value
     assert "no mask painted" in panel.mask_info.value
+    # A large input crosses to the browser shrunk for display; the mask keeps the input's size.
+    panel.set_input(Image.new("RGB", (3000, 1500), "gray"))
+    shown = Image.open(io.BytesIO(base64.b64decode(panel.painter.image.partition(",")[2])))
+    assert shown.size == (1024, 512) and (panel.painter.width, panel.painter.height) == (3000, 1500)
     panel.clear_input_button.click()
     assert panel.input_image is None and panel.strength.layout.display == "none"
     assert panel.painter.width == 0 and not panel.aspect.disabled
