@@ -122,12 +122,12 @@ class QwenPanel:
         )
         self.painter = MaskPainter()
         self.brush = w.IntSlider(value=self.painter.brush, min=2, max=256, description="brush")
-        self.paint_mode = w.ToggleButtons(options=["paint", "erase"], value="paint")
-        self.clear_mask_button = w.Button(description="Clear mask", icon="eraser")
+        self.erase = w.ToggleButton(value=False, description="erase", icon="eraser", tooltip="off: paint")
+        self.clear_mask_button = w.Button(description="Clear mask", icon="times")
         self.mask_info = w.Label(value="")
         self.mask_info.add_class("qwennb-mask-info")
         self.mask_box = w.VBox(
-            [w.HBox([self.brush, self.paint_mode, self.clear_mask_button]), self.painter, self.mask_info],
+            [w.HBox([self.brush, self.erase, self.clear_mask_button]), self.painter, self.mask_info],
             layout=w.Layout(display="none"),
         )
         self.input_image: Any = None  # PIL RGB, or None: text to image
@@ -154,8 +154,11 @@ class QwenPanel:
         self.upload.observe(self._on_upload, names="value")
         self.use_last_button.on_click(lambda _b: self.use_last_result())
         self.clear_input_button.on_click(lambda _b: self.clear_input())
-        traitlets.link((self.brush, "value"), (self.painter, "brush"))
-        self.paint_mode.observe(lambda c: setattr(self.painter, "erase", c["new"] == "erase"), names="value")
+        # Brush and erase reach the canvas in the browser at once (jslink: no trip through a busy kernel) and
+        # the Python objects too (link).
+        for control, name in ((self.brush, "brush"), (self.erase, "erase")):
+            traitlets.link((control, "value"), (self.painter, name))
+            w.jslink((control, "value"), (self.painter, name))
         self.clear_mask_button.on_click(lambda _b: self.painter.clear())
         self.painter.observe(self._on_mask, names="mask")
         self.widget = w.VBox(

@@ -216,6 +216,19 @@ def test_notebook_in_jupyterlab_shows_image_timing_plot_and_panel(lab):
             page.mouse.up()
             info = panel.locator(".qwennb-mask-info").first
             expect(info).to_have_text(re.compile(r"^mask 96x64, [1-9][0-9]?% painted"), timeout=30_000)
+            painted = int(re.search(r"(\d+)% painted", info.inner_text()).group(1))
+            # Erase the stroke's left half: less is painted, but not nothing.
+            panel.get_by_role("button", name="erase").click()  # jslinked: the canvas erases from now on
+            page.mouse.move(box["x"] + box["width"] * 0.1, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=8)
+            page.mouse.up()
+            page.wait_for_function(
+                "([e, n]) => { const m = /(\\d+)% painted/.exec(e.textContent);"
+                " return m && +m[1] > 0 && +m[1] < n; }",
+                arg=[info.element_handle(), painted],
+                timeout=30_000,
+            )
             panel.get_by_role("button", name="Generate").click()
             expect(panel.locator(".qwennb-status").first).to_contain_text(
                 re.compile(r"^inpaint at strength 0\.6 · seed \d+ .* 96×64"), timeout=60_000

@@ -230,9 +230,9 @@ def test_painter_controls_move_the_brush_erase_and_clear(panel):
     assert panel.brush.value == panel.painter.brush == 12  # a tenth of the long side
     panel.brush.value = 30
     assert panel.painter.brush == 30
-    panel.paint_mode.value = "erase"
+    panel.erase.value = True
     assert panel.painter.erase
-    panel.paint_mode.value = "paint"
+    panel.erase.value = False
     assert not panel.painter.erase
     m = Image.new("L", (120, 60))
     m.paste(255, (0, 0, 30, 60))
