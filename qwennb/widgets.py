@@ -1,7 +1,9 @@
 """The ipywidgets panel (``%qwen_ui``): prompt, sliders, presets, Generate and Stop, the image and its timing.
 
 Nothing runs until Generate is pressed; sliders use ``continuous_update=False``. The generation runs in a
-background thread so that the Stop button (and the kernel's other messages) are heard while it runs.
+background thread so that the Stop button (and the kernel's other messages) are heard while it runs. An input
+image (an upload or the last result) turns Generate into image-to-image, and a mask painted over it in the
+browser (:class:`MaskPainter`) into inpainting.
 
 Example:
     >>> from qwennb.session import Session
@@ -21,7 +23,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import anywidget
 import ipywidgets as w
+import traitlets
 
 from .display import figure_png, png_bytes, progress_line, shorten, timing_figure
 from .errors import QwennbError
@@ -100,6 +104,34 @@ class QwenPanel:
         )
         self.lora_remove_button = w.Button(description="Remove", icon="trash")
         self.lora_status = w.Label(value="")
+        # The image input: an upload or the last result. With one, Generate runs image-to-image at ``strength``
+        # (the output takes the input's size); with a mask painted over it, inpainting.
+        self.upload = w.FileUpload(accept="image/*", multiple=False, description="Upload image")
+        self.use_last_button = w.Button(description="Use last result", icon="arrow-up")
+        self.clear_input_button = w.Button(description="Clear image", icon="times", disabled=True)
+        self.input_thumb = w.Image(format="png", layout=w.Layout(max_width="96px", display="none"))
+        self.input_thumb.add_class("qwennb-input-thumb")
+        self.strength = w.FloatSlider(
+            value=0.6,
+            min=0.05,
+            max=1.0,
+            step=0.05,
+            description="strength",
+            continuous_update=False,
+            layout=w.Layout(display="none"),
+        )
+        self.painter = MaskPainter()
+        self.brush = w.IntSlider(value=self.painter.brush, min=2, max=256, description="brush")
+        self.erase = w.ToggleButton(value=False, description="erase", icon="eraser", tooltip="off: paint")
+        self.clear_mask_button = w.Button(description="Clear mask", icon="times")
+        self.mask_info = w.Label(value="")
+        self.mask_info.add_class("qwennb-mask-info")
+        self.mask_box = w.VBox(
+            [w.HBox([self.brush, self.erase, self.clear_mask_button]), self.painter, self.mask_info],
+            layout=w.Layout(display="none"),
+        )
+        self.input_image: Any = None  # PIL RGB, or None: text to image
+        self.input_source: str | None = None
         self.last_result: GenerationResult | None = None
         self.last_error: str | None = None
         self.on_step_callbacks: list[Callable[[StepInfo], None]] = []
@@ -119,6 +151,16 @@ class QwenPanel:
         self.generate_button.on_click(lambda _b: self.start())
         self.stop_button.on_click(lambda _b: self.request_stop())
         self.compare_button.on_click(lambda _b: self.keep())
+        self.upload.observe(self._on_upload, names="value")
+        self.use_last_button.on_click(lambda _b: self.use_last_result())
+        self.clear_input_button.on_click(lambda _b: self.clear_input())
+        # Brush and erase reach the canvas in the browser at once (jslink: no trip through a busy kernel) and
+        # the Python objects too (link).
+        for control, name in ((self.brush, "brush"), (self.erase, "erase")):
+            traitlets.link((control, "value"), (self.painter, name))
+            w.jslink((control, "value"), (self.painter, name))
+        self.clear_mask_button.on_click(lambda _b: self.painter.clear())
+        self.painter.observe(self._on_mask, names="mask")
         self.widget = w.VBox(
             [
                 self.prompt,
@@ -128,6 +170,16 @@ class QwenPanel:
                 w.HBox([self.seed, self.randomize, self.enhance, self.preview]),
                 w.HBox([self.generate_button, self.stop_button, self.compare_button, self.progress]),
                 self.status,
+                w.HBox(
+                    [
+                        self.upload,
+                        self.use_last_button,
+                        self.clear_input_button,
+                        self.input_thumb,
+                        self.strength,
+                    ]
+                ),
+                self.mask_box,
                 w.HBox([self.lora_source, self.lora_add_button, self.lora_pick, self.lora_scale]),
                 w.HBox([self.lora_remove_button, self.lora_status]),
                 self.image,
@@ -225,6 +277,110 @@ class QwenPanel:
         p = PRESETS.get(self.preset.value)
         return p.name if p is not None and p.lora else None
 
+    # ---- the input image and its mask
+    def set_input(self, image: Any, source: str = "image") -> bool:
+        """Make ``image`` (PIL, numpy array, path or image bytes) the panel's input: Generate then runs
+        image-to-image, or inpainting once a mask is painted. Something that is not an image is refused with
+        one line in the status and the input stays as it was; returns whether it was taken.
+
+        Example:
+            >>> from PIL import Image
+            >>> from qwennb.session import Session
+            >>> from qwennb.widgets import QwenPanel
+            >>> panel = QwenPanel(Session(), model="tiny")
+            >>> panel.set_input(Image.new("RGB", (96, 64), "red"))
+            True
+            >>> panel.painter.width, panel.painter.height, panel.strength.layout.display
+            (96, 64, '')
+            >>> panel.set_input(b"not an image", "upload notes.txt")
+            False
+            >>> panel.status.value
+            'error: upload notes.txt: these 12 bytes are not an image PIL can read; the input image is unchanged'
+        """
+        from .edit import read_image
+
+        try:
+            im = read_image(image, role=source).image
+        except QwennbError as exc:
+            self.last_error = str(exc)
+            kept = "the input image is unchanged" if self.input_image is not None else "no input image is set"
+            self._set_status(f"error: {exc}; {kept}")
+            return False
+        self.input_image, self.input_source = im, source
+        self.painter.set_image(im)
+        self._on_mask({})
+        self._show(self.input_thumb, png_bytes(im, 96))
+        self.strength.layout.display = ""
+        self.mask_box.layout.display = ""
+        self.clear_input_button.disabled = False
+        self.aspect.disabled = True  # the output takes the input's size
+        self.last_error = None
+        self._set_status(
+            f"input image {im.width}x{im.height} ({source}): Generate redraws it at the strength set; "
+            "paint a mask to redraw only part of it"
+        )
+        return True
+
+    def use_last_result(self) -> bool:
+        """What "Use last result" does: the panel's last image (or the history's) becomes the input."""
+        r = self.last_result if self.last_result is not None and self.last_result.images else None
+        if r is None:
+            r = next((h for h in reversed(self.session.history) if h.images), None)
+        if r is None:
+            self._set_status("no result yet: generate an image or upload one first")
+            return False
+        return self.set_input(r.images[0], f"last result, seed {r.seed}")
+
+    def clear_input(self) -> None:
+        """What "Clear image" does: back to text to image (the input and its mask go)."""
+        self.input_image = self.input_source = None
+        self.painter.set_image(None)
+        self._show(self.input_thumb, None)
+        self.strength.layout.display = "none"
+        self.mask_box.layout.display = "none"
+        self.clear_input_button.disabled = True
+        self.aspect.disabled = False
+        self.mask_info.value = ""
+        self._set_status("input image cleared: Generate draws from the prompt alone")
+
+    def _on_upload(self, change: dict[str, Any]) -> None:
+        files = change["new"]
+        if not files:
+            return
+        f = files[-1]
+        self.set_input(bytes(f["content"]), f"upload {f.get('name', '')}".strip())
+        self.upload.value = ()  # the same file can be chosen again
+
+    def _on_mask(self, change: dict[str, Any]) -> None:
+        try:
+            mask = self.painter.mask_image()
+        except QwennbError as exc:
+            self.mask_info.value = f"mask refused: {exc}"
+            return
+        if mask is None:
+            self.mask_info.value = "no mask painted: Generate redraws the whole image"
+            return
+        share = sum(mask.histogram()[128:]) / (mask.width * mask.height)
+        self.mask_info.value = (
+            f"mask {mask.width}x{mask.height}, {share:.0%} painted: Generate redraws that part"
+        )
+
+    def image_options(self) -> dict[str, Any]:
+        """The input image, mask and strength for ``generate`` (empty with no input), checked: a mask of
+        another size or a strength out of range raises ``QwennbError`` before anything runs."""
+        from .edit import check_strength, read_mask
+
+        if self.input_image is None:
+            return {}
+        opts: dict[str, Any] = {
+            "init_image": self.input_image,
+            "strength": check_strength(self.strength.value),
+        }
+        mask = self.painter.mask_image()
+        if mask is not None:
+            opts["mask"] = read_mask(mask, self.input_image.size).image
+        return opts
+
     # ---- running
     @property
     def running(self) -> bool:
@@ -250,8 +406,8 @@ class QwenPanel:
                 "steps": self.steps.value,
                 "cfg": self.cfg.value,
                 "seed": None if self.randomize.value else self.seed.value,
-                "width": width,
-                "height": height,
+                "width": None if self.input_image is not None else width,
+                "height": None if self.input_image is not None else height,
             }
         )
 
@@ -264,6 +420,7 @@ class QwenPanel:
             return
         try:
             self.options()
+            image_opts = self.image_options()
         except QwennbError as exc:
             self.last_error = str(exc)
             self._set_status(f"error: {exc}")
@@ -282,7 +439,7 @@ class QwenPanel:
         self._show(self.timing, None)
         self.last_error = None
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(prompt,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(prompt, image_opts), daemon=True)
         self._thread.start()
 
     def request_stop(self) -> None:
@@ -342,7 +499,7 @@ class QwenPanel:
             f"loaded from the history: seed {params.get('seed')}; press Generate to run it again"
         )
 
-    def _run(self, prompt: str) -> None:
+    def _run(self, prompt: str, image_opts: dict[str, Any] | None = None) -> None:
         try:
             original = None
             if not self.session.loaded:
@@ -355,6 +512,8 @@ class QwenPanel:
                 e = enhance_prompt(prompt, pipe=self.session.require())
                 prompt, original = e.enhanced, e.original
             width, height = aspect_size(self.aspect.value, self._stand_in_side)
+            if image_opts:  # the output takes the input's size
+                width = height = None
             # A cell running on the same pipeline makes this wait its turn (Session.generate holds a lock).
             result = self.session.generate(
                 prompt,
@@ -369,11 +528,13 @@ class QwenPanel:
                 original_prompt=original,
                 preview=bool(self.preview.value),
                 preset=self._few_step_preset(),
+                **(image_opts or {}),
             )
             self.last_result = result
             self._show(self.image, png_bytes(result.images[0], 1024) if result.images else None)
             self._show(self.timing, figure_png(timing_figure(result)))
-            self._set_status(result.caption())
+            task = f"{result.task} at strength {result.strength:g} · " if image_opts else ""
+            self._set_status(task + result.caption())
             if result.images and self.save_dir:
                 try:
                     result.save(self.save_dir, embed_metadata=self.embed_metadata)
@@ -383,7 +544,7 @@ class QwenPanel:
                         f"could not save to {self.save_dir} ({getattr(exc, 'strerror', None) or exc}); the image "
                         f"is shown and kept as %qwen history entry #{index}: save it with %qwen save {index} FOLDER"
                     )
-                    self._set_status(f"{result.caption()} · error: {self.last_error}")
+                    self._set_status(f"{task}{result.caption()} · error: {self.last_error}")
         except QwennbError as exc:
             self.last_error = str(exc)
             self._set_status(f"error: {exc}")
@@ -539,3 +700,177 @@ class BatchProgress:
         if self.thread is not None:
             self.thread.join(timeout)
         return self.result
+
+
+# --------------------------------------------------------------------------- the mask painted in the browser
+
+# The painter's front end: the input image under a canvas of the image's own size, painted with the pointer
+# (source-over) or erased (destination-out). On pointer-up the painted pixels go to Python as a black-and-white
+# PNG data URL (white = repaint); a mask set from Python (or cleared) is drawn back onto the canvas.
+_MASK_ESM = """
+function render({ model, el }) {
+  const wrap = document.createElement("div");
+  wrap.className = "qwennb-mask-wrap";
+  wrap.style.cssText = "position:relative;display:inline-block;line-height:0;touch-action:none";
+  const img = document.createElement("img");
+  img.draggable = false;
+  img.style.cssText = "display:block;width:100%;height:auto;pointer-events:none;user-select:none";
+  const cv = document.createElement("canvas");
+  cv.className = "qwennb-mask-canvas";
+  cv.style.cssText = "position:absolute;left:0;top:0;width:100%;height:100%;opacity:0.5;cursor:crosshair";
+  wrap.append(img, cv);
+  el.append(wrap);
+  const ctx = cv.getContext("2d");
+  let sent = null, drawing = false, last = null;
+  function layout() {
+    const w = model.get("width"), h = model.get("height"), side = model.get("display_side");
+    cv.width = Math.max(1, w); cv.height = Math.max(1, h);
+    wrap.style.width = Math.round((w * side) / Math.max(w, h, 1)) + "px";
+    wrap.style.display = w && h && model.get("image") ? "inline-block" : "none";
+    img.src = model.get("image") || "";
+    sent = null;
+    load();
+  }
+  function load() {
+    const m = model.get("mask");
+    if (m === sent) return;
+    sent = m;
+    ctx.globalCompositeOperation = "source-over";
+    ctx.clearRect(0, 0, cv.width, cv.height);
+    if (!m) return;
+    const im = new Image();
+    im.onload = () => {
+      const t = document.createElement("canvas");
+      t.width = cv.width; t.height = cv.height;
+      const tc = t.getContext("2d");
+      tc.drawImage(im, 0, 0, t.width, t.height);
+      const px = tc.getImageData(0, 0, t.width, t.height), d = px.data;
+      for (let i = 0; i < d.length; i += 4) {
+        const on = d[i] >= 128;
+        d[i] = 255; d[i + 1] = 0; d[i + 2] = 0; d[i + 3] = on ? 255 : 0;
+      }
+      ctx.putImageData(px, 0, 0);
+    };
+    im.src = m;
+  }
+  function pos(e) {
+    const r = cv.getBoundingClientRect();
+    return [((e.clientX - r.left) * cv.width) / r.width, ((e.clientY - r.top) * cv.height) / r.height];
+  }
+  function stroke(a, b) {
+    ctx.globalCompositeOperation = model.get("erase") ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = "rgb(255,0,0)";
+    ctx.lineWidth = model.get("brush");
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath(); ctx.arc(b[0], b[1], ctx.lineWidth / 2, 0, 2 * Math.PI); ctx.fill();
+    ctx.beginPath(); ctx.moveTo(a[0], a[1]); ctx.lineTo(b[0], b[1]); ctx.stroke();
+  }
+  function sync() {
+    const w = cv.width, h = cv.height, src = ctx.getImageData(0, 0, w, h).data;
+    const out = document.createElement("canvas");
+    out.width = w; out.height = h;
+    const oc = out.getContext("2d"), px = oc.createImageData(w, h), d = px.data;
+    for (let i = 0; i < d.length; i += 4) {
+      const v = src[i + 3] >= 128 ? 255 : 0;
+      d[i] = d[i + 1] = d[i + 2] = v; d[i + 3] = 255;
+    }
+    oc.putImageData(px, 0, 0);
+    sent = out.toDataURL("image/png");
+    model.set("mask", sent);
+    model.save_changes();
+  }
+  cv.addEventListener("pointerdown", (e) => {
+    drawing = true; last = pos(e); stroke(last, last);
+    cv.setPointerCapture(e.pointerId); e.preventDefault(); e.stopPropagation();
+  });
+  cv.addEventListener("pointermove", (e) => {
+    if (!drawing) return;
+    const p = pos(e); stroke(last, p); last = p;
+  });
+  const end = () => { if (drawing) { drawing = false; sync(); } };
+  cv.addEventListener("pointerup", end);
+  cv.addEventListener("pointercancel", end);
+  for (const name of ["image", "width", "height", "display_side"]) model.on("change:" + name, layout);
+  model.on("change:mask", load);
+  layout();
+}
+export default { render };
+"""
+
+
+def _data_url(image: Any, max_side: int | None = None) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, max_side)).decode("ascii")
+
+
+class MaskPainter(anywidget.AnyWidget):
+    """A mask painted in the browser over an input image (an anywidget): white = repaint, black = keep.
+
+    ``image`` is the input image shown under the canvas (a PNG data URL), ``width`` and ``height`` its size,
+    which is the mask's size; ``mask`` is the painted mask as a PNG data URL (``""``: nothing painted), sent
+    from the browser at the end of each stroke. ``brush`` is the brush's diameter in image pixels, ``erase``
+    makes the pointer erase. :meth:`mask_image` reads the mask as a PIL "L" image.
+
+    Example:
+        >>> from PIL import Image
+        >>> from qwennb.widgets import MaskPainter
+        >>> m = MaskPainter()
+        >>> m.set_image(Image.new("RGB", (64, 48), "white"))
+        >>> m.mask_image() is None  # nothing painted yet
+        True
+        >>> square = Image.new("L", (64, 48)); square.paste(255, (8, 8, 24, 24))
+        >>> m.set_mask(square)
+        >>> m.mask_image().size, m.mask_image().getextrema()
+        ((64, 48), (0, 255))
+    """
+
+    _esm = _MASK_ESM
+    image = traitlets.Unicode("").tag(sync=True)
+    width = traitlets.Int(0).tag(sync=True)
+    height = traitlets.Int(0).tag(sync=True)
+    mask = traitlets.Unicode("").tag(sync=True)
+    brush = traitlets.Int(24).tag(sync=True)
+    erase = traitlets.Bool(False).tag(sync=True)
+    display_side = traitlets.Int(384).tag(sync=True)
+
+    def set_image(self, image: Any | None) -> None:
+        """Show ``image`` (PIL) under an empty mask of its size; ``None`` empties the painter."""
+        with self.hold_sync():
+            if image is None:
+                self.image, self.width, self.height = "", 0, 0
+            else:
+                # Only shown under the canvas: at most 1024 pixels a side cross to the browser; the mask
+                # keeps the image's own size.
+                self.image = _data_url(image.convert("RGB"), 1024)
+                self.width, self.height = image.size
+                self.brush = min(256, max(2, round(max(image.size) / 10)))  # the panel slider spans 2-256
+            self.mask = ""
+
+    def set_mask(self, mask: Any | None) -> None:
+        """Put a mask (PIL, white = repaint) on the canvas, as if painted; ``None`` clears it."""
+        self.mask = "" if mask is None else _data_url(mask.convert("L"))
+
+    def clear(self) -> None:
+        """Erase everything painted."""
+        self.mask = ""
+
+    def mask_image(self) -> Any | None:
+        """The painted mask as a PIL "L" image of the PNG's own size (0 or 255), or ``None`` when nothing is
+        painted. A mask that is not a PNG data URL raises :class:`qwennb.edit.ImageInputError`."""
+        import base64
+        import binascii
+
+        from .edit import ImageInputError, read_image
+
+        if not self.mask:
+            return None
+        head, _, body = self.mask.partition(",")
+        if not head.startswith("data:image/") or not body:
+            raise ImageInputError("the painted mask is not an image data URL")
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageInputError("the painted mask is not valid base64") from None
+        mask = read_image(data, role="mask", mode="L").image.point(lambda v: 255 if v >= 128 else 0)
+        return mask if mask.getextrema()[1] else None

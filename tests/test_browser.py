@@ -60,6 +60,9 @@ def _notebook(path: Path) -> None:
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path.write_text(nbformat.writes(nb))
+    from PIL import Image
+
+    Image.new("RGB", (96, 64), (30, 90, 200)).save(path.parent / "input.png")  # for the panel's upload
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +196,44 @@ def test_notebook_in_jupyterlab_shows_image_timing_plot_and_panel(lab):
             page.wait_for_function("() => window.__plotHidden", timeout=60_000)
             expect(panel.get_by_role("button", name="Generate")).to_be_enabled(timeout=60_000)
             expect(panel.locator("img.qwennb-timing-plot")).to_be_visible(timeout=60_000)
+            # The image input: the last result, then an uploaded file; a stroke painted on the canvas reaches
+            # Python as a mask of the input's size, and Generate inpaints with it.
+            panel.get_by_role("button", name="Use last result").click()
+            expect(panel.get_by_text("(last result, seed")).to_be_visible(timeout=30_000)
+            expect(panel.locator("img.qwennb-input-thumb")).to_be_visible(timeout=30_000)
+            with page.expect_file_chooser() as chooser:  # the upload button opens the file dialog
+                panel.locator(".widget-upload").first.click()
+            chooser.value.set_files(str(root / "input.png"))
+            expect(panel.get_by_text("input image 96x64 (upload input.png)")).to_be_visible(timeout=30_000)
+            canvas = panel.locator("canvas.qwennb-mask-canvas").first
+            expect(canvas).to_be_visible(timeout=30_000)
+            page.wait_for_function("c => c.width === 96 && c.height === 64", arg=canvas.element_handle())
+            box = canvas.bounding_box()
+            y = box["y"] + box["height"] / 2
+            page.mouse.move(box["x"] + box["width"] * 0.2, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.8, y, steps=8)
+            page.mouse.up()
+            info = panel.locator(".qwennb-mask-info").first
+            expect(info).to_have_text(re.compile(r"^mask 96x64, [1-9][0-9]?% painted"), timeout=30_000)
+            painted = int(re.search(r"(\d+)% painted", info.inner_text()).group(1))
+            # Erase the stroke's left half: less is painted, but not nothing.
+            panel.get_by_role("button", name="erase").click()  # jslinked: the canvas erases from now on
+            page.mouse.move(box["x"] + box["width"] * 0.1, y)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.5, y, steps=8)
+            page.mouse.up()
+            page.wait_for_function(
+                "([e, n]) => { const m = /(\\d+)% painted/.exec(e.textContent);"
+                " return m && +m[1] > 0 && +m[1] < n; }",
+                arg=[info.element_handle(), painted],
+                timeout=30_000,
+            )
+            panel.get_by_role("button", name="Generate").click()
+            expect(panel.locator(".qwennb-status").first).to_contain_text(
+                re.compile(r"^inpaint at strength 0\.6 · seed \d+ .* 96×64"), timeout=60_000
+            )
+            expect(panel.get_by_role("button", name="Generate")).to_be_enabled(timeout=60_000)
         finally:
             page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=True)
             browser.close()
