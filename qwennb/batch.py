@@ -1337,14 +1337,14 @@ def run_batch(
                     )
                 )
 
-        emit(
-            "start",
-            message=f"{len(todo)} to make, {skipped} already done",
-            problems=[p.text() for p in pset.problems],
-        )
         engine: Any = None
         interrupted = False
         try:
+            emit(
+                "start",
+                message=f"{len(todo)} to make, {skipped} already done",
+                problems=[p.text() for p in pset.problems],
+            )
             if todo:
                 warm = {**todo[0].request(), "id": "warm-up", "prompt": "warm-up"} if warmup else None
                 if pipe is not None:
@@ -1371,6 +1371,8 @@ def run_batch(
                 interrupted = _drive(
                     engine, todo, state, manifest, inflight, counts, emit, stop, max_attempts, folder
                 )
+        except KeyboardInterrupt:  # Ctrl-C while the workers start (they load the model): nothing is lost
+            interrupted = True
         finally:
             if engine is not None:
                 engine.close(abandon=bool(inflight))

@@ -494,3 +494,24 @@ def test_magic_batch_on_the_loaded_model(tmp_path):
             shell.run_line_magic("unload_ext", "qwennb")
             # the shell is a singleton: leave its config as found, for the tests of the default model
             shell.run_line_magic("config", "QwenMagics.model = ''")
+
+
+def test_ctrl_c_while_the_workers_start_still_ends_with_the_json_summary(tmp_path):
+    """Ctrl-C while the worker processes load the model (before any item runs): exit 130, the last line of stdout
+    is still the JSON summary (interrupted, nothing made), and the manifest holds every item as pending."""
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"picture {i}"}) + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    args = (str(f), "--out", str(out), "--model", MODEL, "--steps", "4", "--size", "64x64", "--workers", "2")
+    proc = _cli(*args, "--json")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "manifest.jsonl").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["interrupted"] and summary["total"] == 6 and summary["failed"] == 0
+    rows = lines(summary["manifest"])
+    assert len(rows) == 6 and {x["status"] for x in rows} <= {"done", "pending"}
+    assert sum(x["status"] == "done" for x in rows) == summary["done"]
