@@ -208,7 +208,9 @@ def test_pageable_rate_refits_from_the_pageable_validation_runs():
             continue
         st = setting(h200(r["cap_gb"], r["host_budget_gb"]), "qwen-image")
         c = cost(_validation_arrangement(r), st)
-        rates.append(c.streamed_gb_per_step * GIB / (r["measured_s_per_step"] - c.compute_s - c.offload_s) / 1e9)
+        rates.append(
+            c.streamed_gb_per_step * GIB / (r["measured_s_per_step"] - c.compute_s - c.offload_s) / 1e9
+        )
     assert len(rates) == 3
     assert close(P.PAGEABLE_GBPS, statistics.mean(rates))
 
@@ -223,7 +225,9 @@ def test_cpu_rate_refits_from_the_cpu_text_encoder_run():
 @pytest.mark.parametrize("r", MEASURED, ids=lambda r: f"{r['cap_gb']:g}-{r['host_budget_gb']:g}")
 def test_every_validation_run_within_the_targets_with_the_current_constants(r):
     """±25% s/step, 15% GPU peak, host RSS at most the estimate + 10%; and the plan still picks that arrangement."""
-    plan = P.make_plan(h200(r["cap_gb"], r["host_budget_gb"]), "qwen-image-synthetic", width=1024, height=1024)
+    plan = P.make_plan(
+        h200(r["cap_gb"], r["host_budget_gb"]), "qwen-image-synthetic", width=1024, height=1024
+    )
     assert plan.arrangement == r["arrangement"]
     assert abs(plan.predicted_s_per_step / r["measured_s_per_step"] - 1) <= 0.25
     assert abs(plan.estimated_peak_gpu_gb / r["measured_peak_gb"] - 1) <= 0.15
@@ -234,7 +238,9 @@ def test_readme_card_table_is_what_the_model_predicts():
     """README's table of cards is `python scripts/card_table.py`'s output: a change to the model shows there."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("card_table", RESULTS.parents[1] / "scripts" / "card_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "card_table", RESULTS.parents[1] / "scripts" / "card_table.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     readme = (RESULTS.parents[1] / "README.md").read_text()
