@@ -872,6 +872,13 @@ def _why(
             + f" = {c.streamed_gb_per_step * GIB / ((st.h2d_gbps if a.pinned else st.pageable_gbps) * 1e9):.2f} s,"
             f" {'hidden under' if c.stream_s == 0 else 'longer than'} {c.compute_s:.2f} s of compute)."
         )
+        if not a.pinned:  # the host is what costs most here: say what more RAM would buy
+            pinned = cost(replace(a, pinned=True), st)
+            need = math.ceil(pinned.host_peak_gb / HOST_PIN_SHARE / 8) * 8
+            out.append(
+                f"host RAM: with {need} GB or more the streamed blocks stay pinned and a step takes about "
+                f"{pinned.s_per_step:.2f} s instead of {c.s_per_step:.2f} (`--host-ram {need}GB` to see that plan)."
+            )
     other = [ac for ac in pool if ac[0].text_encoder != a.text_encoder and ac[0].matmul == a.matmul]
     if other:
         o, oc = min(other, key=lambda ac: ac[1].s_per_image)
