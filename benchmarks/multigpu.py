@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             if b is not None and r.get("s_per_step"):
                 if r["config"] == "qwennb-data-parallel":
                     row["speedup_vs_qwennb_1gpu"] = round(r["images_per_s"] / b["images_per_s"], 3)
+                    if first is not None and first.get("images_per_s"):  # against one GPU's single images
+                        row["speedup_vs_1gpu_single_images"] = round(
+                            r["images_per_s"] / first["images_per_s"], 3
+                        )
                 else:
                     row["speedup_vs_qwennb_1gpu"] = round(b["s_per_step"] / r["s_per_step"], 3)
             if first is not None and r.get("s_per_step"):  # the first image against one GPU's single image
