@@ -1127,6 +1127,19 @@ def _plan_whole(
             )
     if cfg.mode in ("turbo", "turbo-cache"):
         warnings.append(f"mode {cfg.mode!r} applies to Qwen-Image on a CUDA GPU; ignored here")
+    asked = {
+        "transformer_placement": cfg.transformer_placement,
+        "text_encoder_placement": cfg.text_encoder_placement,
+        "storage_dtype": cfg.storage_dtype,
+        "quantization": cfg.quantization,
+        "fp8_matmul": cfg.fp8_matmul if cfg.mode not in ("turbo", "turbo-cache") else None,
+        "enable_cpu_offload": cfg.enable_cpu_offload,
+    }
+    ignored = [f"{k}={v!r}" for k, v in asked.items() if v not in (None, False)]
+    if ignored:
+        warnings.append(
+            f"{', '.join(ignored)}: not applied: {spec.name} runs whole on {device} ({weights:.2f} GiB in {dtype})"
+        )
     place = "cpu" if device == "cpu" else "gpu"
     comps = {
         name: ComponentPlan(

@@ -401,3 +401,17 @@ def test_a_pageable_plan_says_how_much_host_ram_would_pin_it():
         r.startswith("host RAM: with ")
         for r in make_plan(describe_machine(16, host_ram_gb=64), "qwen-image").reasons
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"transformer_placement": "group_offload"}, {"fp8_matmul": True}, {"quantization": "nf4"}],
+)
+def test_a_small_model_says_which_memory_options_it_does_not_apply(overrides):
+    """The toy sits whole on the card: placement, fp8 and quantisation options are not applied, and the plan
+    says so instead of dropping them silently (a benchmark once compared four 'settings' that were one)."""
+    plan = make_plan(describe_machine(24, compute_capability="9.0"), "toy", overrides)
+    ((key, value),) = overrides.items()
+    assert any(w.startswith(f"{key}={value!r}: not applied: toy runs whole") for w in plan.warnings)
+    assert plan.arrangement.startswith("everything on cuda")
+    assert not make_plan(describe_machine(24, compute_capability="9.0"), "toy").warnings
