@@ -95,14 +95,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "load_params swaps width and height",
         GEN,
-        "    return {k: meta[k] for k in keys if k in meta}",
-        '    return {k: meta[{"width": "height", "height": "width"}.get(k, k)] for k in keys if k in meta}',
+        "    out = {k: meta[k] for k in keys if k in meta}",
+        '    out = {k: meta[{"width": "height", "height": "width"}.get(k, k)] for k in keys if k in meta}',
         (T_BREAKS, "-k", "png"),
     ),
     Mutation(
         "Stop never ends the run early",
         GEN,
-        "        if stop and len(step_times) < steps:",
+        "        if stop and len(step_times) < run_steps:",
         "        if False:",
         (T_GEN, "-k", "stop_signal or ctrl_c"),
     ),
