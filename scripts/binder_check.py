@@ -83,13 +83,28 @@ print(json.dumps({"notebook": path.split("/")[-1], "kernel_peak_mib": round(peak
         print(rows[-1], flush=True)
     import platform
 
-    record = {"python": platform.python_version(), "notebooks": rows, "limit_mib": 2048}
+    built = (
+        "Built from `binder/` only (a fresh venv, `requirements.txt`, then `postBuild`)"
+        if not args.reuse
+        else f"Run in an existing venv ({venv}: `--reuse`, e.g. when download.pytorch.org is unreachable; check that "
+        "it holds the torch build `binder/requirements.txt` pins)"
+    )
+    torch_version = subprocess.run(
+        [str(py), "-c", "import torch; print(torch.__version__)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    record = {
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "environment": built,
+        "notebooks": rows,
+        "limit_mib": 2048,
+    }
     (ROOT / "binder" / "memory.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["| notebook | kernel peak MiB | seconds | errors |", "| --- | --- | --- | --- |"]
     lines += [f"| {r['notebook']} | {r['kernel_peak_mib']} | {r['seconds']} | {r['errors']} |" for r in rows]
     (ROOT / "binder" / "memory.md").write_text(
-        "# Notebook kernels in the Binder environment\n\nBuilt from `binder/` only (a fresh venv, "
-        "`requirements.txt`, then `postBuild`) by `scripts/binder_check.py`; peak resident memory (VmHWM) of "
+        f"# Notebook kernels in the Binder environment\n\n{built} by `scripts/binder_check.py`, torch "
+        f"{torch_version}; peak resident memory (VmHWM) of "
         "each notebook's kernel, run top to bottom on the embedded toy model (tiny-edit for the edits).\n\n"
         + "\n".join(lines)
         + "\n"
