@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
+#   ROUND=2 / ROUND=3 ... start               # the follow-up rounds defined below (lane_aN / lane_bN)
 #
 # Phase 1, one GPU each, side by side:
 #   GPU 0: plan_validation.py (caps x host budgets, most telling pairs first, time-boxed)
@@ -63,6 +64,23 @@ lane_b2() {
   job 400 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
 }
 
+# ROUND=3, prepared for the next session: toy run 6 (from the shipped toy) and its adherence on GPU 0; pinned
+# streaming in plan validation, the Edit-2509 rows and a profiled LoRA hotswap on GPU 1. The new toy model comes
+# back as toy_run6.tar.part-* (15 MB parts): `cat toy_run6.tar.part-* | tar -x`.
+lane_a3() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 600 toy_train python3 training/toy/train.py --out $W/toy_run6 --results $W/toy_run6_results \
+    --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-7}
+  job 420 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120 --model-dir $W/toy_run6
+}
+
+lane_b3() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 420 plan_validation python3 benchmarks/plan_validation.py --out $R --budget-s 300 --pairs 16:64 12:64 8:64
+  job 240 edit python3 benchmarks/edit.py --out $R --steps 10 --refs 1 --configs 2509
+  job 240 fewstep python3 benchmarks/fewstep.py --out $R --sizes 1024 --repeats 2 --warmup 1
+}
+
 phases() {
   cd "$here" || exit 1
   export PYTHONPATH=/tmp/site:$here PYTHONUNBUFFERED=1
@@ -72,9 +90,10 @@ phases() {
   python3 -c 'import torch, diffusers, transformers, peft; print(torch.__version__, diffusers.__version__, transformers.__version__, peft.__version__, torch.cuda.device_count())' \
     > $W/versions.txt 2>&1
   PHASE_END=$(($(date +%s) + ${PHASE1_S:-660}))
-  if [ "${ROUND:-1}" = 2 ]; then
-    lane_a2 &
-    lane_b2 &
+  if [ "${ROUND:-1}" != 1 ]; then
+    PHASE_END=$(($(date +%s) + ${PHASE1_S:-1500}))
+    lane_a${ROUND} &
+    lane_b${ROUND} &
     wait
     echo "[$(date +%T)] all done" >> $W/session.log
     touch $W/done
@@ -93,7 +112,10 @@ phases() {
 
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' . 2>/dev/null
+  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' --exclude=toy_run6 . 2>/dev/null
+  if [ -f $W/toy_run6/model_index.json ] && ! pgrep -f training/toy/train.py > /dev/null; then
+    tar -C $W -cf - toy_run6 | split -b 15M - "$OUT/toy_run6.tar.part-"
+  fi
   ls -la "$OUT"
 }
 

@@ -61,15 +61,11 @@ def card_name() -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_stock(items: list, dtype: Any, device: str) -> tuple[list, float]:
+def run_stock(items: list, dtype: Any, device: str, folder: str) -> tuple[list, float]:
     import torch
     from diffusers import QwenImagePipeline
 
-    from qwennb.models import TOY_MODEL_DIR
-
-    pipe = QwenImagePipeline.from_pretrained(TOY_MODEL_DIR, torch_dtype=dtype, use_safetensors=True).to(
-        device
-    )
+    pipe = QwenImagePipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True).to(device)
     pipe.set_progress_bar_config(disable=True)
     images, times = [], []
     for it in items:
@@ -91,14 +87,16 @@ def run_stock(items: list, dtype: Any, device: str) -> tuple[list, float]:
     return images, statistics.median(times[1:] or times)
 
 
-def run_qwennb(items: list, overrides: dict[str, Any]) -> tuple[list, float, str, list[str]]:
+def run_qwennb(items: list, overrides: dict[str, Any], folder: str) -> tuple[list, float, str, list[str]]:
     from qwennb.generation import generate
     from qwennb.hardware import detect
     from qwennb.pipeline import build, resolve_model
     from qwennb.plan import make_plan
 
-    name, path, _ = resolve_model("toy")
-    plan = make_plan(detect(), name, overrides=overrides)
+    name, path, _ = resolve_model(folder)  # the package's toy folder plans as the toy
+    plan = make_plan(
+        detect(), name if name == "toy" else path, overrides=overrides
+    )  # others: by their configs
     pipe = build(plan, path)
     images, times = [], []
     for it in items:
@@ -119,11 +117,18 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=120, help="eval items (half English, half Chinese)")
     ap.add_argument("--smoke", action="store_true", help="CPU, 8 items: check the script runs")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--model-dir",
+        default=None,
+        help="a toy model folder (default: the one in the package), e.g. a new run's",
+    )
     args = ap.parse_args()
     import torch
 
     from qwennb import toy
+    from qwennb.models import TOY_MODEL_DIR
 
+    folder = str(args.model_dir or TOY_MODEL_DIR)
     cuda = torch.cuda.is_available() and not args.smoke
     n = 8 if args.smoke else args.n
     items = toy.eval_set(n)
@@ -137,10 +142,10 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             if overrides is None:
-                images, s_img = run_stock(items, dtype, "cuda" if cuda else "cpu")
+                images, s_img = run_stock(items, dtype, "cuda" if cuda else "cpu", folder)
                 plan, warnings = "stock diffusers, whole pipeline on one device", []
             else:
-                images, s_img, plan, warnings = run_qwennb(items, overrides)
+                images, s_img, plan, warnings = run_qwennb(items, overrides, folder)
         except Exception as exc:  # noqa: BLE001 - a setting that fails is a result too
             results[name] = {"overrides": overrides, "error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"{name}: FAILED {exc}", flush=True)
