@@ -138,7 +138,7 @@ MODES: dict[str, tuple[dict[str, Any], str]] = {
         "fp8 weights and fp8 matmuls (compute capability 8.9+), as shipped (fp8 weights quantised while "
         "loading, in 11 s): 0.195 s/step against 0.345 for stock diffusers (H200, 1024x1024, CFG 4; "
         "benchmarks/results/core-turbo-nvidia-h200), 34.8 GiB of weights on the GPU against 57.9 in bf16; the "
-        "final latents drift 7.6e-2 from stock's, about 3x the rounding floor",
+        "final latents drift 7.6e-2 from stock's, about 3x the rounding floor measured on the H100",
     ),
     "turbo-cache": (
         {"cache": "taylorseer"},
@@ -863,13 +863,15 @@ def _why(
         )
     if a.transformer == "group_offload":
         streamed = blocks - (a.resident_blocks or 0)
+        rate = st.h2d_gbps if a.pinned else st.pageable_gbps
+        how = (
+            f"{rate:.0f} GB/s pinned"
+            if a.pinned
+            else f"{rate:.3g} GB/s, pageable: host RAM is too tight to pin them"
+        )
         out.append(
             f"transformer: {a.resident_blocks} of {blocks} blocks stay on the GPU; {streamed} stream "
-            f"({c.streamed_gb_per_step:.1f} GiB a step at "
-            + (f"{st.h2d_gbps:.0f}" if a.pinned else f"{st.pageable_gbps:.3g}")
-            + " GB/s"
-            + (" pinned" if a.pinned else ", pageable: host RAM is too tight to pin them")
-            + f" = {c.streamed_gb_per_step * GIB / ((st.h2d_gbps if a.pinned else st.pageable_gbps) * 1e9):.2f} s,"
+            f"({c.streamed_gb_per_step:.1f} GiB a step at {how} = {c.streamed_gb_per_step * GIB / (rate * 1e9):.2f} s,"
             f" {'hidden under' if c.stream_s == 0 else 'longer than'} {c.compute_s:.2f} s of compute)."
         )
         if not a.pinned:  # the host is what costs most here: say what more RAM would buy

@@ -334,3 +334,23 @@ def test_cli_generate_with_gpus(tmp_path, capsys):
 
     d = json.loads(captured.out)
     assert d["parallel_mode"] == "cfg" and d["gpus"] == 2 and len(list(out.glob("*.png"))) == 1
+
+
+def test_the_measured_ulysses_figures_are_the_results_files():
+    """The plan's reason for keeping one CFG-1 image on one GPU quotes a run: the numbers must be that run's."""
+    import json
+    from pathlib import Path
+
+    from qwennb.parallel import ULYSSES_MEASURED as m
+
+    rows = json.loads((Path(__file__).resolve().parents[1] / m["source"]).read_text())["runs"]
+
+    def step(config):
+        return next(
+            r["s_per_step"]
+            for r in rows
+            if r["config"] == config and r["cfg"] == 1.0 and r["num_images"] == 1 and r["width"] == m["size"]
+        )
+
+    assert round(step("qwennb-ulysses"), 3) == m["ulysses_s_per_step"]
+    assert round(step("qwennb-1gpu"), 3) == m["one_gpu_s_per_step"]
