@@ -64,14 +64,13 @@ lane_b2() {
   job 400 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
 }
 
-# ROUND=3, prepared for the next session: toy run 6 (from the shipped toy) and its adherence on GPU 0; pinned
+# ROUND=3: toy run 6 (from the shipped toy, batch 1024, a third of each batch at high noise) on GPU 0; pinned
 # streaming in plan validation, the Edit-2509 rows and a profiled LoRA hotswap on GPU 1. The new toy model comes
 # back as toy_run6.tar.part-* (15 MB parts): `cat toy_run6.tar.part-* | tar -x`.
 lane_a3() {
   export CUDA_VISIBLE_DEVICES=0
-  job 600 toy_train python3 training/toy/train.py --out $W/toy_run6 --results $W/toy_run6_results \
-    --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-7}
-  job 420 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120 --model-dir $W/toy_run6
+  job 1140 toy_train python3 training/toy/train.py --out $W/toy_run6 --results $W/toy_run6_results \
+    --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-15} --batch 1024 --high-sigma 0.3
 }
 
 lane_b3() {
