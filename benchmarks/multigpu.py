@@ -4,6 +4,7 @@ Rerun on a machine with 2 (or 4) H200s and qwennb installed, with one command:
 
     python benchmarks/multigpu.py --out benchmarks/results            # every GPU of the machine
     python benchmarks/multigpu.py --gpus 4 --sizes 1024 1328 --out benchmarks/results
+    python benchmarks/multigpu.py --gpus 2 --only-cfg1 --out benchmarks/results   # one CFG-1 image: Ulysses rows
 
 Same synthetic full-size weights (``qwen-image-synthetic``, seed 0), prompt and seed everywhere, 20 steps, CFG 4
 (negative " ") and CFG 1, 1024² (and 1328²). Configurations, each in its own processes:
@@ -14,7 +15,11 @@ Same synthetic full-size weights (``qwen-image-synthetic``, seed 0), prompt and 
 - ``qwennb-1gpu``: :class:`qwennb.parallel.WorkerPool` with one worker (the plan's tuned path);
 - ``qwennb-cfg-parallel``: N=2 workers, the two CFG passes on the two GPUs (CFG > 1 only);
 - ``qwennb-cfg-ulysses``: N>=4 workers, CFG halves × Ulysses N/2 (CFG > 1 only);
-- ``qwennb-ulysses``: N workers, Ulysses N with the text padded to a multiple of N;
+- ``qwennb-ulysses``: N workers, Ulysses N on qwennb's tuned path (compiled blocks with the all-to-alls inside,
+  each rank its slice of the image tokens and the whole text; ``WorkerPool(ulysses_impl="tuned")``);
+- ``qwennb-ulysses-diffusers``: N workers, Ulysses N the former way: diffusers' context parallelism on its stock
+  forward, the text padded to a multiple of N (``ulysses_impl="diffusers"``; the rows named ``qwennb-ulysses``
+  in results written before the tuned path had it);
 - ``qwennb-data-parallel``: N workers, 2N images at once, each GPU its share.
 
 Per run: median s/step over steps 2..end of a timed image after a warm-up image (the warm-up compiles),
@@ -27,8 +32,11 @@ multicast stays off in every process (``qwennb.parallel.WORKER_ENV``).
 Writes ``multigpu-<card>.json`` (``card``, ``gpus_available``, ``runs`` with ``config``, ``gpus``, ``width``,
 ``height``, ``cfg``, ``steps``, ``s_per_step``, ``images_per_s``, ``speedup_vs_qwennb_1gpu``,
 ``latent_rel_err``...; ``plan_choice``: :func:`qwennb.parallel.choose_parallel` for each case) and
-``multigpu-<card>.md``. ``--smoke`` runs the whole flow on CPU ranks over gloo with the small model (64²,
-3 steps) to check the script; its numbers say nothing about GPUs.
+``multigpu-<card>.md``; each Ulysses row also says which way its workers ran (``ulysses_way``). ``--only-cfg1``
+runs only one CFG-1 image a configuration (``qwennb-1gpu``, ``stock-ulysses-anything``, ``qwennb-ulysses``,
+``qwennb-ulysses-diffusers``; ``--skip-stock`` drops the stock one) and writes ``multigpu-cfg1-<card>.{json,md}``,
+leaving the full run's files alone. ``--smoke`` runs the whole flow on CPU ranks over gloo with the small model
+(64², 3 steps) to check the script; its numbers say nothing about GPUs.
 """
 
 from __future__ import annotations
@@ -207,17 +215,30 @@ def run_stock(world: int, cases: list[dict[str, Any]], smoke: bool) -> list[dict
 
 
 def run_pool(
-    gpus: int, ulysses: int, cases: list[dict[str, Any]], model: str, smoke: bool
+    gpus: int,
+    ulysses: int,
+    cases: list[dict[str, Any]],
+    model: str,
+    smoke: bool,
+    ulysses_impl: str = "tuned",
 ) -> list[dict[str, Any]]:
     """Each case: mode, width, height, cfg, steps, images. One pool for all of them."""
     rows = []
     try:
-        pool = WorkerPool(gpus=gpus, model=model, ulysses=ulysses, device="cpu" if smoke else None).start()
+        pool = WorkerPool(
+            gpus=gpus,
+            model=model,
+            ulysses=ulysses,
+            device="cpu" if smoke else None,
+            ulysses_impl=ulysses_impl,
+        ).start()
     except ParallelError as exc:
         return [{"error": str(exc)} for _ in cases]
     try:
         for case in cases:
             row: dict[str, Any] = {"load_s": pool.load_s}
+            if ulysses > 1:
+                row["ulysses_way"] = pool.info[0].get("ulysses")
             kw = {
                 "width": case["width"],
                 "height": case["height"],
@@ -260,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="CPU ranks over gloo, the small model, 64x64, 3 steps"
     )
     ap.add_argument("--skip-stock", action="store_true")
+    ap.add_argument(
+        "--only-cfg1",
+        action="store_true",
+        help="one CFG-1 image per configuration: qwennb 1 GPU, stock ulysses_anything, qwennb Ulysses on the tuned "
+        "path and the former way; writes multigpu-cfg1-<card>.*",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -281,11 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         gpus = args.gpus or available
         sizes, steps = args.sizes, args.steps
     heads = WorkerPool(gpus, model)._heads()
-    cases = [{"width": s, "height": s, "cfg": c, "steps": steps} for s in sizes for c in args.cfgs]
+    cfgs = [1.0] if args.only_cfg1 else args.cfgs
+    cases = [{"width": s, "height": s, "cfg": c, "steps": steps} for s in sizes for c in cfgs]
     results: list[dict[str, Any]] = []
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / f"multigpu-{card}.json"
+    stem = f"multigpu-cfg1-{card}" if args.only_cfg1 else f"multigpu-{card}"
+    json_path = out_dir / f"{stem}.json"
 
     def record(config: str, n: int, case: dict[str, Any], row: dict[str, Any], images: int = 1) -> None:
         results.append(
@@ -347,12 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                     **vars(choose_parallel(gpus, c["cfg"], c["width"], c["height"], i, heads=heads)),
                 }
                 for c in cases
-                for i in (1, 2 * gpus)
+                for i in ((1,) if args.only_cfg1 else (1, 2 * gpus))
             ],
         }
         json_path.write_text(json.dumps(data, indent=2))
         lines = [
-            f"# multigpu on {card} ({'CPU smoke run: not GPU figures' if smoke else f'{gpus} GPUs'})",
+            f"# multigpu{' (one CFG-1 image)' if args.only_cfg1 else ''} on {card} "
+            f"({'CPU smoke run: not GPU figures' if smoke else f'{gpus} GPUs'})",
             "",
             "| config | GPUs | size | CFG | images | s/step | images/s | speed-up vs qwennb 1 GPU | latent rel err | note |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -362,25 +392,37 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(
                 f"| {r['config']} | {r['gpus']} | {r['width']}x{r['height']} | {r['cfg']:g} | {r['num_images']} | "
                 f"{fmt(r['s_per_step'], '.3f')} | {fmt(r['images_per_s'], '.3f')} | {fmt(r['speedup_vs_qwennb_1gpu'], '.2f')} | "
-                f"{fmt(r['latent_rel_err'], '.2g')} | {r.get('error', r.get('mode', ''))} |"
+                f"{fmt(r['latent_rel_err'], '.2g')} | "
+                f"{r.get('error', ', '.join(x for x in (r.get('mode'), r.get('ulysses_way')) if x))} |"
             )
-        (out_dir / f"multigpu-{card}.md").write_text("\n".join(lines) + "\n")
+        (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     def safely(fn: Any, *a: Any) -> list[dict[str, Any]]:
         try:
             return fn(*a)
         except Exception as exc:  # noqa: BLE001 - one failed configuration must not lose the others
             traceback.print_exc()
-            return [{"error": f"{type(exc).__name__}: {exc}"} for _ in a[-3 if fn is run_pool else -2]]
+            cases_ = next(x for x in a if isinstance(x, list))
+            return [{"error": f"{type(exc).__name__}: {exc}"} for _ in cases_]
 
-    one = [{**c, "mode": "data"} for c in cases] + [{**c, "mode": "data", "images": 2 * gpus} for c in cases]
+    one = [{**c, "mode": "data"} for c in cases]
+    if not args.only_cfg1:
+        one += [{**c, "mode": "data", "images": 2 * gpus} for c in cases]
     for case, row in zip(one, safely(run_pool, 1, 1, one, model, smoke), strict=True):
         record("qwennb-1gpu", 1, case, row, case.get("images", 1))
     if not args.skip_stock:
-        for case, row in zip(cases, safely(run_stock, 1, cases, smoke), strict=True):
-            record("stock-1gpu", 1, case, row)
+        if not args.only_cfg1:
+            for case, row in zip(cases, safely(run_stock, 1, cases, smoke), strict=True):
+                record("stock-1gpu", 1, case, row)
         for case, row in zip(cases, safely(run_stock, gpus, cases, smoke), strict=True):
             record("stock-ulysses-anything", gpus, case, row)
+    uc = [{**c, "mode": "ulysses"} for c in cases]
+    if args.only_cfg1:
+        for impl, config in (("tuned", "qwennb-ulysses"), ("diffusers", "qwennb-ulysses-diffusers")):
+            for case, row in zip(uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl), strict=True):
+                record(config, gpus, case, row)
+        print((out_dir / f"{stem}.md").read_text())
+        return 0
     cfg_cases = [c for c in cases if c["cfg"] > 1]
     plain = [{**c, "mode": "cfg"} for c in cfg_cases] + [
         {**c, "mode": "data", "images": 2 * gpus} for c in cases
@@ -399,11 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         cu = [{**c, "mode": "cfg"} for c in cfg_cases]
         for case, row in zip(cu, safely(run_pool, gpus, gpus // 2, cu, model, smoke), strict=True):
             record("qwennb-cfg-ulysses", gpus, case, row)
-    uc = [{**c, "mode": "ulysses"} for c in cases]
-    for case, row in zip(uc, safely(run_pool, gpus, gpus, uc, model, smoke), strict=True):
-        record("qwennb-ulysses", gpus, case, row)
+    for impl, config in (("tuned", "qwennb-ulysses"), ("diffusers", "qwennb-ulysses-diffusers")):
+        for case, row in zip(uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl), strict=True):
+            record(config, gpus, case, row)
     write()
-    print((out_dir / f"multigpu-{card}.md").read_text())
+    print((out_dir / f"{stem}.md").read_text())
     return 0
 
 

@@ -13,10 +13,15 @@ Modes (how one request uses the ranks; :func:`choose_parallel` picks one and say
 - **cfg**: true CFG's two passes on two groups of GPUs. Each rank computes one pass a step, then one
   all-gather of the noise prediction (0.5 MB a step at 1024² in bf16) gives every rank both halves; the
   pipeline's own CFG combination and scheduler step then run unchanged and identically on each rank.
-- **ulysses**: sequence parallel through diffusers' own ``ContextParallelConfig(ulysses_degree=N)``. The text
-  is padded with masked tokens to a multiple of N (stock diffusers fails on an odd prompt length); masked
-  keys add nothing to the softmax, so the result is the unpadded one within rounding. With 4 or 8 GPUs it
-  combines with cfg (2 groups of N/2).
+- **ulysses**: sequence parallel on qwennb's tuned path (:func:`qwennb.speed.enable_ulysses`): each rank runs
+  the tuned, compiled blocks on its contiguous slice of the image tokens and on the whole text (replicated, so
+  any prompt length works, with no padding and no mask); two all-to-alls a block inside the compiled graph give
+  each rank its share of the heads over the whole sequence for attention and then its tokens back; the output
+  is gathered at the end. The same arithmetic as one GPU within rounding. With 4 or 8 GPUs it combines with cfg
+  (2 groups of N/2). ``WorkerPool(ulysses_impl="diffusers")`` keeps the former way, diffusers' own
+  ``ContextParallelConfig(ulysses_degree=N)`` on its stock forward, with the text padded with masked tokens to a
+  multiple of N (stock diffusers fails on an odd prompt length); it is also used where the tuned path cannot run
+  (another transformer class, offloaded weights).
 - **data**: several images split over the groups; every image keeps the noise it would have in one process
   (the full batch of noise is drawn from the seed, each group keeps its slice).
 
@@ -128,7 +133,10 @@ def _largest_divisor(n: int, limit: int, ok: Callable[[int], bool]) -> int:
     return 1
 
 
-# One image without CFG over 2 GPUs, measured (benchmarks/multigpu.py, full-size synthetic, 20 steps, CFG 1).
+# One image without CFG over 2 GPUs, measured (benchmarks/multigpu.py, full-size synthetic, 20 steps, CFG 1), with
+# the Ulysses that existed then: diffusers' context parallelism on its stock forward (config "qwennb-ulysses" in
+# that file; now ``ulysses_impl="diffusers"``). The tuned path's Ulysses is not measured on GPUs yet
+# (``benchmarks/multigpu.py --only-cfg1`` measures it); until it is, one CFG-1 image stays on one GPU.
 ULYSSES_MEASURED = {
     "card": "H200",
     "gpus": 2,
@@ -136,6 +144,8 @@ ULYSSES_MEASURED = {
     "ulysses_s_per_step": 0.185,
     "one_gpu_s_per_step": 0.124,
     "source": "benchmarks/results/multigpu-nvidia-h200.json",
+    "config": "qwennb-ulysses",
+    "path": "diffusers' context parallelism on its stock forward",
 }
 
 
@@ -174,7 +184,6 @@ def choose_parallel(
     if not isinstance(images, int) or images < 1:
         raise ParallelError(f"images must be at least 1, got {images!r}")
     tokens = image_tokens(width, height)
-    seq = tokens + text_tokens
     mb = 1024**2
     # One all-gather of the noise prediction (B x tokens x 64 channels, bf16) a step.
     cfg_mb = images * tokens * 64 * 2 / mb
@@ -183,8 +192,9 @@ def choose_parallel(
         return heads % d == 0 and tokens % d == 0
 
     def ulysses_mb(d: int, batch: int) -> float:
-        # 4 all-to-alls a block (q, k, v, output), each of the local (seq/d) x heads x head_dim; (d-1)/d leaves.
-        return layers * 4 * batch * (seq / d) * heads * head_dim * 2 * (d - 1) / d / mb
+        # The tuned path's 2 all-to-alls a block: the image tokens' q, k, v (3 x tokens/d x heads x head_dim), then
+        # the attention output, each rank's tokens plus the whole text (tokens/d + text, all heads); (d-1)/d leaves.
+        return layers * batch * (4 * tokens / d + text_tokens) * heads * head_dim * 2 * (d - 1) / d / mb
 
     def fixed(d: int | None, limit: int) -> int:
         if d is None:
@@ -261,8 +271,8 @@ def choose_parallel(
                 why="one image without CFG: one GPU draws it. Ulysses sequence parallelism (a pool loaded with "
                 f"ulysses=N) measured slower than one GPU on {m['gpus']}x{m['card']} at {m['size']}² "
                 f"({m['ulysses_s_per_step']} against {m['one_gpu_s_per_step']} s/step, "
-                f"{m['source']}): its ranks run diffusers' own forward, not the tuned path, and each sends about "
-                f"{ulysses_mb(2, 1):.0f} MB a step.",
+                f"{m['source']}) when its ranks ran {m['path']}; on the tuned path (the default now) it is not "
+                f"measured yet. Each rank sends about {ulysses_mb(2, 1):.0f} MB a step.",
                 cost="none; the other GPUs idle (several images go data parallel).",
             )
         sp = fixed(ulysses, gpus)
@@ -272,9 +282,10 @@ def choose_parallel(
             "ulysses",
             gpus,
             ulysses_degree=sp,
-            why=f"one image{' without CFG' if cfg <= 1 else ''}: its {seq} tokens split over {sp} GPUs by Ulysses "
-            "(diffusers' context parallelism), the text padded with masked tokens to a multiple of the degree.",
-            cost=f"about {exchanged:.0f} MB sent per GPU a step (4 all-to-alls a block); every GPU holds the whole "
+            why=f"one image{' without CFG' if cfg <= 1 else ''}: its {tokens} image tokens split over {sp} GPUs by "
+            "Ulysses on the tuned path (each GPU its slice of the image and the whole text; the result equals one "
+            "GPU's within rounding).",
+            cost=f"about {exchanged:.0f} MB sent per GPU a step (2 all-to-alls a block); every GPU holds the whole "
             f"model; at best {sp}x one GPU.",
             exchanged_mb_per_step=exchanged,
         )
@@ -464,6 +475,31 @@ def _pad_hook(multiple: int) -> Callable[..., Any]:
     return hook
 
 
+ULYSSES_IMPLS = ("tuned", "diffusers")
+
+
+def _setup_ulysses(pipe: Any, impl: str, degree: int, mesh: Any) -> str:
+    """Turn on Ulysses over ``mesh``'s "ulysses" dimension in a worker; return which way runs.
+
+    ``impl="tuned"``: qwennb's tuned path (:func:`qwennb.speed.enable_ulysses`), compiled as the plan made it, or
+    turned on uncompiled where the plan left it off (a CPU plan); a transformer the tuned path cannot take (another
+    class, Qwen-Image-Edit-2511's zero_cond_t, hooks already on it) gets diffusers' way instead."""
+    from .speed import FastPathState, enable_fast_path, enable_ulysses, is_fast
+
+    tr = pipe.transformer
+    if impl == "tuned":
+        if not is_fast(tr) and type(tr).__name__ == "QwenImageTransformer2DModel":
+            if not getattr(tr.config, "zero_cond_t", False):
+                with contextlib.suppress(RuntimeError):  # diffusers hooks (offload) already on it
+                    enable_fast_path(tr, compile=False, scheduler=pipe.scheduler)
+        if is_fast(tr):
+            enable_ulysses(tr, mesh.get_group("ulysses"))
+            state: FastPathState = tr._qwennb_fast
+            return "tuned path" + (", compiled" if state.compile else ", eager")
+    _enable_ulysses(tr, degree, mesh)
+    return "diffusers context parallelism"
+
+
 def _enable_ulysses(transformer: Any, degree: int, mesh: Any) -> None:
     """diffusers' context parallelism (Ulysses over ``mesh``'s "ulysses" dimension) plus text padding."""
     import torch
@@ -525,19 +561,20 @@ def _worker_main(
         t0 = time.perf_counter()
         plan = load["plan"]  # made once by the controller (the same identical GPUs)
         pipe = build(plan, load.get("path"))
-        if load.get("tuned_path_eager") and ulysses == 1:
+        impl = load.get("ulysses_impl", "tuned")
+        if load.get("tuned_path_eager") and (ulysses == 1 or impl == "tuned"):
             from .speed import enable_fast_path, is_fast
 
             if not is_fast(pipe.transformer):
                 enable_fast_path(pipe.transformer, compile=False, scheduler=pipe.scheduler)
-        if ulysses > 1:
-            _enable_ulysses(pipe.transformer, ulysses, mesh)
+        ulysses_way = _setup_ulysses(pipe, impl, ulysses, mesh) if ulysses > 1 else None
         info = {
             "load_s": time.perf_counter() - t0,
             "device": str(device),
             "name": torch.cuda.get_device_name(device) if cuda else "cpu",
             "pid": os.getpid(),
             "arrangement": plan.arrangement,
+            "ulysses": ulysses_way,
         }
         results.put(("ready", rank, None, info))
     except BaseException as exc:  # noqa: BLE001 - reported to the controller, then the worker ends
@@ -663,8 +700,10 @@ class WorkerPool:
     """One worker process per GPU (or per CPU rank over gloo), started, kept and ended by this process.
 
     ``gpus`` workers each load ``model`` with the usual plan (``overrides`` as for ``make_plan``) and join one
-    process group; ``ulysses`` > 1 turns on diffusers' Ulysses sequence parallelism inside groups of that many
-    ranks (fixed while the pool lives). ``device="cpu"`` runs CPU ranks over gloo (tests; any machine).
+    process group; ``ulysses`` > 1 turns on Ulysses sequence parallelism inside groups of that many ranks (fixed
+    while the pool lives): on qwennb's tuned path (``ulysses_impl="tuned"``, the default) or as diffusers' context
+    parallelism on its stock forward (``"diffusers"``, the former way, kept to compare); ``info[rank]["ulysses"]``
+    says which runs. ``device="cpu"`` runs CPU ranks over gloo (tests; any machine).
     :meth:`generate` takes :func:`qwennb.generate`'s options and a ``parallel`` mode ("cfg", "ulysses",
     "data"), chosen by :func:`choose_parallel` when omitted. ``tuned_path_eager`` turns on qwennb's tuned path
     uncompiled in every worker where the plan left it off (a GPU plan turns it on, compiled), so CPU tests
@@ -690,6 +729,7 @@ class WorkerPool:
         threads: int | None = None,
         start_timeout_s: float = 900.0,
         tuned_path_eager: bool = False,
+        ulysses_impl: str = "tuned",
     ) -> None:
         if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
             raise ParallelError(f"gpus must be a whole number of at least 1, got {gpus!r}")
@@ -697,6 +737,10 @@ class WorkerPool:
             raise ParallelError(f"the ulysses degree ({ulysses!r}) must divide the number of GPUs ({gpus})")
         if device not in (None, "cuda", "cpu"):
             raise ParallelError(f"device must be 'cuda' or 'cpu', got {device!r}")
+        if ulysses_impl not in ULYSSES_IMPLS:
+            raise ParallelError(
+                f"ulysses_impl must be one of {', '.join(ULYSSES_IMPLS)}, got {ulysses_impl!r}"
+            )
         self.gpus = gpus
         self.model = model
         self.path = path
@@ -706,6 +750,7 @@ class WorkerPool:
         self.threads = threads
         self.start_timeout_s = start_timeout_s
         self.tuned_path_eager = tuned_path_eager
+        self.ulysses_impl = ulysses_impl
         self.info: list[dict[str, Any]] = []
         self.load_s: float | None = None
         self._procs: list[Any] = []
@@ -765,6 +810,7 @@ class WorkerPool:
             "device": device,
             "threads": threads,
             "tuned_path_eager": self.tuned_path_eager,
+            "ulysses_impl": self.ulysses_impl,
         }
         t0 = time.perf_counter()
         init_file = os.path.join(self._tmp, "rendezvous")
@@ -1010,14 +1056,18 @@ class WorkerPool:
             overrides = dict(self.overrides)
             if self._check_machine() == "cpu":
                 overrides.setdefault("device", "cpu")
-            if self.ulysses > 1:
+            plan = make_plan(detect(), self.model, overrides or None)
+            if self.ulysses > 1 and (
+                self.ulysses_impl == "diffusers" or (plan.compile and not getattr(plan, "fast_path", False))
+            ):
                 # diffusers' context-parallel hooks wrap the stock forward: the tuned path and compile stay off
                 # (dynamo fails on the process group the all-to-all takes, measured on 2xH200), and the
                 # attention backend must be one with context parallelism ("native": PyTorch SDPA, which also
-                # takes the padding mask).
+                # takes the padding mask). The tuned path's Ulysses keeps the plan as it is.
                 overrides.setdefault("compile", False)
                 overrides.setdefault("attention_backend", "native")
-            self._plan_cache = make_plan(detect(), self.model, overrides or None)
+                plan = make_plan(detect(), self.model, overrides or None)
+            self._plan_cache = plan
         return self._plan_cache
 
     def _collect(

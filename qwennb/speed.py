@@ -34,6 +34,9 @@ the bf16 ones' place, which is how the plan fits 24 GB cards) and step caching (
 
 ``disable_fast_path(transformer)`` restores stock behaviour. Measurements: ``benchmarks/speed.py``.
 
+On several GPUs, :func:`enable_ulysses` splits each forward's image tokens over a process group (Ulysses
+sequence parallelism) with the all-to-alls inside the compiled blocks (``qwennb.parallel`` uses it).
+
 Example:
     >>> from qwennb.stand_ins import build_tiny_pipeline
     >>> pipe = build_tiny_pipeline()
@@ -59,6 +62,12 @@ from diffusers.models.transformers.transformer_qwenimage import (
     QwenEmbedRope,
     compute_text_seq_len_from_mask,
 )
+
+try:  # functional collectives: traced by torch.compile as graph ops (the all-to-all of Ulysses)
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+except ImportError:  # pragma: no cover - a torch built without distributed
+    dist = funcol = None  # type: ignore[assignment]
 
 log = logging.getLogger("qwennb")
 
@@ -150,10 +159,15 @@ class QwenRealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
 
     ``sdpa_op`` (set by :func:`enable_fast_path` when diffusers' global attention backend is PyTorch's
     native one): unmasked attention without a per-processor backend goes through :func:`sdpa_bshd`.
+
+    ``ulysses`` (set by :func:`enable_ulysses`): the image stream holds this rank's slice of the image tokens
+    and the text stream the whole text; attention runs on this rank's share of the heads over the whole
+    sequence (:func:`_ulysses_attention`).
     """
 
     rope_style = "pairs"  # or "stack" (the same function written with unbind/stack)
     sdpa_op = False
+    ulysses: UlyssesGroup | None = None
 
     def __call__(
         self,
@@ -171,8 +185,13 @@ class QwenRealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
                 "QwenRealRopeAttnProcessor does not accept an external attention_mask; pass "
                 "encoder_hidden_states_mask to let the processor build the joint mask."
             )
+        ulysses = self.ulysses
         if encoder_hidden_states_mask is not None:
-            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            # Under Ulysses the keys are the whole text and every rank's image tokens.
+            img_len = hidden_states.shape[1] * (ulysses.degree if ulysses is not None else 1)
+            image_mask = torch.ones(
+                (hidden_states.shape[0], img_len), dtype=torch.bool, device=hidden_states.device
+            )
             attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
         seq_txt = encoder_hidden_states.shape[1]
 
@@ -216,6 +235,16 @@ class QwenRealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             txt_query = rotate(txt_query, txt_cos, txt_sin)
             txt_key = rotate(txt_key, txt_cos, txt_sin)
 
+        if ulysses is not None:
+            return _ulysses_attention(
+                attn,
+                self,
+                ulysses,
+                (img_query, img_key, img_value),
+                (txt_query, txt_key, txt_value),
+                attention_mask,
+            )
+
         joint_query = torch.cat([txt_query, img_query], dim=1)
         joint_key = torch.cat([txt_key, img_key], dim=1)
         joint_value = torch.cat([txt_value, img_value], dim=1)
@@ -247,6 +276,107 @@ class QwenRealRopeAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
             img_attn_output = attn.to_out[1](img_attn_output)
         txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
         return img_attn_output, txt_attn_output
+
+
+# --------------------------------------------------------------------------- Ulysses on the tuned path
+
+
+@dataclass(frozen=True)
+class UlyssesGroup:
+    """A Ulysses group as the tuned path sees it (:func:`enable_ulysses` makes it).
+
+    ``name`` is the process group's name, which functional collectives take (a constant inside a compiled
+    graph, where a ``ProcessGroup`` object is not); ``degree`` its size and ``rank`` this process's index in it.
+    """
+
+    name: str
+    degree: int
+    rank: int
+    process_group: Any = field(default=None, compare=False, repr=False)
+
+
+def _all_to_all(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Chunk ``j`` of ``x`` along dim 0 goes to rank ``j`` of the group; chunk ``j`` of the result came from rank
+    ``j``. A functional collective: inside a compiled block it is a graph op, so no graph break."""
+    shape = x.shape
+    out = funcol.all_to_all_single(x.contiguous().flatten(), None, None, group_name)
+    if isinstance(out, funcol.AsyncCollectiveTensor):
+        out = out.wait()
+    return out.reshape(shape)
+
+
+def _ulysses_attention(
+    attn: Any,
+    processor: QwenRealRopeAttnProcessor,
+    group: UlyssesGroup,
+    img_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    txt_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint attention of one block under Ulysses, from rotated ``[B, S/N, H, D]`` image and ``[B, L, H, D]`` text
+    queries, keys and values; returns the projected image (this rank's tokens) and text (all of it) outputs.
+
+    Every rank holds its contiguous slice of the image tokens and the whole text (computed identically on every
+    rank). One all-to-all sends each rank its share of the heads (``H/N``) of every rank's image Q, K and V; the
+    text needs no exchange, each rank takes its heads of its own copy. Attention then runs on
+    ``[text, image tokens of rank 0, 1, ...]``, the sequence in the order one process has, unmasked (unless the
+    text itself has a mask), with whichever attention backend the processor has. A second all-to-all returns to
+    each rank its image tokens, and to every rank the text, with all heads. 2 collectives a block."""
+    n, r = group.degree, group.rank
+    img_q, img_k, img_v = img_qkv
+    b, s_loc, heads, _ = img_q.shape
+    hl = heads // n
+    # Sent: [N (destination = head group), 3, B, S/N, H/N, D]; received: dim 0 the source (= token slice).
+    send = torch.stack((img_q, img_k, img_v)).unflatten(3, (n, hl)).permute(3, 0, 1, 2, 4, 5)
+    recv = _all_to_all(send, group.name)
+    img_q, img_k, img_v = recv.permute(1, 2, 0, 3, 4, 5).flatten(2, 3).unbind(0)  # [B, S, H/N, D]
+    heads_here = slice(r * hl, (r + 1) * hl)
+    txt_q, txt_k, txt_v = (t[:, :, heads_here] for t in txt_qkv)
+    query = torch.cat([txt_q, img_q], dim=1)
+    key = torch.cat([txt_k, img_k], dim=1)
+    value = torch.cat([txt_v, img_v], dim=1)
+    if processor.sdpa_op and attention_mask is None and processor._attention_backend is None:
+        out = sdpa_bshd(query, key, value)
+    else:
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=processor._attention_backend,
+        )
+    out = out.to(query.dtype)  # [B, L + S, H/N, D]
+    seq_txt = txt_q.shape[1]
+    img_out = out[:, seq_txt:].unflatten(1, (n, s_loc)).transpose(0, 1)  # [N (destination), B, S/N, H/N, D]
+    txt_out = out[:, :seq_txt].unsqueeze(0).expand(n, -1, -1, -1, -1)  # the text to every rank
+    # Received: [N (source = head group), B, S/N + L, H/N, D].
+    recv = _all_to_all(torch.cat([img_out, txt_out], dim=2), group.name)
+    joint = recv.permute(1, 2, 0, 3, 4).flatten(2, 4)  # [B, S/N + L, H * D], heads in order
+    img_attn_output = attn.to_out[0](joint[:, :s_loc].contiguous())
+    if len(attn.to_out) > 1:
+        img_attn_output = attn.to_out[1](img_attn_output)
+    txt_attn_output = attn.to_add_out(joint[:, s_loc:].contiguous())
+    return img_attn_output, txt_attn_output
+
+
+def _ulysses_slice(tokens: int, group: UlyssesGroup) -> slice:
+    """This rank's contiguous slice of ``tokens`` image tokens."""
+    if tokens % group.degree:
+        raise ValueError(
+            f"{tokens} image tokens do not divide by the Ulysses degree {group.degree}; choose a size whose "
+            "(width/16)*(height/16) does"
+        )
+    n = tokens // group.degree
+    return slice(group.rank * n, (group.rank + 1) * n)
+
+
+def _gather_tokens(x: torch.Tensor, group: UlyssesGroup) -> torch.Tensor:
+    """Every rank's slice of the output ``[B, S/N, C]`` joined in order: ``[B, S, C]`` on every rank."""
+    parts = [torch.empty_like(x) for _ in range(group.degree)]
+    dist.all_gather(parts, x.contiguous(), group=group.process_group)
+    return torch.cat(parts, dim=1)
 
 
 # --------------------------------------------------------------------------- fused projections
@@ -625,6 +755,7 @@ class FastPathState:
     cfg_stash: tuple[Any, ...] | None = None  # (latents, version, values, text, partner, partner's output)
     cfg_hint: bool | None = None  # set by expect_cfg(): False = no CFG, never pair
     single_ran: bool = False  # the compiled single-forward block has run (its graph exists)
+    ulysses: UlyssesGroup | None = None  # set by enable_ulysses(): each forward split over the group's ranks
     stats: dict[str, int] = field(
         default_factory=lambda: {
             "forwards": 0,
@@ -805,7 +936,15 @@ def _single_forward(
     img_shapes: Any,
     values: tuple[float, ...] | None = None,
 ) -> torch.Tensor:
-    """One transformer forward on the tuned path: real RoPE once, modulation from the cache."""
+    """One transformer forward on the tuned path: real RoPE once, modulation from the cache.
+
+    Under Ulysses (:func:`enable_ulysses`) this rank runs the blocks on its contiguous slice of the image tokens
+    (and their rows of the image RoPE tables) and on the whole text; the output's slices are gathered at the end,
+    so every rank returns the whole output."""
+    group = state.ulysses
+    if group is not None:
+        rows = _ulysses_slice(hidden_states.shape[1], group)
+        hidden_states = hidden_states[:, rows]  # img_in works token by token: slicing first is exact
     hidden_states = model.img_in(hidden_states)
     timestep = timestep.to(hidden_states.dtype)
     encoder_hidden_states = model.txt_in(model.txt_norm(encoder_hidden_states))
@@ -817,6 +956,9 @@ def _single_forward(
         img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
     )
     rope = state.real_rope(img_freqs, txt_freqs)
+    if group is not None:
+        (img_cos, img_sin), txt_rope = rope
+        rope = ((img_cos[rows], img_sin[rows]), txt_rope)
     modulation = _Modulation(state, model, timestep, temb, values)
     for index, block in enumerate(model.transformer_blocks):
         encoder_hidden_states, hidden_states = block(
@@ -827,7 +969,8 @@ def _single_forward(
             image_rotary_emb=rope,
         )
     hidden_states = model.norm_out(hidden_states, temb)
-    return model.proj_out(hidden_states)
+    out = model.proj_out(hidden_states)
+    return _gather_tokens(out, group) if group is not None else out
 
 
 def _pair_forward(
@@ -1008,6 +1151,11 @@ def _model_forward(model: Any, state: FastPathState) -> Any:
             or (torch.is_grad_enabled() and model.gradient_checkpointing)
         )
         if unsupported:
+            if state.ulysses is not None:
+                raise NotImplementedError(
+                    "this forward (guidance, attention_kwargs, controlnet, zero_cond_t, a custom RoPE or training) "
+                    "is not on the tuned path, and the tuned path's Ulysses covers only that path"
+                )
             return stock(
                 model,
                 hidden_states,
@@ -1024,6 +1172,7 @@ def _model_forward(model: Any, state: FastPathState) -> Any:
         state.stats["forwards"] += 1
         pairable = (
             state.batch_cfg
+            and state.ulysses is None  # under Ulysses each pass is its own forward
             and encoder_hidden_states_mask is None
             and hidden_states.dtype != torch.float16
             and not getattr(model, "is_cache_enabled", False)
@@ -1177,6 +1326,58 @@ def enable_fast_path(
     return state
 
 
+def enable_ulysses(transformer: Any, group: Any = None) -> UlyssesGroup:
+    """Split every forward of a transformer on the tuned path over the ranks of ``group`` (Ulysses sequence
+    parallelism); ``group`` is a ``torch.distributed`` process group (default: the whole world), joined already.
+
+    Each rank runs the tuned, compiled blocks on its contiguous slice of the image tokens and on the whole text
+    (replicated: a few dozen tokens, computed identically on every rank, so no padding and no mask), with the
+    all-to-alls inside the blocks' attention (:func:`_ulysses_attention`, functional collectives, so one compiled
+    graph a block); the output is gathered at the end, and every rank returns the whole output. Every rank must
+    make the same calls with the same inputs (the pipeline does, with the same seed). Needs
+    :func:`enable_fast_path` first, attention heads and image tokens that divide by the group's size, and no step
+    cache (First Block Cache would decide on each rank's slice). CFG's two passes are not batched
+    (``batch_cfg``) while it is on. :func:`disable_ulysses` (or :func:`disable_fast_path`) undoes it.
+    """
+    state: FastPathState | None = getattr(transformer, STATE_ATTR, None)
+    if state is None:
+        raise RuntimeError("enable_ulysses needs the tuned path: call enable_fast_path(transformer) first")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("enable_ulysses needs a torch.distributed process group (init_process_group)")
+    if getattr(transformer, "is_cache_enabled", False):
+        raise RuntimeError(
+            "a step cache decides on each rank's slice of the tokens and would part the ranks: disable it "
+            "(transformer.disable_cache()) before enable_ulysses"
+        )
+    pg = group if group is not None else dist.group.WORLD
+    degree, rank = dist.get_world_size(pg), dist.get_rank(pg)
+    heads = int(transformer.config.num_attention_heads)
+    if heads % degree:
+        raise ValueError(f"{heads} attention heads do not divide by the Ulysses degree {degree}")
+    processors = list(transformer.attn_processors.values())
+    if not all(isinstance(p, QwenRealRopeAttnProcessor) for p in processors):
+        raise RuntimeError(
+            "enable_ulysses needs the tuned path's attention processors (set_attn_processor ran since)"
+        )
+    spec = UlyssesGroup(pg.group_name, degree, rank, pg)
+    for proc in processors:
+        proc.ulysses = spec
+    state.ulysses = spec
+    state.cfg_last = state.cfg_stash = None
+    return spec
+
+
+def disable_ulysses(transformer: Any) -> None:
+    """Undo :func:`enable_ulysses`: each forward runs whole on this rank again."""
+    state: FastPathState | None = getattr(transformer, STATE_ATTR, None)
+    if state is None or state.ulysses is None:
+        return
+    for proc in transformer.attn_processors.values():
+        if isinstance(proc, QwenRealRopeAttnProcessor):
+            proc.ulysses = None
+    state.ulysses = None
+
+
 def disable_fast_path(transformer: Any) -> None:
     """Undo :func:`enable_fast_path` (stock processors, forwards and Linears back); remove cache hooks first.
 
@@ -1249,6 +1450,9 @@ __all__ = [
     "fp8_replace_block_",
     "enable_fast_path",
     "disable_fast_path",
+    "enable_ulysses",
+    "disable_ulysses",
+    "UlyssesGroup",
     "expect_cfg",
     "is_fast",
     "apply_cache",

@@ -44,6 +44,7 @@ PRESETS = "qwennb/presets.py"
 T_BREAKS = "tests/test_generation_breaks.py"
 T_GEN = "tests/test_generation.py"
 T_SPEED = "tests/test_speed.py"
+T_PARALLEL = "tests/test_parallel.py"
 # The stored plan outputs of 02_optimization (peaks and s/step for 80-12 GB), compared by nbval: a constant of the
 # plan's cost model that moves shows there.
 NB_PLAN = ("notebooks/02_optimization.ipynb", "--nbval", "--nbval-sanitize-with", "notebooks/sanitize.cfg")
@@ -314,6 +315,42 @@ MUTATIONS: list[Mutation] = [
         "        if ulysses is None:\n            m = ULYSSES_MEASURED",
         "        if False:\n            m = ULYSSES_MEASURED",
         ("tests/test_parallel.py", "tests/test_plan_gpus.py", "-k", "choose or spreads"),
+    ),
+    # ---------------------------------------------------------------- the tuned path's Ulysses (speed.py)
+    Mutation(
+        "Ulysses: image RoPE rows one token off",
+        SPEED,
+        "        rope = ((img_cos[rows], img_sin[rows]), txt_rope)",
+        "        rope = ((img_cos.roll(1, 0)[rows], img_sin.roll(1, 0)[rows]), txt_rope)",
+        (T_PARALLEL, "-k", "tuned_ulysses"),
+    ),
+    Mutation(
+        "Ulysses: image tokens split one token off",
+        SPEED,
+        "        hidden_states = hidden_states[:, rows]  # img_in",
+        "        hidden_states = hidden_states.roll(1, 1)[:, rows]  # img_in",
+        (T_PARALLEL, "-k", "tuned_ulysses"),
+    ),
+    Mutation(
+        "Ulysses: the text's heads taken from the next rank",
+        SPEED,
+        "    heads_here = slice(r * hl, (r + 1) * hl)",
+        "    heads_here = slice((r + 1) % n * hl, ((r + 1) % n + 1) * hl)",
+        (T_PARALLEL, "-k", "tuned_ulysses"),
+    ),
+    Mutation(
+        "Ulysses: output slices gathered in reverse order",
+        SPEED,
+        "    return torch.cat(parts, dim=1)",
+        "    return torch.cat(parts[::-1], dim=1)",
+        (T_PARALLEL, "-k", "tuned_ulysses"),
+    ),
+    Mutation(
+        "Ulysses: the text mask sized for this rank's image tokens only",
+        SPEED,
+        "            img_len = hidden_states.shape[1] * (ulysses.degree if ulysses is not None else 1)",
+        "            img_len = hidden_states.shape[1]",
+        (T_PARALLEL, "-k", "tuned_ulysses"),
     ),
     Mutation(
         "synthetic edit model's image-token ids left unaligned",

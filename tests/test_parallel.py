@@ -74,7 +74,9 @@ def test_choose_parallel_modes_and_degrees():
     p = choose_parallel(2, 1.0, 1024, 1024, 1)
     assert (p.mode, p.gpus_used) == ("single", 1) and "0.185 against 0.124" in p.why
     p = choose_parallel(2, 1.0, 1024, 1024, 1, ulysses=2)
-    assert (p.mode, p.ulysses_degree) == ("ulysses", 2)
+    assert (p.mode, p.ulysses_degree) == ("ulysses", 2) and "tuned path" in p.why
+    # 2 all-to-alls a block: q, k, v of 2048 image tokens, then 2048 tokens + 32 text tokens, 3072 wide, half sent.
+    assert p.exchanged_mb_per_step == pytest.approx(60 * (4 * 2048 + 32) * 3072 * 2 / 2 / 1024**2)
     p = choose_parallel(4, 4.0, 1024, 1024, 1)
     assert (p.mode, p.cfg_degree, p.ulysses_degree) == ("cfg+ulysses", 2, 2)
     p = choose_parallel(8, 4.0, 1024, 1024, 1)
@@ -239,21 +241,151 @@ def test_dead_worker_gives_one_clear_error_and_the_pool_restarts(single, pool2):
 # ----------------------------------------------------------------------------- Ulysses, and four ranks
 
 
-def test_ulysses_equals_one_process_with_an_odd_prompt_length(single):
+@pytest.mark.parametrize(
+    "impl, way", [("tuned", "tuned path, eager"), ("diffusers", "diffusers context parallelism")]
+)
+def test_ulysses_equals_one_process_with_an_odd_prompt_length(single, impl, way):
     ref, ref_lat = reference(single, cfg=1.0)
-    with WorkerPool(gpus=2, model=SMALL_MODEL, device="cpu", ulysses=2, threads=1) as pool:
+    with WorkerPool(gpus=2, model=SMALL_MODEL, device="cpu", ulysses=2, threads=1, ulysses_impl=impl) as pool:
+        assert [i["ulysses"] for i in pool.info] == [way, way]  # which Ulysses the workers run
         out = pool.generate(PROMPT, cfg=1.0, return_latents=True, **KW)
         assert out.parallel_mode == "ulysses" and out.gpus == 2
         assert rel_err(out.final_latents, ref_lat) < 1e-5
         assert pixels_diff(out.images[0], ref.images[0]) <= 1
+        assert [a["fast_path"] for a in pool.active()] == [impl == "tuned"] * 2
         with pytest.raises(GenerationError, match="Ulysses degree"):
             pool.generate(PROMPT, **{**KW, "width": 48, "height": 48})  # 9 image tokens
+    with pytest.raises(ParallelError, match="ulysses_impl"):
+        WorkerPool(gpus=2, ulysses=2, ulysses_impl="ring")
+
+
+# The tuned path's Ulysses on the transformer alone, in two gloo ranks: (text tokens, latent height and width in
+# patches, batch, a text mask). Odd prompt lengths, a non-square image, a batch and a masked text.
+ULYSSES_CASES = [(11, 4, 4, 1, False), (13, 4, 6, 2, False), (9, 6, 4, 1, True)]
+ULYSSES_COMPILED = [(11, 4, 4, 1, False), (13, 4, 6, 1, False)]  # two sizes, one graph (dynamic lengths)
+
+
+def _forward_inputs(text: int, h: int, w: int, batch: int, masked: bool) -> dict:
+    g = torch.Generator().manual_seed(text * 100 + h * 10 + w)
+    mask = None
+    if masked:
+        mask = torch.ones(batch, text, dtype=torch.long)
+        mask[:, -3:] = 0
+    return {
+        "hidden_states": torch.randn(batch, h * w, 64, generator=g),
+        "encoder_hidden_states": torch.randn(batch, text, 32, generator=g),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([0.3 + 0.2 * i for i in range(batch)]),
+        "img_shapes": [[(1, h, w)]] * batch,
+        "return_dict": False,
+    }
+
+
+def _ulysses_rank(rank: int, world: int, init_file: str, out) -> None:
+    """One gloo rank: the tiny transformer on the tuned path with enable_ulysses, eager and then compiled."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from qwennb import speed
+    from qwennb.stand_ins import build_tiny_pipeline
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tr = build_tiny_pipeline(seed=0).transformer
+        results = {}
+        for compiled, cases in ((False, ULYSSES_CASES), (True, ULYSSES_COMPILED)):
+            torch._dynamo.reset()
+            counters.clear()
+            speed.enable_fast_path(tr, compile=compiled, backend="aot_eager")
+            group = speed.enable_ulysses(tr)
+            with torch.no_grad():
+                results[compiled] = [tr(**_forward_inputs(*c))[0].numpy() for c in cases]
+            graphs = counters["stats"]["unique_graphs"]
+            speed.disable_fast_path(tr)
+        out.put((rank, results, graphs, (group.degree, group.rank), None))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        out.put((rank, None, None, None, f"{type(exc).__name__}: {exc}"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(target, world: int = 2, timeout: float = 600) -> dict:
+    import queue
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init_file = os.path.join(tempfile.mkdtemp(prefix="qwennb-test-"), "rendezvous")
+    procs = [ctx.Process(target=target, args=(r, world, init_file, out), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = {}
+    try:
+        while len(got) < world:
+            try:
+                row = out.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"the ranks gave no result within {timeout:.0f} s (a collective left waiting?)")
+            got[row[0]] = row[1:]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.exitcode is None:
+                p.kill()
+    return got
+
+
+def test_tuned_ulysses_matches_one_process_eager_and_compiled():
+    """Each rank's slice of the image tokens, its rows of the image RoPE and its heads must be exactly the ones a
+    single process uses: an off-by-one in any of them changes the output (or its shape), and the check is on
+    every rank's whole output. Compiled, the all-to-alls sit inside one graph per block that serves two sizes."""
+    from qwennb import speed
+    from qwennb.stand_ins import build_tiny_pipeline
+
+    tr = build_tiny_pipeline(seed=0).transformer
+    cases = list(dict.fromkeys(ULYSSES_CASES + ULYSSES_COMPILED))
+    with torch.no_grad():
+        stock = {c: tr(**_forward_inputs(*c))[0] for c in cases}
+        speed.enable_fast_path(tr, compile=False)
+        ref = {c: tr(**_forward_inputs(*c))[0] for c in cases}  # one process on the tuned path
+        speed.disable_fast_path(tr)
+    assert max(rel_err(ref[c], stock[c]) for c in cases) < 1e-5
+    got = _run_ranks(_ulysses_rank)
+    for rank, (results, graphs, group, error) in sorted(got.items()):
+        assert error is None, f"rank {rank}: {error}"
+        assert group == (2, rank)
+        for compiled, cases in ((False, ULYSSES_CASES), (True, ULYSSES_COMPILED)):
+            for case, out in zip(cases, results[compiled], strict=True):
+                expect = ref[case]
+                assert out.shape == tuple(expect.shape), (rank, compiled, case)
+                assert rel_err(torch.from_numpy(out), expect) < 1e-6, (rank, compiled, case)
+        assert graphs == 1  # the compiled block, collectives inside, for both sizes and prompt lengths
+
+
+def test_enable_ulysses_refuses_without_the_tuned_path_or_a_process_group():
+    from qwennb import speed
+    from qwennb.stand_ins import build_tiny_pipeline
+
+    tr = build_tiny_pipeline(seed=0).transformer
+    with pytest.raises(RuntimeError, match="enable_fast_path"):
+        speed.enable_ulysses(tr)
+    speed.enable_fast_path(tr, compile=False)
+    try:
+        if not torch.distributed.is_initialized():
+            with pytest.raises(RuntimeError, match="process group"):
+                speed.enable_ulysses(tr)
+    finally:
+        speed.disable_fast_path(tr)
 
 
 def test_four_workers_cfg_times_ulysses_and_data(single):
     ref, ref_lat = reference(single)
     ref3, ref3_lat = reference(single, num_images=3)
     with WorkerPool(gpus=4, model=SMALL_MODEL, device="cpu", ulysses=2, threads=1) as pool:
+        assert {i["ulysses"] for i in pool.info} == {"tuned path, eager"}
         out = pool.generate(PROMPT, return_latents=True, **KW)
         assert out.parallel_mode == "cfg+ulysses" and out.gpus == 4
         assert rel_err(out.final_latents, ref_lat) < 1e-5
@@ -352,5 +484,5 @@ def test_the_measured_ulysses_figures_are_the_results_files():
             if r["config"] == config and r["cfg"] == 1.0 and r["num_images"] == 1 and r["width"] == m["size"]
         )
 
-    assert round(step("qwennb-ulysses"), 3) == m["ulysses_s_per_step"]
+    assert round(step(m["config"]), 3) == m["ulysses_s_per_step"]
     assert round(step("qwennb-1gpu"), 3) == m["one_gpu_s_per_step"]
