@@ -16,14 +16,15 @@ weights, instruction, reference images and seed, runs:
 with 1 and with 3 reference images of 1024x1024, CFG 4, after one warm-up image per configuration. Per run:
 median s/step over the denoising loop (GPU-synchronised in the step callback), total time, peak GPU memory,
 the relative L2 error of the final latents against stock on the same seed, and how many transformer forwards
-took qwennb's tuned path. The tuned path does not cover 2511's ``zero_cond_t``: for it ``apply_plan`` uses
-diffusers' regional compile (``compile_repeated_blocks``) instead, so its ``tuned_forwards`` is 0 by design; the
-``2509`` rows show the tuned path on edits (reference tokens in the sequence, CFG pairs batched).
+took qwennb's tuned path. Both configs run the tuned path (reference tokens in the sequence, CFG pairs batched;
+for ``2511`` the references' tokens modulated at t=0, those vectors computed once per image), so
+``tuned_forwards`` counts every forward of the timed image (a CFG pair counts once per pass).
 
 Writes ``edit-<card>.json`` (``card``, ``torch``, ``diffusers``, ``runs``: one row per configuration with
 ``config``, ``model``, ``refs``, ``width``, ``height``, ``cfg``, ``steps``, ``s_per_step``, ``speedup_vs_stock``,
 ``latent_rel_err``, ``peak_gpu_gb``, ``tuned_forwards``) and ``edit-<card>.md``. ``--smoke`` runs the whole flow
-on the tiny edit stand-in on the CPU (small sizes, 2 steps) to check that the script executes.
+on the tiny edit stand-in on the CPU (small sizes, 2 steps) to check that the script executes; there the tuned path
+runs uncompiled (a CPU plan keeps stock diffusers) and must take every forward and match stock's latents.
 """
 
 from __future__ import annotations
@@ -239,10 +240,25 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_edit(detect(), name, references=max(ref_counts))
         pipe.qwennb = {"model": name, "path": None, "plan": plan, "load_s": 0.0}
         apply_plan(pipe, plan)
+        if (
+            device == "cpu"
+        ):  # a CPU plan keeps stock diffusers: the smoke run checks the tuned path, uncompiled
+            from qwennb.speed import enable_fast_path
+
+            enable_fast_path(pipe.transformer, compile=False, scheduler=pipe.scheduler)
         for n in ref_counts:
             refs = references(n, size if device == "cuda" else 64)
             run_qwennb(pipe, refs, size, steps, args.cfg, device)  # warm-up (compiles)
             q = run_qwennb(pipe, refs, size, steps, args.cfg, device)
+            if args.smoke and (
+                q["tuned_forwards"] != q["forwards"] or rel_err(q["latents"], stock[n]["latents"]) > 1e-4
+            ):
+                print(
+                    f"smoke: {config} off the tuned path or away from stock: {q['tuned_forwards']} of "
+                    f"{q['forwards']} forwards tuned, latents {rel_err(q['latents'], stock[n]['latents']):.1e}",
+                    file=sys.stderr,
+                )
+                return 1
             s = stock[n]
             s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
             q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])

@@ -701,23 +701,12 @@ def plan_edit(
         f"edit: activations budgeted for {w}x{h} plus {references} reference image(s) of about "
         f"{area / 1e6:.2f} MP ({extra} more image tokens), i.e. as a {pw}x{ph} image."
     ]
-    changes: dict[str, Any] = {}
-    if load_config(spec.config_dir, "transformer").get("zero_cond_t") and (plan.fast_path or plan.fp8_matmul):
-        # What pipeline.apply_plan does for such a transformer; the speed estimates assumed the tuned path.
-        comps = dict(plan.components)
-        t = comps["transformer"]
-        if plan.fp8_matmul and t.storage_dtype == "float8_e4m3fn":
-            comps["transformer"] = replace(
-                t, reason="weights stored in fp8, upcast layer by layer (layerwise casting)"
-            )
-        changes = dict(components=comps, fast_path=False, fp8_matmul=False, estimated_s_per_step=None)
+    if load_config(spec.config_dir, "transformer").get("zero_cond_t") and plan.fast_path:
         reasons.append(
-            f"{spec.name}'s transformer keeps the references' timestep at zero (zero_cond_t), which qwennb's tuned "
-            "path does not cover: diffusers' regional compile runs instead"
-            + (", with fp8 storage by layerwise casting instead of fp8 matmuls" if plan.fp8_matmul else "")
-            + "; no speed estimate (not measured)."
+            f"{spec.name}'s transformer keeps the references' timestep at zero (zero_cond_t): the tuned path "
+            "modulates their tokens at t=0, computed once per image, and batches CFG as for text-to-image."
         )
-    return replace(plan, model=spec.name, hub_id=spec.hub_id, reasons=reasons, warnings=warnings, **changes)
+    return replace(plan, model=spec.name, hub_id=spec.hub_id, reasons=reasons, warnings=warnings)
 
 
 def plan_for_model(hardware: Any, model: str, overrides: Any = None) -> Any:

@@ -262,11 +262,9 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
-    # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT; other transformers (Qwen-Image-2.1)
-    # take diffusers' regional compile and layerwise fp8 storage. Nor does it cover Qwen-Image-Edit-2511's
-    # zero_cond_t (its forward would fall back to stock diffusers, uncompiled): that one gets the same.
-    zero_cond_t = bool(getattr(pipe.transformer.config, "zero_cond_t", False))
-    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel" and not zero_cond_t
+    # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT (Qwen-Image-Edit-2511's zero_cond_t
+    # included); other transformers (Qwen-Image-2.1) take diffusers' regional compile and layerwise fp8 storage.
+    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
     fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
     fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
     if fast:

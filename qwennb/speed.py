@@ -22,6 +22,11 @@
   calls), so no padding mask and no slow masked kernel. The last negative-prompt embeddings are kept, so
   later images are paired from their first step (:func:`_cfg_forward` says when a stored half is handed
   out). Under group offload each streamed block is copied once a step instead of twice.
+- **Qwen-Image-Edit-2511's ``zero_cond_t``** is covered, as diffusers defines it: the image modulation is taken
+  at ``cat([t, t * 0])`` in one matmul, and each image token picks its vectors by ``modulate_index`` (the
+  generated image's tokens at t, the reference images' at t=0; text at t). The t=0 vectors are the same at every
+  step: with the scheduler they are one more row of the image's table, computed once with it. CFG pairs and
+  the compiled block work as above (the index is marked dynamic with the lengths).
 
 Measured on H100s at 1024x1024 with CFG 4: 0.244-0.250 s/step against 0.366-0.370 for stock diffusers and
 0.278-0.284 for stock plus ``compile_repeated_blocks`` in the same runs (``benchmarks/NOTES.md``). Options that measured no faster and stay
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +81,9 @@ STATE_ATTR = "_qwennb_fast"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 RealRope = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# A block's modulation vectors: (image, text), or with zero_cond_t (image at t, text, image at t=0): the reference
+# images' tokens take the last.
+Mods = tuple[torch.Tensor, ...]
 # A CFG pair's RoPE: the image tables, the two texts' tables side by side, and the conditional text's cosine
 # table (its length is where the texts split).
 PairRope = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -562,6 +571,28 @@ def _feed_forward(ff: nn.Module, x: torch.Tensor, gelu_epilogue: bool = True) ->
     return h
 
 
+def _modulate_image(
+    block: Any,
+    x: torch.Tensor,
+    mod: torch.Tensor,
+    mod_zero: torch.Tensor | None,
+    modulate_index: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``block._modulate`` of the image stream. With zero_cond_t (``mod_zero`` and ``modulate_index`` given) each
+    token picks its vectors as diffusers' ``_modulate(x, cat([mod, mod_zero]), modulate_index)`` does: index 0 (the
+    generated image's tokens) takes ``mod`` (timestep t), index 1 (the reference images') ``mod_zero`` (t=0); the
+    same selection and the same arithmetic, without joining the two halves into one tensor."""
+    if mod_zero is None:
+        return block._modulate(x, mod)
+    keep = (modulate_index == 0).unsqueeze(-1)  # [b, S, 1]
+    shift, scale, gate = mod.chunk(3, dim=-1)
+    shift0, scale0, gate0 = mod_zero.chunk(3, dim=-1)
+    shift = torch.where(keep, shift.unsqueeze(1), shift0.unsqueeze(1))
+    scale = torch.where(keep, scale.unsqueeze(1), scale0.unsqueeze(1))
+    gate = torch.where(keep, gate.unsqueeze(1), gate0.unsqueeze(1))
+    return x * (1 + scale) + shift, gate
+
+
 def _mlp_half(
     block: Any,
     hidden_states: torch.Tensor,
@@ -569,9 +600,13 @@ def _mlp_half(
     img_mod2: torch.Tensor,
     txt_mod2: torch.Tensor,
     gelu_epilogue: bool,
+    img_zero2: torch.Tensor | None = None,
+    modulate_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The second half of a block: each stream's modulated MLP and gated residual."""
-    img_modulated2, img_gate2 = block._modulate(block.img_norm2(hidden_states), img_mod2)
+    img_modulated2, img_gate2 = _modulate_image(
+        block, block.img_norm2(hidden_states), img_mod2, img_zero2, modulate_index
+    )
     hidden_states = hidden_states + img_gate2 * _feed_forward(block.img_mlp, img_modulated2, gelu_epilogue)
     txt_modulated2, txt_gate2 = block._modulate(block.txt_norm2(encoder_hidden_states), txt_mod2)
     encoder_hidden_states = encoder_hidden_states + txt_gate2 * _feed_forward(
@@ -585,15 +620,21 @@ def _fast_block(
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
     encoder_hidden_states_mask: torch.Tensor | None,
-    mods: tuple[torch.Tensor, torch.Tensor],
+    mods: Mods,
     rope: RealRope | None,
     gelu_epilogue: bool = True,
+    modulate_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``QwenImageTransformerBlock.forward`` (without zero_cond_t) on precomputed modulation and real RoPE."""
+    """``QwenImageTransformerBlock.forward`` on precomputed modulation and real RoPE. With zero_cond_t, ``mods``
+    holds a third entry (the image modulation at t=0) and ``modulate_index`` (diffusers') says which tokens take it.
+    """
     img_mod1, img_mod2 = mods[0].chunk(2, dim=-1)
     txt_mod1, txt_mod2 = mods[1].chunk(2, dim=-1)
+    img_zero1, img_zero2 = mods[2].chunk(2, dim=-1) if len(mods) > 2 else (None, None)
 
-    img_modulated, img_gate1 = block._modulate(block.img_norm1(hidden_states), img_mod1)
+    img_modulated, img_gate1 = _modulate_image(
+        block, block.img_norm1(hidden_states), img_mod1, img_zero1, modulate_index
+    )
     txt_modulated, txt_gate1 = block._modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
     img_attn_output, txt_attn_output = block.attn.processor(
         block.attn,
@@ -606,7 +647,14 @@ def _fast_block(
     encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
     hidden_states, encoder_hidden_states = _mlp_half(
-        block, hidden_states, encoder_hidden_states, img_mod2, txt_mod2, gelu_epilogue
+        block,
+        hidden_states,
+        encoder_hidden_states,
+        img_mod2,
+        txt_mod2,
+        gelu_epilogue,
+        img_zero2,
+        modulate_index,
     )
 
     if encoder_hidden_states.dtype == torch.float16:
@@ -675,25 +723,35 @@ def _fast_block_pair(
     block: Any,
     hidden_states: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
-    mods: tuple[torch.Tensor, torch.Tensor],
+    mods: Mods,
     rope: PairRope,
     gelu_epilogue: bool = True,
+    modulate_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_fast_block` on a CFG pair: ``hidden_states`` ``[2B, S, C]`` (both passes' images: the same
     latents, so the same timestep and modulation), ``encoder_hidden_states`` ``[B, Lc + Lu, C]`` (both
     texts, unpadded). Every op but attention works token by token, so it runs once on both; each sample's
     attention output goes through the output projection and its gated residual on its own, so no copy joins
-    them before the residual does."""
-    img_mod, txt_mod = mods
+    them before the residual does. With zero_cond_t both passes' reference tokens take the t=0 vectors
+    (``mods[2]``), as ``modulate_index`` (one pass's) says."""
+    img_mod, txt_mod = mods[0], mods[1]
+    img_zero = mods[2] if len(mods) > 2 else None
     if img_mod.shape[0] != 1:
         img_mod = torch.cat([img_mod, img_mod])
+        if img_zero is not None:
+            img_zero = torch.cat([img_zero, img_zero])
+    if modulate_index is not None and modulate_index.shape[0] != 1:
+        modulate_index = torch.cat([modulate_index, modulate_index])
     img_mod1, img_mod2 = img_mod.chunk(2, dim=-1)
+    img_zero1, img_zero2 = img_zero.chunk(2, dim=-1) if img_zero is not None else (None, None)
     txt_mod1, txt_mod2 = txt_mod.chunk(2, dim=-1)
     b = encoder_hidden_states.shape[0]
     lc = rope[2].shape[0]
     attn = block.attn
 
-    img_modulated, img_gate1 = block._modulate(block.img_norm1(hidden_states), img_mod1)
+    img_modulated, img_gate1 = _modulate_image(
+        block, block.img_norm1(hidden_states), img_mod1, img_zero1, modulate_index
+    )
     txt_modulated, txt_gate1 = block._modulate(block.txt_norm1(encoder_hidden_states), txt_mod1)
     out_c, out_u = _pair_attention(attn, img_modulated, txt_modulated, rope)
     lu = out_u.shape[1] - hidden_states.shape[1]
@@ -709,7 +767,14 @@ def _fast_block_pair(
     encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn_output
 
     hidden_states, encoder_hidden_states = _mlp_half(
-        block, hidden_states, encoder_hidden_states, img_mod2, txt_mod2, gelu_epilogue
+        block,
+        hidden_states,
+        encoder_hidden_states,
+        img_mod2,
+        txt_mod2,
+        gelu_epilogue,
+        img_zero2,
+        modulate_index,
     )
     return encoder_hidden_states, hidden_states
 
@@ -741,13 +806,14 @@ class FastPathState:
     fp8_swaps: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     mod_params: list[torch.Tensor] = field(default_factory=list)
     mods_key: Any = None
-    mods: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    mods: list[Mods | None] = field(default_factory=list)
     img_rope: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
     scheduler: Any = None  # a diffusers scheduler: modulation for all its timesteps at once
     sched_key: Any = None
     sched_values: dict[float, int] = field(default_factory=dict)
-    sched_temb: torch.Tensor | None = None
+    sched_temb: torch.Tensor | None = None  # with zero_cond_t, one more row: t=0's
     sched_mods: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    mod_index: tuple[Any, torch.Tensor] | None = None  # zero_cond_t's modulate_index, per image shapes
     batch_cfg: bool = True
     cfg_last: tuple[Any, ...] | None = None  # the previous call: (latents, version, timestep values, text)
     cfg_guess: torch.Tensor | None = None  # the last negative-prompt text seen: the next pair's partner
@@ -772,6 +838,31 @@ class FastPathState:
             self.img_rope = (img_freqs, rope_to_real(img_freqs))
         return self.img_rope[1], rope_to_real(txt_freqs)
 
+    def modulate_index(self, img_shapes: Any, device: torch.device) -> torch.Tensor:
+        """diffusers' ``modulate_index`` for zero_cond_t, ``[len(img_shapes), S]`` int32: 0 for each sample's first
+        shape (the generated image's tokens), 1 for the rest (the reference images'). Built as diffusers builds it
+        and kept for the image shapes, so the steps of an image do not rebuild it from a Python list."""
+        shapes = tuple(tuple(tuple(int(v) for v in shape) for shape in sample) for sample in img_shapes)
+        key = (shapes, torch.device(device))
+        if self.mod_index is None or self.mod_index[0] != key:
+            rows = [
+                [0] * math.prod(sample[0]) + [1] * sum(math.prod(shape) for shape in sample[1:])
+                for sample in shapes
+            ]
+            self.mod_index = (key, torch.tensor(rows, device=device, dtype=torch.int))
+        return self.mod_index[1]
+
+
+def _block_mods(block: Any, temb: torch.Tensor, zero_cond_t: bool) -> Mods:
+    """A block's modulation vectors from the time embedding, as ``QwenImageTransformerBlock.forward`` computes them.
+    With zero_cond_t, ``temb`` holds ``[2B]`` rows (t's, then t=0's): the image vectors of both halves come from one
+    matmul, the text ones from t's half; returned as (image at t, text, image at t=0)."""
+    if not zero_cond_t:
+        return block.img_mod(temb), block.txt_mod(temb)
+    img = block.img_mod(temb)
+    n = img.shape[0] // 2
+    return img[:n], block.txt_mod(torch.chunk(temb, 2, dim=0)[0]), img[n:]
+
 
 class _Modulation:
     """The modulation vectors of one forward, computed per block on first use.
@@ -782,6 +873,10 @@ class _Modulation:
     With a scheduler (``enable_fast_path(..., scheduler=pipe.scheduler)``) whose timesteps hold this one
     (as the pipeline passes it: ``bf16(t) / 1000``), the vectors of every step of the image are computed
     at its first step, one batched matmul per Linear instead of one weight read per step.
+
+    With zero_cond_t (Qwen-Image-Edit-2511) ``temb`` is diffusers' doubled embedding (t's rows, then t=0's) and each
+    block gets a third vector, the image modulation at t=0, for the reference images' tokens. It is the same at every
+    step: the scheduler's table holds it as one more row (t=0), computed with the image's other rows.
     """
 
     def __init__(
@@ -796,6 +891,8 @@ class _Modulation:
         self.values = values
         self.checked = False
         self.row: int | None = None
+        self.zero_cond_t = bool(getattr(model, "zero_cond_t", False))
+        self.batch = timestep.shape[0]
 
     def _schedule_row(self, values: tuple[float, ...], versions: tuple[int, ...]) -> int | None:
         """The row of this timestep in the scheduler's table (built on a new schedule), or None."""
@@ -810,16 +907,18 @@ class _Modulation:
         if old is None or old[0] is not sched or old[1:] != key[1:]:
             ts = sched.to(device=temb.device, dtype=temb.dtype) / 1000  # what the pipeline passes
             state.sched_values = {v: i for i, v in enumerate(ts.float().cpu().tolist())}
+            if self.zero_cond_t:  # the references' t=0 as the last row (diffusers' ``timestep * 0``)
+                ts = torch.cat([ts, ts[-1:] * 0])
             state.sched_temb = self.model.time_text_embed(ts, temb, None)
             state.sched_mods = [None] * len(self.model.transformer_blocks)
             state.sched_key = key
         return state.sched_values.get(values[0])
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, index: int) -> Mods:
         state, temb = self.state, self.temb
         block = self.model.transformer_blocks[index]
         if not state.cache_modulation:
-            return block.img_mod(temb), block.txt_mod(temb)
+            return _block_mods(block, temb, self.zero_cond_t)
         if not self.checked:
             values = self.values
             if values is None:
@@ -841,13 +940,19 @@ class _Modulation:
             if table is None:
                 table = state.sched_mods[index] = (
                     block.img_mod(state.sched_temb),
-                    block.txt_mod(state.sched_temb),
+                    block.txt_mod(state.sched_temb),  # (with zero_cond_t its t=0 row goes unused)
                 )
-            r, batch = self.row, temb.shape[0]
-            return tuple(t[r : r + 1].expand(batch, -1) if batch > 1 else t[r : r + 1] for t in table)
+            r, batch = self.row, self.batch
+
+            def row(t: torch.Tensor, i: int) -> torch.Tensor:
+                return t[i : i + 1].expand(batch, -1) if batch > 1 else t[i : i + 1]
+
+            if self.zero_cond_t:
+                return row(table[0], r), row(table[1], r), row(table[0], table[0].shape[0] - 1)
+            return row(table[0], r), row(table[1], r)
         mods = state.mods[index]
         if mods is None:
-            mods = state.mods[index] = (block.img_mod(temb), block.txt_mod(temb))
+            mods = state.mods[index] = _block_mods(block, temb, self.zero_cond_t)
         return mods
 
 
@@ -873,7 +978,9 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
         joint_attention_kwargs: dict[str, Any] | None = None,
         modulate_index: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if modulate_index is not None or joint_attention_kwargs or block.zero_cond_t:
+        zero_cond_t = bool(block.zero_cond_t)
+        if joint_attention_kwargs or (modulate_index is not None) != zero_cond_t:
+            # (diffusers passes modulate_index exactly when the block has zero_cond_t; anything else: stock)
             if isinstance(temb, _ModRef):
                 temb = temb.modulation.temb
             return stock(
@@ -889,16 +996,24 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
         if isinstance(temb, _ModRef):
             mods = temb.modulation.get(temb.index)
         else:
-            mods = (block.img_mod(temb), block.txt_mod(temb))
+            mods = _block_mods(block, temb, zero_cond_t)
         if isinstance(temb, _ModRef) and temb.pair:  # a CFG pair (see _model_forward)
             if state.compile and state.dynamic:
                 torch._dynamo.maybe_mark_dynamic(hidden_states, 1)
                 torch._dynamo.maybe_mark_dynamic(encoder_hidden_states, 1)
                 for t in (*image_rotary_emb[0], *image_rotary_emb[1], image_rotary_emb[2]):
                     torch._dynamo.maybe_mark_dynamic(t, 0)
+                if modulate_index is not None:
+                    torch._dynamo.maybe_mark_dynamic(modulate_index, 1)
             fn = _compiled_block(state.mode, state.backend, pair=True) if state.compile else _fast_block_pair
             return fn(
-                block, hidden_states, encoder_hidden_states, mods, image_rotary_emb, state.gelu_epilogue
+                block,
+                hidden_states,
+                encoder_hidden_states,
+                mods,
+                image_rotary_emb,
+                state.gelu_epilogue,
+                modulate_index,
             )
         rope = as_real_rope(image_rotary_emb)
         if state.compile:
@@ -908,6 +1023,8 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
                 if rope is not None:
                     for t in (*rope[0], *rope[1]):
                         torch._dynamo.maybe_mark_dynamic(t, 0)
+                if modulate_index is not None:
+                    torch._dynamo.maybe_mark_dynamic(modulate_index, 1)
             fn = _compiled_block(state.mode, state.backend)
             state.single_ran = True
         else:
@@ -920,10 +1037,25 @@ def _block_forward(block: Any, state: FastPathState) -> Any:
             mods,
             rope,
             state.gelu_epilogue,
+            modulate_index,
         )
 
     forward._qwennb_fast = True  # type: ignore[attr-defined]
     return forward
+
+
+def _time_embedding(
+    model: Any, state: FastPathState, timestep: torch.Tensor, x: torch.Tensor, img_shapes: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The time embedding as diffusers' forward makes it: (what the blocks get, what ``norm_out`` gets, the
+    ``modulate_index``). With zero_cond_t the blocks get the embedding of ``cat([t, t * 0])`` (the reference images'
+    tokens are modulated at t=0), ``norm_out`` its first half, and the index says which tokens are the references'."""
+    if not model.zero_cond_t:
+        temb = model.time_text_embed(timestep, x, None)
+        return temb, temb, None
+    index = state.modulate_index(img_shapes, timestep.device)
+    temb = model.time_text_embed(torch.cat([timestep, timestep * 0], dim=0), x, None)
+    return temb, temb.chunk(2, dim=0)[0], index
 
 
 def _single_forward(
@@ -951,7 +1083,7 @@ def _single_forward(
     text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
         encoder_hidden_states, encoder_hidden_states_mask
     )
-    temb = model.time_text_embed(timestep, hidden_states, None)
+    temb, temb_out, modulate_index = _time_embedding(model, state, timestep, hidden_states, img_shapes)
     img_freqs, txt_freqs = model.pos_embed(
         img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
     )
@@ -959,6 +1091,8 @@ def _single_forward(
     if group is not None:
         (img_cos, img_sin), txt_rope = rope
         rope = ((img_cos[rows], img_sin[rows]), txt_rope)
+        if modulate_index is not None:  # which of this rank's image tokens are the references'
+            modulate_index = modulate_index[:, rows]
     modulation = _Modulation(state, model, timestep, temb, values)
     for index, block in enumerate(model.transformer_blocks):
         encoder_hidden_states, hidden_states = block(
@@ -967,8 +1101,9 @@ def _single_forward(
             encoder_hidden_states_mask=encoder_hidden_states_mask,
             temb=_ModRef(modulation, index),
             image_rotary_emb=rope,
+            modulate_index=modulate_index,
         )
-    hidden_states = model.norm_out(hidden_states, temb)
+    hidden_states = model.norm_out(hidden_states, temb_out)
     out = model.proj_out(hidden_states)
     return _gather_tokens(out, group) if group is not None else out
 
@@ -992,7 +1127,7 @@ def _pair_forward(
     txt_c = model.txt_in(model.txt_norm(text_cond))
     txt_u = model.txt_in(model.txt_norm(text_uncond))
     lc, lu = txt_c.shape[1], txt_u.shape[1]
-    temb = model.time_text_embed(timestep, x, None)
+    temb, temb_out, modulate_index = _time_embedding(model, state, timestep, x, img_shapes)
     img_freqs, txt_freqs = model.pos_embed(img_shapes, max_txt_seq_len=max(lc, lu), device=x.device)
     img_rope, (cos, sin) = state.real_rope(img_freqs, txt_freqs)
     rope = (img_rope, (torch.cat([cos[:lc], cos[:lu]]), torch.cat([sin[:lc], sin[:lu]])), cos[:lc])
@@ -1006,8 +1141,9 @@ def _pair_forward(
             encoder_hidden_states_mask=None,
             temb=_ModRef(modulation, index, pair=True),
             image_rotary_emb=rope,
+            modulate_index=modulate_index,
         )
-    x = model.norm_out(x, temb if b == 1 else torch.cat([temb, temb]))
+    x = model.norm_out(x, temb_out if b == 1 else torch.cat([temb_out, temb_out]))
     out = model.proj_out(x)
     return out[:b], out[b:]
 
@@ -1146,7 +1282,6 @@ def _model_forward(model: Any, state: FastPathState) -> Any:
             or attention_kwargs
             or controlnet_block_samples is not None
             or additional_t_cond is not None
-            or model.zero_cond_t
             or type(model.pos_embed) is not QwenEmbedRope
             or (torch.is_grad_enabled() and model.gradient_checkpointing)
         )

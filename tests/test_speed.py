@@ -500,3 +500,157 @@ def test_modulation_cache_follows_weight_changes_at_the_same_timestep(with_sched
             assert state.stats[key] == (3 if with_schedule else 0)
         finally:
             speed.disable_fast_path(tr)
+
+
+# --------------------------------------------------------------------------- zero_cond_t (Qwen-Image-Edit-2511)
+
+
+@pytest.fixture(scope="module")
+def edit_tr():
+    """The tiny edit stand-in's transformer (``configs/tiny-edit``: 2511's ``zero_cond_t``) and its scheduler."""
+    from qwennb.stand_ins import build_tiny_edit_pipeline
+
+    p = build_tiny_edit_pipeline(seed=0)
+    assert p.transformer.config.zero_cond_t
+    return p.transformer, p.scheduler
+
+
+def edit_loop(tr, scheduler, refs=((1, 4, 6),), steps=4, cfg=4.0, text_len=9, dtype=torch.float32):
+    """QwenImageEditPlusPipeline's denoising loop on the transformer alone (the same calls: the latents and the
+    reference latents side by side, ``img_shapes`` with the references after the image, ``timestep / 1000``, the
+    conditional pass then the negative one on the same input tensor, the norm-preserving CFG), on small random
+    inputs: the final latents."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [[(1, 8, 8), *refs]]
+    n_ref = sum(f * h * w for f, h, w in refs)
+    x = torch.randn(1, 64, 64, generator=g).to(dtype)
+    ref_latents = torch.randn(1, n_ref, 64, generator=g).to(dtype)
+    cond = torch.randn(1, text_len, 32, generator=g).to(dtype)
+    uncond = torch.randn(1, 3, 32, generator=g).to(dtype)
+    scheduler.set_timesteps(steps, mu=0.5)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            inp = torch.cat([x, ref_latents], dim=1)
+            ts = t.expand(1).to(dtype) / 1000
+
+            def call(text, inp=inp, ts=ts):
+                out = tr(
+                    hidden_states=inp,
+                    encoder_hidden_states=text,
+                    timestep=ts,
+                    img_shapes=shapes,
+                    return_dict=False,
+                )[0]
+                return out[:, :64]
+
+            pred = call(cond)
+            if cfg > 1:
+                neg = call(uncond)
+                comb = neg + cfg * (pred - neg)
+                pred = comb * (pred.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
+            x = scheduler.step(pred, t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("with_schedule", [False, True])
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_zero_cond_t_takes_the_tuned_path_and_matches_stock(edit_tr, batch_cfg, with_schedule):
+    """A zero_cond_t transformer (2511) runs the tuned path (modulation cached, from the schedule's table, CFG
+    pairs) and ends on stock's final latents to float32 rounding: one reference, two of other sizes, no CFG."""
+    tr, sched = edit_tr
+    cases = [dict(), dict(refs=((1, 4, 6), (1, 6, 2)), text_len=5), dict(cfg=1.0)]
+    refs = [edit_loop(tr, sched, **c) for c in cases]
+    state = speed.enable_fast_path(
+        tr, compile=False, batch_cfg=batch_cfg, scheduler=sched if with_schedule else None
+    )
+    try:
+        for case, ref in zip(cases, refs, strict=True):
+            assert rel(edit_loop(tr, sched, **case), ref) < 1e-5, case  # measured 1.2e-6
+        assert state.stats["forwards"] == 8 + 8 + 4  # every call on the tuned path, none given to stock
+        # With batch_cfg the first image learns the negative text at step 1 and pairs steps 2-4; the second (other
+        # inputs, so another negative text) pairs its step 1 with the first's in vain, learns, then pairs steps 2-4;
+        # the image without CFG pairs its step 1 in vain, then runs alone.
+        assert state.stats["cfg_pairs"] == (3 + 4 + 1 if batch_cfg else 0)
+        if with_schedule:
+            assert state.stats["modulation_from_schedule"] == (5 + 5 + 4 if batch_cfg else 8 + 8 + 4)
+        else:  # a negative pass computed alone reuses its step's vectors
+            assert state.stats["modulation_reused"] == (1 + 1 + 0 if batch_cfg else 4 + 4 + 0)
+    finally:
+        speed.disable_fast_path(tr)
+
+
+def test_zero_cond_t_bfloat16_matches_stock(edit_tr):
+    tr, sched = edit_tr
+    tr.to(torch.bfloat16)
+    try:
+        ref = edit_loop(tr, sched, dtype=torch.bfloat16)
+        speed.enable_fast_path(tr, compile=False, scheduler=sched)
+        try:
+            assert (
+                rel(edit_loop(tr, sched, dtype=torch.bfloat16), ref) < 2e-2
+            )  # as text-to-image's bf16 bound
+        finally:
+            speed.disable_fast_path(tr)
+    finally:
+        tr.to(torch.float32)
+
+
+@pytest.mark.parametrize("with_schedule", [False, True])
+def test_zero_cond_t_reference_tokens_are_modulated_at_t0(edit_tr, monkeypatch, with_schedule):
+    """Every output token of one forward, the reference images' included (the pipeline drops them, but they are
+    where t=0 acts first), equals stock's to rounding, alone and in a CFG pair; a variant that modulates the
+    references at t (diffusers' ``modulate_index`` all zeros) misses by far more than the tolerance."""
+    tr, sched = edit_tr
+    sched.set_timesteps(4, mu=0.5)
+    g = torch.Generator().manual_seed(1)
+    shapes = [[(1, 8, 8), (1, 4, 6)]]
+    x = torch.randn(1, 64 + 24, 64, generator=g)
+    cond, uncond = torch.randn(1, 9, 32, generator=g), torch.randn(1, 3, 32, generator=g)
+    t = (sched.timesteps[1:2] / 1000).float()
+
+    def call(text):
+        return tr(
+            hidden_states=x, encoder_hidden_states=text, timestep=t, img_shapes=shapes, return_dict=False
+        )[0]
+
+    with torch.no_grad():
+        ref_c, ref_u = call(cond), call(uncond)
+        state = speed.enable_fast_path(tr, compile=False, scheduler=sched if with_schedule else None)
+        try:
+            assert rel(call(cond), ref_c) < 1e-5 and rel(call(uncond), ref_u) < 1e-5  # alone; learns the pair
+            out_c = call(cond)  # the pair
+            assert state.stats["cfg_pairs"] == 1
+            assert rel(out_c, ref_c) < 1e-5 and rel(call(uncond), ref_u) < 1e-5  # measured 2-3e-6
+            speed.disable_fast_path(tr)
+            real = speed.FastPathState.modulate_index
+            monkeypatch.setattr(
+                speed.FastPathState, "modulate_index", lambda self, s, d: real(self, s, d) * 0
+            )
+            speed.enable_fast_path(tr, compile=False, scheduler=sched if with_schedule else None)
+            with speed.expect_cfg(tr, False):
+                wrong = call(cond)
+            assert rel(wrong[:, 64:], ref_c[:, 64:]) > 1e-3  # measured 1.7e-2: 5000 times the error above
+        finally:
+            speed.disable_fast_path(tr)
+
+
+def test_zero_cond_t_compiles_one_graph_for_every_reference_size(edit_tr):
+    """The compiled tuned path (aot_eager on the CPU) on a zero_cond_t transformer: stock's latents, and one pair
+    graph for other reference sizes and counts and prompt lengths (``modulate_index`` marked dynamic with them)."""
+    from torch._dynamo.utils import counters
+
+    tr, sched = edit_tr
+    cases = [dict(), dict(refs=((1, 4, 6), (1, 6, 2)), text_len=5), dict(refs=((1, 2, 2),), text_len=12)]
+    refs = [edit_loop(tr, sched, **c) for c in cases]
+    ref_solo = edit_loop(tr, sched, cfg=1.0)
+    torch._dynamo.reset()
+    counters.clear()
+    speed.enable_fast_path(tr, compile=True, backend="aot_eager", scheduler=sched)
+    try:
+        for case, ref in zip(cases, refs, strict=True):
+            assert rel(edit_loop(tr, sched, **case), ref) < 1e-5, case
+        assert counters["stats"]["unique_graphs"] == 1  # the pair's block only
+        assert rel(edit_loop(tr, sched, cfg=1.0), ref_solo) < 1e-5
+        assert counters["stats"]["unique_graphs"] == 2  # and the single block's
+    finally:
+        speed.disable_fast_path(tr)
