@@ -46,7 +46,11 @@ import logging
 import math
 import os
 import re
+import threading
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -65,6 +69,28 @@ class LoraError(QwennbError, ValueError):
     """A LoRA that cannot be loaded as asked (pickle, keys that do not match, unknown name...)."""
 
 
+class _Digest:
+    """A :class:`LoraInfo`'s ``sha256``: a string, or while the file is still being hashed in the background a
+    ``Future`` of one, which the first read waits for and replaces by its result. :func:`add` hashes a file it
+    has not seen off the loading path (the hash is only needed when an image records its LoRAs), so a hotswap
+    does not wait for it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> str:
+        if obj is None:
+            raise AttributeError(self.attr)  # no default: dataclasses asks the class
+        value = obj.__dict__[self.attr]
+        if isinstance(value, Future):
+            value = value.result()
+            obj.__dict__[self.attr] = value
+        return value
+
+    def __set__(self, obj: Any, value: str | Future[str]) -> None:
+        obj.__dict__[self.attr] = value
+
+
 @dataclass
 class LoraInfo:
     """One LoRA on a pipeline: what was loaded, from where, and at which scale."""
@@ -72,7 +98,7 @@ class LoraInfo:
     name: str  # the adapter name
     source: str  # what was given: a path, a folder or a hub id
     path: str  # the local .safetensors file read
-    sha256: str
+    sha256: str = _Digest()  # type: ignore[assignment]  # read: the hex digest (waits while it is computed)
     scale: float = 1.0
     format: str = "diffusers"  # diffusers, kohya, comfyui or lightning
     rank: int = 0
@@ -207,10 +233,30 @@ def resolve_file(source: str | os.PathLike[str], weight_name: str | None = None)
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_PENDING: dict[tuple[str, int, int], Future[str]] = {}
+_SHA_LOCK = threading.Lock()
+_HASHER: ThreadPoolExecutor | None = None
+
+
+def _stat_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def _hash_file(path: str | os.PathLike[str]) -> str:
+    """Read a whole file for its sha256: the one place qwennb does (the tests count the calls). hashlib lets go
+    of the GIL on large buffers, so this runs beside other Python work in a background thread."""
+    h = hashlib.sha256()
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file (cached by path, size and modification time).
+    """The sha256 of a file (cached by path, size and modification time: a file is read for its hash once).
 
     Example:
         >>> import tempfile
@@ -218,15 +264,49 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         >>> file_sha256(f.name)[:16]
         'ba7816bf8f01cfea'
     """
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    key = _stat_key(path)
+    with _SHA_LOCK:
+        pending = _SHA_PENDING.get(key)
+    if pending is not None:
+        return pending.result()
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = _hash_file(path)
     return _SHA_CACHE[key]
+
+
+def _hash_in_background(path: str | os.PathLike[str], key: tuple[str, int, int]) -> str:
+    try:  # Linux: this thread only, so the load and the next image's Python thread keep their cores first
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
+    digest = _hash_file(path)
+    try:
+        same = _stat_key(path) == key
+    except OSError:
+        same = False
+    with _SHA_LOCK:
+        _SHA_PENDING.pop(key, None)
+        if same:
+            _SHA_CACHE[key] = digest
+    if not same:
+        raise LoraError(f"{path} changed while it was loaded: its sha256 is unknown; add the LoRA again")
+    return digest
+
+
+def sha256_soon(path: str | os.PathLike[str], key: tuple[str, int, int] | None = None) -> str | Future[str]:
+    """A file's sha256 if known (cached by path, size and modification time), else a ``Future`` of it computed
+    in a background thread (one at a time; a second call for the same file shares it). ``key``: the file's
+    :func:`_stat_key` when it was read, so that a file changed since then is not given the new content's hash."""
+    key = key or _stat_key(path)
+    global _HASHER
+    with _SHA_LOCK:
+        if key in _SHA_CACHE:
+            return _SHA_CACHE[key]
+        if key not in _SHA_PENDING:
+            if _HASHER is None:
+                _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qwennb-sha256")
+            _SHA_PENDING[key] = _HASHER.submit(_hash_in_background, path, key)
+        return _SHA_PENDING[key]
 
 
 def detect_format(keys: Any) -> str:
@@ -248,13 +328,14 @@ def detect_format(keys: Any) -> str:
     return "diffusers"
 
 
-def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A ``.safetensors`` file's tensors (on the CPU)."""
+def read_state_dict(path: str | os.PathLike[str], device: Any = "cpu") -> dict[str, Any]:
+    """A ``.safetensors`` file's tensors, read straight to ``device`` (the CPU by default; safetensors' own
+    ``load_file(device=...)``: no host copy to move afterwards)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"{path} is not a readable safetensors file: {_first_line(exc)}") from None
 
@@ -332,13 +413,17 @@ def fold_alpha(state_dict: dict[str, Any], config: dict[str, Any] | None) -> dic
     return out
 
 
-def to_diffusers(state_dict: dict[str, Any], source: str = "the LoRA") -> dict[str, Any]:
+def to_diffusers(
+    state_dict: dict[str, Any], source: str = "the LoRA", *, consume: bool = False
+) -> dict[str, Any]:
     """Convert any supported layout to diffusers' (``transformer.<module>.lora_A/B.weight``, alpha folded in),
-    with diffusers' own ``QwenImageLoraLoaderMixin.lora_state_dict``."""
+    with diffusers' own ``QwenImageLoraLoaderMixin.lora_state_dict``. ``consume=True`` hands ``state_dict`` to
+    the converter, which empties it as it goes, so each tensor it rescales is freed as soon as it is replaced
+    (one copy of the LoRA in memory, not two)."""
     from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
 
     try:
-        sd = QwenImageLoraLoaderMixin.lora_state_dict(dict(state_dict))
+        sd = QwenImageLoraLoaderMixin.lora_state_dict(state_dict if consume else dict(state_dict))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise LoraError(f"{source}: cannot convert its keys: {_first_line(exc)}") from None
     bad = [k for k in sd if "lora" not in k]
@@ -522,22 +607,113 @@ def _restore_streaming(pipe: Any) -> None:
     )
 
 
+class _Stages:
+    """Wall and CPU (this thread's) seconds per stage of a LoRA load: what :func:`last_load_timings` reports."""
+
+    STAGES = ("hash", "read", "convert", "check", "copy", "scales", "sync")
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = dict.fromkeys(self.STAGES, 0.0)
+        self.cpu: dict[str, float] = dict.fromkeys(self.STAGES, 0.0)
+        self.t0, self.c0 = time.perf_counter(), time.thread_time()
+
+    @contextmanager
+    def __call__(self, stage: str) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - t0
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + time.thread_time() - c0
+
+    def done(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for kind, d, now in (
+            ("wall", self.wall, time.perf_counter() - self.t0),
+            ("cpu", self.cpu, time.thread_time() - self.c0),
+        ):
+            out[kind] = {f"{k}_s": v for k, v in d.items()}
+            out[kind]["other_s"] = max(0.0, now - sum(d.values()))
+            out[kind]["total_s"] = now
+        return out
+
+
+def last_load_timings(pipe: Any, cpu: bool = False) -> dict[str, float]:
+    """Seconds per stage of the last :func:`add` on ``pipe`` (wall time, or with ``cpu=True`` the CPU time of
+    the calling thread): ``hash_s`` (waiting for the file's sha256: 0 when it is cached or computed in the
+    background), ``read_s`` (safetensors to the transformer's device), ``convert_s`` (diffusers' key conversion,
+    alpha folded in), ``check_s`` (keys and shapes against the transformer), ``copy_s`` (diffusers'
+    ``load_lora_weights``: new PEFT layers, or a hotswap's copies into the loaded ones), ``scales_s``,
+    ``sync_s`` (waiting for the device to finish), ``other_s`` and ``total_s``. Empty before the first.
+
+    Example:
+        >>> from qwennb.stand_ins import build_tiny_pipeline
+        >>> last_load_timings(build_tiny_pipeline())
+        {}
+    """
+    t = getattr(pipe, "qwennb", {}).get("lora_timings") or {}
+    return dict(t.get("cpu" if cpu else "wall", {}))
+
+
+def _load_device(transformer: Any, path: Path) -> Any:
+    """Where to read a LoRA's tensors: the transformer's device when all its weights are on one accelerator with
+    room to spare (converting and copying then happen there, with no per-tensor host-to-device copies in
+    diffusers' loader), else the CPU (streamed, offloaded or CPU weights)."""
+    import torch
+
+    devices = {p.device for p in transformer.parameters()}
+    if len(devices) != 1:
+        return torch.device("cpu")
+    (device,) = devices
+    if device.type in ("cpu", "meta"):
+        return torch.device("cpu")
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # the file's tensors, and the converter's rescaled copies while it goes, plus a margin
+        if free < 2 * path.stat().st_size + (1 << 30):
+            return torch.device("cpu")
+    return device
+
+
+def _prepare(
+    source: str | os.PathLike[str],
+    transformer: Any,
+    weight_name: str | None,
+    stages: _Stages,
+    need_sha256: bool,
+) -> tuple[dict[str, Any], Path, str | Future[str], str, int, int]:
+    text = os.fspath(source)
+    path = resolve_file(text, weight_name)
+    with stages("read"):
+        key = _stat_key(path)
+        # A file not hashed yet is hashed beside the load (a second read, from the page cache), not before it
+        digest = sha256_soon(path, key)
+        device = _load_device(transformer, path)
+        raw = read_state_dict(path, device)
+    with stages("convert"):
+        fmt = detect_format(raw)
+        sd = to_diffusers(raw, text, consume=True)
+        del raw
+        if fmt == "diffusers":
+            # diffusers keeps a trained LoRA's alpha in the file's metadata, not in its tensors: a state dict
+            # handed to load_lora_weights alone would load at rank/alpha of its strength.
+            sd = fold_alpha(sd, adapter_config(path))
+    with stages("check"):
+        rank, layers = check_keys(transformer, sd, text)
+    if need_sha256 and isinstance(digest, Future):
+        with stages("hash"):
+            digest = digest.result()
+    return sd, path, digest, fmt, rank, layers
+
+
 def prepare(
     source: str | os.PathLike[str], transformer: Any, weight_name: str | None = None
 ) -> tuple[dict[str, Any], Path, str, str, int, int]:
     """Read, convert and check a LoRA against a transformer before anything changes:
-    ``(diffusers state dict, file, sha256, format, rank, layers)``."""
-    text = os.fspath(source)
-    path = resolve_file(text, weight_name)
-    raw = read_state_dict(path)
-    fmt = detect_format(raw)
-    sd = to_diffusers(raw, text)
-    if fmt == "diffusers":
-        # diffusers keeps a trained LoRA's alpha in the file's metadata, not in its tensors: a state dict
-        # handed to load_lora_weights alone would load at rank/alpha of its strength.
-        sd = fold_alpha(sd, adapter_config(path))
-    rank, layers = check_keys(transformer, sd, text)
-    return sd, path, file_sha256(path), fmt, rank, layers
+    ``(diffusers state dict, file, sha256, format, rank, layers)``; the tensors are on the transformer's device
+    when it has room (see :func:`add`)."""
+    sd, path, digest, fmt, rank, layers = _prepare(source, transformer, weight_name, _Stages(), True)
+    return sd, path, str(digest), fmt, rank, layers
 
 
 def add(
@@ -557,8 +733,15 @@ def add(
     place (no recompile of a compiled transformer; the new rank must not exceed the first's padded rank).
     ``sha256`` refuses a file whose hash differs (regeneration from a PNG). On an fp8 or quantised
     transformer this raises: there LoRAs are fused before quantising (``Session.lora_add`` reloads).
+
+    The file is read once, straight to the transformer's device when its weights are all on one GPU (diffusers
+    then converts and copies there), and its keys are converted once. A file is hashed once per process (cached
+    by path, size and modification time); a file not seen before is hashed in a background thread, and the
+    returned info's ``sha256`` waits for it when first read (an image reads it after its steps). Seconds per
+    stage: :func:`last_load_timings`.
     """
     _require_peft()
+    stages = _Stages()
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise LoraError(f"a LoRA scale is a number, got {scale!r}")
     why = _quantised(pipe.transformer)
@@ -577,27 +760,39 @@ def add(
         )
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise LoraError(f"a LoRA name is letters, digits and _ (not starting with a digit), got {name!r}")
-    sd, path, digest, fmt, rank, layers = prepare(source, pipe.transformer, weight_name)
+    sd, path, digest, fmt, rank, layers = _prepare(
+        source, pipe.transformer, weight_name, stages, need_sha256=bool(sha256)
+    )
     if sha256 and sha256 != digest:
         raise LoraError(
             f"{os.fspath(source)} has changed: its sha256 is {digest[:12]}…, the image was made with {sha256[:12]}…"
         )
+    device = next(iter(sd.values())).device if sd else None
     plan = _plan(pipe)
-    if plan is not None and getattr(plan, "compile", False) and not reg and not hotswap:
-        # Before the first LoRA of a compiled plan: pad every LoRA to one rank and keep scales as tensors, so a
-        # later hotswap changes values only and the compiled graph stays valid.
-        pipe.enable_lora_hotswap(target_rank=max(HOTSWAP_RANK, rank), check_compiled="ignore")
-    try:
-        # PEFT warns on every second adapter; several LoRAs are the point here.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            pipe.load_lora_weights(sd, adapter_name=name, hotswap=hotswap)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise LoraError(f"{os.fspath(source)}: {_first_line(exc)}") from None
+    with stages("copy"):
+        if plan is not None and getattr(plan, "compile", False) and not reg and not hotswap:
+            # Before the first LoRA of a compiled plan: pad every LoRA to one rank and keep scales as tensors, so
+            # a later hotswap changes values only and the compiled graph stays valid.
+            pipe.enable_lora_hotswap(target_rank=max(HOTSWAP_RANK, rank), check_compiled="ignore")
+        try:
+            # PEFT warns on every second adapter; several LoRAs are the point here.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                pipe.load_lora_weights(sd, adapter_name=name, hotswap=hotswap)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise LoraError(f"{os.fspath(source)}: {_first_line(exc)}") from None
+        del sd
     info = LoraInfo(name, os.fspath(source), str(path), digest, float(scale), fmt, rank, layers)
     reg[name] = info
-    _restore_streaming(pipe)
-    _apply_scales(pipe)
+    with stages("scales"):
+        _restore_streaming(pipe)
+        _apply_scales(pipe)
+    if device is not None and device.type == "cuda":
+        import torch
+
+        with stages("sync"):
+            torch.cuda.synchronize(device)
+    getattr(pipe, "qwennb", {})["lora_timings"] = stages.done()
     return info
 
 

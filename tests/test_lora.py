@@ -7,9 +7,13 @@ the tests themselves.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pickle
+import threading
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -272,6 +276,103 @@ def test_hotswap_replaces_the_weights_in_place(pipe, files):
     lora.remove(pipe)
     lora.add(pipe, files["alpha8"], 1.0, name="fresh")
     assert not np.array_equal(swapped, first) and np.array_equal(swapped, image(pipe))
+
+
+def copies(files, tmp_path, *layouts):
+    """Fresh copies of LoRA files: paths no hash cache has seen."""
+    out = []
+    for layout in layouts:
+        f = tmp_path / f"copy_{layout}.safetensors"
+        f.write_bytes(files[layout].read_bytes())
+        out.append(f)
+    return out
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_file_is_hashed_once_however_often_it_is_swapped_in(pipe, files, tmp_path, monkeypatch):
+    """Hashing the 1.2 GB Lightning-shaped LoRA was the largest single cost of a hotswap in the CPU profile (#17):
+    swapping back and forth between two LoRAs reads each file for its hash once."""
+    calls = []
+    real = lora._hash_file
+    monkeypatch.setattr(lora, "_hash_file", lambda p: calls.append(os.fspath(p)) or real(p))
+    a, b = copies(files, tmp_path, "lightning", "alpha8")
+    lora.add(pipe, a, 1.0, name="slot")
+    for f in (b, a, b, a, b):
+        info = lora.add(pipe, f, 1.0, name="slot", hotswap=True)
+        assert info.sha256 == sha(f) and info.path == str(f)
+        timings = lora.last_load_timings(pipe)
+        assert set(timings) >= {
+            f"{k}_s" for k in ("hash", "read", "convert", "check", "copy", "scales", "total")
+        }
+        assert timings["hash_s"] == 0.0
+    assert sorted(calls) == sorted([str(a), str(b)])
+    assert generate(pipe, "a red circle", **SMALL).loras[0]["sha256"] == sha(b)
+
+
+def test_a_hotswap_does_not_wait_for_the_files_sha256(pipe, files, tmp_path, monkeypatch):
+    """The hash is computed beside the load in a background thread; only what reads it (an image's record, or
+    a regeneration that must check it before loading) waits. Here the hasher is held back until the swaps are
+    done: were the hash on the loading path, ``add`` would wait for it (and fail after a minute)."""
+    release = threading.Event()
+    real = lora._hash_file
+
+    def held(p):
+        assert threading.current_thread() is not threading.main_thread(), "hashed on the loading path"
+        assert release.wait(60), "add waited for the hash"
+        return real(p)
+
+    monkeypatch.setattr(lora, "_hash_file", held)
+    a, b = copies(files, tmp_path, "lightning", "alpha8")
+    try:
+        lora.add(pipe, a, 1.0, name="slot")
+        info = lora.add(pipe, b, 1.0, name="slot", hotswap=True)
+        pending = info.__dict__["_sha256"]
+        assert isinstance(pending, Future) and not pending.done()
+        assert lora.last_load_timings(pipe)["hash_s"] == 0.0
+    finally:
+        release.set()
+    assert info.sha256 == sha(b) and lora.file_sha256(a) == sha(a)
+    assert generate(pipe, "a red circle", **SMALL).loras == [
+        {"name": "slot", "source": str(b), "sha256": sha(b), "scale": 1.0}
+    ]
+
+
+def test_a_file_changed_after_it_was_read_is_given_no_hash(tmp_path):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"abc")
+    when_read = lora._stat_key(f)
+    f.write_bytes(b"abcd")
+    with pytest.raises(lora.LoraError, match="changed while it was loaded"):
+        lora.sha256_soon(f, when_read).result()
+    assert lora.file_sha256(f) == hashlib.sha256(b"abcd").hexdigest()
+
+
+def test_a_lora_is_read_straight_to_the_transformers_device(pipe, files, monkeypatch):
+    """On a GPU the LoRA's tensors are read to the card (safetensors' ``load_file(device=...)``), so diffusers
+    converts them there and its hotswap copies device to device, instead of one host-to-device copy per tensor;
+    streamed, offloaded or CPU weights, or a card without room, read to the CPU."""
+    cuda = torch.device("cuda", 0)
+
+    def stub(*devices):
+        return SimpleNamespace(parameters=lambda: iter(SimpleNamespace(device=d) for d in devices))
+
+    free = {"bytes": 80 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 141 << 30))
+    assert lora._load_device(stub(cuda, cuda), files["lightning"]) == cuda
+    assert lora._load_device(stub(cuda, torch.device("cpu")), files["lightning"]) == torch.device("cpu")
+    assert lora._load_device(stub(torch.device("cpu")), files["lightning"]) == torch.device("cpu")
+    free["bytes"] = 1 << 20
+    assert lora._load_device(stub(cuda), files["lightning"]) == torch.device("cpu")
+    # add() reads to where _load_device says
+    marker, seen = object(), []
+    real = lora.read_state_dict
+    monkeypatch.setattr(lora, "_load_device", lambda transformer, path: marker)
+    monkeypatch.setattr(lora, "read_state_dict", lambda p, device="cpu": seen.append(device) or real(p))
+    lora.add(pipe, files["lightning"], 1.0)
+    assert seen == [marker]
 
 
 def test_the_tuned_path_sees_scale_changes(pipe, files):
