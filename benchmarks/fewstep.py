@@ -4,19 +4,23 @@ Rerun on a CUDA machine with one 80+ GB card (H100/H200) and qwennb installed (p
 
     python benchmarks/fewstep.py --out benchmarks/results
 
-It builds ``qwen-image-synthetic`` (Qwen-Image's real configs, random bf16 weights) on the GPU once, and a random
-LoRA of the Lightning release's shape: rank 64, alpha 8, on the 14 Linear layers of each of the 60 blocks
+It builds ``qwen-image-synthetic`` (Qwen-Image's real configs, random bf16 weights) on the GPU once, and random
+LoRAs of the Lightning release's shape: rank 64, alpha 8, on the 14 Linear layers of each of the 60 blocks
 (attention projections of both streams, both MLPs, both modulations), written in the release's key layout
 (``transformer_blocks.N.<layer>.lora_down/lora_up.weight`` + ``alpha``) and loaded through qwennb (diffusers'
-converter). Then, with Lightning's scheduler (shift 3, exponential, no terminal stretch) at CFG 1, on the same
+converter), saved in bf16 as the release's ``-bf16`` files are (1.18 GB; ``--lora-dtype fp32``: 2.36 GB, what
+round 1 wrote). Then, with Lightning's scheduler (shift 3, exponential, no terminal stretch) at CFG 1, on the same
 weights, prompt and seed, after warm-up, ``--repeats`` images each (medians):
 
 - ``stock-lightning-8`` / ``-4``: the pipeline as loaded plus ``pipe.load_lora_weights`` (PEFT layers, unfused) and
   ``pipe(prompt=..., true_cfg_scale=1.0, num_inference_steps=8)``, as a hand-written script would;
 - ``qwennb-nolora-8``: qwennb's plan applied (``pipeline.apply_plan``: tuned path, regional compile), no LoRA;
 - ``qwennb-lightning-8-unfused``: the same with the LoRA as PEFT layers prepared for hotswap
-  (``enable_lora_hotswap`` before the first LoRA); then a second LoRA is hotswapped in: ``hotswap_s`` and the
-  number of graph recompiles during the next image are recorded;
+  (``enable_lora_hotswap`` before the first LoRA); then three hotswaps, an image after each: to the second file
+  (new to the process: ``hotswap_s``), back to the first (its sha256 cached: ``hotswap_again_s``), and to the
+  second again under cProfile (``hotswap_profile``). Each prints and records its seconds stage by stage
+  (``qwennb.lora.last_load_timings``: hash, read, convert, check, copy, scales, sync, other) and how long the
+  background sha256 ran on after it; ``recompiles`` counts graph recompiles over the images after the swaps;
 - ``qwennb-lightning-8`` / ``-4``: the LoRA fused into the weights (``fuse_lora`` + ``unload_lora_weights``) and
   ``qwennb.generate(pipe, prompt, preset="lightning-8")``: qwennb's best with a fixed LoRA.
 
@@ -73,6 +77,23 @@ def recompiles() -> int:
         return int(sum(counters["recompiles"].values()) + counters["stats"]["unique_graphs"])
     except Exception:  # noqa: BLE001 - private counters: record what exists
         return -1
+
+
+STAGES = ("hash", "read", "convert", "check", "copy", "scales", "sync", "other")
+
+
+def breakdown(swap: dict[str, Any]) -> str:
+    """One hotswap as a line: its seconds, stage by stage (``qwennb.lora.last_load_timings``)."""
+    st = swap["stages"]
+    parts = " + ".join(f"{k} {st.get(f'{k}_s', 0.0):.3f}" for k in STAGES)
+    tail = (
+        f"; the background sha256 ran {swap['hash_after_s']:.3f} s more"
+        if swap["hash_after_s"] > 0.01
+        else ""
+    )
+    kind = "new file" if swap["new_file"] else "file seen before"
+    prof = ", under cProfile" if swap["profiled"] else ""
+    return f"{swap['hotswap_s']:.3f} s ({kind}{prof}) = {parts}{tail}"
 
 
 class Bench:
@@ -158,8 +179,11 @@ class Bench:
             h = rec["hotswap"]
             lines += [
                 "",
-                f"Hotswap: {h['hotswap_s']:.3f} s; graph recompiles during the next image: {h['recompiles']}.",
+                f"Hotswap ({h.get('lora_file_mb', '?')} MB file): {h['hotswap_s']:.3f} s; graph recompiles during "
+                f"the images after the swaps: {h['recompiles']}.",
             ]
+            for i, swap in enumerate(h.get("swaps", [])):
+                lines.append(f"- hotswap {i + 1}: {breakdown(swap)}")
         if self.args.smoke:
             lines += ["", "SMOKE RUN on the CPU with the tiny stand-in: these numbers mean nothing."]
         return "\n".join(lines) + "\n"
@@ -218,7 +242,13 @@ class Bench:
         for seed in (1, 2):
             f = tmp / f"Lightning-shaped-{seed}.safetensors"
             sd = lora.random_lora_state_dict(
-                pipe.transformer, rank=rank, alpha=LIGHTNING_ALPHA, layout="lightning", seed=seed, std=0.01
+                pipe.transformer,
+                rank=rank,
+                alpha=LIGHTNING_ALPHA,
+                layout="lightning",
+                seed=seed,
+                std=0.01,
+                dtype=getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[self.args.lora_dtype]),
             )
             from safetensors.torch import save_file
 
@@ -230,6 +260,8 @@ class Bench:
             "layers": len(sd) // 3,
             "params": sum(v.numel() for k, v in sd.items() if not k.endswith(".alpha")),
             "layout": "lightning (transformer_blocks.N.<layer>.lora_down/lora_up + alpha)",
+            "dtype": self.args.lora_dtype,
+            "file_mb": round(files[0].stat().st_size / 1e6, 1),
         }
         del sd
 
@@ -274,33 +306,56 @@ class Bench:
                 "unfused",
                 rank,
             )
-        before = recompiles()
-        sync()
+        # Hotswaps: to the second file (new to the process: its sha256 is computed in the background), back to the
+        # first (hash cached), then the second again under cProfile; an image after each, recompiles counted.
         import cProfile
         import pstats
 
-        prof = cProfile.Profile()  # where a hotswap's time goes (16 s on the H200 in the first run)
-        t0 = time.perf_counter()
-        prof.enable()
-        lora.add(pipe, files[1], 1.0, name=info.name, hotswap=True)
-        sync()
-        prof.disable()
-        hotswap_s = time.perf_counter() - t0
-        stats = pstats.Stats(prof).sort_stats("cumulative")
-        top = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:25]  # type: ignore[attr-defined]
-        self.extra["hotswap_profile"] = [
-            {
-                "function": f"{k[0].split('site-packages/')[-1]}:{k[1]}({k[2]})",
-                "cum_s": round(v[3], 4),
-                "calls": v[1],
+        before = recompiles()
+        swaps = []
+        for i, (f, profiled) in enumerate(((files[1], False), (files[0], False), (files[1], True))):
+            sync()
+            prof = cProfile.Profile() if profiled else None
+            t0 = time.perf_counter()
+            if prof:
+                prof.enable()
+            lora.add(pipe, f, 1.0, name=info.name, hotswap=True)
+            sync()
+            if prof:
+                prof.disable()
+            swap_s = time.perf_counter() - t0
+            stages = {k: round(v, 4) for k, v in lora.last_load_timings(pipe).items()}
+            t0 = time.perf_counter()
+            lora.file_sha256(f)  # a hash left to the background: how much longer it ran
+            swap = {
+                "file": f.name,
+                "new_file": i == 0,
+                "profiled": profiled,
+                "hotswap_s": round(swap_s, 4),
+                "stages": stages,
+                "hash_after_s": round(time.perf_counter() - t0, 4),
             }
-            for k, v in top
-        ]
-        self.qwennb_image(pipe, 8, sizes[0], "lightning-8")
+            swaps.append(swap)
+            print(f"hotswap {i + 1}: {breakdown(swap)}", flush=True)
+            if prof:
+                stats = pstats.Stats(prof).sort_stats("cumulative")
+                top = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:25]  # type: ignore[attr-defined]
+                self.extra["hotswap_profile"] = [
+                    {
+                        "function": f"{k[0].split('site-packages/')[-1]}:{k[1]}({k[2]})",
+                        "cum_s": round(v[3], 4),
+                        "calls": v[1],
+                    }
+                    for k, v in top
+                ]
+            self.qwennb_image(pipe, 8, sizes[0], "lightning-8")
         self.extra["hotswap"] = {
-            "hotswap_s": round(hotswap_s, 4),
+            "hotswap_s": swaps[0]["hotswap_s"],  # the first swap to a file new to the process, as in round 1
+            "hotswap_again_s": swaps[1]["hotswap_s"],  # a file swapped in before (its hash cached)
             "recompiles": recompiles() - before if before >= 0 else None,
             "size": sizes[0],
+            "lora_file_mb": round(files[1].stat().st_size / 1e6, 1),
+            "swaps": swaps,
         }
         self.save()
         # 4. fused: the LoRA in the weights, no PEFT layers left.
@@ -328,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 1328])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--lora-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="the LoRA files' dtype (the Lightning releases ship -bf16 files; round 1 wrote fp32, 2.36 GB)",
+    )
     ap.add_argument("--smoke", action="store_true", help="the tiny stand-in on the CPU, to check the script")
     args = ap.parse_args(argv)
     if args.smoke:
