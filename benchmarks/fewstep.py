@@ -16,11 +16,13 @@ weights, prompt and seed, after warm-up, ``--repeats`` images each (medians):
   ``pipe(prompt=..., true_cfg_scale=1.0, num_inference_steps=8)``, as a hand-written script would;
 - ``qwennb-nolora-8``: qwennb's plan applied (``pipeline.apply_plan``: tuned path, regional compile), no LoRA;
 - ``qwennb-lightning-8-unfused``: the same with the LoRA as PEFT layers prepared for hotswap
-  (``enable_lora_hotswap`` before the first LoRA); then three hotswaps, an image after each: to the second file
-  (new to the process: ``hotswap_s``), back to the first (its sha256 cached: ``hotswap_again_s``), and to the
-  second again under cProfile (``hotswap_profile``). Each prints and records its seconds stage by stage
-  (``qwennb.lora.last_load_timings``: hash, read, convert, check, copy, scales, sync, other) and how long the
-  background sha256 ran on after it; ``recompiles`` counts graph recompiles over the images after the swaps;
+  (``enable_lora_hotswap`` before the first LoRA); then four hotswaps, an image after each: to the second file
+  (new to the process: ``hotswap_s``), back to the first (its sha256 cached: ``hotswap_again_s``), to the second
+  with the main thread's stack sampled every 2 ms (``hotswap_samples``), and to the first under cProfile
+  (``hotswap_profile``; on Python 3.12+ cProfile also records other threads, so the samples come first). Each
+  prints and records its seconds stage by stage (``qwennb.lora.last_load_timings``: hash, read, convert, check,
+  copy, scales, sync, other; wall and the loading thread's CPU), the threads alive, and how long the background
+  sha256 ran on after it; ``recompiles`` counts graph recompiles over the images after the swaps;
 - ``qwennb-lightning-8`` / ``-4``: the LoRA fused into the weights (``fuse_lora`` + ``unload_lora_weights``) and
   ``qwennb.generate(pipe, prompt, preset="lightning-8")``: qwennb's best with a fixed LoRA.
 
@@ -34,11 +36,13 @@ stand-in on the CPU (64x64, a rank-4 LoRA, no compile) to check the script; its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -82,17 +86,56 @@ def recompiles() -> int:
 STAGES = ("hash", "read", "convert", "check", "copy", "scales", "sync", "other")
 
 
+class StackSampler:
+    """Where the main thread is, every ``interval`` seconds, from a sampling thread (py-spy's method, in Python):
+    unlike cProfile on Python 3.12+, it cannot mistake another thread's calls for the main thread's, and it sees
+    waits. ``top()``: the innermost frames' most common chains, as seconds (samples x interval)."""
+
+    def __init__(self, interval: float = 0.002, depth: int = 4) -> None:
+        self.interval, self.depth = interval, depth
+        self.counts: dict[str, int] = {}
+        self.main = threading.main_thread().ident
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            frame = sys._current_frames().get(self.main)
+            chain = []
+            while frame is not None and len(chain) < self.depth:
+                code = frame.f_code
+                chain.append(
+                    f"{code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno}({code.co_name})"
+                )
+                frame = frame.f_back
+            key = " <- ".join(chain)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def __enter__(self) -> StackSampler:
+        self.thread = threading.Thread(target=self.run, daemon=True, name="fewstep-sampler")
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def top(self, n: int = 25) -> list[dict[str, Any]]:
+        rows = sorted(self.counts.items(), key=lambda kv: kv[1], reverse=True)[:n]
+        return [{"stack": k, "samples": c, "s": round(c * self.interval, 3)} for k, c in rows]
+
+
 def breakdown(swap: dict[str, Any]) -> str:
-    """One hotswap as a line: its seconds, stage by stage (``qwennb.lora.last_load_timings``)."""
-    st = swap["stages"]
-    parts = " + ".join(f"{k} {st.get(f'{k}_s', 0.0):.3f}" for k in STAGES)
+    """One hotswap as a line: its seconds, stage by stage (``qwennb.lora.last_load_timings``), each with the
+    loading thread's CPU seconds in brackets."""
+    st, cpu = swap["stages"], swap.get("stages_cpu", {})
+    parts = " + ".join(f"{k} {st.get(f'{k}_s', 0.0):.3f} [{cpu.get(f'{k}_s', 0.0):.3f}]" for k in STAGES)
     tail = (
         f"; the background sha256 ran {swap['hash_after_s']:.3f} s more"
         if swap["hash_after_s"] > 0.01
         else ""
     )
     kind = "new file" if swap["new_file"] else "file seen before"
-    prof = ", under cProfile" if swap["profiled"] else ""
+    prof = f", {swap['profiled']}" if swap["profiled"] else ""
     return f"{swap['hotswap_s']:.3f} s ({kind}{prof}) = {parts}{tail}"
 
 
@@ -313,31 +356,45 @@ class Bench:
 
         before = recompiles()
         swaps = []
-        for i, (f, profiled) in enumerate(((files[1], False), (files[0], False), (files[1], True))):
+        plan_swaps = ((files[1], None), (files[0], None), (files[1], "sampled"), (files[0], "cprofile"))
+        for i, (f, how) in enumerate(plan_swaps):
             sync()
-            prof = cProfile.Profile() if profiled else None
+            prof = cProfile.Profile() if how == "cprofile" else None
+            sampler = StackSampler() if how == "sampled" else None
+            threads = sorted(t.name for t in threading.enumerate())
             t0 = time.perf_counter()
             if prof:
                 prof.enable()
-            lora.add(pipe, f, 1.0, name=info.name, hotswap=True)
-            sync()
+            with sampler or contextlib.nullcontext():
+                lora.add(pipe, f, 1.0, name=info.name, hotswap=True)
+                sync()
             if prof:
                 prof.disable()
             swap_s = time.perf_counter() - t0
             stages = {k: round(v, 4) for k, v in lora.last_load_timings(pipe).items()}
+            cpu = {k: round(v, 4) for k, v in lora.last_load_timings(pipe, cpu=True).items()}
             t0 = time.perf_counter()
             lora.file_sha256(f)  # a hash left to the background: how much longer it ran
             swap = {
                 "file": f.name,
                 "new_file": i == 0,
-                "profiled": profiled,
+                "profiled": how or False,
                 "hotswap_s": round(swap_s, 4),
                 "stages": stages,
+                "stages_cpu": cpu,  # the loading thread's CPU seconds: far below the wall time = it waited
                 "hash_after_s": round(time.perf_counter() - t0, 4),
+                "threads": threads,
             }
             swaps.append(swap)
             print(f"hotswap {i + 1}: {breakdown(swap)}", flush=True)
+            if sampler:
+                self.extra["hotswap_samples"] = sampler.top()
+                for row in self.extra["hotswap_samples"][:12]:
+                    print(f"  {row['s']:7.3f} s  {row['stack']}", flush=True)
             if prof:
+                # Python 3.12+ cProfile (sys.monitoring) also records the other threads' calls and can lose or
+                # stretch the main thread's frames: round 3's "10 s thread wait" may be one; trust the stages and
+                # the sampled stacks first.
                 stats = pstats.Stats(prof).sort_stats("cumulative")
                 top = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:25]  # type: ignore[attr-defined]
                 self.extra["hotswap_profile"] = [
