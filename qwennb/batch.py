@@ -664,14 +664,20 @@ class Worker:
         if request.get("lora"):
             kwargs["lora"] = request["lora"]
         t0 = time.time()
+        marks: dict[str, float] = {}
+
+        def on_step(info: Any) -> None:  # the wall-clock end of the last step, for the gap between items
+            marks["loop_ended"] = time.time()
+
         try:
-            result = generate(self.pipe, request["prompt"], stop=self.stop_signal, **kwargs)
+            result = generate(self.pipe, request["prompt"], stop=self.stop_signal, on_step=on_step, **kwargs)
         except QwennbError as exc:
             return {"id": request["id"], "error": str(exc), "permanent": True, "worker": self.name}
         if result.interrupted or not result.images:
             return {"id": request["id"], "interrupted": True, "worker": self.name}
         png = _png(result, request)
         denoise = sum(result.step_times_s)
+        loop_ended = marks.get("loop_ended", t0)
         return {
             "id": request["id"],
             "png": png,
@@ -679,6 +685,10 @@ class Worker:
             "started": t0,
             "timings": {
                 "began": round(t0, 4),
+                # The denoising loop by the worker's wall clock: the pipeline call's start (its set-up counts in
+                # the first step, as in denoise_s) to the last step's end.
+                "loop_began": round(loop_ended - denoise, 4),
+                "loop_ended": round(loop_ended, 4),
                 "ended": round(time.time(), 4),
                 "text_encoding_s": round(result.text_encoding_s, 4),
                 "denoise_s": round(denoise, 4),
