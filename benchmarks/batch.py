@@ -183,16 +183,13 @@ def main() -> int:
                 f"{r['speedup_vs_1gpu']} | {r['outside_denoise_share']} | {r['outside_loop_share']} | "
                 f"{r['busy_share']} |"
             )
-        lines += [
-            "",
-            "Gap between two items' loops on a worker (mean s): "
-            + "; ".join(
-                f"{r['engine']} {r['gpus']}: {r['gap_s']} = "
-                + " + ".join(f"{k} {v}" for k, v in (r["gap_breakdown_s"] or {}).items())
-                + f" (PNG off the path: {r['write_s']} s)"
-                for r in runs
-            ),
-        ]
+        lines += ["", "Gap between two items' loops on a worker (means, s):", ""]
+        for r in runs:
+            parts = " + ".join(f"{k} {v}" for k, v in (r["gap_breakdown_s"] or {}).items())
+            lines.append(
+                f"- {r['engine']}, {r['gpus']} GPU(s): {r['gap_s']} = {parts}; the PNG, off the workers' path: "
+                f"{r['write_s']} (on disk {r['write_lag_s']} after the worker's return)"
+            )
         if args.smoke:
             lines += ["", "SMOKE RUN on CPU processes: these numbers say nothing about GPUs."]
         path.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -15,7 +15,11 @@ importable) records each item's id, parameters, seed, path, timings, worker, att
 
 Engines: ``inline`` (a pipeline already loaded in this process), ``local`` (one worker process per free GPU,
 or 1..N CPU workers, through ``concurrent.futures``) and ``ray`` (one long-lived actor per GPU on a Ray
-cluster). Items go to whichever worker is free; a worker lost mid-item costs that item one attempt.
+cluster). Each worker runs one item with one more queued behind it, so it never waits for the coordinator
+between items; items go to whichever worker has room; a worker lost mid-item costs that item one attempt (the
+item queued behind it goes back as it was). Workers hand back pixels and provenance: the coordinator encodes
+and writes the PNGs in threads (:class:`ImageWriter`), off the workers' path, and records an item as done once
+its file is whole on disk.
 
 Example:
     >>> from qwennb.batch import read_prompts
@@ -608,26 +612,112 @@ class Manifest:
         return path
 
 
-# --------------------------------------------------------------------------- workers (all engines)
+# --------------------------------------------------------------------------- writing the images (coordinator)
 
 
-def _png(result: Any, request: dict[str, Any]) -> bytes:
+def _png(image: Any, meta: dict[str, Any], item_id: str, key: str) -> bytes:
+    """A provenance PNG: the image and its parameters (``qwennb`` text chunk) with the batch id and key."""
+    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from . import __version__
-    from .generation import _metadata
 
     info = PngInfo()
-    meta = {**_metadata(result, 0), "batch_id": request["id"], "batch_key": request["key"]}
-    info.add_text("qwennb", json.dumps(meta, ensure_ascii=False))
+    info.add_text("qwennb", json.dumps({**meta, "batch_id": item_id, "batch_key": key}, ensure_ascii=False))
     info.add_text("Software", f"qwennb {__version__}")
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
     buf = io.BytesIO()
-    result.images[0].save(buf, format="PNG", pnginfo=info)
+    im.save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
+def _write_item(folder: Path, it: BatchItem, value: dict[str, Any]) -> dict[str, Any]:
+    """Encode and write one finished item's PNG (never over another file); what the manifest records of it."""
+    t0 = time.perf_counter()
+    data = _png(value["image"], value["meta"], it.id, it.key)
+    rel = it.path
+    target = folder / rel
+    try:
+        write_new_file(target, data)
+    except FileExistsError:
+        if png_batch_key(target) != it.key:  # a different image under this id (its parameters changed)
+            rel = f"{IMAGES}/{it.id}-{it.key[:8]}.png"
+            with contextlib.suppress(FileExistsError):
+                write_new_file(folder / rel, data)
+    return {
+        "path": rel,
+        "write_s": round(time.perf_counter() - t0, 4),
+        "written": round(time.time(), 4),
+        "written_by": f"{socket.gethostname()}:{os.getpid()}",
+    }
+
+
+class ImageWriter:
+    """The coordinator's PNG writer: workers hand back pixels and provenance, and threads here encode and write
+    the files while the workers go on with their next items. ``threads=0`` writes at once in the caller (the
+    inline engine, where the caller is the generating thread anyway).
+
+    An item is recorded as done only once its file is whole on disk (:func:`write_new_file`); ``limit`` finished
+    images may wait for a writer before the coordinator stops handing out new items (bounded memory).
+    """
+
+    def __init__(self, folder: Path, threads: int, limit: int = 8) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.folder = folder
+        self.limit = max(1, limit)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="qwennb-png") if threads else None
+        self.pending: dict[Any, tuple[BatchItem, dict[str, Any]]] = {}
+        self.write: Callable[[Path, BatchItem, dict[str, Any]], dict[str, Any]] = _write_item
+
+    @property
+    def full(self) -> bool:
+        return len(self.pending) >= self.limit
+
+    def submit(self, it: BatchItem, value: dict[str, Any]) -> None:
+        from concurrent.futures import Future
+
+        if self.pool is None:
+            fut: Future[dict[str, Any]] = Future()
+            try:
+                fut.set_result(self.write(self.folder, it, value))
+            except Exception as exc:
+                fut.set_exception(exc)
+        else:
+            fut = self.pool.submit(self.write, self.folder, it, value)
+        self.pending[fut] = (it, value)
+
+    def finished(self, timeout: float = 0.0) -> list[tuple[BatchItem, dict[str, Any], dict[str, Any]]]:
+        """The writes that ended (waiting up to ``timeout`` for one): (item, worker's value, write record).
+        A failed write raises here, in the coordinator."""
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as fwait
+
+        if not self.pending:
+            return []
+        done, _ = fwait(list(self.pending), timeout=timeout, return_when=FIRST_COMPLETED)
+        out = []
+        for fut in done:
+            it, value = self.pending.pop(fut)
+            out.append((it, value, fut.result()))
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+
+
+# --------------------------------------------------------------------------- workers (all engines)
+
+
 class Worker:
-    """What every engine runs: a pipeline loaded once, then one item at a time (plain dicts in and out)."""
+    """What every engine runs: a pipeline loaded once, then one item at a time (plain data in and out).
+
+    An item's result is its pixels (a uint8 array) and provenance, not a file: the coordinator writes the PNG
+    (:class:`ImageWriter`), so the worker starts its next item at once. The worker keeps its recent prompt
+    encodings (the negative prompt is usually the same for every item).
+    """
 
     def __init__(
         self,
@@ -638,6 +728,7 @@ class Worker:
         warmup: dict[str, Any] | None = None,
     ) -> None:
         self.stop_signal: Any = None
+        self.texts: dict[Any, Any] = {}  # encodings of recent prompts (generate's _text_cache)
         if pipe is None:
             from .hardware import detect
             from .pipeline import build, resolve_model
@@ -654,8 +745,10 @@ class Worker:
         return {"worker": self.name, "pid": os.getpid(), "host": socket.gethostname()}
 
     def run(self, request: dict[str, Any], stop: Any = None) -> dict[str, Any]:
-        """Make one item; returns ``{"id", "png", "timings", "worker"}`` or ``{"id", "error", ...}``."""
-        from .generation import StopSignal, generate
+        """Make one item; returns ``{"id", "image", "meta", "timings", "worker"}`` or ``{"id", "error", ...}``."""
+        import numpy as np
+
+        from .generation import StopSignal, _metadata, generate
 
         self.stop_signal = stop if stop is not None else StopSignal()
         kwargs = {
@@ -670,17 +763,25 @@ class Worker:
             marks["loop_ended"] = time.time()
 
         try:
-            result = generate(self.pipe, request["prompt"], stop=self.stop_signal, on_step=on_step, **kwargs)
+            result = generate(
+                self.pipe,
+                request["prompt"],
+                stop=self.stop_signal,
+                on_step=on_step,
+                _text_cache=self.texts,
+                **kwargs,
+            )
         except QwennbError as exc:
             return {"id": request["id"], "error": str(exc), "permanent": True, "worker": self.name}
         if result.interrupted or not result.images:
             return {"id": request["id"], "interrupted": True, "worker": self.name}
-        png = _png(result, request)
+        image = np.asarray(result.images[0])
         denoise = sum(result.step_times_s)
         loop_ended = marks.get("loop_ended", t0)
         return {
             "id": request["id"],
-            "png": png,
+            "image": image,
+            "meta": _metadata(result, 0),
             "worker": self.name,
             "started": t0,
             "timings": {
@@ -710,12 +811,11 @@ _LOCAL: dict[str, Any] = {}
 
 
 def _local_init(
-    model: str | None, overrides: Any, slots: Any, stop_event: Any, threads: int, warmup: Any = None
+    model: str | None, overrides: Any, slot: int | None, stop_event: Any, threads: int, warmup: Any = None
 ) -> None:
     """ProcessPoolExecutor initializer: pin this process to its GPU, then load the pipeline once."""
     import signal
 
-    slot = slots.get()
     if slot is not None:
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slot)
@@ -758,33 +858,57 @@ def _local_run(request: dict[str, Any]) -> dict[str, Any]:
 @dataclass
 class _Outcome:
     handle: Any
-    kind: str  # "ok" | "error" | "lost"
+    kind: (
+        str  # "ok" | "error" | "lost" (the worker died running it) | "requeue" (queued there, never started)
+    )
     value: dict[str, Any] = field(default_factory=dict)
     message: str = ""
 
 
 class InlineEngine:
-    """The pipeline already loaded in this process (a notebook session): one item at a time."""
+    """The pipeline already loaded in this process (a notebook session): one item at a time, run in ``wait``
+    (so that the item is recorded as started before it runs)."""
 
     name = "inline"
 
     def __init__(self, pipe: Any, stop: Any) -> None:
         self.worker = Worker(pipe=pipe, device="inline")
         self.stop_signal = stop
-        self._done: list[_Outcome] = []
+        self._next: tuple[Any, dict[str, Any]] | None = None
         self.workers = [self.worker.name]
 
     def free(self) -> int:
-        return 0 if self._done else 1
+        return 0 if self._next else 1
+
+    def idle(self) -> int:
+        return self.free()
+
+    def size(self) -> int:
+        return 1
 
     def submit(self, request: dict[str, Any]) -> Any:
         handle = object()
-        self._done.append(_Outcome(handle, "ok", self.worker.run(request, self.stop_signal)))
+        self._next = (handle, request)
         return handle
 
+    def running(self, handle: Any) -> bool:
+        return self._next is not None and self._next[0] is handle
+
+    def worker_of(self, handle: Any) -> str | None:
+        return self.worker.name
+
     def wait(self, handles: list[Any], timeout: float) -> list[_Outcome]:
-        out, self._done = self._done, []
-        return out
+        if self._next is None:
+            return []
+        handle, request = self._next
+        try:
+            value = self.worker.run(request, self.stop_signal)
+        except KeyboardInterrupt:  # outside generate's own handling: the item is unfinished, the batch stops
+            self.stop_signal.set()
+            value = {"id": request["id"], "interrupted": True, "worker": self.worker.name}
+        finally:
+            self._next = None
+        return [_Outcome(handle, "ok", value)]
 
     def stop(self) -> None:
         self.stop_signal.set()
@@ -793,12 +917,38 @@ class InlineEngine:
         pass
 
 
+AHEAD = 1  # items queued on each worker behind the one it runs, so that it never waits for the coordinator
+
+
+class _Slot:
+    """One worker of an engine and the items handed to it, in the order it runs them (the first is running)."""
+
+    def __init__(self, key: Any) -> None:
+        self.key = key  # the GPU index (local) or the actor (Ray)
+        self.fifo: deque[Any] = deque()
+        self.name: str | None = None
+        self.pool: Any = None
+        self.made = 0  # items finished since this worker (re)started
+        self.turn = 0  # Ray: the next item's place in the actor's order
+        self.breaks = 0  # consecutive deaths without an item finished
+        self.dead = False
+
+
+def _pick(slots: list[_Slot]) -> _Slot | None:
+    """The worker to take the next item: an idle one first, then one with room for an item queued ahead."""
+    live = [s for s in slots if not s.dead and len(s.fifo) <= AHEAD]
+    return min(live, key=lambda s: len(s.fifo)) if live else None
+
+
 class LocalEngine:
     """One worker process per GPU (or ``workers`` CPU processes), each loading the pipeline once.
 
-    Built on ``concurrent.futures.ProcessPoolExecutor`` (spawned processes): the initializer pins a process
-    to its GPU through ``CUDA_VISIBLE_DEVICES`` before torch starts. Items are handed out one per free
-    worker. If a worker process dies, the pool is rebuilt and the items in flight are retried.
+    Each worker is its own one-process ``concurrent.futures.ProcessPoolExecutor`` (spawned): the initializer
+    pins it to its GPU through ``CUDA_VISIBLE_DEVICES`` before torch starts. A worker runs one item and has one
+    queued behind it (``AHEAD``), so it goes from one item to the next without waiting for the coordinator;
+    items go to whichever worker has room (an idle one first). A worker that dies costs the item it was running
+    one attempt; the item queued behind it goes back to the queue as it was, the other workers go on, and that
+    worker is restarted (dropped if it dies twice without finishing an item).
     """
 
     name = "local"
@@ -815,88 +965,132 @@ class LocalEngine:
         import multiprocessing as mp
 
         self.ctx = mp.get_context("spawn")
-        self.model, self.overrides, self.gpus, self.threads = model, overrides, gpus, threads
+        self.model, self.overrides, self.threads = model, overrides, threads
         self.warmup = warmup
-        self.n = len(gpus) if gpus else workers
         self.stop_event = self.ctx.Event()
-        self.rebuilds = 0
-        self.made_since_start = 0
-        self.busy = 0
-        self.pool: Any = None
-        self._start()
+        self.slots = [_Slot(g) for g in gpus] if gpus else [_Slot(None) for _ in range(workers)]
+        self.owner: dict[Any, _Slot] = {}
+        for s in self.slots:
+            self._start(s)
         self.workers: list[str] = []  # filled with the real names (host:pid:device) as workers report
 
-    def _start(self) -> None:
+    def _start(self, s: _Slot) -> None:
         from concurrent.futures import ProcessPoolExecutor
 
-        slots = self.ctx.Queue()
-        for i in range(self.n):
-            slots.put(self.gpus[i] if self.gpus else None)
-        self.pool = ProcessPoolExecutor(
-            max_workers=self.n,
+        s.pool = ProcessPoolExecutor(
+            max_workers=1,
             mp_context=self.ctx,
             initializer=_local_init,
-            initargs=(self.model, self.overrides, slots, self.stop_event, self.threads, self.warmup),
+            initargs=(self.model, self.overrides, s.key, self.stop_event, self.threads, self.warmup),
         )
+        s.made = 0
 
     def free(self) -> int:
-        return self.n - self.busy
+        return sum(AHEAD + 1 - len(s.fifo) for s in self.slots if not s.dead)
+
+    def idle(self) -> int:
+        return sum(1 for s in self.slots if not s.dead and not s.fifo)
+
+    def size(self) -> int:
+        return sum(1 for s in self.slots if not s.dead)
 
     def submit(self, request: dict[str, Any]) -> Any:
-        self.busy += 1
-        return self.pool.submit(_local_run, request)
+        from concurrent.futures.process import BrokenProcessPool
+
+        s = _pick(self.slots)
+        assert s is not None, "submit() without a free worker"
+        try:
+            fut = s.pool.submit(_local_run, request)
+        except BrokenProcessPool:  # its process died while it had nothing to do: start it again
+            s.pool.shutdown(wait=False, cancel_futures=True)
+            self._start(s)
+            fut = s.pool.submit(_local_run, request)
+        s.fifo.append(fut)
+        self.owner[fut] = s
+        return fut
+
+    def running(self, handle: Any) -> bool:
+        s = self.owner.get(handle)
+        return s is not None and bool(s.fifo) and s.fifo[0] is handle
+
+    def worker_of(self, handle: Any) -> str | None:
+        s = self.owner.get(handle)
+        return s.name if s is not None else None
 
     def wait(self, handles: list[Any], timeout: float) -> list[_Outcome]:
         from concurrent.futures import FIRST_COMPLETED
         from concurrent.futures import wait as fwait
         from concurrent.futures.process import BrokenProcessPool
 
-        done, _ = fwait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
-        self.busy -= len(done)
-        out = []
-        broken = False
-        for fut in done:
-            try:
-                value = fut.result()
+        if handles:
+            fwait(handles, timeout=timeout, return_when=FIRST_COMPLETED)
+        else:
+            time.sleep(timeout)
+        out: list[_Outcome] = []
+        for s in self.slots:
+            # In the order the worker runs them: only its first item can be finished or lost.
+            while s.fifo and s.fifo[0].done():
+                fut = s.fifo.popleft()
+                del self.owner[fut]
+                try:
+                    value = fut.result()
+                except BrokenProcessPool as exc:
+                    out.extend(self._died(s, fut, exc))
+                    break
+                except Exception as exc:  # an error inside generate: retried a bounded number of times
+                    out.append(_Outcome(fut, "error", message=f"{type(exc).__name__}: {exc}"))
+                    continue
                 out.append(_Outcome(fut, "ok", value))
-                self.made_since_start += 1
-                if value.get("worker") and value["worker"] not in self.workers:
-                    self.workers.append(value["worker"])
-            except BrokenProcessPool as exc:
-                broken = True
-                out.append(_Outcome(fut, "lost", message=f"a worker process died ({exc})"))
-            except Exception as exc:  # an error inside generate: retried a bounded number of times
-                out.append(_Outcome(fut, "error", message=f"{type(exc).__name__}: {exc}"))
-        if broken:
-            self.rebuilds += 1
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            if not self.made_since_start and self.rebuilds >= 2:
+                s.made += 1
+                s.breaks = 0
+                name = value.get("worker")
+                if name:
+                    s.name = name
+                    if name not in self.workers:
+                        self.workers.append(name)
+        return out
+
+    def _died(self, s: _Slot, fut: Any, exc: Exception) -> list[_Outcome]:
+        """The worker's process died running ``fut``: that item is lost, those queued behind it go back."""
+        out = [_Outcome(f, "requeue") for f in s.fifo]  # first: they go back to the queue's front, behind it
+        out.append(_Outcome(fut, "lost", message=f"worker {s.name or 'process'} died ({exc})"))
+        for f in s.fifo:
+            del self.owner[f]
+        s.fifo.clear()
+        s.pool.shutdown(wait=False, cancel_futures=True)
+        s.breaks += 1  # reset by each item it finishes
+        if s.breaks >= 2:
+            s.dead = True
+            if all(x.dead for x in self.slots):
                 raise BatchError(
                     "the worker processes die before finishing any item (loading the model fails, or the "
                     "machine runs out of memory); try one item with `qwennb generate` to see why"
                 )
-            self.made_since_start = 0
-            self._start()
+        else:
+            self._start(s)
         return out
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def close(self, abandon: bool = False) -> None:
-        if self.pool is None:
-            return
-        if abandon:
-            for p in list(getattr(self.pool, "_processes", {}).values()):
-                with contextlib.suppress(Exception):
-                    p.kill()
-        self.pool.shutdown(wait=not abandon, cancel_futures=True)
-        self.pool = None
+        for s in self.slots:
+            if s.pool is None:
+                continue
+            if abandon:
+                for p in list((getattr(s.pool, "_processes", None) or {}).values()):
+                    with contextlib.suppress(Exception):
+                        p.kill()
+            s.pool.shutdown(wait=not abandon, cancel_futures=True)
+            s.pool = None
 
 
 class RayEngine:
     """One long-lived Ray actor per GPU of the cluster (or ``workers`` CPU actors), each loading the
-    pipeline once; items go to whichever actor is free (``ray.wait``). A lost actor's item is retried on a
-    free actor; Ray restarts the actor (``max_restarts``), which rejoins once it answers again.
+    pipeline once; each actor runs one item and has one queued behind it (``AHEAD``), and items go to whichever
+    actor has room (``ray.wait``). A lost actor's running item is retried on another actor (the one queued
+    behind it goes back to the queue as it was); Ray restarts the actor (``max_restarts``), which rejoins once it
+    answers again.
     """
 
     name = "ray"
@@ -930,7 +1124,10 @@ class RayEngine:
             n, opts = min(workers or gpus, gpus), {"num_gpus": 1}
         else:
             n, opts = workers or 1, {"num_cpus": 1}
-        cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, max_concurrency=2, **opts)(_RayWorker)
+        # Threads: the running item, the one queued behind it (waiting for the first), and stop().
+        cls = ray.remote(max_restarts=max_restarts, max_task_retries=0, max_concurrency=AHEAD + 2, **opts)(
+            _RayWorker
+        )
         self.actors = [cls.remote(model, overrides, warmup) for _ in range(n)]
         try:
             infos = ray.get([a.info.remote() for a in self.actors])
@@ -940,81 +1137,106 @@ class RayEngine:
             raise BatchError(
                 f"the Ray workers could not load {model}: {text.splitlines()[-1] if text else type(exc).__name__}"
             ) from None
-        self.names = {a: i["worker"] for a, i in zip(self.actors, infos, strict=True)}
+        self.slots = [_Slot(a) for a in self.actors]
+        for s, i in zip(self.slots, infos, strict=True):
+            s.name = i["worker"]
         self.workers = [i["worker"] for i in infos]
         self.pids = [i["pid"] for i in infos]
-        self.idle = list(self.actors)
-        self.busy: dict[Any, Any] = {}  # ref -> actor
-        self.probes: dict[Any, Any] = {}  # ref of an info() call -> an actor that was lost, until it answers
+        self.owner: dict[Any, _Slot] = {}  # ref -> its actor's slot
+        self.probes: dict[Any, _Slot] = {}  # ref of an info() call -> a lost actor's slot, until it answers
         self.lost: list[str | None] = []
 
     def free(self) -> int:
-        return len(self.idle)
+        return sum(AHEAD + 1 - len(s.fifo) for s in self.slots if not s.dead)
+
+    def idle(self) -> int:
+        return sum(1 for s in self.slots if not s.dead and not s.fifo)
+
+    def size(self) -> int:
+        return sum(1 for s in self.slots if not s.dead)
+
+    def running(self, handle: Any) -> bool:
+        s = self.owner.get(handle)
+        return s is not None and bool(s.fifo) and s.fifo[0] is handle
 
     def worker_of(self, handle: Any) -> str | None:
-        return self.names.get(self.busy.get(handle))
+        s = self.owner.get(handle)
+        return s.name if s is not None else None
 
     def submit(self, request: dict[str, Any]) -> Any:
-        actor = self.idle.pop(0)
-        ref = actor.run.remote(request)
-        self.busy[ref] = actor
+        s = _pick(self.slots)
+        assert s is not None, "submit() without a free worker"
+        ref = s.key.run.remote(request, None, s.turn)
+        s.turn += 1
+        s.fifo.append(ref)
+        self.owner[ref] = s
         return ref
 
     def wait(self, handles: list[Any], timeout: float) -> list[_Outcome]:
         ray = self.ray
-        refs = list(handles) + list(self.probes)
+        refs = [h for h in handles if h in self.owner] + list(self.probes)
         if not refs:
             time.sleep(timeout)
             return []
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        out = []
+        out: list[_Outcome] = []
         for ref in ready:
             if ref in self.probes:
                 self._probed(ref)
                 continue
-            actor = self.busy.pop(ref)
+            s = self.owner.get(ref)
+            if s is None:  # dropped with its lost actor (it went back to the queue)
+                continue
             try:
                 value = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                # Lost mid-item: the item is retried elsewhere; the actor rejoins once it answers again
-                # (Ray restarts it, max_restarts) or is dropped if it is dead for good.
-                self.probes[actor.info.remote()] = actor
+                # Lost mid-item: the running item is retried elsewhere, the queued ones go back as they were; the
+                # actor rejoins once it answers again (Ray restarts it, max_restarts) or is dropped if it is dead.
                 text = str(exc).strip()
                 first = text.splitlines()[0] if text else type(exc).__name__
-                out.append(_Outcome(ref, "lost", message=f"worker {self.names.get(actor)} lost: {first}"))
+                running = s.fifo[0]
+                out += [_Outcome(f, "requeue") for f in list(s.fifo)[1:]]
+                out.append(_Outcome(running, "lost", message=f"worker {s.name} lost: {first}"))
+                for f in s.fifo:
+                    del self.owner[f]
+                s.fifo.clear()
+                s.dead = True  # until it answers
+                self.probes[s.key.info.remote()] = s
                 continue
             except ray.exceptions.RayError as exc:
-                self.idle.append(actor)
                 text = str(exc).strip()
                 last = text.splitlines()[-1] if text else type(exc).__name__
                 out.append(_Outcome(ref, "error", message=last))
-                continue
-            self.idle.append(actor)
-            out.append(_Outcome(ref, "ok", value))
-        if not self.idle and not self.busy and not self.probes:
+            else:
+                out.append(_Outcome(ref, "ok", value))
+            s.fifo.remove(ref)
+            del self.owner[ref]
+        if all(s.dead for s in self.slots) and not self.probes:
             raise BatchError("every Ray worker was lost")
         return out
 
     def _probed(self, ref: Any) -> None:
         ray = self.ray
-        actor = self.probes.pop(ref)
+        s = self.probes.pop(ref)
         try:
             info = ray.get(ref)
         except ray.exceptions.ActorUnavailableError:  # restarting: ask again shortly
             time.sleep(0.2)
-            self.probes[actor.info.remote()] = actor
+            self.probes[s.key.info.remote()] = s
             return
         except ray.exceptions.RayActorError:  # dead for good
-            self.lost.append(self.names.get(actor))
+            self.lost.append(s.name)
             return
-        self.names[actor] = info["worker"]
+        s.name = info["worker"]
+        s.turn = info["turn"]  # a restarted actor counts from 0 again
         if info["worker"] not in self.workers:
             self.workers.append(info["worker"])
-        self.idle.append(actor)
+        s.dead = False
 
     def stop(self) -> None:
-        for actor in self.busy.values():
-            actor.stop.remote()
+        for s in self.slots:
+            if s.fifo:
+                s.key.stop.remote()
 
     def close(self, abandon: bool = False) -> None:
         for a in self.actors:
@@ -1024,13 +1246,43 @@ class RayEngine:
 
 
 class _RayWorker(Worker):
-    """A :class:`Worker` as a Ray actor (threaded, so that ``stop`` is heard while ``run`` runs)."""
+    """A :class:`Worker` as a Ray actor. Threaded, so that ``stop`` is heard while ``run`` runs and the next item
+    waits in the actor. A threaded actor may start its calls in any order, so each ``run`` carries its ``turn``
+    (0, 1, 2... from the driver, per actor) and waits for the earlier ones: the driver knows which item is running.
+    Items run one at a time; ``stop`` also ends those queued."""
 
     def __init__(self, model: str | None, overrides: Any, warmup: dict[str, Any] | None = None) -> None:
         import ray
 
+        self._one = threading.Lock()
+        self._turns = threading.Condition()
+        self._next_turn = 0
+        self._stopped = False
         gpu_ids = ray.get_gpu_ids()
         super().__init__(model, overrides, device=f"gpu{gpu_ids[0]}" if gpu_ids else "cpu", warmup=warmup)
+
+    def info(self) -> dict[str, Any]:
+        with self._turns:
+            return {**super().info(), "turn": self._next_turn}
+
+    def run(self, request: dict[str, Any], stop: Any = None, turn: int | None = None) -> dict[str, Any]:
+        if turn is not None:
+            with self._turns:
+                self._turns.wait_for(lambda: self._next_turn >= turn)
+        try:
+            with self._one:
+                if self._stopped:
+                    return {"id": request["id"], "interrupted": True, "worker": self.name}
+                return super().run(request, stop)
+        finally:
+            if turn is not None:
+                with self._turns:
+                    self._next_turn = max(self._next_turn, turn + 1)
+                    self._turns.notify_all()
+
+    def stop(self) -> None:
+        self._stopped = True
+        super().stop()
 
 
 # --------------------------------------------------------------------------- the run
@@ -1341,13 +1593,14 @@ def run_batch(
                         counts["done"],
                         skipped,
                         counts["failed"],
-                        len(inflight),
+                        len(inflight) + (len(writer.pending) if writer is not None else 0),
                         time.perf_counter() - t_start,
                         **kw,
                     )
                 )
 
         engine: Any = None
+        writer: ImageWriter | None = None
         interrupted = False
         try:
             emit(
@@ -1378,18 +1631,23 @@ def run_batch(
                     engine = LocalEngine(
                         name if path is None else path, overrides, usable or None, n, threads, warm
                     )
+                # The PNGs are encoded and written here, in threads, while the workers go on (inline: at once,
+                # this thread is the one generating anyway).
+                n_workers = len(getattr(engine, "slots", ())) or 1
+                threads = 0 if isinstance(engine, InlineEngine) else min(8, n_workers + 1)
+                writer = ImageWriter(folder, threads, limit=4 * n_workers + 4)
                 interrupted = _drive(
-                    engine, todo, state, manifest, inflight, counts, emit, stop, max_attempts, folder
+                    engine, todo, state, manifest, inflight, counts, emit, stop, max_attempts, folder, writer
                 )
         except KeyboardInterrupt:  # Ctrl-C while the workers start (they load the model): nothing is lost
             interrupted = True
         finally:
             if engine is not None:
                 engine.close(abandon=bool(inflight))
+            if writer is not None:  # images already made are written and recorded, even when stopping
+                _drain(writer, state, manifest, counts, emit, folder)
             for tmp in (folder / IMAGES).glob(".*.tmp"):
-                tmp.unlink(
-                    missing_ok=True
-                )  # a write an interrupted worker never finished: nothing refers to it
+                tmp.unlink(missing_ok=True)  # a write that never finished: nothing refers to it
             for rec in state.values():  # in flight when abandoned (a second Ctrl-C), or queued for a retry
                 if rec["status"] not in ("done", "failed"):
                     rec["status"] = "pending"
@@ -1441,12 +1699,36 @@ def _drive(
     stop: Any,
     max_attempts: int,
     folder: Path,
+    writer: ImageWriter,
 ) -> bool:
-    """Hand items to free workers, record each outcome as it comes; True when stopped early."""
+    """Keep every worker busy with one item queued ahead, hand finished images to the writer, record each
+    outcome as it comes; True when stopped early.
+
+    An item counts as started (an attempt, a "running" line, ``item_start``) when it reaches the front of its
+    worker's queue, i.e. when the worker runs it; and as done once its file is written. Once fewer items are left
+    than workers, none is queued ahead any more: each goes to the first worker that is free, so that the batch
+    does not end with one worker making two items while another idles.
+    """
     queue = deque(todo)
+    started: set[Any] = set()
     stopping = False
     interrupts = 0
-    while queue or inflight:
+
+    def mark_started() -> None:
+        if stop:  # items that reach a worker after a stop come back at once, unstarted
+            return
+        for handle, it in inflight.items():
+            if handle in started or not engine.running(handle):
+                continue
+            started.add(handle)
+            rec = state[it.id]
+            if rec["status"] == "pending":
+                counts["started"] += 1
+            rec.update(status="running", attempts=rec.get("attempts", 0) + 1, started=time.time())
+            manifest.append(rec)
+            emit("item_start", item_id=it.id, worker=engine.worker_of(handle))
+
+    while queue or inflight or writer.pending:
         try:
             if stop and not stopping:
                 stopping = True
@@ -1454,21 +1736,23 @@ def _drive(
                 emit(
                     "stopping", message=f"stopping: {len(inflight)} item(s) in flight end at their next step"
                 )
-            while queue and not stopping and engine.free() > 0:
+            while queue and not stopping and not writer.full and engine.free() > 0:
+                if not engine.idle() and len(queue) < engine.size():
+                    break  # the last few items go to whichever worker frees up first (no tail behind one worker)
                 it = queue.popleft()
-                rec = state[it.id]
-                if rec["status"] == "pending":
-                    counts["started"] += 1
-                rec.update(status="running", attempts=rec.get("attempts", 0) + 1, started=time.time())
-                manifest.append(rec)
-                handle = engine.submit(it.request())
-                inflight[handle] = it
-                emit("item_start", item_id=it.id, worker=getattr(engine, "worker_of", lambda h: None)(handle))
-            if stopping and not inflight:
+                inflight[engine.submit(it.request())] = it
+            mark_started()
+            if stopping and not inflight and not writer.pending:
                 break
-            for o in engine.wait(list(inflight), timeout=0.5):
+            # While images are being written, look at the writer often (the workers do not wait for it).
+            for o in engine.wait(list(inflight), timeout=0.02 if writer.pending else 0.5):
                 it = inflight.pop(o.handle)
-                _record(o, it, state, manifest, counts, emit, queue, max_attempts, folder, stop)
+                was_started = o.handle in started
+                started.discard(o.handle)
+                _record(o, it, was_started, state, manifest, counts, emit, queue, max_attempts, stop, writer)
+            for it, value, wrote in writer.finished():
+                _written(it, value, wrote, state, manifest, counts, emit, folder)
+            mark_started()
         except KeyboardInterrupt:
             interrupts += 1
             stop.set()
@@ -1480,36 +1764,29 @@ def _drive(
 def _record(
     o: _Outcome,
     it: BatchItem,
+    was_started: bool,
     state: dict[str, dict[str, Any]],
     manifest: Manifest,
     counts: dict[str, int],
     emit: Callable[..., None],
     queue: deque[BatchItem],
     max_attempts: int,
-    folder: Path,
     stop: Any,
+    writer: ImageWriter,
 ) -> None:
+    if o.kind == "requeue" or (o.kind == "lost" and not was_started):
+        queue.appendleft(it)  # it was queued on a worker that was lost and never ran: back as it was
+        return
     rec = state[it.id]
     v = o.value
     rec["worker"] = v.get("worker", rec.get("worker"))
-    if o.kind == "ok" and "png" in v:
-        target = folder / it.path
-        try:
-            write_new_file(target, v["png"])
-        except FileExistsError:
-            if png_batch_key(target) != it.key:  # a different image under this id (its parameters changed)
-                rel = f"{IMAGES}/{it.id}-{it.key[:8]}.png"
-                with contextlib.suppress(FileExistsError):
-                    write_new_file(folder / rel, v["png"])
-                rec["path"] = rel
-        rec.update(status="done", finished=time.time(), error=None, **v["timings"])
-        counts["done"] += 1
-        manifest.append(rec)
-        emit("item_done", item_id=it.id, path=str(folder / rec["path"]), worker=rec["worker"])
+    if o.kind == "ok" and "image" in v:
+        writer.submit(it, v)  # done once the file is written (_written)
         return
     if o.kind == "ok" and v.get("interrupted"):
-        rec.update(status="pending", attempts=max(0, rec.get("attempts", 1) - 1))
-        manifest.append(rec)
+        if was_started:
+            rec.update(status="pending", attempts=max(0, rec.get("attempts", 1) - 1))
+            manifest.append(rec)
         if not stop:
             stop.set()  # a worker was stopped (Ctrl-C in the generation): the whole batch stops
         return
@@ -1525,6 +1802,46 @@ def _record(
     counts["failed"] += 1
     manifest.append(rec)
     emit("item_failed", item_id=it.id, worker=rec["worker"], message=message)
+
+
+def _drain(
+    writer: ImageWriter,
+    state: dict[str, dict[str, Any]],
+    manifest: Manifest,
+    counts: dict[str, int],
+    emit: Callable[..., None],
+    folder: Path,
+) -> None:
+    """At the end of a run: wait for the writes under way and record those that ended well (a failed write, or a
+    Ctrl-C while waiting, leaves its item pending; a file written after that is recovered by the next run)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        writer.close()
+        while writer.pending:
+            for fut in list(writer.pending):
+                it, value = writer.pending.pop(fut)
+                try:
+                    wrote = fut.result()
+                except Exception:
+                    continue
+                _written(it, value, wrote, state, manifest, counts, emit, folder)
+
+
+def _written(
+    it: BatchItem,
+    value: dict[str, Any],
+    wrote: dict[str, Any],
+    state: dict[str, dict[str, Any]],
+    manifest: Manifest,
+    counts: dict[str, int],
+    emit: Callable[..., None],
+    folder: Path,
+) -> None:
+    """An item's PNG is whole on disk: now it is done (the manifest line, ``item_done``)."""
+    rec = state[it.id]
+    rec.update(status="done", finished=time.time(), error=None, **value["timings"], **wrote)
+    counts["done"] += 1
+    manifest.append(rec)
+    emit("item_done", item_id=it.id, path=str(folder / rec["path"]), worker=rec["worker"])
 
 
 def batch(

@@ -391,6 +391,26 @@ def _encode(pipe: Any, text: str, n: int, device: Any) -> tuple[Any, Any]:
     return embeds.to(device), mask.to(device)
 
 
+TEXT_CACHE_SIZE = 8
+
+
+def _encode_cached(cache: dict[Any, Any], pipe: Any, text: str, n: int, device: Any) -> tuple[Any, Any]:
+    """:func:`_encode` through ``cache`` (the most recent ``TEXT_CACHE_SIZE`` texts of one pipeline).
+
+    The embeddings depend only on the text and the text encoder (LoRAs here change the transformer), so an
+    item whose negative prompt (or prompt) was just encoded reuses the same tensors instead of running the text
+    encoder again. The cache is kept per text encoder object.
+    """
+    key = (text, n, str(device), id(pipe.text_encoder))
+    hit = cache.pop(key, None)
+    if hit is None:
+        hit = _encode(pipe, text, n, device)
+        while len(cache) >= TEXT_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+    cache[key] = hit  # most recent last
+    return hit
+
+
 def generate(
     pipe: Any,
     prompt: str,
@@ -419,6 +439,7 @@ def generate(
     keep_unmasked: bool = True,
     _job: Any = None,
     _notices: list[str] | None = None,
+    _text_cache: dict[Any, Any] | None = None,
 ) -> GenerationResult:
     """Generate images with a loaded pipeline and return a :class:`GenerationResult`.
 
@@ -583,7 +604,12 @@ def generate(
         ):
             _sync(device)
             t0 = time.perf_counter()
-            encode = _job.encode if _job is not None else (lambda t, n, d: _encode(pipe, t, n, d))
+            if _job is not None:
+                encode = _job.encode
+            elif _text_cache is not None:  # a batch worker: the same negative prompt item after item
+                encode = lambda t, n, d: _encode_cached(_text_cache, pipe, t, n, d)  # noqa: E731
+            else:
+                encode = lambda t, n, d: _encode(pipe, t, n, d)  # noqa: E731
             embeds, embeds_mask = encode(text, num_images, device)
             neg = encode(negative_prompt, num_images, device) if cfg > 1 else (None, None)
             _sync(device)

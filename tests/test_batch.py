@@ -382,6 +382,80 @@ def test_local_workers_sigint_then_resume(tmp_path, pipe):
     assert last["manifest"] == first["manifest"]
 
 
+def test_a_worker_encodes_a_repeated_negative_prompt_once_and_makes_the_same_images(pipe):
+    """Batch workers keep recent prompt encodings (generate's _text_cache): the negative prompt, the same for
+    every item, runs through the text encoder once, and the images are those made without the cache."""
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cache: dict = {}
+        opts = dict(steps=2, width=64, height=64, cfg=4.0)
+        cached = [generate(pipe, f"cached {i}", seed=i, _text_cache=cache, **opts) for i in range(3)]
+        assert len(calls) == 4  # three prompts and one negative (" "), not six encodings
+        calls.clear()
+        plain = [generate(pipe, f"cached {i}", seed=i, **opts) for i in range(3)]
+        assert len(calls) == 6
+    finally:
+        hook.remove()
+    for a, b in zip(cached, plain, strict=True):
+        assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_the_coordinator_writes_the_pngs_and_a_slow_writer_does_not_hold_the_worker(tmp_path, monkeypatch):
+    """The worker hands back pixels; the PNG is encoded and written in the coordinator (this process), and the
+    worker starts its next item without waiting for it: with a writer that takes 1 s an image, every item still
+    begins before the previous one's file is on disk. An item is recorded done only after its file is written."""
+    batch_module = sys.modules["qwennb.batch"]
+    real = batch_module._write_item
+
+    def slow_writer(folder, it, value):
+        time.sleep(1.0)
+        return real(folder, it, value)
+
+    monkeypatch.setattr(batch_module, "_write_item", slow_writer)
+    out = tmp_path / "out"
+    prompts = [f"slow writer {i}" for i in range(5)]
+    r = run_batch(prompts, out, model=MODEL, workers=1, steps=2, size="64x64")
+    assert (r.done, r.failed, r.engine) == (5, 0, "local")
+    rows = sorted(lines(r.manifest), key=lambda x: x["began"])
+    me = f"{os.uname().nodename}:{os.getpid()}"
+    for x in rows:
+        assert x["written_by"] == me and int(x["worker"].split(":")[1]) != os.getpid()
+        assert x["written"] - x["ended"] >= 1.0 and x["written"] <= x["finished"]  # done once the file is
+        assert load_params(out / x["path"])["seed"] == x["seed"]
+    for a, b in zip(rows, rows[1:], strict=False):
+        assert b["began"] < a["written"], (a, b)  # the next item did not wait for the previous file
+        assert b["loop_began"] >= a["loop_ended"]  # one item at a time on the worker
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(x["path"]).name for x in rows)
+
+
+def test_a_local_worker_killed_mid_item_costs_that_item_only(tmp_path):
+    """Two local workers, each with one item queued behind the one it runs; one is killed mid-item: that item is
+    retried once, the item queued behind it goes back untouched, the other worker goes on; every item once."""
+    prompts = [f"local picture {i}" for i in range(12)]
+    out = tmp_path / "out"
+    started: list[str] = []
+    killed: dict[str, str] = {}
+
+    def on_event(e):
+        if e.kind == "item_start":
+            started.append(e.item_id)
+            if len(started) == 5 and e.worker:  # kill the process that has just begun this item
+                os.kill(int(e.worker.split(":")[1]), signal.SIGKILL)
+                killed[e.item_id] = e.worker
+
+    r = run_batch(prompts, out, model=MODEL, workers=2, on_event=on_event, steps=4, size="64x64")
+    assert len(killed) == 1
+    assert (r.total, r.done, r.failed, r.pending) == (12, 12, 0, 0), r.failures
+    rows = lines(r.manifest)
+    assert {x["status"] for x in rows} == {"done"} and len({x["id"] for x in rows}) == 12
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(x["path"]).name for x in rows)
+    lost = next(x for x in rows if x["id"] in killed)
+    assert lost["attempts"] == 2 and lost["worker"] != killed[lost["id"]]
+    assert sum(x["attempts"] for x in rows) == 13  # nothing else was redone (not the other worker's item)
+    assert len(set(r.workers)) == 3  # two, and the one started in place of the killed one
+
+
 # --------------------------------------------------------------------------- Ray
 
 
