@@ -46,11 +46,11 @@ TOY = """
 **Without real weights** qwennb loads its embedded **toy** model (25 MB, in the package): Qwen-Image's own classes
 at a small size, trained on a toy world of one flat-coloured shape (circle, square, triangle or star, in eight
 colours, at the left, right, top, bottom or centre) on a white, gray, black or beige background, from English and
-Chinese captions. It is a toy world, not Qwen-Image: it draws the colour, position and background a prompt names,
-best in the words of its captions ("a red circle on the left, white background"); its shapes are still blobs, and
-a prompt from outside its world (a fox, a landscape) gives a random blob. So the prompts here are toy-world
-prompts, and each picture can be checked against its prompt. **With real weights the same cells run Qwen-Image**
-(write your own prompts there).
+Chinese captions. It is a toy world, not Qwen-Image: it draws the colour, shape and background a prompt names most
+of the time, and the position best in the words of its captions ("a red circle on the left, white background");
+its shapes are not always clean, and a prompt from outside its world (a fox, a landscape) gives a random shape. So
+the prompts here are toy-world prompts, and each picture can be checked against its prompt. **With real weights
+the same cells run Qwen-Image** (write your own prompts there).
 """
 
 INSTALL = code(
@@ -342,8 +342,8 @@ for cfg, r in runs.items():
     ),
     md(
         """
-CFG costs a second pass a step, and buys adherence. On the toy model the difference is small but visible: at
-CFG 1 this seed draws the purple shape large, at CFG 4 it draws it small, as the prompt asks (both still blobs).
+CFG costs a second pass a step, and buys adherence. On the toy model the difference is small: with this seed both
+draw the purple square at the centre, CFG 1's a little larger than the small one the prompt asks for.
 On Qwen-Image CFG matters more: 2.5-5 is its range, and 1 turns guidance off.
 """
     ),
@@ -466,7 +466,7 @@ print("system prompt starts:", zh.chat[0]["content"][:40])
         """
 `%%qwen_generate --enhance` does both steps and keeps the original and the enhanced prompt in the result and in
 the PNG's metadata. Here the rewrite falls back to the prompt as written, a Chinese one (the toy model was
-trained on Chinese captions too: a blue blob at the top on black); with real weights Qwen-Image draws the
+trained on Chinese captions too: a blue star at the top on black); with real weights Qwen-Image draws the
 enhanced prompt.
 """
     ),
@@ -790,8 +790,8 @@ First back to a text-to-image model: the toy here, explicitly (with real weights
         """
 The start image is a blue square on the left (drawn by `qwennb.toy.render`); the prompt asks for a red circle on
 the right. The more of the schedule runs, the more of the prompt wins over the start image: at 0.3 the square
-keeps its place and shape and only its colour moves, at 0.6 it turns red, at 1.0 the toy draws the prompt's red
-blob on the right.
+keeps its place and shape and turns red, at 0.6 it is a red shape rounding off in the same place, at 1.0 the toy
+draws the prompt's red circle on the right.
 """
     ),
     code(
