@@ -80,6 +80,33 @@ lane_b3() {
   job 240 fewstep python3 benchmarks/fewstep.py --out $R --sizes 1024 --repeats 2 --warmup 1
 }
 
+# ROUND=4: first both GPUs: the tuned Ulysses (one CFG-1 image beside stock ulysses_anything and the former way)
+# and the batch's time outside the loop after its fixes; then one GPU each: the LoRA hotswap after its fixes
+# (GPU 0) and Edit-2511/2509 on the tuned path (GPU 1). (Toy run 7 is lane_a5 for a later session.)
+first_4() {
+  job 270 multigpu python3 benchmarks/multigpu.py --gpus 2 --only-cfg1 --out $R
+  job 200 batch python3 benchmarks/batch.py --engines local --prompts 16 --out $R
+}
+
+lane_a4() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 190 fewstep python3 benchmarks/fewstep.py --out $R --sizes 1024 --repeats 2 --warmup 1
+}
+
+lane_b4() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 190 edit python3 benchmarks/edit.py --out $R --steps 10 --refs 1 --configs 2511,2509
+}
+
+# ROUND=5 (prepared): toy run 7, going on from the shipped run 6, on GPU 0.
+lane_a5() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 1140 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
+    --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-15} --batch 1024 --high-sigma 0.3
+}
+
+lane_b5() { :; }
+
 phases() {
   cd "$here" || exit 1
   export PYTHONPATH=/tmp/site:$here PYTHONUNBUFFERED=1
@@ -90,6 +117,11 @@ phases() {
     > $W/versions.txt 2>&1
   PHASE_END=$(($(date +%s) + ${PHASE1_S:-660}))
   if [ "${ROUND:-1}" != 1 ]; then
+    if declare -F first_${ROUND} > /dev/null; then
+      PHASE_END=$(($(date +%s) + ${PHASE0_S:-470}))
+      first_${ROUND}
+      echo "[$(date +%T)] first phase done" >> $W/session.log
+    fi
     PHASE_END=$(($(date +%s) + ${PHASE1_S:-1500}))
     lane_a${ROUND} &
     lane_b${ROUND} &
@@ -111,10 +143,13 @@ phases() {
 
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' --exclude=toy_run6 . 2>/dev/null
-  if [ -f $W/toy_run6/model_index.json ] && ! pgrep -f training/toy/train.py > /dev/null; then
-    tar -C $W -cf - toy_run6 | split -b 15M - "$OUT/toy_run6.tar.part-"
-  fi
+  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' --exclude='toy_run[0-9]' . 2>/dev/null
+  for run in $W/toy_run[0-9]; do
+    [ -f $run/model_index.json ] || continue
+    pgrep -f training/toy/train.py > /dev/null && continue
+    n=$(basename $run)
+    tar -C $W -cf - $n | split -b 15M - "$OUT/$n.tar.part-"
+  done
   ls -la "$OUT"
 }
 

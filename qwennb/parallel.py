@@ -133,19 +133,18 @@ def _largest_divisor(n: int, limit: int, ok: Callable[[int], bool]) -> int:
     return 1
 
 
-# One image without CFG over 2 GPUs, measured (benchmarks/multigpu.py, full-size synthetic, 20 steps, CFG 1), with
-# the Ulysses that existed then: diffusers' context parallelism on its stock forward (config "qwennb-ulysses" in
-# that file; now ``ulysses_impl="diffusers"``). The tuned path's Ulysses is not measured on GPUs yet
-# (``benchmarks/multigpu.py --only-cfg1`` measures it); until it is, one CFG-1 image stays on one GPU.
+# One image without CFG over 2 GPUs, measured (benchmarks/multigpu.py --only-cfg1, full-size synthetic, 20 steps,
+# CFG 1) with the tuned path's Ulysses (compiled blocks, the all-to-alls inside): no faster than one GPU, so one
+# CFG-1 image stays on one GPU. (diffusers' context parallelism on its stock forward measured 0.185-0.369 s/step.)
 ULYSSES_MEASURED = {
     "card": "H200",
     "gpus": 2,
     "size": 1024,
-    "ulysses_s_per_step": 0.185,
+    "ulysses_s_per_step": 0.128,
     "one_gpu_s_per_step": 0.124,
-    "source": "benchmarks/results/multigpu-nvidia-h200.json",
+    "source": "benchmarks/results/multigpu-cfg1-nvidia-h200.json",
     "config": "qwennb-ulysses",
-    "path": "diffusers' context parallelism on its stock forward",
+    "path": "qwennb's tuned path, compiled",
 }
 
 
@@ -167,7 +166,7 @@ def choose_parallel(
     Rules: several images go data parallel (nothing exchanged a step, the best scaling); one image with
     CFG > 1 puts the two passes on two groups (one small all-gather a step) and, with 4 or more GPUs, runs
     Ulysses sequence parallel inside each group; one image without CFG stays on one GPU (Ulysses over 2 H200s
-    measured slower than one, :data:`ULYSSES_MEASURED`) unless the pool was loaded with a Ulysses degree. Ulysses
+    measured no faster than one, :data:`ULYSSES_MEASURED`) unless the pool was loaded with a Ulysses degree. Ulysses
     needs the attention heads (24 for Qwen-Image) and the image tokens to divide by its degree; the largest
     degree that does is used. ``ulysses`` fixes the Ulysses degree (a pool loaded with one). ``heads``,
     ``head_dim``, ``layers`` and ``text_tokens`` describe the model (Qwen-Image's by default).
@@ -269,10 +268,10 @@ def choose_parallel(
                 "single",
                 gpus,
                 why="one image without CFG: one GPU draws it. Ulysses sequence parallelism (a pool loaded with "
-                f"ulysses=N) measured slower than one GPU on {m['gpus']}x{m['card']} at {m['size']}² "
+                f"ulysses=N) measured no faster than one GPU on {m['gpus']}x{m['card']} at {m['size']}² "
                 f"({m['ulysses_s_per_step']} against {m['one_gpu_s_per_step']} s/step, "
-                f"{m['source']}) when its ranks ran {m['path']}; on the tuned path (the default now) it is not "
-                f"measured yet. Each rank sends about {ulysses_mb(2, 1):.0f} MB a step.",
+                f"{m['source']}, its ranks on {m['path']}). "
+                f"Each rank sends about {ulysses_mb(2, 1):.0f} MB a step.",
                 cost="none; the other GPUs idle (several images go data parallel).",
             )
         sp = fixed(ulysses, gpus)
