@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 / ROUND=3 ... start               # the follow-up rounds defined below (lane_aN / lane_bN)
+#   ROUND=2 ... ROUND=5 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # Phase 1, one GPU each, side by side:
 #   GPU 0: plan_validation.py (caps x host budgets, most telling pairs first, time-boxed)
@@ -98,14 +98,25 @@ lane_b4() {
   job 190 edit python3 benchmarks/edit.py --out $R --steps 10 --refs 1 --configs 2511,2509
 }
 
-# ROUND=5 (prepared): toy run 7, going on from the shipped run 6, on GPU 0.
+# ROUND=5 (prepared for the next session): first both GPUs: NCCL's all-to-all at Ulysses' shapes without a model
+# (is P2P over NVLink in use? the tuned Ulysses measured no faster than one GPU) and the two-GPU batch after the
+# #19 change (cut by its limit in round 4); then toy run 7 (from the shipped run 6) on GPU 0 and Edit-2511 with
+# 3 references on the tuned path on GPU 1.
+first_5() {
+  job 90 nccl_probe python3 benchmarks/nccl_probe.py --out $R
+  job 330 batch python3 benchmarks/batch.py --engines local --prompts 32 --out $R
+}
+
 lane_a5() {
   export CUDA_VISIBLE_DEVICES=0
   job 1140 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
     --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-15} --batch 1024 --high-sigma 0.3
 }
 
-lane_b5() { :; }
+lane_b5() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 240 edit python3 benchmarks/edit.py --out $R/edit3 --steps 10 --refs 3 --configs 2511
+}
 
 phases() {
   cd "$here" || exit 1

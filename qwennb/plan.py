@@ -833,6 +833,11 @@ def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
     top = min(pool, key=lambda ac: ac[1].s_per_image)
     near = [ac for ac in pool if ac[1].s_per_image <= (1 + TIE_SHARE) * top[1].s_per_image]
     a, c = min(near, key=lambda ac: (round(ac[1].streamed_gb_per_step, 1), ac[1].s_per_image))
+    if a.quantization:
+        warnings.append(
+            f"{a.quantization} (bitsandbytes), as asked: no plan picks it by itself, and its time per step is an "
+            "estimate (dequantising at 1.5x the matmul cost), never measured on a GPU"
+        )
     return Choice(a, c, _why(st, a, c, fits, fastest, pool, budget), warnings)
 
 

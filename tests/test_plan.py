@@ -415,3 +415,17 @@ def test_a_small_model_says_which_memory_options_it_does_not_apply(overrides):
     assert any(w.startswith(f"{key}={value!r}: not applied: toy runs whole") for w in plan.warnings)
     assert plan.arrangement.startswith("everything on cuda")
     assert not make_plan(describe_machine(24, compute_capability="9.0"), "toy").warnings
+
+
+def test_nf4_only_when_asked_and_said_to_be_unmeasured():
+    """#14: NF4 never ran on a GPU, so no plan picks it by itself, and a plan that uses it because it was asked for
+    says its time per step is an estimate."""
+    for cap, host in ((8, 32), (12, 32), (16, 64), (24, 64)):
+        plain = make_plan(describe_machine(cap, compute_capability="8.9", host_ram_gb=host), "qwen-image")
+        assert plain.components["transformer"].quantization is None
+        assert not any("bitsandbytes" in w for w in plain.warnings)
+    asked = make_plan(
+        describe_machine(12, compute_capability="8.9", host_ram_gb=32), "qwen-image", {"quantization": "nf4"}
+    )
+    assert asked.components["transformer"].quantization == "nf4"
+    assert any(w.startswith("nf4 (bitsandbytes), as asked") and "never measured" in w for w in asked.warnings)
