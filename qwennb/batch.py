@@ -1057,7 +1057,7 @@ class LocalEngine:
         for f in s.fifo:
             del self.owner[f]
         s.fifo.clear()
-        s.pool.shutdown(wait=False, cancel_futures=True)
+        _shutdown(s.pool, wait=False)
         s.breaks += 1  # reset by each item it finishes
         if s.breaks >= 2:
             s.dead = True
@@ -1081,8 +1081,20 @@ class LocalEngine:
                 for p in list((getattr(s.pool, "_processes", None) or {}).values()):
                     with contextlib.suppress(Exception):
                         p.kill()
-            s.pool.shutdown(wait=not abandon, cancel_futures=True)
+            _shutdown(s.pool, wait=not abandon)
             s.pool = None
+
+
+def _shutdown(pool: Any, wait: bool) -> None:
+    """``pool.shutdown`` that also works on a pool whose manager thread never started: a Ctrl-C that lands while
+    the workers start leaves the executor with a thread object it cannot join (``RuntimeError: cannot join thread
+    before it is started``); its processes are killed instead."""
+    try:
+        pool.shutdown(wait=wait, cancel_futures=True)
+    except RuntimeError:
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                proc.kill()
 
 
 class RayEngine:

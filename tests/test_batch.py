@@ -589,3 +589,23 @@ def test_ctrl_c_while_the_workers_start_still_ends_with_the_json_summary(tmp_pat
     rows = lines(summary["manifest"])
     assert len(rows) == 6 and {x["status"] for x in rows} <= {"done", "pending"}
     assert sum(x["status"] == "done" for x in rows) == summary["done"]
+
+
+def test_closing_a_worker_whose_pool_never_started_its_thread():
+    """A Ctrl-C that lands while a local worker's pool starts leaves ProcessPoolExecutor with a manager thread object
+    it never started; its shutdown raises "cannot join thread before it is started" (seen once in the Ctrl-C test
+    above). Closing the engine must still end cleanly."""
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from qwennb.batch import _shutdown
+
+    pool = ProcessPoolExecutor(1)
+    pool._executor_manager_thread = threading.Thread(
+        target=lambda: None
+    )  # as the interrupted start leaves it
+    with pytest.raises(RuntimeError, match="before it is started"):
+        pool.shutdown(wait=True, cancel_futures=True)
+    pool2 = ProcessPoolExecutor(1)
+    pool2._executor_manager_thread = threading.Thread(target=lambda: None)
+    _shutdown(pool2, wait=True)  # no exception
