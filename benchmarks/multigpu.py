@@ -258,6 +258,7 @@ def run_pool(
                     s_per_step=median_step(res.step_times_s),
                     images_per_s=len(res.images) / wall,
                     peak_gpu_gb_per_gpu=res.peak_gpu_memory_per_gpu_gb,
+                    image_tokens_per_gpu=res.image_tokens_per_gpu,  # tuned Ulysses: each rank's share
                     mode=res.parallel_mode,
                     gpus_used=res.gpus,
                     latents=lat[:1] if lat is not None else None,

@@ -667,9 +667,12 @@ def _serve(
     leader = layout.leader and (mode == "data" or layout.rank == 0)
     if not leader:
         result.images = []
+    fast = getattr(pipe.transformer, "_qwennb_fast", None)
     return {
         "result": result,
         "peak_gb": result.peak_gpu_memory_gb,
+        # the image tokens this rank's blocks ran on (tuned Ulysses only): half of them each on 2 GPUs
+        "image_tokens": fast.stats.get("ulysses_image_tokens") if fast is not None and fast.ulysses else None,
         # numpy, pickled by value: a torch tensor would travel as a shared-memory handle that dies with the sender
         "latents": latents.detach().float().cpu().numpy()
         if leader and job.get("return_latents") and latents is not None
@@ -687,6 +690,7 @@ class ParallelResult(GenerationResult):
     parallel_mode: str = "single"
     gpus: int = 1
     peak_gpu_memory_per_gpu_gb: list[float | None] = field(default_factory=list)
+    image_tokens_per_gpu: list[int | None] = field(default_factory=list)  # tuned Ulysses: each rank's share
     why: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -1170,6 +1174,7 @@ class WorkerPool:
             parallel_mode=mode if not (mode == "cfg" and self.ulysses > 1) else "cfg+ulysses",
             gpus=used,
             peak_gpu_memory_per_gpu_gb=peaks,
+            image_tokens_per_gpu=[payloads[r].get("image_tokens") for r in ranks],
             why=f"{mode} (asked for)" if asked else choice.why,
             **fields_,
         )

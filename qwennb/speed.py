@@ -1077,6 +1077,9 @@ def _single_forward(
     if group is not None:
         rows = _ulysses_slice(hidden_states.shape[1], group)
         hidden_states = hidden_states[:, rows]  # img_in works token by token: slicing first is exact
+        state.stats["ulysses_image_tokens"] = (
+            rows.stop - rows.start
+        )  # what this rank's blocks ran on, last forward
     hidden_states = model.img_in(hidden_states)
     timestep = timestep.to(hidden_states.dtype)
     encoder_hidden_states = model.txt_in(model.txt_norm(encoder_hidden_states))

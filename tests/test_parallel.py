@@ -253,6 +253,9 @@ def test_ulysses_equals_one_process_with_an_odd_prompt_length(single, impl, way)
         assert rel_err(out.final_latents, ref_lat) < 1e-5
         assert pixels_diff(out.images[0], ref.images[0]) <= 1
         assert [a["fast_path"] for a in pool.active()] == [impl == "tuned"] * 2
+        # each rank's blocks ran on half the image tokens (tuned Ulysses reports it; the diffusers way does not)
+        tokens = (KW["width"] // 16) * (KW["height"] // 16)
+        assert out.image_tokens_per_gpu == ([tokens // 2] * 2 if impl == "tuned" else [None, None])
         with pytest.raises(GenerationError, match="Ulysses degree"):
             pool.generate(PROMPT, **{**KW, "width": 48, "height": 48})  # 9 image tokens
     with pytest.raises(ParallelError, match="ulysses_impl"):
