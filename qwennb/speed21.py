@@ -260,7 +260,8 @@ def _model_forward21(model: Any, state: FastPath21State) -> Any:
             kv_cache is not None
             and encoder_hidden_states_mask is None
             and not attention_kwargs
-            and not hidden_states.is_inference()
+            and not hidden_states.is_inference()  # (version counters prove the latents and mask unchanged)
+            and not img_mask.is_inference()
             and not (torch.is_grad_enabled() and model.gradient_checkpointing)
             and not getattr(model, "is_cache_enabled", False)
             and model.config.causal_condition
