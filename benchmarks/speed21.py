@@ -10,9 +10,13 @@ images of ``--steps`` steps at 1024x1024 for each configuration (medians):
 
 - ``stock``: ``pipe(prompt=..., true_cfg_scale=CFG, negative_prompt=" ")`` as loaded;
 - ``stock+compile``: plus ``transformer.compile_repeated_blocks(fullgraph=False)``;
-- ``qwennb``: ``qwennb.generate`` on the pipeline with qwennb's plan applied (``pipeline.apply_plan``). qwennb's
-  tuned path is written for Qwen-Image's MMDiT, so on 2.1 the plan applies diffusers' regional compile and its
-  attention backend: expect it near ``stock+compile`` (the issue's 1.3x target needs a 2.1 tuned path, not built).
+- ``qwennb``: ``qwennb.generate`` on the pipeline with qwennb's plan applied (``pipeline.apply_plan``): on 2.1 that
+  is diffusers' regional compile (for the prefill step) and qwennb's 2.1 tuned path (``qwennb.speed21``: cached
+  steps with CFG's two passes as one forward, real RoPE, the shared modulation once, one compiled block function).
+
+``latent_rel_err``: the final latents of one more image of each configuration (the pipeline called directly with
+``output_type="latent"``) against stock's, ``|a - b| / |b|``. The ``qwennb`` row also carries the tuned path's
+counters (``fast21``: forwards, stock forwards, cached forwards, CFG pairs, reused second halves).
 
 Rows (``model: "qwen-image-2.1"``, ``config``, ``steps``, ``cfg``, ``width``, ``height``, ``s_per_step``,
 ``s_per_image``, ``peak_gpu_gb``, ``speedup_vs_stock``) go to ``speed21-<card>.json``; ``--merge`` also appends them
@@ -95,6 +99,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         return statistics.median(times[1:] or times), total
 
+    def final_latents() -> torch.Tensor:
+        out = pipe(
+            prompt=PROMPT,
+            negative_prompt=" ",
+            true_cfg_scale=args.cfg,
+            num_inference_steps=args.steps,
+            width=args.size,
+            height=args.size,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="latent",
+        )
+        return out.images.float().cpu()
+
+    ref: dict[str, torch.Tensor] = {}
+
+    def rel_err(config: str) -> float:
+        got = final_latents()
+        if config == "stock":
+            ref["stock"] = got
+        return float((got - ref["stock"]).norm() / ref["stock"].norm())
+
     def qwennb() -> tuple[float, float]:
         r = generate(
             pipe, PROMPT, steps=args.steps, cfg=args.cfg, width=args.size, height=args.size, seed=SEED
@@ -121,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             "s_per_image": round(statistics.median(g[1] for g in got), 4),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1024**3, 2) if cuda else None,
             "repeats": args.repeats,
+            "latent_rel_err": rel_err(config),
         }
+        state = getattr(pipe.transformer, "_qwennb_fast21", None)
+        if state is not None:
+            row["fast21"] = dict(state.stats)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -135,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(block, "_compiled_call_impl", None) is not None:
                 block._compiled_call_impl = None
     apply_plan(pipe, plan)
+    if args.smoke:  # on the CPU the plan compiles nothing: the tuned path uncompiled, to check its flow
+        from qwennb.speed21 import enable_fast_path_21
+
+        enable_fast_path_21(pipe.transformer, compile=False)
     pipe.qwennb = {"model": model, "plan": plan}
     measure("qwennb", qwennb)
     base = rows[0]["s_per_step"]

@@ -263,10 +263,18 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
     # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT (Qwen-Image-Edit-2511's zero_cond_t
-    # included); other transformers (Qwen-Image-2.1) take diffusers' regional compile and layerwise fp8 storage.
+    # included). Qwen-Image-2.1 takes diffusers' regional compile (its prefill step runs stock) and, whole on the GPU
+    # in bf16, its own tuned path for the cached steps (qwennb.speed21); layerwise fp8 storage otherwise.
     mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
     fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
     fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
+    fast21 = (
+        bool(plan.compile and getattr(plan, "fast_path", False))
+        and type(pipe.transformer).__name__ == "QwenImage21Transformer2DModel"
+        and t.placement == "gpu"
+        and not t.quantization
+        and t.storage_dtype != "float8_e4m3fn"
+    )
     if fast:
         # The tuned path (same math; it compiles its block function) goes on before any offload hooks. With fp8
         # matmuls its FP8Linear layers replace the bf16 Linears, quantised on the GPU a layer at a time, so a
@@ -325,6 +333,10 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
         pipe.transformer.set_attention_backend(plan.attention_backend)
     if plan.compile and not fast:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
+    if fast21:
+        from .speed21 import enable_fast_path_21
+
+        enable_fast_path_21(pipe.transformer, compile=True)
     if plan.cache:
         from .speed import apply_cache  # after the tuned path: its hooks wrap the compiled blocks
 
