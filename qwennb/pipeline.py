@@ -251,10 +251,27 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     dtype = _torch_dtype(plan.dtype)
     if plan.device != "cuda":
         pipe.to(plan.device)
+        t = plan.components["transformer"]
+        if (
+            t.placement == "group_offload"
+        ):  # diffusers' hooks onto the CPU, without streams (a small model's plan)
+            group_offload_with_resident_blocks(
+                pipe.transformer,
+                t.resident_blocks or 0,
+                torch.device(plan.device),
+                low_cpu_mem_usage=True,
+                use_stream=False,
+            )
         if plan.vae_tiling:
             pipe.vae.enable_tiling()
         if plan.vae_slicing:
             pipe.vae.enable_slicing()
+        if plan.attention_backend and plan.attention_backend != "native":
+            pipe.transformer.set_attention_backend(plan.attention_backend)
+        if plan.cache:
+            from .speed import apply_cache
+
+            apply_cache(pipe.transformer, plan.cache)
         return pipe
     cuda = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = plan.tf32
@@ -377,7 +394,7 @@ def resident_block_indices(n_blocks: int, resident: int) -> list[int]:
 
 
 def group_offload_with_resident_blocks(
-    transformer: Any, resident: int, device: Any, low_cpu_mem_usage: bool = False
+    transformer: Any, resident: int, device: Any, low_cpu_mem_usage: bool = False, use_stream: bool = True
 ) -> list[int]:
     """diffusers' block-level group offload with CUDA streams, keeping ``resident`` blocks on the GPU.
 
@@ -386,7 +403,8 @@ def group_offload_with_resident_blocks(
     execution-order tracing are used unchanged on the streamed ones; the resident blocks come back without hooks
     and go to the GPU for good (they may already be there: the loader puts them there). The prefetch chain only
     links the blocks that still stream, so each copy starts a resident block earlier. Streamed blocks are pinned
-    in place first (:func:`qwennb.loading.pin_in_place`) unless ``low_cpu_mem_usage``. Returns the resident
+    in place first (:func:`qwennb.loading.pin_in_place`) unless ``low_cpu_mem_usage``. ``use_stream=False`` (a CPU
+    onload device, where there are no CUDA streams) onloads each block synchronously. Returns the resident
     indices.
     """
     import torch
@@ -408,7 +426,7 @@ def group_offload_with_resident_blocks(
         offload_device=torch.device("cpu"),
         offload_type="block_level",
         num_blocks_per_group=1,
-        use_stream=True,
+        use_stream=use_stream,
         low_cpu_mem_usage=True,
     )
     # The lazy prefetch hook listed the placeholders among the layers whose execution it traces: forget them.
