@@ -179,14 +179,15 @@ def _stored_form(plan: Plan) -> bool:
 
 def _gpu_blocks(plan: Plan) -> set[int]:
     """The transformer blocks a group-offload plan keeps on the GPU (loaded there directly)."""
-    from .models import component_sizes
+    from .models import component_sizes, folder_sizes
 
     t = plan.components["transformer"]
     if t.placement != "group_offload":
         return set()
-    return set(
-        resident_block_indices(component_sizes(plan.model)["transformer"].blocks, t.resident_blocks or 0)
-    )
+    sizes = (
+        folder_sizes(plan.source) if plan.source else component_sizes(plan.model)
+    )  # a folder: its own size
+    return set(resident_block_indices(sizes["transformer"].blocks, t.resident_blocks or 0))
 
 
 def _snapshot(repo_id: str, pattern: str, local_only: bool) -> str:
@@ -245,7 +246,9 @@ def _build_stand_in(plan: Plan) -> Any:
 
 
 def apply_plan(pipe: Any, plan: Plan) -> Any:
-    """Apply a plan's placement and speed options to a pipeline whose weights are loaded (on any device)."""
+    """Apply a plan's placement and speed options to a pipeline whose weights are loaded (on any device). Off
+    CUDA the pipeline moves to the plan's device and takes what runs there: group offload of the transformer
+    (no streams), a step cache, an attention backend, VAE tiling and slicing."""
     import torch
 
     dtype = _torch_dtype(plan.dtype)

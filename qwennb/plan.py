@@ -720,7 +720,8 @@ def _model_facts(model: str) -> tuple[dict[str, ComponentSize], dict[str, Any], 
 
 
 def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arrangement]:
-    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds.
+    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds
+    (``resident_blocks`` caps them; group offload asked for although the whole model fits streams every block).
 
     Example:
         >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
@@ -1013,6 +1014,13 @@ def make_plan(
     """Decide how to load ``model`` (a registry name or a model folder) on ``hardware``; raise PlanError when it
     cannot run. ``width``/``height`` size the activations (default: the plan's default size).
 
+    A small model (under 1 B parameters: ``toy``, ``tiny``, a small folder) sits whole on its device in float32
+    unless memory or speed options are asked for (:data:`ARRANGING`: placements, resident blocks, fp8, quantisation,
+    compile, a step cache); on a GPU it is then planned as a large model is (:func:`select` with those options
+    forced, in bf16 for fp8 or quantised forms), so that each arrangement can be checked on it. What cannot apply
+    (fp8 before compute capability 8.9, quantisation without bitsandbytes, GPU-only options on a CPU) is said in
+    ``warnings``; group offload and step caches apply on the CPU too.
+
     Example:
         >>> plan = make_plan(describe_machine(gpu_memory_gb=16), "qwen-image")
         >>> plan.components["text_encoder"].placement != "gpu"
@@ -1268,8 +1276,10 @@ def _plan_whole(
     reasons: list[str],
     warnings: list[str],
 ) -> Plan:
-    """Everything in one place: the CPU, MPS, or a GPU for a small model. Refused from the numbers (seconds a step
-    on the CPU, RAM), not from the model's name."""
+    """Everything in one place: the CPU, MPS, or a GPU for a small model asked for no memory or speed option.
+    Refused from the numbers (seconds a step on the CPU, RAM), not from the model's name. On the CPU the
+    transformer may take diffusers' group offload (asked for: the same hooks, onto the CPU); options that need a
+    GPU are listed in a warning as not applied."""
     gpu = hardware.best_gpu if device == "cuda" else None
     dtype = cfg.dtype or ("float32" if sum(s.params for s in sizes.values()) < 1e9 else "bfloat16")
     db = DTYPE_BYTES[dtype]

@@ -29,3 +29,8 @@ def test_the_toy_under_group_offload_draws_the_plain_toys_image():
     b = np.asarray(generate(offloaded, "a red circle on a blue background", **kw).images[0], dtype=np.int16)
     assert a.shape == b.shape == (128, 128, 3)
     assert np.abs(a - b).max() <= 1  # the same image, within a rounding step of uint8
+
+
+def test_a_step_cache_asked_for_on_the_cpu_is_on_the_transformer():
+    pipe = build(make_plan(describe_machine(host_ram_gb=16), "toy", {"cache": "first_block"}))
+    assert pipe.transformer.is_cache_enabled
