@@ -215,12 +215,13 @@ def _build_stand_in(plan: Plan) -> Any:
         return stand_ins21.build_synthetic21_pipeline(
             device={n: "cuda" if g else "cpu" for n, g in on_gpu.items()}, dtype=dtype
         )
-    if plan.model == "tiny":
+    if plan.model in ("tiny", "tiny-edit"):
         device = "cuda" if plan.device == "cuda" else "cpu"
-        return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
-    if plan.model == "tiny-edit":
-        device = "cuda" if plan.device == "cuda" else "cpu"
-        return stand_ins.build_tiny_edit_pipeline(seed=0, device=device, dtype=dtype)
+        build = stand_ins.build_tiny_pipeline if plan.model == "tiny" else stand_ins.build_tiny_edit_pipeline
+        pipe = build(seed=0, device=device, dtype=dtype)
+        if plan.components["transformer"].placement not in ("gpu", "cpu"):  # offloaded: apply_plan moves it
+            pipe.transformer.to("cpu")
+        return pipe
     # Synthetic: materialise each component where the plan keeps it, never a full host copy of the rest.
     devices = {}
     for name, comp in plan.components.items():

@@ -1047,6 +1047,7 @@ def make_plan(
         raise PlanError(f"size {w}x{h} is not a multiple of 16")
     flops = transformer_flops(tconf, w, h)
     passes = 2 if defaults["cfg"] > 1 else 1
+    given = cfg.set_fields()
     if device == "cuda" and small:
         cfg, arranged = _plan_small_on_gpu(
             hardware, spec, model, sizes, tconf, cfg, defaults, (w, h), flops, passes, reasons, warnings
@@ -1054,9 +1055,11 @@ def make_plan(
         if arranged is not None:
             return arranged
     if device != "cuda" or small:
-        return _plan_whole(
+        whole = _plan_whole(
             hardware, spec, model, sizes, device, cfg, defaults, (w, h), flops * passes, reasons, warnings
         )
+        whole.overrides = given  # as given, with those a small model's GPU plan dropped (its warnings say so)
+        return whole
     assert gpu is not None
     dtype = _gpu_dtype(gpu, cfg, reasons)
     return _plan_arranged(
