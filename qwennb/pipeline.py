@@ -179,14 +179,15 @@ def _stored_form(plan: Plan) -> bool:
 
 def _gpu_blocks(plan: Plan) -> set[int]:
     """The transformer blocks a group-offload plan keeps on the GPU (loaded there directly)."""
-    from .models import component_sizes
+    from .models import component_sizes, folder_sizes
 
     t = plan.components["transformer"]
     if t.placement != "group_offload":
         return set()
-    return set(
-        resident_block_indices(component_sizes(plan.model)["transformer"].blocks, t.resident_blocks or 0)
-    )
+    sizes = (
+        folder_sizes(plan.source) if plan.source else component_sizes(plan.model)
+    )  # a folder: its own size
+    return set(resident_block_indices(sizes["transformer"].blocks, t.resident_blocks or 0))
 
 
 def _snapshot(repo_id: str, pattern: str, local_only: bool) -> str:
@@ -214,12 +215,13 @@ def _build_stand_in(plan: Plan) -> Any:
         return stand_ins21.build_synthetic21_pipeline(
             device={n: "cuda" if g else "cpu" for n, g in on_gpu.items()}, dtype=dtype
         )
-    if plan.model == "tiny":
+    if plan.model in ("tiny", "tiny-edit"):
         device = "cuda" if plan.device == "cuda" else "cpu"
-        return stand_ins.build_tiny_pipeline(seed=0, device=device, dtype=dtype)
-    if plan.model == "tiny-edit":
-        device = "cuda" if plan.device == "cuda" else "cpu"
-        return stand_ins.build_tiny_edit_pipeline(seed=0, device=device, dtype=dtype)
+        build = stand_ins.build_tiny_pipeline if plan.model == "tiny" else stand_ins.build_tiny_edit_pipeline
+        pipe = build(seed=0, device=device, dtype=dtype)
+        if plan.components["transformer"].placement not in ("gpu", "cpu"):  # offloaded: apply_plan moves it
+            pipe.transformer.to("cpu")
+        return pipe
     # Synthetic: materialise each component where the plan keeps it, never a full host copy of the rest.
     devices = {}
     for name, comp in plan.components.items():
@@ -245,16 +247,35 @@ def _build_stand_in(plan: Plan) -> Any:
 
 
 def apply_plan(pipe: Any, plan: Plan) -> Any:
-    """Apply a plan's placement and speed options to a pipeline whose weights are loaded (on any device)."""
+    """Apply a plan's placement and speed options to a pipeline whose weights are loaded (on any device). Off
+    CUDA the pipeline moves to the plan's device and takes what runs there: group offload of the transformer
+    (no streams), a step cache, an attention backend, VAE tiling and slicing."""
     import torch
 
     dtype = _torch_dtype(plan.dtype)
     if plan.device != "cuda":
         pipe.to(plan.device)
+        t = plan.components["transformer"]
+        if (
+            t.placement == "group_offload"
+        ):  # diffusers' hooks onto the CPU, without streams (a small model's plan)
+            group_offload_with_resident_blocks(
+                pipe.transformer,
+                t.resident_blocks or 0,
+                torch.device(plan.device),
+                low_cpu_mem_usage=True,
+                use_stream=False,
+            )
         if plan.vae_tiling:
             pipe.vae.enable_tiling()
         if plan.vae_slicing:
             pipe.vae.enable_slicing()
+        if plan.attention_backend and plan.attention_backend != "native":
+            pipe.transformer.set_attention_backend(plan.attention_backend)
+        if plan.cache:
+            from .speed import apply_cache
+
+            apply_cache(pipe.transformer, plan.cache)
         return pipe
     cuda = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = plan.tf32
@@ -392,7 +413,7 @@ def resident_block_indices(n_blocks: int, resident: int) -> list[int]:
 
 
 def group_offload_with_resident_blocks(
-    transformer: Any, resident: int, device: Any, low_cpu_mem_usage: bool = False
+    transformer: Any, resident: int, device: Any, low_cpu_mem_usage: bool = False, use_stream: bool = True
 ) -> list[int]:
     """diffusers' block-level group offload with CUDA streams, keeping ``resident`` blocks on the GPU.
 
@@ -401,7 +422,8 @@ def group_offload_with_resident_blocks(
     execution-order tracing are used unchanged on the streamed ones; the resident blocks come back without hooks
     and go to the GPU for good (they may already be there: the loader puts them there). The prefetch chain only
     links the blocks that still stream, so each copy starts a resident block earlier. Streamed blocks are pinned
-    in place first (:func:`qwennb.loading.pin_in_place`) unless ``low_cpu_mem_usage``. Returns the resident
+    in place first (:func:`qwennb.loading.pin_in_place`) unless ``low_cpu_mem_usage``. ``use_stream=False`` (a CPU
+    onload device, where there are no CUDA streams) onloads each block synchronously. Returns the resident
     indices.
     """
     import torch
@@ -423,7 +445,7 @@ def group_offload_with_resident_blocks(
         offload_device=torch.device("cpu"),
         offload_type="block_level",
         num_blocks_per_group=1,
-        use_stream=True,
+        use_stream=use_stream,
         low_cpu_mem_usage=True,
     )
     # The lazy prefetch hook listed the placeholders among the layers whose execution it traces: forget them.

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -200,6 +201,9 @@ class OptimizationConfig:
     mode: str | None = None  # a named set of the options above (MODES: "exact", "turbo", "turbo-cache")
     # GPUs to spread one request over (identical ones; the plan's ``parallel`` says how: qwennb.parallel).
     gpus: int | None = None
+    # Group offload: transformer blocks kept on the GPU (default: as many as fit; none when the whole model fits
+    # and group offload was asked for anyway).
+    resident_blocks: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizationConfig:
@@ -716,7 +720,8 @@ def _model_facts(model: str) -> tuple[dict[str, ComponentSize], dict[str, Any], 
 
 
 def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arrangement]:
-    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds.
+    """Every arrangement the overrides allow, with as many transformer blocks resident as the budget holds
+    (``resident_blocks`` caps them; group offload asked for although the whole model fits streams every block).
 
     Example:
         >>> st = setting(describe_machine(24, host_ram_gb=64), "qwen-image")
@@ -771,9 +776,14 @@ def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arra
                 - cost(replace(a, resident_blocks=0), st).gpu_peak_gb
             )
             fit = int(free // blk) if blk > 0 else 0
-            if fit >= blocks:  # whole fits: that is the "gpu" arrangement
+            asked = cfg.transformer_placement == "group_offload"
+            if fit >= blocks and not asked:  # whole fits: that is the "gpu" arrangement
                 continue
-            a = replace(a, resident_blocks=max(0, fit))
+            if cfg.resident_blocks is not None:
+                fit = min(fit, cfg.resident_blocks)
+            elif fit >= blocks:  # asked for although the whole fits: every block streams
+                fit = 0
+            a = replace(a, resident_blocks=max(0, min(fit, blocks)))
         if place in ("group_offload", "sequential_offload", "model_offload") or text != "gpu":
             a = replace(a, pinned=cost(a, st).host_peak_gb <= HOST_PIN_SHARE * st.host_gb)
         out.append(a)
@@ -1004,6 +1014,13 @@ def make_plan(
     """Decide how to load ``model`` (a registry name or a model folder) on ``hardware``; raise PlanError when it
     cannot run. ``width``/``height`` size the activations (default: the plan's default size).
 
+    A small model (under 1 B parameters: ``toy``, ``tiny``, a small folder) sits whole on its device in float32
+    unless memory or speed options are asked for (:data:`ARRANGING`: placements, resident blocks, fp8, quantisation,
+    compile, a step cache); on a GPU it is then planned as a large model is (:func:`select` with those options
+    forced, in bf16 for fp8 or quantised forms), so that each arrangement can be checked on it. What cannot apply
+    (fp8 before compute capability 8.9, quantisation without bitsandbytes, GPU-only options on a CPU) is said in
+    ``warnings``; group offload and step caches apply on the CPU too.
+
     Example:
         >>> plan = make_plan(describe_machine(gpu_memory_gb=16), "qwen-image")
         >>> plan.components["text_encoder"].placement != "gpu"
@@ -1030,12 +1047,160 @@ def make_plan(
         raise PlanError(f"size {w}x{h} is not a multiple of 16")
     flops = transformer_flops(tconf, w, h)
     passes = 2 if defaults["cfg"] > 1 else 1
+    given = cfg.set_fields()
+    if device == "cuda" and small:
+        cfg, arranged = _plan_small_on_gpu(
+            hardware, spec, model, sizes, tconf, cfg, defaults, (w, h), flops, passes, reasons, warnings
+        )
+        if arranged is not None:
+            return arranged
     if device != "cuda" or small:
-        return _plan_whole(
+        whole = _plan_whole(
             hardware, spec, model, sizes, device, cfg, defaults, (w, h), flops * passes, reasons, warnings
         )
+        whole.overrides = given  # as given, with those a small model's GPU plan dropped (its warnings say so)
+        return whole
     assert gpu is not None
     dtype = _gpu_dtype(gpu, cfg, reasons)
+    return _plan_arranged(
+        hardware,
+        gpu,
+        spec,
+        model,
+        sizes,
+        tconf,
+        cfg,
+        defaults,
+        (w, h),
+        flops,
+        passes,
+        dtype,
+        reasons,
+        warnings,
+    )
+
+
+# Options that arrange a model on a GPU (where its parts live, their form, the tuned path, a step cache): a small
+# model sits whole unless one of them is asked for (OptimizationConfig's names).
+ARRANGING = (
+    "transformer_placement",
+    "text_encoder_placement",
+    "resident_blocks",
+    "storage_dtype",
+    "quantization",
+    "fp8_matmul",
+    "enable_cpu_offload",
+    "compile",
+    "cache",
+)
+
+
+def _arranging(cfg: OptimizationConfig) -> list[str]:
+    """The arranging options set in ``cfg`` (``False`` and ``None`` leave the model whole), as ``name=value``."""
+    return [f"{k}={getattr(cfg, k)!r}" for k in ARRANGING if getattr(cfg, k) not in (None, False)]
+
+
+def _fp8_ok(gpu: GPU, dtype: str, cfg: OptimizationConfig) -> bool:
+    return gpu.capability >= (8, 9) and dtype == "bfloat16" and cfg.compile is not False
+
+
+def _small_on_gpu(
+    cfg: OptimizationConfig, gpu: GPU, name: str, warnings: list[str]
+) -> tuple[OptimizationConfig, str | None]:
+    """A small model on a GPU: the overrides that can apply (those that cannot are dropped with a warning) and the
+    dtype to plan it in, or ``None`` when nothing arranging is left (it sits whole, as without overrides)."""
+    if cfg.quantization and importlib.util.find_spec("bitsandbytes") is None:
+        warnings.append(
+            f"quantization={cfg.quantization!r}: not applied: {name} would be quantised by bitsandbytes, which is "
+            "not installed"
+        )
+        cfg = replace(cfg, quantization=None)
+    lossy = bool(cfg.fp8_matmul or cfg.storage_dtype or cfg.quantization)
+    dtype = cfg.dtype or ("bfloat16" if lossy and gpu.bf16 else "float32")
+    if cfg.fp8_matmul and not _fp8_ok(gpu, dtype, cfg):
+        warnings.append(
+            f"fp8_matmul needs compute capability 8.9 or newer, bf16 and compile (this card: {gpu.compute_capability}); ignored"
+        )
+        cfg = replace(cfg, fp8_matmul=None)
+        if not (cfg.storage_dtype or cfg.quantization):
+            dtype = cfg.dtype or "float32"
+    return cfg, dtype if _arranging(cfg) else None
+
+
+def _plan_small_on_gpu(
+    hardware: Hardware,
+    spec: ModelSpec,
+    model: str,
+    sizes: dict[str, ComponentSize],
+    tconf: dict[str, Any],
+    cfg: OptimizationConfig,
+    defaults: dict[str, Any],
+    size: tuple[int, int],
+    flops: float,
+    passes: int,
+    reasons: list[str],
+    warnings: list[str],
+) -> tuple[OptimizationConfig, Plan | None]:
+    """A small model on a GPU with memory or speed options asked for (:data:`ARRANGING`): planned as a large model
+    is, by :func:`select` with those options forced. Returns the options left once those that cannot apply here
+    are dropped (with a warning), and the plan, or ``None`` when nothing arranging is left (it then sits whole)."""
+    gpu = hardware.best_gpu
+    assert gpu is not None
+    w, h = size
+    cfg, dtype = _small_on_gpu(cfg, gpu, spec.name, warnings)
+    if dtype is None:
+        return cfg, None
+    reasons.append(
+        f"{spec.name} is small enough to sit whole, but {', '.join(_arranging(cfg))} was asked for: "
+        f"planned as a large model is, in {dtype}"
+        + ("" if cfg.dtype else " (bf16 for the fp8 or quantised forms)" if dtype == "bfloat16" else "")
+        + "; its text encoder stays on the GPU unless placed (the costs are Qwen-Image's 7B encoder's) and "
+        "TF32 stays off unless asked for (as when it sits whole)."
+    )
+    asked = cfg.set_fields()
+    plan = _plan_arranged(
+        hardware,
+        gpu,
+        spec,
+        model,
+        sizes,
+        tconf,
+        replace(
+            cfg,
+            text_encoder_placement=cfg.text_encoder_placement or "gpu",
+            enable_tf32=bool(cfg.enable_tf32),
+        ),
+        defaults,
+        (w, h),
+        flops,
+        passes,
+        dtype,
+        reasons,
+        warnings,
+    )
+    plan.overrides = asked  # the options as given (not the text encoder and TF32 defaults added above)
+    return cfg, plan
+
+
+def _plan_arranged(
+    hardware: Hardware,
+    gpu: GPU,
+    spec: ModelSpec,
+    model: str,
+    sizes: dict[str, ComponentSize],
+    tconf: dict[str, Any],
+    cfg: OptimizationConfig,
+    defaults: dict[str, Any],
+    size: tuple[int, int],
+    flops: float,
+    passes: int,
+    dtype: str,
+    reasons: list[str],
+    warnings: list[str],
+) -> Plan:
+    """The model on a GPU in an arrangement chosen by :func:`select` from the costed candidates (the overrides
+    forced): any large model, and a small one when memory or speed options were asked for."""
+    w, h = size
     budget = _budget(gpu)
     assumed = [n[len("assumed ") :] for n in hardware.notes if n.startswith("assumed ")]
     rate = TYPICAL_BF16_TFLOPS.get(gpu.compute_capability, 150.0)
@@ -1044,7 +1209,7 @@ def make_plan(
     if gpu.host_to_device_gbps is None:
         assumed.append("PCIe gen 4 x16 (this card's link is unknown)")
     st = Setting(sizes, dtype, gpu, hardware.host_ram_gb, flops, w, h, defaults["steps"], passes, rate)
-    if cfg.fp8_matmul and not (gpu.capability >= (8, 9) and dtype == "bfloat16" and cfg.compile is not False):
+    if cfg.fp8_matmul and not _fp8_ok(gpu, dtype, cfg):
         warnings.append(
             f"fp8_matmul needs compute capability 8.9 or newer, bf16 and compile (this card: {gpu.compute_capability}); ignored"
         )
@@ -1114,8 +1279,10 @@ def _plan_whole(
     reasons: list[str],
     warnings: list[str],
 ) -> Plan:
-    """Everything in one place: the CPU, MPS, or a GPU for a small model. Refused from the numbers (seconds a step
-    on the CPU, RAM), not from the model's name."""
+    """Everything in one place: the CPU, MPS, or a GPU for a small model asked for no memory or speed option.
+    Refused from the numbers (seconds a step on the CPU, RAM), not from the model's name. On the CPU the
+    transformer may take diffusers' group offload (asked for: the same hooks, onto the CPU); options that need a
+    GPU are listed in a warning as not applied."""
     gpu = hardware.best_gpu if device == "cuda" else None
     dtype = cfg.dtype or ("float32" if sum(s.params for s in sizes.values()) < 1e9 else "bfloat16")
     db = DTYPE_BYTES[dtype]
@@ -1134,18 +1301,28 @@ def _plan_whole(
             )
     if cfg.mode in ("turbo", "turbo-cache"):
         warnings.append(f"mode {cfg.mode!r} applies to Qwen-Image on a CUDA GPU; ignored here")
+    # diffusers' group offload runs on the CPU too (onto the CPU, without streams): the same hooks as on a GPU.
+    offload = device == "cpu" and cfg.transformer_placement == "group_offload"
     asked = {
-        "transformer_placement": cfg.transformer_placement,
+        "transformer_placement": cfg.transformer_placement if not offload else None,
         "text_encoder_placement": cfg.text_encoder_placement,
+        "resident_blocks": cfg.resident_blocks if not offload else None,
         "storage_dtype": cfg.storage_dtype,
         "quantization": cfg.quantization,
         "fp8_matmul": cfg.fp8_matmul if cfg.mode not in ("turbo", "turbo-cache") else None,
         "enable_cpu_offload": cfg.enable_cpu_offload,
+        "compile": cfg.compile if device != "cuda" else None,
     }
     ignored = [f"{k}={v!r}" for k, v in asked.items() if v not in (None, False)]
     if ignored:
         warnings.append(
             f"{', '.join(ignored)}: not applied: {spec.name} runs whole on {device} ({weights:.2f} GiB in {dtype})"
+            + (
+                "; fp8 needs a CUDA GPU of compute capability 8.9+, quantisation bitsandbytes and CUDA, offloading "
+                "a GPU, the tuned path and compile CUDA"
+                if device != "cuda"
+                else ""
+            )
         )
     place = "cpu" if device == "cpu" else "gpu"
     comps = {
@@ -1160,6 +1337,20 @@ def _plan_whole(
         )
         for name, s in sizes.items()
     }
+    arrangement = f"everything on {device} in {dtype}"
+    if offload:
+        t = sizes["transformer"]
+        kept = max(0, min(t.blocks, cfg.resident_blocks or 0))
+        comps["transformer"] = replace(
+            comps["transformer"],
+            placement="group_offload",
+            resident_blocks=kept,
+            reason=f"group offload as asked: diffusers' hooks onload {t.blocks - kept} of {t.blocks} blocks onto "
+            "the CPU, one at a time (no copies here: the same hooks as on a GPU, without streams)",
+        )
+        arrangement = (
+            f"transformer group offload ({dtype}, {kept}/{t.blocks} blocks resident), everything on {device}"
+        )
     reasons.append(f"{dtype} on {device}: {weights:.2f} GiB of weights, everything in one place.")
     if spec.name == "tiny":
         reasons.append("tiny stand-in: the real classes with tiny configs; its images are noise.")
@@ -1178,7 +1369,7 @@ def _plan_whole(
         dtype=dtype,
         components=comps,
         attention_backend=cfg.attention_backend or "native",
-        compile=bool(cfg.compile),
+        compile=bool(cfg.compile) and device == "cuda",
         cache=cfg.cache,
         tf32=bool(cfg.enable_tf32),
         cudnn_benchmark=bool(cfg.enable_cudnn_benchmark),
@@ -1189,8 +1380,8 @@ def _plan_whole(
         estimated_peak_gpu_gb=round(peak, 2),
         estimated_host_ram_gb=round((weights if device == "cpu" else 0.0) + PROCESS_HOST_GIB, 2),
         estimated_s_per_step=None,
-        arrangement=f"everything on {device} in {dtype}",
-        lossless=True,
+        arrangement=arrangement,
+        lossless=not cfg.cache,
         reasons=reasons,
         warnings=warnings,
         overrides=cfg.set_fields(),

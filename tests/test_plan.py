@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -404,17 +405,82 @@ def test_a_pageable_plan_says_how_much_host_ram_would_pin_it():
 
 
 @pytest.mark.parametrize(
-    "overrides",
-    [{"transformer_placement": "group_offload"}, {"fp8_matmul": True}, {"quantization": "nf4"}],
+    "overrides, check",
+    [
+        (
+            {"transformer_placement": "group_offload"},
+            lambda p: p.components["transformer"].resident_blocks == 0,
+        ),
+        (
+            {"transformer_placement": "group_offload", "resident_blocks": 2},
+            lambda p: p.components["transformer"].resident_blocks == 2,
+        ),
+        ({"fp8_matmul": True}, lambda p: p.fp8_matmul and p.fast_path and p.dtype == "bfloat16"),
+        ({"mode": "turbo"}, lambda p: p.fp8_matmul and not p.lossless),
+        (
+            {"storage_dtype": "float8_e4m3fn"},
+            lambda p: p.components["transformer"].storage_dtype == "float8_e4m3fn",
+        ),
+        ({"compile": True}, lambda p: p.fast_path and p.compile and p.dtype == "float32"),
+        ({"cache": "first_block"}, lambda p: p.cache == "first_block" and not p.lossless),
+        (
+            {"transformer_placement": "model_offload"},
+            lambda p: p.components["transformer"].placement == "model_offload",
+        ),
+    ],
 )
-def test_a_small_model_says_which_memory_options_it_does_not_apply(overrides):
-    """The toy sits whole on the card: placement, fp8 and quantisation options are not applied, and the plan
-    says so instead of dropping them silently (a benchmark once compared four 'settings' that were one)."""
-    plan = make_plan(describe_machine(24, compute_capability="9.0"), "toy", overrides)
-    ((key, value),) = overrides.items()
-    assert any(w.startswith(f"{key}={value!r}: not applied: toy runs whole") for w in plan.warnings)
-    assert plan.arrangement.startswith("everything on cuda")
-    assert not make_plan(describe_machine(24, compute_capability="9.0"), "toy").warnings
+def test_a_small_model_applies_the_memory_and_speed_options_it_is_given(overrides, check):
+    """The toy sits whole on the card by default; options asked for are planned as a large model's are (the same
+    selection, those options forced), so what a benchmark calls fp8 or group offload on the toy really is (a
+    benchmark once compared four 'settings' that were one)."""
+    hw = describe_machine(24, compute_capability="9.0")
+    default = make_plan(hw, "toy")
+    assert default.arrangement == "everything on cuda in float32" and not default.warnings
+    plan = make_plan(hw, "toy", overrides)
+    assert plan.device == "cuda" and plan.model == "toy" and check(plan)
+    assert plan.arrangement != default.arrangement or plan.fast_path or plan.cache
+    assert not any("not applied" in w for w in plan.warnings)
+    assert overrides.items() <= plan.overrides.items()  # as given (a mode adds its options)
+    assert not {"text_encoder_placement", "enable_tf32"} & set(plan.overrides)
+    text = "model_offload" if overrides.get("transformer_placement") == "model_offload" else "gpu"
+    assert plan.components["text_encoder"].placement == text and not plan.tf32  # as when it sits whole
+    if overrides.get("transformer_placement") == "group_offload":
+        assert plan.components["transformer"].placement == "group_offload" and not plan.fast_path
+
+
+def test_a_small_model_warns_about_the_options_it_cannot_apply():
+    """On a CPU, or a card before compute capability 8.9, fp8 cannot apply; quantisation needs bitsandbytes and
+    CUDA: the plan says so and keeps the toy whole. Group offload runs on the CPU (diffusers' hooks, no streams)."""
+    cpu = describe_machine(host_ram_gb=16)
+    for overrides in ({"fp8_matmul": True}, {"quantization": "nf4"}, {"compile": True}):
+        plan = make_plan(cpu, "toy", overrides)
+        ((key, value),) = overrides.items()
+        assert any(
+            w.startswith(f"{key}={value!r}: not applied: toy runs whole on cpu") for w in plan.warnings
+        )
+        assert plan.arrangement == "everything on cpu in float32" and not plan.compile
+    offload = make_plan(cpu, "toy", {"transformer_placement": "group_offload"})
+    assert offload.components["transformer"].placement == "group_offload" and not offload.warnings
+    older = make_plan(describe_machine(24, compute_capability="8.6"), "toy", {"fp8_matmul": True})
+    assert any(w.startswith("fp8_matmul needs compute capability 8.9") for w in older.warnings)
+    assert older.arrangement == "everything on cuda in float32" and not older.fp8_matmul
+    nf4 = make_plan(describe_machine(24, compute_capability="9.0"), "toy", {"quantization": "nf4"})
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert any(
+            w.startswith("quantization='nf4': not applied") and "bitsandbytes" in w for w in nf4.warnings
+        )
+        assert nf4.arrangement == "everything on cuda in float32"
+    else:
+        assert nf4.components["transformer"].quantization == "nf4" and nf4.dtype == "bfloat16"
+
+
+def test_group_offload_asked_for_on_a_card_that_holds_the_model_streams_it():
+    """Asked for although the whole model fits: every block streams (resident_blocks keeps some), no refusal."""
+    hw = describe_machine(80, compute_capability="9.0", host_ram_gb=256)
+    t = make_plan(hw, "qwen-image", {"transformer_placement": "group_offload"}).components["transformer"]
+    assert t.placement == "group_offload" and t.resident_blocks == 0
+    kept = make_plan(hw, "qwen-image", {"transformer_placement": "group_offload", "resident_blocks": 40})
+    assert kept.components["transformer"].resident_blocks == 40
 
 
 def test_nf4_only_when_asked_and_said_to_be_unmeasured():
