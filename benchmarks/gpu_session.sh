@@ -101,7 +101,8 @@ lane_b4() {
 # ROUND=5 (prepared for the next session): first both GPUs: NCCL's all-to-all at Ulysses' shapes without a model
 # (is P2P over NVLink in use? the tuned Ulysses measured no faster than one GPU), the CFG-1 Ulysses rows again (now
 # with each rank's token count) and the two-GPU batch after the #19 change (cut by its limit in round 4); then toy
-# run 7 (from the shipped run 6) on GPU 0, and Edit-2511 with 3 references and Qwen-Image-2.1's tuned path on GPU 1.
+# run 7 (from the shipped run 6) on GPU 0; Edit-2511 with 3 references, Qwen-Image-2.1's tuned path and the toy's
+# adherence through each qwennb arrangement (small-model plans now apply them) on GPU 1.
 first_5() {
   job 90 nccl_probe python3 benchmarks/nccl_probe.py --out $R
   job 270 multigpu python3 benchmarks/multigpu.py --gpus 2 --only-cfg1 --out $R
@@ -118,6 +119,7 @@ lane_b5() {
   export CUDA_VISIBLE_DEVICES=1
   job 240 edit python3 benchmarks/edit.py --out $R/edit3 --steps 10 --refs 3 --configs 2511
   job 300 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
+  job 330 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
 }
 
 phases() {
