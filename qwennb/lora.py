@@ -574,14 +574,60 @@ def _invalidate_fast_path(transformer: Any) -> None:
     state.sched_temb = None
 
 
+BASES_ATTR = (
+    "_qwennb_lora_bases"  # {adapter: [(module, its scaling at scale 1)]}: hotswap-prepared LoRAs only
+)
+
+
+def _record_bases(transformer: Any, name: str) -> None:
+    """After a load or hotswap of ``name``: remember each layer's scaling at scale 1 when PEFT keeps it as a tensor
+    (``enable_lora_hotswap`` makes it one, so a compiled graph reads it instead of baking a float in)."""
+    import torch
+
+    found = []
+    for module in transformer.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and isinstance(scaling.get(name), torch.Tensor):
+            found.append((module, scaling[name].detach().clone()))
+    bases = getattr(transformer, BASES_ATTR, {})
+    if found:
+        bases[name] = found
+    else:
+        bases.pop(name, None)
+    setattr(transformer, BASES_ATTR, bases)
+
+
 def _apply_scales(pipe: Any) -> None:
+    """Set every live LoRA's scale. diffusers' ``set_adapters`` writes each layer's scaling as a Python float, which
+    a compiled graph bakes in (a new scale would recompile it): for LoRAs whose scalings are tensors (a compiled
+    plan prepared hotswap), the tensors are written in place instead, or made tensors again after ``set_adapters``."""
     reg = _registry(pipe)
     live = [i for i in reg.values() if not i.fused]
+    tr = pipe.transformer
+    bases = getattr(tr, BASES_ATTR, {})
+    for n in [n for n in bases if n not in reg]:
+        bases.pop(n)
     if live:
-        pipe.set_adapters([i.name for i in live], [float(i.scale) for i in live])
-        if getattr(pipe, "qwennb", {}).get("loras_disabled"):
-            pipe.disable_lora()
-    _invalidate_fast_path(pipe.transformer)
+        disabled = bool(getattr(pipe, "qwennb", {}).get("loras_disabled"))
+        active = set(tr.active_adapters()) if hasattr(tr, "active_adapters") else set()
+        in_place = (
+            not disabled
+            and all(i.name in bases for i in live)
+            and active == {i.name for i in live}
+            and all(isinstance(m.scaling.get(i.name), type(b)) for i in live for m, b in bases[i.name][:1])
+        )
+        if in_place:
+            for i in live:
+                for module, base in bases[i.name]:
+                    module.scaling[i.name].copy_(base * float(i.scale))
+        else:
+            pipe.set_adapters([i.name for i in live], [float(i.scale) for i in live])
+            for i in live:
+                for module, base in bases.get(i.name, []):
+                    module.scaling[i.name] = base * float(i.scale)
+            if disabled:
+                pipe.disable_lora()
+    _invalidate_fast_path(tr)
 
 
 def _restore_streaming(pipe: Any) -> None:
@@ -784,6 +830,7 @@ def add(
         del sd
     info = LoraInfo(name, os.fspath(source), str(path), digest, float(scale), fmt, rank, layers)
     reg[name] = info
+    _record_bases(pipe.transformer, name)
     with stages("scales"):
         _restore_streaming(pipe)
         _apply_scales(pipe)

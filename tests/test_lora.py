@@ -513,3 +513,38 @@ def test_a_lightning_preset_offline_without_the_file_names_the_command(pipe):
     )
     assert "`qwennb download --lora lightning-4 --for-model qwen-image-2512`" in msg
     assert lora.list_loras(pipe) == []
+
+
+def test_scales_of_a_hotswap_prepared_lora_change_without_recompiling(files):
+    """A compiled plan prepares hotswap before its first LoRA (PEFT keeps each layer's scaling as a tensor, read by
+    the compiled graph). Setting a scale must write those tensors in place: diffusers' set_adapters turns them back
+    into Python floats, which a compiled graph bakes in, so every new scale recompiled. Checked here with the
+    transformer's blocks compiled (eager backend): new scales and a hotswap add no graph, and each image equals the
+    same LoRA at that scale on a pipeline that never prepared hotswap."""
+    from torch._dynamo.utils import counters
+
+    plain, prepared = new_pipe(), new_pipe()
+    prepared.enable_lora_hotswap(target_rank=8, check_compiled="ignore")
+    for p in (plain, prepared):
+        lora.add(p, files["lightning"], 1.0, name="slot")
+    torch._dynamo.reset()
+    counters.clear()
+    for block in prepared.transformer.transformer_blocks:
+        block.compile(backend="eager", dynamic=False)
+    try:
+        assert np.array_equal(image(prepared), image(plain))
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
+        for scale in (0.5, 0.0, 1.7):
+            for p in (plain, prepared):
+                lora.set_scale(p, "slot", scale)
+            assert np.array_equal(image(prepared), image(plain)), scale
+        lora.add(prepared, files["alpha8"], 1.7, name="slot", hotswap=True)
+        lora.remove(plain)
+        lora.add(plain, files["alpha8"], 1.7, name="slot")
+        assert np.array_equal(image(prepared), image(plain))
+        assert counters["stats"]["unique_graphs"] == graphs  # no recompile for scales or the hotswap
+    finally:
+        torch._dynamo.reset()
+        for p in (plain, prepared):
+            lora.remove(p)
