@@ -184,9 +184,7 @@ def _gpu_blocks(plan: Plan) -> set[int]:
     t = plan.components["transformer"]
     if t.placement != "group_offload":
         return set()
-    sizes = (
-        folder_sizes(plan.source) if plan.source else component_sizes(plan.model)
-    )  # a folder: its own size
+    sizes = folder_sizes(plan.source) if plan.source else component_sizes(plan.model)  # a folder: its own
     return set(resident_block_indices(sizes["transformer"].blocks, t.resident_blocks or 0))
 
 
@@ -256,9 +254,8 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     if plan.device != "cuda":
         pipe.to(plan.device)
         t = plan.components["transformer"]
-        if (
-            t.placement == "group_offload"
-        ):  # diffusers' hooks onto the CPU, without streams (a small model's plan)
+        # diffusers' group offload hooks onto the CPU, without streams (a small model's plan)
+        if t.placement == "group_offload":
             group_offload_with_resident_blocks(
                 pipe.transformer,
                 t.resident_blocks or 0,
