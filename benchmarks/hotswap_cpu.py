@@ -70,7 +70,6 @@ def build_pipe(layers: int) -> Any:
 
 
 def write_loras(pipe: Any, folder: Path, dtype: torch.dtype) -> list[Path]:
-    from safetensors.torch import save_file
 
     from qwennb import lora
     from qwennb.presets import LIGHTNING_ALPHA, LIGHTNING_RANK
@@ -78,8 +77,9 @@ def write_loras(pipe: Any, folder: Path, dtype: torch.dtype) -> list[Path]:
     files = []
     for seed in (1, 2):
         f = folder / f"Lightning-shaped-{len(pipe.transformer.transformer_blocks)}-{seed}.safetensors"
-        sd = lora.random_lora_state_dict(
+        lora.save_random_lora(
             pipe.transformer,
+            f,
             rank=LIGHTNING_RANK,
             alpha=LIGHTNING_ALPHA,
             layout="lightning",
@@ -87,7 +87,6 @@ def write_loras(pipe: Any, folder: Path, dtype: torch.dtype) -> list[Path]:
             std=0.01,
             dtype=dtype,
         )
-        save_file(sd, str(f))
         files.append(f)
     return files
 

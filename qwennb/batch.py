@@ -940,7 +940,32 @@ def _pick(slots: list[_Slot]) -> _Slot | None:
     return min(live, key=lambda s: len(s.fifo)) if live else None
 
 
-class LocalEngine:
+class _SlotEngine:
+    """What the local and the Ray engine share: their workers' slots (``slots``) and which slot each handed-out
+    item went to (``owner``)."""
+
+    slots: list[_Slot]
+    owner: dict[Any, _Slot]
+
+    def free(self) -> int:
+        return sum(AHEAD + 1 - len(s.fifo) for s in self.slots if not s.dead)
+
+    def idle(self) -> int:
+        return sum(1 for s in self.slots if not s.dead and not s.fifo)
+
+    def size(self) -> int:
+        return sum(1 for s in self.slots if not s.dead)
+
+    def running(self, handle: Any) -> bool:
+        s = self.owner.get(handle)
+        return s is not None and bool(s.fifo) and s.fifo[0] is handle
+
+    def worker_of(self, handle: Any) -> str | None:
+        s = self.owner.get(handle)
+        return s.name if s is not None else None
+
+
+class LocalEngine(_SlotEngine):
     """One worker process per GPU (or ``workers`` CPU processes), each loading the pipeline once.
 
     Each worker is its own one-process ``concurrent.futures.ProcessPoolExecutor`` (spawned): the initializer
@@ -985,15 +1010,6 @@ class LocalEngine:
         )
         s.made = 0
 
-    def free(self) -> int:
-        return sum(AHEAD + 1 - len(s.fifo) for s in self.slots if not s.dead)
-
-    def idle(self) -> int:
-        return sum(1 for s in self.slots if not s.dead and not s.fifo)
-
-    def size(self) -> int:
-        return sum(1 for s in self.slots if not s.dead)
-
     def submit(self, request: dict[str, Any]) -> Any:
         from concurrent.futures.process import BrokenProcessPool
 
@@ -1002,20 +1018,12 @@ class LocalEngine:
         try:
             fut = s.pool.submit(_local_run, request)
         except BrokenProcessPool:  # its process died while it had nothing to do: start it again
-            s.pool.shutdown(wait=False, cancel_futures=True)
+            _shutdown(s.pool, wait=False)
             self._start(s)
             fut = s.pool.submit(_local_run, request)
         s.fifo.append(fut)
         self.owner[fut] = s
         return fut
-
-    def running(self, handle: Any) -> bool:
-        s = self.owner.get(handle)
-        return s is not None and bool(s.fifo) and s.fifo[0] is handle
-
-    def worker_of(self, handle: Any) -> str | None:
-        s = self.owner.get(handle)
-        return s.name if s is not None else None
 
     def wait(self, handles: list[Any], timeout: float) -> list[_Outcome]:
         from concurrent.futures import FIRST_COMPLETED
@@ -1097,7 +1105,7 @@ def _shutdown(pool: Any, wait: bool) -> None:
                 proc.kill()
 
 
-class RayEngine:
+class RayEngine(_SlotEngine):
     """One long-lived Ray actor per GPU of the cluster (or ``workers`` CPU actors), each loading the
     pipeline once; each actor runs one item and has one queued behind it (``AHEAD``), and items go to whichever
     actor has room (``ray.wait``). A lost actor's running item is retried on another actor (the one queued
@@ -1157,23 +1165,6 @@ class RayEngine:
         self.owner: dict[Any, _Slot] = {}  # ref -> its actor's slot
         self.probes: dict[Any, _Slot] = {}  # ref of an info() call -> a lost actor's slot, until it answers
         self.lost: list[str | None] = []
-
-    def free(self) -> int:
-        return sum(AHEAD + 1 - len(s.fifo) for s in self.slots if not s.dead)
-
-    def idle(self) -> int:
-        return sum(1 for s in self.slots if not s.dead and not s.fifo)
-
-    def size(self) -> int:
-        return sum(1 for s in self.slots if not s.dead)
-
-    def running(self, handle: Any) -> bool:
-        s = self.owner.get(handle)
-        return s is not None and bool(s.fifo) and s.fifo[0] is handle
-
-    def worker_of(self, handle: Any) -> str | None:
-        s = self.owner.get(handle)
-        return s.name if s is not None else None
 
     def submit(self, request: dict[str, Any]) -> Any:
         s = _pick(self.slots)
