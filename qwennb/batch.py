@@ -1659,7 +1659,10 @@ def run_batch(
             parquet = manifest.write_parquet(final)
         html_path = png_path = None
         if sheet:
-            html_path, png_path = contact_sheet([state[i] for i in order], folder)
+            try:
+                html_path, png_path = contact_sheet([state[i] for i in order], folder)
+            except KeyboardInterrupt:  # Ctrl-C while the sheet is drawn: no sheet, the summary still comes
+                interrupted = True
     failures = [
         {"id": i, "source": state[i]["source"], "error": state[i].get("error")}
         for i in order

@@ -609,3 +609,17 @@ def test_closing_a_worker_whose_pool_never_started_its_thread():
     pool2 = ProcessPoolExecutor(1)
     pool2._executor_manager_thread = threading.Thread(target=lambda: None)
     _shutdown(pool2, wait=True)  # no exception
+
+
+def test_ctrl_c_while_the_contact_sheet_is_drawn_still_returns_the_summary(tmp_path, pipe, monkeypatch):
+    """Every image is made and recorded; a Ctrl-C that lands while the contact sheet is drawn must not lose the
+    summary (the CLI prints it as its last line): the run ends interrupted, without a sheet."""
+    import qwennb.batch as qb
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qb, "contact_sheet", interrupted)
+    r = run_batch(["a red circle", "a blue square"], tmp_path / "out", pipe=pipe, steps=2, size="64x64")
+    assert r.interrupted and r.done == 2 and r.contact_sheet_html is None
+    assert {x["status"] for x in lines(r.manifest)} == {"done"}
