@@ -333,7 +333,12 @@ def test_local_workers_sigint_then_resume(tmp_path, pipe):
     """Two local worker processes; SIGINT mid-run leaves a consistent manifest; the rerun redoes at most
     the items that were in flight, and skips the rest."""
     f = tmp_path / "p.jsonl"
-    f.write_text("".join(json.dumps({"prompt": f"picture {i}"}) + "\n" for i in range(16)))
+    # Six quick items, then ten that take about a second each: the Ctrl-C below always lands while items are
+    # being made (with sixteen quick ones the batch could end between two looks at the manifest, and the signal
+    # then hit the finished CLI).
+    lines_ = [{"prompt": f"picture {i}"} for i in range(6)]
+    lines_ += [{"prompt": f"picture {i}", "size": "256x256", "steps": 8} for i in range(6, 16)]
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines_))
     out = tmp_path / "out"
     proc = _cli(
         str(f),
@@ -356,11 +361,16 @@ def test_local_workers_sigint_then_resume(tmp_path, pipe):
         if len(done) >= 3 and len({x["worker"] for x in done}) == 2:  # both workers are making images
             break
         time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"the workers made no images in 300 s: {proc.communicate()[1][-2000:]}")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130 and stdout.strip(), (
+        f"exit {proc.returncode}\n{stdout[-2000:]}\n{stderr[-2000:]}"
+    )
     first = json.loads(stdout.strip().splitlines()[-1])
-    assert first["interrupted"] and first["total"] == 16 and 3 <= first["done"] < 16
+    assert first["interrupted"] and first["total"] == 16 and 3 <= first["done"] < 16, first
     assert first["started"] - first["done"] <= 2  # at most the items in flight are unfinished
     assert len(set(first["workers"])) == 2
     rows = lines(first["manifest"])
