@@ -1734,8 +1734,10 @@ def _drive(
             manifest.append(rec)
             emit("item_start", item_id=it.id, worker=engine.worker_of(handle))
 
-    while queue or inflight or writer.pending:
-        try:
+    while True:
+        try:  # the loop's test is inside: a Ctrl-C that lands on it stops the batch the same way
+            if not (queue or inflight or writer.pending):
+                break
             if stop and not stopping:
                 stopping = True
                 engine.stop()
