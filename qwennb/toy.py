@@ -36,6 +36,8 @@ import numpy as np
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "EDIT_KINDS",
+    "EditItem",
     "POSITIONS",
     "SHAPES",
     "SIZES",
@@ -43,6 +45,9 @@ __all__ = [
     "Reading",
     "Scene",
     "caption",
+    "edit_eval_set",
+    "edit_instruction",
+    "edit_target",
     "eval_set",
     "parse",
     "random_scene",
@@ -50,6 +55,7 @@ __all__ = [
     "render",
     "render_batch",
     "score",
+    "score_edits",
 ]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -801,4 +807,281 @@ def score(items: Sequence[EvalItem], images: Sequence[Any]) -> dict[str, Any]:
         }
         out[group]["all_four"] = round(sum(all(r.values()) for r in sel) / len(sel), 4)
         out[group]["n"] = len(sel)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edits: one attribute of a scene changed, the instruction that asks for it, and how to judge the result
+# (the toy edit model, ``toy-edit``, is trained by training/toy/train_edit.py on these)
+# ---------------------------------------------------------------------------------------------------------
+
+EDIT_KINDS: tuple[str, ...] = ("colour", "shape", "position", "size", "background")
+
+# Instructions per edit kind and split: {obj} is how the shape is referred to ("the circle", "it", "the red
+# star"), {new} the new value's word. Held-out phrasings never appear in training.
+_EN_EDIT = {
+    "train": {
+        "colour": [
+            "make {obj} {new}",
+            "turn {obj} {new}",
+            "paint {obj} {new}",
+            "recolor {obj} {new}",
+            "colour {obj} {new}",
+            "change the colour of {obj} to {new}",
+            "change {obj} to {new}",
+            "{obj} should be {new}",
+            "make {obj} {new} instead",
+        ],
+        "shape": [
+            "turn {obj} into a {new}",
+            "make {obj} a {new}",
+            "replace {obj} with a {new}",
+            "change {obj} into a {new}",
+            "change the shape to a {new}",
+            "make it a {new} instead",
+            "{obj} should be a {new}",
+        ],
+        "position": [
+            "move {obj} {new}",
+            "put {obj} {new}",
+            "shift {obj} {new}",
+            "place {obj} {new}",
+            "{obj} goes {new}",
+            "move it {new}",
+        ],
+        "size": [
+            "make {obj} {new}",
+            "{new} {obj}",
+            "{obj} should be {new}",
+        ],
+        "background": [
+            "change the background to {new}",
+            "make the background {new}",
+            "set the background to {new}",
+            "use a {new} background",
+            "replace the background with {new}",
+            "put {obj} on a {new} background",
+            "the background should be {new}",
+        ],
+    },
+    "heldout": {
+        "colour": ["give {obj} a {new} colour", "could you make {obj} {new}?", "switch {obj} over to {new}"],
+        "shape": ["swap {obj} for a {new}", "draw a {new} in place of {obj}", "reshape {obj} as a {new}"],
+        "position": ["relocate {obj} {new}", "drag {obj} over {new}", "reposition {obj} {new}"],
+        "size": ["resize {obj}: {new}", "could you {new} {obj}?"],
+        "background": ["swap the backdrop for a {new} one", "give the picture a {new} backdrop"],
+    },
+}
+_EN_EDIT_POSITION = {
+    "left": ["to the left", "left", "to the left side", "over to the left"],
+    "right": ["to the right", "right", "to the right side", "over to the right"],
+    "top": ["to the top", "up to the top", "up", "to the top edge"],
+    "bottom": ["to the bottom", "down to the bottom", "down", "to the bottom edge"],
+    "center": ["to the center", "to the middle", "into the centre", "to the centre"],
+}
+# (train words, held-out words) for size edits, by the new size, in the form the template wants.
+_EN_EDIT_SIZE = {
+    "train": {
+        "make": {"large": ["bigger", "larger", "big", "large"], "small": ["smaller", "small", "tiny"]},
+        "verb": {"large": ["enlarge", "grow", "scale up"], "small": ["shrink", "scale down", "reduce"]},
+    },
+    "heldout": {
+        "make": {"large": ["twice as big", "much bigger"], "small": ["half the size", "much smaller"]},
+        "verb": {"large": ["blow up", "magnify"], "small": ["downsize", "make smaller"]},
+    },
+}
+_ZH_EDIT = {
+    "train": {
+        "colour": ["把{obj}改成{new}", "把{obj}变成{new}", "将{obj}涂成{new}", "{obj}换成{new}"],
+        "shape": ["把{obj}变成{new}", "将{obj}改为{new}", "把{obj}换成{new}"],
+        "position": ["把{obj}移到{new}", "将{obj}放到{new}", "把{obj}挪到{new}"],
+        "size": ["把{obj}{new}", "将{obj}{new}"],
+        "background": ["把背景换成{new}", "背景改成{new}", "把背景变成{new}", "将背景改为{new}"],
+    },
+    "heldout": {
+        "colour": ["请把{obj}的颜色改为{new}", "让{obj}变为{new}"],
+        "shape": ["用{new}替换{obj}", "请把{obj}画成{new}"],
+        "position": ["请把{obj}移动到画面{new}", "让{obj}出现在{new}"],
+        "size": ["请把{obj}稍微{new}一些"],
+        "background": ["请将背景设为{new}", "背景请用{new}"],
+    },
+}
+_ZH_EDIT_SIZE = {
+    "train": {"large": ["变大", "放大"], "small": ["变小", "缩小"]},
+    "heldout": {"large": ["调大"], "small": ["调小"]},
+}
+
+
+def edit_target(scene: Scene, kind: str, rng: random.Random, value: str | None = None) -> Scene:
+    """``scene`` with its ``kind`` attribute changed to ``value`` (or a random other value that the toy world
+    allows: a shape colour never equals the background). The jitter of position and size is kept.
+
+    Example:
+        >>> s = Scene("circle", "red", "left", "large", "white")
+        >>> edit_target(s, "colour", random.Random(0), "blue").colour
+        'blue'
+    """
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"unknown edit kind {kind!r}; the toy world edits {', '.join(EDIT_KINDS)}")
+    current = getattr(scene, kind)
+    if value is None:
+        allowed = {
+            "colour": [c for c in COLOURS if c != scene.background],
+            "shape": list(SHAPES),
+            "position": list(POSITIONS),
+            "size": list(SIZES),
+            "background": [b for b in BACKGROUNDS if b != scene.colour],
+        }[kind]
+        value = rng.choice([v for v in allowed if v != current])
+    fields = {**asdict(scene), kind: value}
+    return Scene(**fields)
+
+
+def _edit_object(scene: Scene, rng: random.Random, lang: str) -> str:
+    if lang == "zh":
+        shape = rng.choice(_ZH["shape"][scene.shape])
+        r = rng.random()
+        if r < 0.2:
+            return "它"
+        if r < 0.45:
+            return rng.choice(_ZH["colour"][scene.colour]) + "的" + shape
+        return shape
+    shape = rng.choice(_EN["shape"][scene.shape])
+    r = rng.random()
+    if r < 0.2:
+        return "it"
+    if r < 0.3:
+        return "the shape"
+    if r < 0.5:
+        return f"the {rng.choice(_EN['colour'][scene.colour])} {shape}"
+    return f"the {shape}"
+
+
+def edit_instruction(
+    source: Scene, target: Scene, rng: random.Random, lang: str = "en", split: str = "train"
+) -> str:
+    """An instruction that turns ``source`` into ``target`` (which differ in one attribute), in English or
+    Chinese; ``split="heldout"`` uses phrasings that training never sees.
+
+    Example:
+        >>> s = Scene("circle", "red", "left", "large", "white")
+        >>> edit_instruction(s, edit_target(s, "colour", random.Random(0), "blue"), random.Random(1))
+        'Turn the disc blue'
+    """
+    changed = [k for k in EDIT_KINDS if getattr(source, k) != getattr(target, k)]
+    if len(changed) != 1:
+        raise ValueError(
+            f"source and target must differ in one attribute, they differ in {changed or 'none'}"
+        )
+    kind = changed[0]
+    new = getattr(target, kind)
+    obj = _edit_object(source, rng, lang)
+    if lang == "zh":
+        if kind == "size":
+            word = rng.choice(_ZH_EDIT_SIZE[split][new])
+        elif kind == "background":
+            word = rng.choice(_ZH["background"][new])
+        else:
+            word = rng.choice(_ZH[kind][new])
+        return rng.choice(_ZH_EDIT[split][kind]).format(obj=obj, new=word)
+    if kind == "size":
+        template = rng.choice(_EN_EDIT[split]["size"])
+        form = "verb" if template.startswith("{new}") or "you {new}" in template else "make"
+        word = rng.choice(_EN_EDIT_SIZE[split][form][new])
+    elif kind == "position":
+        template = rng.choice(_EN_EDIT[split]["position"])
+        word = rng.choice(_EN_EDIT_POSITION[new])
+    else:
+        template = rng.choice(_EN_EDIT[split][kind])
+        word = rng.choice(_EN["background" if kind == "background" else kind][new])
+    text = template.format(obj=obj, new=word)
+    if rng.random() < 0.3:
+        text = text[0].upper() + text[1:]
+    return text
+
+
+@dataclass(frozen=True)
+class EditItem:
+    """One held-out edit: the source scene, the instruction, the scene it should become, and the seed."""
+
+    source: Scene
+    target: Scene
+    kind: str
+    instruction: str
+    lang: str
+    seed: int
+    width: int = 256
+    height: int = 256
+
+
+def edit_eval_set(
+    n: int = 200,
+    seed: int = 4321,
+    sizes: Sequence[tuple[int, int]] = ((256, 256),),
+    split: str = "heldout",
+) -> list[EditItem]:
+    """``n`` edits spread evenly over the edit kinds, half English and half Chinese, phrased with the held-out
+    phrasings (``split="train"``: the training phrasings, on new scenes and seeds).
+
+    Example:
+        >>> items = edit_eval_set(10)
+        >>> sorted({i.kind for i in items}) == sorted(EDIT_KINDS), {i.lang for i in items} == {"en", "zh"}
+        (True, True)
+    """
+    rng = random.Random(seed)
+    items: list[EditItem] = []
+    for k in range(n):
+        kind = EDIT_KINDS[k % len(EDIT_KINDS)]
+        lang = "en" if (k // len(EDIT_KINDS)) % 2 == 0 else "zh"
+        source = random_scene(rng)
+        target = edit_target(source, kind, rng)
+        text = edit_instruction(source, target, rng, lang=lang, split=split)
+        width, height = sizes[k % len(sizes)]
+        items.append(EditItem(source, target, kind, text, lang, 20_000 + k, width, height))
+    return items
+
+
+def score_edits(items: Sequence[EditItem], images: Sequence[Any]) -> dict[str, Any]:
+    """How well ``images`` carry out ``items``: per edit kind and overall, the share where the asked-for
+    attribute reads as the new value (``changed``), where every other attribute reads as before (``kept``),
+    both (``right``), and the mean RGB difference from the ideal result (``mae``, 0-255) over the pixels that
+    are background in both the source and the target (``mae_rest``: what the edit should leave alone).
+
+    Example:
+        >>> items = edit_eval_set(5)
+        >>> score_edits(items, [render(i.target, i.width, i.height) for i in items])["all"]["right"]
+        1.0
+    """
+    rows: list[tuple[str, dict[str, float]]] = []
+    for item, image in zip(items, images, strict=True):
+        if hasattr(image, "convert"):
+            image = image.convert("RGB")
+        arr = np.asarray(image, dtype=np.float64)
+        h, w = arr.shape[:2]
+        got = read_image(arr).attributes()
+        want = item.target.attributes()
+        changed = float(got[item.kind] == want[item.kind])
+        kept = float(all(got[a] == want[a] for a in ATTRIBUTES if a != item.kind))
+        ideal = np.asarray(render(item.target, w, h), dtype=np.float64)
+        src = np.asarray(render(item.source, w, h), dtype=np.float64)
+        rest = (np.abs(ideal - ideal[0, 0]).sum(-1) < 1) & (np.abs(src - src[0, 0]).sum(-1) < 1)
+        diff = np.abs(arr - ideal).mean(-1)
+        rows.append(
+            (
+                item.kind,
+                {
+                    "changed": changed,
+                    "kept": kept,
+                    "right": changed * kept,
+                    "mae": float(diff.mean()),
+                    "mae_rest": float(diff[rest].mean()) if rest.any() else 0.0,
+                },
+            )
+        )
+    out: dict[str, Any] = {}
+    for group in ("all", *EDIT_KINDS):
+        sel = [r for kind, r in rows if group in ("all", kind)]
+        if sel:
+            out[group] = {k: round(sum(r[k] for r in sel) / len(sel), 4) for k in sel[0]}
+            out[group]["n"] = len(sel)
     return out
