@@ -899,7 +899,7 @@ def add_edit_parser(sub: Any) -> None:
     e.add_argument(
         "--model",
         default=None,
-        help="edit model: registry name, hub id or folder (default: local 2511/2509/edit, else tiny-edit)",
+        help="edit model: registry name, hub id or folder (default: local 2511/2509/edit, else the embedded toy-edit)",
     )
     e.add_argument("--steps", type=int)
     e.add_argument("--cfg", type=float, help="true_cfg_scale (1 turns guidance off)")

@@ -34,6 +34,7 @@ import os
 import sys
 import threading
 import types
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ MAX_SIDE = 8192
 # The reference area the edit models were trained with (diffusers' VAE_IMAGE_SIZE): each reference is resized
 # to about 1 megapixel, keeping its aspect ratio, before the VAE encodes it.
 MODEL_REFERENCE_AREA = 1024 * 1024
+MIN_REFERENCE_AREA, MAX_REFERENCE_AREA = 16 * 16, 4096 * 4096
 
 
 class ImageInputError(GenerationError):
@@ -220,7 +222,7 @@ def max_references(model_or_pipe: Any) -> int:
     if cls not in EDIT_PIPELINES:
         raise ImageInputError(
             f"{model_or_pipe if isinstance(model_or_pipe, str) else cls} is not an edit model; "
-            "load qwen-image-edit-2511, qwen-image-edit-2509, qwen-image-edit or tiny-edit"
+            "load qwen-image-edit-2511, qwen-image-edit-2509, qwen-image-edit, toy-edit or tiny-edit"
         )
     return EDIT_PIPELINES[cls]
 
@@ -371,7 +373,11 @@ class ImageJob:
         # EditPlus takes a list and numbers its images ("Picture 1: ..."); the first Edit takes one image.
         plus = type(pipe).__name__ == "QwenImageEditPlusPipeline"
         images = self.condition_images if plus else self.condition_images[0]
-        embeds, mask = pipe.encode_prompt(text, image=images, device=te_device, num_images_per_prompt=n)
+        with (
+            warnings.catch_warnings()
+        ):  # the Qwen2-VL processor's note on padding without truncation: noise here
+            warnings.filterwarnings("ignore", message=".*max_length. is ignored when .padding")
+            embeds, mask = pipe.encode_prompt(text, image=images, device=te_device, num_images_per_prompt=n)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds.to(device), mask.to(device)
@@ -492,13 +498,20 @@ def edit_job(
     if reference_area is None:
         info = getattr(pipe, "qwennb", {})
         plan = info.get("plan")
-        stand_in = info.get("model") == "tiny-edit"
-        reference_area = (
-            plan.defaults["width"] * plan.defaults["height"] if (plan and stand_in) else MODEL_REFERENCE_AREA
-        )
-    if not isinstance(reference_area, int) or reference_area < 256 * 256 or reference_area > 4096 * 4096:
+        if info.get("model") == "toy-edit":  # trained with the references at the output's own size
+            reference_area = width * height
+        elif plan and info.get("model") == "tiny-edit":
+            reference_area = plan.defaults["width"] * plan.defaults["height"]
+        else:
+            reference_area = MODEL_REFERENCE_AREA
+    if (
+        not isinstance(reference_area, int)
+        or isinstance(reference_area, bool)
+        or not MIN_REFERENCE_AREA <= reference_area <= MAX_REFERENCE_AREA
+    ):
         raise ImageInputError(
-            f"reference_area must be a pixel count from 65536 to 16777216, got {reference_area!r}"
+            f"reference_area must be a pixel count from {MIN_REFERENCE_AREA} to {MAX_REFERENCE_AREA}, "
+            f"got {reference_area!r}"
         )
     if not plus and reference_area != MODEL_REFERENCE_AREA:
         raise ImageInputError(
@@ -583,7 +596,7 @@ def edit(
     if not is_edit_pipeline(pipe):
         raise ImageInputError(
             f"{type(pipe).__name__} is not an edit pipeline; load an edit model (qwen-image-edit-2511, "
-            "qwen-image-edit-2509, qwen-image-edit, tiny-edit), or use generate(..., init_image=) for img2img"
+            "qwen-image-edit-2509, qwen-image-edit, toy-edit), or use generate(..., init_image=) for img2img"
         )
     notices: list[str] = []
     job, width, height = edit_job(pipe, images, instruction, width, height, notices, reference_area)
@@ -603,9 +616,11 @@ def edit(
     )
 
 
-TINY_EDIT_NOTICE = (
-    "No Qwen-Image-Edit weights found: loaded the tiny edit stand-in (real classes, tiny configs); its edits are "
-    "noise. Run `qwennb download --model qwen-image-edit-2511` or pass --model."
+TOY_EDIT_NOTICE = (
+    "No Qwen-Image-Edit weights found: loaded the embedded toy edit model (toy-edit; an early model that edits the "
+    "toy world of flat shapes only: it moves the shape and changes the background as asked most of the time, but "
+    "redraws the shape as a rounded blob, often in another colour). Run `qwennb download --model "
+    "qwen-image-edit-2511` or pass --model."
 )
 EDIT_PREFERENCE = ("qwen-image-edit-2511", "qwen-image-edit-2509", "qwen-image-edit")
 
@@ -616,7 +631,7 @@ def resolve_edit_model(
     """Which edit model to load: ``(registry name, local path or None, notice or None)``.
 
     ``name`` (registry name, hub id or folder) must be an edit model; without it, the newest complete edit
-    snapshot on disk (2511, then 2509, then the first release), else ``tiny-edit`` with a notice.
+    snapshot on disk (2511, then 2509, then the first release), else the embedded ``toy-edit`` with a notice.
 
     Example:
         >>> resolve_edit_model("tiny-edit")
@@ -630,17 +645,17 @@ def resolve_edit_model(
         if get_model(reg).task != "image-edit":
             raise ImageInputError(
                 f"{reg} is a {get_model(reg).task} model; edits need an edit model "
-                f"({', '.join(EDIT_PREFERENCE)} or tiny-edit)"
+                f"({', '.join(EDIT_PREFERENCE)}, toy-edit or tiny-edit)"
             )
         return reg, path, notice
     local = {m.name: m for m in find_local_models(folder) if m.complete}
     for reg in EDIT_PREFERENCE:
         if reg in local:
             return reg, local[reg].path, None
-    return "tiny-edit", None, TINY_EDIT_NOTICE
+    return "toy-edit", None, TOY_EDIT_NOTICE
 
 
-def load_edit_pipeline(model: str = "tiny-edit", hardware: Any = None, overrides: Any = None) -> Any:
+def load_edit_pipeline(model: str = "toy-edit", hardware: Any = None, overrides: Any = None) -> Any:
     """Plan and load an edit model by registry name (stand-ins are built in code).
 
     Example:
@@ -668,7 +683,8 @@ def plan_edit(
 
     The plan is made for a size whose image tokens are the output's plus the references' (see
     :func:`planning_size`), and a reason line says so. Stand-ins are planned as the stand-in they are built
-    like (``tiny-edit`` as ``tiny``, ``qwen-image-edit-synthetic`` as ``qwen-image-synthetic``).
+    like (``tiny-edit`` as ``tiny``, ``toy-edit`` as ``toy``, ``qwen-image-edit-synthetic`` as
+    ``qwen-image-synthetic``).
 
     Example:
         >>> from qwennb.plan import describe_machine
@@ -686,13 +702,15 @@ def plan_edit(
         raise ImageInputError(
             f"{spec.name} takes 1 to {max_references(spec.name)} reference images, got {references}"
         )
-    base = {"tiny-edit": "tiny", "qwen-image-edit-synthetic": "qwen-image-synthetic"}.get(
+    base = {"tiny-edit": "tiny", "toy-edit": "toy", "qwen-image-edit-synthetic": "qwen-image-synthetic"}.get(
         spec.name, spec.name
     )
     first = make_plan(hardware, base, overrides)
     w = width or first.defaults["width"]
     h = height or first.defaults["height"]
     area = first.defaults["width"] * first.defaults["height"] if spec.name == "tiny-edit" else reference_area
+    if spec.name == "toy-edit":  # its references go in at the output's own size
+        area = w * h
     extra = reference_tokens([(w, h)] * references, area)
     pw, ph = planning_size(w, h, extra)
     plan = make_plan(hardware, base, overrides, pw, ph)
@@ -813,6 +831,9 @@ def compare_models(
             swapped.append(comp)  # what makes them different models
             details[comp] = "each model's own weights"
             gib += sizes[comp].gib(2.0)
+        elif {a.name, b.name} == {"toy", "toy-edit"}:
+            shared.append(comp)
+            details[comp] = "the same files in the package (toy-edit loads the toy model's)"
         elif a.stand_in and b.stand_in:
             shared.append(comp)
             details[comp] = "same configs and seeds: the same weights"

@@ -315,7 +315,7 @@ def largest_size_that_fits(plan: Plan, width: int, height: int, batch: int) -> t
 
 def _small_stand_in(plan: Plan | None) -> bool:
     """The tiny and toy stand-ins run at their own small size; official sizes would only cost time."""
-    return plan is not None and plan.model in ("tiny", "toy")
+    return plan is not None and plan.model in ("tiny", "toy", "toy-edit")
 
 
 def resolve_options(

@@ -316,7 +316,7 @@ class QwenMagics(Magics):
             elif loaded is not None:
                 raise UsageError(
                     f"the loaded model ({self.session.report.model if self.session.report else '?'}) is not an "
-                    "edit model; add --model qwen-image-edit-2511 (or tiny-edit), or %qwen load one"
+                    "edit model; add --model qwen-image-edit-2511 (or toy-edit), or %qwen load one"
                 )
             else:
                 name = resolve_edit_model(None)[0]
@@ -438,7 +438,7 @@ class QwenMagics(Magics):
         "for up to 3 references (2509/2511)",
     )
     @argument(
-        "--model", help="edit model to load (default: the loaded edit model, a local one, else tiny-edit)"
+        "--model", help="edit model to load (default: the loaded edit model, a local one, else toy-edit)"
     )
     @argument("--steps", type=int, help="denoising steps (at least 2)")
     @argument("--cfg", type=float, help="true_cfg_scale; 1 turns guidance off")

@@ -222,6 +222,20 @@ REGISTRY: dict[str, ModelSpec] = {
             "Qwen2-VL processor) with tiny configs, built in code. Its images are noise.",
         ),
         ModelSpec(
+            "toy-edit",
+            None,
+            "image-edit",
+            "MMDiT",
+            "QwenImageEditPlusPipeline",
+            "toy",
+            ("transformer", "text_encoder", "vae"),
+            description="Embedded toy edit model (7 MB more, in the package): the toy model's VAE and text "
+            "encoder with a transformer fine-tuned on edits of the toy world (recolour, reshape, move, resize, "
+            "change the background; training/toy/train_edit.py, 78 CPU minutes), in QwenImageEditPlusPipeline. An "
+            "early model: it moves the shape and changes the background as asked most of the time, but redraws the "
+            "shape as a rounded blob, often in another colour. Not Qwen-Image-Edit.",
+        ),
+        ModelSpec(
             "qwen-image-edit-synthetic",
             None,
             "image-edit",

@@ -91,6 +91,8 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
             return spec.name, None, None
         if spec.name == "toy":
             return "toy", TOY_MODEL_DIR, None
+        if spec.name == "toy-edit":  # assembled from the package's files (qwennb.toy_edit)
+            return "toy-edit", None, None
         for m in find_local_models(folder):
             if m.hub_id == spec.hub_id or m.name == spec.name:
                 if not m.complete:
@@ -475,7 +477,12 @@ def build(plan: Plan, path: str | None = None, loras: list[tuple[str, float]] | 
     spec = get_model(plan.model)
     if path is None and spec.name == "toy":  # its weights ship in the package: no hub id to fetch them from
         path = TOY_MODEL_DIR
-    pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
+    if spec.name == "toy-edit" and path is None:  # the toy model's parts with the shipped edit transformer
+        from .toy_edit import assemble_toy_edit
+
+        pipe = assemble_toy_edit(dtype=_torch_dtype(plan.dtype))
+    else:
+        pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
     fuse = bool(loras) and lora_needs_fusing(plan)
     if fuse:
         from .lora import fuse_before_quantising

@@ -95,6 +95,12 @@ class Session:
             notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
         if name == "toy" and notice is None:
             notice = "the embedded toy model is loaded: a toy world of flat shapes on plain backgrounds, not Qwen-Image."
+        if name == "toy-edit" and notice is None:
+            notice = (
+                "the embedded toy edit model is loaded: an early model of the toy world of flat shapes, not photos "
+                "(it moves the shape and changes the background as asked most of the time; the shape comes out as a "
+                "rounded blob)."
+            )
         if name == "tiny-edit" and notice is None:
             notice = (
                 "the tiny edit stand-in is loaded: its edits are noise (no real Qwen-Image-Edit weights)."
