@@ -678,11 +678,11 @@ What you will learn:
 4. image-to-image and inpainting with `%%qwen_generate --init-image ... --strength ... --mask ...`,
 5. how bad inputs are refused before any model loads.
 
-Without real weights, text-to-image, image-to-image and inpainting run on the embedded **toy** model (a toy
-world of one flat shape on a plain background, not Qwen-Image: see below), so those pictures answer their prompts.
-**Editing runs on `tiny-edit`**, named explicitly with `--model tiny-edit`: there is no trained toy edit model, so
-it is a real diffusers edit pipeline with random weights; its pictures are noise, but every size, step, hash and
-message is what the real edit models give. With real weights, name `qwen-image-edit-2511` instead.
+Without real weights everything here runs on the embedded toy models, so every picture can be checked against
+what it was asked for: text-to-image, image-to-image and inpainting on **`toy`** (a toy world of one flat shape on
+a plain background, not Qwen-Image: see below), and editing on **`toy-edit`**, the toy model fine-tuned to carry
+out edits of that world (recolour, reshape, move, resize, change the background; English or Chinese), in
+Qwen-Image-Edit-2509/2511's own pipeline. With real weights, name `qwen-image-edit-2511` instead.
 """
     ),
     md(TOY),
@@ -693,8 +693,8 @@ message is what the real edit models give. With real weights, name `qwen-image-e
 ## 1. Edit the last result
 
 Make an image, then edit it: `--image _` takes the last result. The loaded model is a text-to-image model, so
-`--model` names the edit model to load; qwennb says what the two share and what is swapped (here: everything,
-the toy and the tiny edit stand-in share no weights).
+`--model` names the edit model to load; qwennb says what the two share and what is swapped (here the VAE and text
+encoder are the same files; the transformer is swapped).
 """
     ),
     code(
@@ -705,19 +705,63 @@ a red circle on the left, white background
     ),
     code(
         """
-%%qwen_edit --image _ --model tiny-edit --seed 2 --steps 4 --no-save
-make the circle blue and keep everything else
+%%qwen_edit --image _ --model toy-edit --seed 2 --no-save
+make the circle blue
 """
     ),
     md(
         """
-The edit kept the input's size (256x256; its picture is noise: random weights). The notes say it, and say when
-the model sees a reference at a slightly different aspect ratio (so content could shift, as in the next
-example): nothing is resized silently.
+The edit kept the input's size (256x256), and the notes say so; they also say when the model would see a
+reference at a slightly different aspect ratio (so content could shift, as in the next section): nothing is
+resized silently. `qwennb.toy.read_image` reads the picture back:
+"""
+    ),
+    code(
+        """
+from qwennb import toy
 
+print(toy.read_image(_.images[0]).attributes())
+"""
+    ),
+    md(
+        """
+One start image, five edits (each kind the toy edit model learned, the last in Chinese), each read back:
+"""
+    ),
+    code(
+        """
+from matplotlib.figure import Figure
+from qwennb.edit import edit
+
+pipe = get_ipython().magics_manager.registry["QwenMagics"].session.pipe
+start = toy.render(toy.Scene(shape="star", colour="yellow", position="center", size="large", background="gray"))
+asks = ["make it purple", "move the star to the left", "turn the star into a square", "make the star smaller",
+        "把背景换成白色"]
+fig = Figure(figsize=(12, 2.6))
+for i, ask in enumerate(["(start)", *asks]):
+    image = start if i == 0 else edit(pipe, [start], ask, seed=10 + i).images[0]
+    seen = toy.read_image(image)
+    print(f"{ask:<30} {seen.colour} {seen.shape}, {seen.position}, {seen.size}, {seen.background} background")
+    title = ask if ask.isascii() else "background to white (zh)"
+    ax = fig.add_subplot(1, 6, i + 1); ax.imshow(image); ax.set_title(title, fontsize=8); ax.axis("off")
+fig
+"""
+    ),
+    md(
+        """
+The read-backs show what this early toy edit model can and cannot do (training/toy/EDIT.md has the numbers): it
+usually puts the shape where it is asked and keeps the background, but it redraws the shape as a rounded blob,
+often in another colour, and misses many reshape, size and recolour requests. The edit pipeline, sizes, hashes and
+messages are those of the real edit models.
+"""
+    ),
+    md(
+        """
 ## 2. Several reference images, from variables, files or bytes
 
-2509 and 2511 take up to three references ("Picture 1", "Picture 2", ... in the instruction). `--image` takes
+2509 and 2511 take up to three references ("Picture 1", "Picture 2", ... in the instruction); so does `toy-edit`,
+which runs their pipeline, but it was trained on one reference only: here it shows the mechanics (sizes, hashes),
+not a meaningful picture. `--image` takes
 `_`, a variable (PIL image, numpy array, image bytes, a result) or a path.
 """
     ),

@@ -1,7 +1,7 @@
-"""Editing, image-to-image and inpainting on the real diffusers pipelines (the tiny stand-ins): no mocks.
+"""Editing, image-to-image and inpainting on the real diffusers pipelines (the embedded toy models): no mocks.
 
-EDIT_MODEL and T2I_MODEL are the only places naming the stand-ins: when the trained toy models land
-(``toy-edit``, ``toy``), change them here and the same tests run on models that draw what they are told.
+EDIT_MODEL and T2I_MODEL name the models: the trained toy models (``toy-edit``, ``toy``); the random stand-ins
+(``tiny-edit``, ``tiny``) run the same tests. What the toy edits mean is tested in test_toy_edit.py.
 """
 
 import io
@@ -35,8 +35,8 @@ from qwennb.models import component_sizes, get_model, load_config
 from qwennb.pipeline import build
 from qwennb.plan import describe_machine, image_tokens, make_plan
 
-EDIT_MODEL = "tiny-edit"  # becomes "toy-edit" when the trained toy edit model exists
-T2I_MODEL = "tiny"  # becomes "toy"
+EDIT_MODEL = "toy-edit"
+T2I_MODEL = "toy"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,12 @@ def edit_pipe():
 @pytest.fixture(scope="module")
 def t2i_pipe():
     return build(make_plan(describe_machine(host_ram_gb=8), T2I_MODEL))
+
+
+def reference_area(width, height):
+    """The pixel count the edit model's references go to by default: the toy edit model was trained with them
+    at the output's size, the tiny stand-in uses its default size's."""
+    return width * height if EDIT_MODEL == "toy-edit" else 256 * 256
 
 
 def picture(w=96, h=64, seed=0):
@@ -128,8 +134,7 @@ def test_edit_one_image_keeps_its_size_and_feeds_its_tokens(edit_pipe):
     assert r.images[0].size == (96, 64) and (r.width, r.height) == (96, 64)
     assert r.seed == 11 and r.steps == 3 and len(r.step_times_s) == 3 and r.task == "edit"
     assert r.transformer_passes_per_step == 2 and r.cfg == 4.0
-    area = 256 * 256  # the tiny stand-in's reference area (its default size)
-    assert seen == [image_tokens(96, 64) + reference_tokens([(96, 64)], area)] * 6
+    assert seen == [image_tokens(96, 64) + reference_tokens([(96, 64)], reference_area(96, 64))] * 6
     assert r.notices[0] == "output 96x64: the size of the input image"
     assert r.inputs == [
         {
@@ -150,7 +155,7 @@ def test_edit_three_references_all_reach_the_transformer(edit_pipe):
     finally:
         handle.remove()
     assert r.images[0].size == (96, 64) and len(r.inputs) == 3
-    area = 256 * 256
+    area = reference_area(96, 64)  # every reference goes to this area, at its own aspect ratio
     assert seen == [image_tokens(96, 64) + reference_tokens([(96, 64), (64, 64), (48, 80)], area)] * 2
     assert [x["role"] for x in r.inputs] == ["image 1", "image 2", "image 3"]
     assert r.transformer_passes_per_step == 1
@@ -166,9 +171,9 @@ def test_edit_is_reproducible_and_follows_its_inputs(edit_pipe):
 
 
 def test_output_size_is_rounded_with_one_notice_and_an_explicit_size_is_said(edit_pipe):
-    r = edit(edit_pipe, picture(100, 60), "x", steps=2, seed=1)
-    assert r.images[0].size == (96, 64)
-    assert r.notices[0] == "output 96x64: the input image 100x60 rounded to multiples of 16"
+    r = edit(edit_pipe, picture(150, 60), "x", steps=2, seed=1)
+    assert r.images[0].size == (144, 64)
+    assert r.notices[0] == "output 144x64: the input image 150x60 rounded to multiples of 16"
     assert any("may shift or stretch" in n for n in r.notices)
     r = edit(edit_pipe, picture(96, 64), "x", steps=2, seed=1, width=64, height=64)
     assert r.images[0].size == (64, 64)
@@ -501,7 +506,7 @@ def test_qwen_generate_then_edit_the_last_result(ip):
     assert r.task == "edit" and r.images[0].size == (64, 48) and r.seed == 3 and len(r.paths) == 1
     assert r.inputs[0]["sha256"] == image_sha256(first.images[0])  # run_cell_magic does not set `_`
     assert magics(ip).session.report.model == EDIT_MODEL
-    assert "switching from tiny" in magics(ip).session.report.notice
+    assert f"switching from {T2I_MODEL}" in magics(ip).session.report.notice
 
 
 def test_qwen_edit_takes_variables_paths_and_bytes(ip, tmp_path):

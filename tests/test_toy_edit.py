@@ -1,0 +1,154 @@
+"""The embedded toy edit model (``toy-edit``) through ``qwennb.edit``: tests of meaning, not of pixels.
+
+``toy-edit`` is QwenImageEditPlusPipeline over the toy model's VAE and text encoder with a transformer fine-tuned
+on the toy world's edits (``training/toy/train_edit.py``). Each result is read back with ``toy.read_image`` and
+judged by ``toy.score_edits``: the asked-for attribute changed, every other one as before. Thresholds come from
+measurements on the CPU (20 steps, CFG 4; the numbers are in the comments) with a margin. Not asserted, because the
+model (training/toy/EDIT.md: two CPU runs, 78 minutes) does not do it reliably: keeping the shape and its colour
+while changing something else (it redraws the shape as a rounded blob, often in another colour), and the edit
+issue's 90% target.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from qwennb import toy
+from qwennb.cli import main
+from qwennb.edit import edit, load_edit_pipeline
+from qwennb.generation import generate
+from qwennb.pipeline import build
+from qwennb.plan import describe_machine, make_plan
+
+STEPS = 20
+SIZE = ((128, 128),)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see test_toy_model: two threads on two busy cores wait on each other
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_edit_pipeline("toy-edit", describe_machine(host_ram_gb=8))
+
+
+def run(pipe, items, cfg=4.0):
+    out = []
+    for it in items:
+        src = toy.render(it.source, it.width, it.height)
+        r = edit(pipe, [src], it.instruction, seed=it.seed, steps=STEPS, cfg=cfg)
+        assert r.images[0].size == (it.width, it.height) and r.model == "toy-edit"
+        out.append(r.images[0])
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_words(pipe):
+    items = toy.edit_eval_set(20, seed=11, sizes=SIZE, split="train")
+    return items, run(pipe, items)
+
+
+def test_carries_out_edits_in_training_phrasings(train_words):
+    items, images = train_words
+    s = toy.score_edits(items, images)
+    # CPU, 20 items at 128x128 (4 of each kind, half English, half Chinese), measured: changed 0.75; position
+    # and background edits 4/4 each. The rest of the picture is not kept well (see test docstring of the module).
+    assert s["all"]["changed"] >= 0.6, s
+    assert s["position"]["changed"] >= 0.75 and s["background"]["changed"] >= 0.75, s
+
+
+def test_keeps_place_and_background_it_was_not_asked_to_change(train_words):
+    items, images = train_words
+    for attr in ("position", "background"):
+        others = [(it, im) for it, im in zip(items, images, strict=True) if it.kind != attr]
+        kept = sum(toy.read_image(im).attributes()[attr] == getattr(it.target, attr) for it, im in others)
+        # measured: 14/16 each
+        assert kept / len(others) >= 0.75, (attr, kept, len(others))
+
+
+def test_other_words_for_the_same_edits(pipe):
+    """Phrasings the model never saw in training (English and Chinese)."""
+    items = toy.edit_eval_set(20, seed=12, sizes=SIZE, split="heldout")
+    s = toy.score_edits(items, run(pipe, items))
+    assert s["all"]["changed"] >= 0.35, s  # measured 0.45
+
+
+def test_the_instruction_not_the_seed_decides_where_the_shape_goes(pipe):
+    scene = toy.Scene("square", "green", "center", "large", "white")
+    src = toy.render(scene, 128, 128)
+    places = {
+        p: toy.read_image(edit(pipe, [src], f"move the square to the {p}", seed=seed, steps=STEPS).images[0])
+        for seed, p in enumerate(("left", "right", "top", "bottom"))
+    }
+    assert {p: r.position for p, r in places.items()} == {p: p for p in places}, places
+    assert {r.background for r in places.values()} == {"white"}, places
+
+
+def test_cli_edit_on_the_embedded_model(tmp_path, capsys):
+    path = tmp_path / "in.png"
+    toy.render(toy.Scene("square", "orange", "left", "large", "white"), 128, 128).save(path)
+    argv = [
+        "edit",
+        str(path),
+        "move the square to the right",
+        "--seed",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
+    assert main(argv) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "toy-edit"  # no real edit weights here: the embedded edit model, with a notice
+    got = toy.read_image(Image.open(d["images"][0]))
+    assert (got.position, got.background) == ("right", "white"), got
+
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    return build(make_plan(describe_machine(host_ram_gb=8), "toy"))
+
+
+@pytest.mark.parametrize(
+    "start, prompt, wanted",
+    [
+        (
+            ("square", "blue", "left", "large", "white"),
+            "a red circle on the right, white background",
+            ("red", "circle", "right"),
+        ),
+        (
+            ("triangle", "green", "top", "large", "black"),
+            "a purple star at the bottom, black background",
+            ("purple", "star", "bottom"),
+        ),
+        (
+            ("circle", "orange", "right", "large", "beige"),
+            "一个蓝色的正方形在左边，白色背景",
+            ("blue", "square", "left"),
+        ),
+    ],
+)
+def test_img2img_on_the_toy_model_keeps_the_layout_at_low_strength(toy_pipe, start, prompt, wanted):
+    """The edit issue's img2img target on the toy text-to-image model: strength 0.3 keeps the input's shape and
+    place (the colour may follow the prompt), 1.0 draws what the prompt says."""
+    scene = toy.Scene(*start)
+    init = toy.render(scene)
+    low = toy.read_image(
+        generate(toy_pipe, prompt, init_image=init, strength=0.3, steps=STEPS, seed=4).images[0]
+    )
+    full = toy.read_image(
+        generate(toy_pipe, prompt, init_image=init, strength=1.0, steps=STEPS, seed=4).images[0]
+    )
+    assert (low.shape, low.position, low.background) == (scene.shape, scene.position, scene.background), low
+    assert (full.colour, full.shape, full.position) == wanted, full
