@@ -113,6 +113,12 @@ lane_a5() {
   export CUDA_VISIBLE_DEVICES=0
   job 900 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
     --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-12} --batch 1024 --high-sigma 0.3
+  # The toy edit model on a GPU (two CPU runs gave an undertrained model: training/toy/EDIT.md); off unless
+  # TOY_EDIT_MINUTES is set. Comes back as toy_edit_run3.tar.part-* like the toy runs.
+  if [ "${TOY_EDIT_MINUTES:-0}" != 0 ]; then
+    job $((TOY_EDIT_MINUTES * 60 + 420)) toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run3 \
+      --init qwennb/toy_edit_model/transformer --minutes $TOY_EDIT_MINUTES --pool 30000 --batch 256 --eval-n 200
+  fi
 }
 
 lane_b5() {
@@ -158,10 +164,10 @@ phases() {
 
 pack() {
   [ -n "${OUT:-}" ] || return 0
-  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' --exclude='toy_run[0-9]' . 2>/dev/null
-  for run in $W/toy_run[0-9]; do
-    [ -f $run/model_index.json ] || continue
-    pgrep -f training/toy/train.py > /dev/null && continue
+  tar -C $W -czf "$OUT/gpu_session.tgz" --exclude='*.tar*' --exclude='toy_run[0-9]' --exclude='toy_edit_run[0-9]' . 2>/dev/null
+  for run in $W/toy_run[0-9] $W/toy_edit_run[0-9]; do
+    [ -f $run/model_index.json ] || [ -f $run/RESULTS.md ] || continue
+    pgrep -f "training/toy/train(_edit)?.py" > /dev/null && continue
     n=$(basename $run)
     tar -C $W -cf - $n | split -b 15M - "$OUT/$n.tar.part-"
   done

@@ -152,3 +152,27 @@ def test_img2img_on_the_toy_model_keeps_the_layout_at_low_strength(toy_pipe, sta
     )
     assert (low.shape, low.position, low.background) == (scene.shape, scene.position, scene.background), low
     assert (full.colour, full.shape, full.position) == wanted, full
+
+
+def test_the_training_script_runs_and_encodes_as_the_pipeline_does(tmp_path):
+    """training/toy/train_edit.py's pieces on a handful of examples: the batched text encoding equals the
+    pipeline's own, the pool holds what the transformer needs, and a few steps of training run."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "training" / "toy" / "train_edit.py"
+    spec = importlib.util.spec_from_file_location("train_edit", path)
+    te = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(te)
+    device = torch.device("cpu")
+    pipe = te.build(Path(te.ROOT / "qwennb/toy_model/transformer"), device)
+    assert te.check_batch(pipe, device)
+    pool = te.build_pool(pipe, random.Random(0), 10, device)
+    p = pool[128]
+    assert p["src"].shape[1:] == (16, 16, 16) and p["emb"].shape[0] == p["mask"].shape[0] == p["src"].shape[0]
+    history: list = []
+    steps = te.train(pipe, pool, device, 3.0, 2, history, 4.0, 3e-4)
+    assert steps >= 1 and all(h["loss"] == h["loss"] for h in history)  # finite, not NaN

@@ -86,6 +86,43 @@ def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tupl
 
 
 @torch.no_grad()
+def encode_batch(pipe, images, texts, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``pipe.encode_prompt(image=[image], prompt=[text])`` for many (image, text) pairs in one text-encoder call
+    (what QwenImageEditPlusPipeline's ``_get_qwen_prompt_embeds`` does for one image, done for a batch in which
+    each prompt has its own image); per example, the embedding and mask without padding. ``check_batch``
+    compares it with the pipeline's own encoding before the pool is built."""
+    picture = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+    txt = [pipe.prompt_template_encode.format(picture + t) for t in texts]
+    inputs = pipe.processor(text=txt, images=list(images), padding=True, return_tensors="pt").to(device)
+    out = pipe.text_encoder(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        pixel_values=inputs.get("pixel_values"),
+        image_grid_thw=inputs.get("image_grid_thw"),
+        output_hidden_states=True,
+    )
+    hidden = pipe._extract_masked_hidden(out.hidden_states[-1], inputs["attention_mask"])
+    drop = pipe.prompt_template_encode_start_idx
+    return [(h[drop:], torch.ones(h.shape[0] - drop, dtype=torch.long)) for h in hidden]
+
+
+@torch.no_grad()
+def check_batch(pipe, device) -> bool:
+    rng = random.Random(7)
+    ex = make_examples(rng, 6)
+    imgs = [condition_image(pipe, toy.render(e[0], 128, 128)) for e in ex]
+    got = encode_batch(pipe, imgs, [e[2] for e in ex], device)
+    err = 0.0
+    for img, (_, _, text), (e, _) in zip(imgs, ex, got, strict=True):
+        ref, _ = pipe.encode_prompt(image=[img], prompt=[text], device=device)
+        if ref.shape[1] != e.shape[0]:
+            return False
+        err = max(err, float((ref[0] - e).abs().max()))
+    log(f"batched text encoding: max |diff| from encode_prompt {err:.2e}")
+    return err < 1e-3
+
+
+@torch.no_grad()
 def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
     """Encoded examples per size: source and target latents (normalised as the pipeline normalises them), a
     weight map at latent resolution (the union of both shapes), and the instruction's text embedding with the
@@ -94,6 +131,9 @@ def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1)
     pool = {}
+    batched = check_batch(pipe, device)
+    if not batched:
+        log("batched text encoding differs from encode_prompt: encoding one example at a time")
     for res, share in RESOLUTIONS.items():
         n = int(total * share)
         ex = make_examples(rng, n)
@@ -114,11 +154,16 @@ def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
                 1, keepdim=True
             )
             fgs.append((F.max_pool2d((fg > 0.05).float(), 8) > 0).cpu())
-            for src, _, text in part:
-                img = toy.render(src, res, res)
-                e, m = pipe.encode_prompt(image=[condition_image(pipe, img)], prompt=[text], device=device)
-                embs.append(e[0].cpu())  # the mask is None when it is all ones
-                masks.append(m[0].cpu() if m is not None else torch.ones(e.shape[1], dtype=torch.long))
+            conds = [condition_image(pipe, toy.render(src, res, res)) for src, _, _ in part]
+            if batched:
+                for e, m in encode_batch(pipe, conds, [text for _, _, text in part], device):
+                    embs.append(e.cpu())
+                    masks.append(m)
+            else:
+                for img, (_, _, text) in zip(conds, part, strict=True):
+                    e, m = pipe.encode_prompt(image=[img], prompt=[text], device=device)
+                    embs.append(e[0].cpu())  # the mask is None when it is all ones
+                    masks.append(m[0].cpu() if m is not None else torch.ones(e.shape[1], dtype=torch.long))
             if start % 640 == 0:
                 log(f"pool {res}x{res}: {start + len(part)}/{n} ({time.time() - t0:.0f}s)")
         longest = max(e.shape[0] for e in embs)
