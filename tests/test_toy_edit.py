@@ -176,3 +176,11 @@ def test_the_training_script_runs_and_encodes_as_the_pipeline_does(tmp_path):
     history: list = []
     steps = te.train(pipe, pool, device, 3.0, 2, history, 4.0, 3e-4)
     assert steps >= 1 and all(h["loss"] == h["loss"] for h in history)  # finite, not NaN
+
+
+def test_a_missing_edit_transformer_is_one_clear_error(tmp_path):
+    from qwennb.errors import LoadError
+    from qwennb.toy_edit import assemble_toy_edit
+
+    with pytest.raises(LoadError, match="transformer is missing .*reinstall qwennb"):
+        assemble_toy_edit(init_transformer=tmp_path)
