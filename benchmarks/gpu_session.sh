@@ -111,14 +111,16 @@ first_5() {
 
 lane_a5() {
   export CUDA_VISIBLE_DEVICES=0
-  job 900 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
-    --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-12} --batch 1024 --high-sigma 0.3
-  # The toy edit model on a GPU (two CPU runs gave an undertrained model: training/toy/EDIT.md); off unless
-  # TOY_EDIT_MINUTES is set. Comes back as toy_edit_run3.tar.part-* like the toy runs.
+  # The toy edit model trains beside toy run 7 on the same GPU when TOY_EDIT_MINUTES is set (both models are small
+  # enough to leave most of an H200 idle; two CPU runs gave an undertrained model: training/toy/EDIT.md). It comes
+  # back as toy_edit_run3.tar.part-* like the toy runs.
   if [ "${TOY_EDIT_MINUTES:-0}" != 0 ]; then
     job $((TOY_EDIT_MINUTES * 60 + 420)) toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run3 \
-      --init qwennb/toy_edit_model/transformer --minutes $TOY_EDIT_MINUTES --pool 30000 --batch 256 --eval-n 200
+      --init qwennb/toy_edit_model/transformer --minutes $TOY_EDIT_MINUTES --pool 16000 --batch 256 --eval-n 200 &
   fi
+  job 900 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
+    --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-12} --batch 1024 --high-sigma 0.3
+  wait
 }
 
 lane_b5() {

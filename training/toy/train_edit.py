@@ -241,7 +241,8 @@ def train(pipe, pool, device, seconds: float, batch: int, history: list, fg_weig
         sig = shift_sigmas(u, (hh // 2) * (ww // 2), sched).clamp(1e-4, 1.0).to(device)
         noise = torch.randn_like(x0)
         xt = (1 - sig[:, None, None, None]) * x0 + sig[:, None, None, None] * noise
-        pred = velocity(transformer, xt, src, emb, mask, sig)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = velocity(transformer, xt, src, emb, mask, sig).float()
         tgt = QwenImagePipeline._pack_latents(noise - x0, bsz, 16, hh, ww)
         wmap = 1.0 + fg_weight * p["fg"][idx].to(device).float().expand(-1, 16, -1, -1)
         wpk = QwenImagePipeline._pack_latents(wmap, bsz, 16, hh, ww)
@@ -376,6 +377,9 @@ def main() -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # as train.py: TF32 for what autocast leaves in float32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
