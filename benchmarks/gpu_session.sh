@@ -130,6 +130,25 @@ lane_b5() {
   job 330 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
 }
 
+# ROUND=6: what round 5 lost when its machine went back (a lent machine held idle for 30 s is given back, detached
+# jobs and all): the batch on one and two GPUs first, then the toy edit model alone on GPU 0, and Edit-2511 with 3
+# references and the tuned 2.1 path on GPU 1. Run with PHASE1_S=600.
+first_6() {
+  job 370 batch python3 benchmarks/batch.py --engines local --prompts 32 --out $R
+}
+
+lane_a6() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 600 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run3 \
+    --init qwennb/toy_edit_model/transformer --minutes ${TOY_EDIT_MINUTES:-6} --pool 8000 --batch 256 --eval-n 120
+}
+
+lane_b6() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 240 edit python3 benchmarks/edit.py --out $R/edit3 --steps 10 --refs 3 --configs 2511
+  job 330 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
+}
+
 phases() {
   cd "$here" || exit 1
   export PYTHONPATH=/tmp/site:$here PYTHONUNBUFFERED=1

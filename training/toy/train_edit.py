@@ -120,9 +120,10 @@ def check_batch(pipe, device) -> bool:
         ref, _ = pipe.encode_prompt(image=[img], prompt=[text], device=device)
         if ref.shape[1] != e.shape[0]:
             return False
-        err = max(err, float((ref[0] - e).abs().max()))
-    log(f"batched text encoding: max |diff| from encode_prompt {err:.2e}")
-    return err < 1e-3
+        # relative to the largest value: a GPU's batched float32 kernels differ from single ones in the last bits
+        err = max(err, float((ref[0] - e.to(ref.device)).abs().max() / ref.abs().max()))
+    log(f"batched text encoding: max |diff| from encode_prompt {err:.2e} of the largest value")
+    return err < 1e-4
 
 
 @torch.no_grad()
@@ -377,9 +378,6 @@ def main() -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":  # as train.py: TF32 for what autocast leaves in float32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -387,6 +385,9 @@ def main() -> None:
     pipe = build(Path(args.init), device)
     pool = build_pool(pipe, random.Random(args.seed), args.pool, device)
     timings["pool"] = round(time.time() - t, 1)
+    if device.type == "cuda":  # as train.py, TF32 for what autocast leaves in float32 (after the pool's exact
+        torch.backends.cuda.matmul.allow_tf32 = True  # check of batched text encoding, which TF32 would fail)
+        torch.backends.cudnn.allow_tf32 = True
     history: list = []
     t = time.time()
     steps = train(pipe, pool, device, args.minutes * 60, args.batch, history, args.fg_weight, args.lr)
