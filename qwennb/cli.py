@@ -802,11 +802,29 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    if args.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False))
-    else:
-        print(result.summary())
+    # The run is over and its manifest written: a Ctrl-C now must not cost the summary (or the JSON line a script
+    # reads), so it is held off while they print.
+    held = _hold_sigint()
+    try:
+        if args.json:
+            print(json.dumps(result.to_dict(), ensure_ascii=False))
+        else:
+            print(result.summary())
+        sys.stdout.flush()
+    finally:
+        held()
     return 130 if result.interrupted else (1 if result.failed else 0)
+
+
+def _hold_sigint() -> Callable[[], None]:
+    """Ignore SIGINT until the returned function is called (a no-op outside the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:

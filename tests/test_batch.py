@@ -633,3 +633,47 @@ def test_ctrl_c_while_the_contact_sheet_is_drawn_still_returns_the_summary(tmp_p
     r = run_batch(["a red circle", "a blue square"], tmp_path / "out", pipe=pipe, steps=2, size="64x64")
     assert r.interrupted and r.done == 2 and r.contact_sheet_html is None
     assert {x["status"] for x in lines(r.manifest)} == {"done"}
+
+
+def test_ctrl_c_while_the_summary_prints_does_not_lose_it(tmp_path, monkeypatch):
+    """The run is over when a Ctrl-C lands on the CLI printing its summary (a real SIGINT, sent from inside the
+    write): the JSON line is still printed whole and the exit status is the run's, not 130."""
+
+    class Stdout:
+        def __init__(self):
+            self.text, self.signalled = "", False
+
+        def write(self, s):
+            if not self.signalled:
+                self.signalled = True
+                os.kill(os.getpid(), signal.SIGINT)
+            self.text += s
+            return len(s)
+
+        def flush(self):
+            pass
+
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\na blue square\n")
+    out = Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    rc = main(
+        [
+            "batch",
+            str(f),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            MODEL,
+            "--steps",
+            "2",
+            "--size",
+            "64x64",
+            "--json",
+        ]
+    )
+    monkeypatch.undo()
+    assert out.signalled and rc == 0
+    summary = json.loads(out.text.strip().splitlines()[-1])
+    assert summary["done"] == 2 and not summary["interrupted"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # held only while printing
