@@ -212,7 +212,17 @@ def velocity(transformer, xt, src, emb, mask, sig):
     return out[:, :seq]
 
 
-def train(pipe, pool, device, seconds: float, batch: int, history: list, fg_weight: float, lr: float) -> int:
+def train(
+    pipe,
+    pool,
+    device,
+    seconds: float,
+    batch: int,
+    history: list,
+    fg_weight: float,
+    lr: float,
+    high_sigma: float = 0.0,
+) -> int:
     from diffusers import QwenImagePipeline
 
     transformer = pipe.transformer
@@ -239,7 +249,10 @@ def train(pipe, pool, device, seconds: float, batch: int, history: list, fg_weig
         emb, mask = p["emb"][idx, :longest].to(device), mask[:, :longest].to(device)
         hh, ww = x0.shape[-2:]
         u = torch.where(torch.rand(bsz) < 0.5, torch.rand(bsz), torch.sigmoid(torch.randn(bsz)))
-        sig = shift_sigmas(u, (hh // 2) * (ww // 2), sched).clamp(1e-4, 1.0).to(device)
+        sig = shift_sigmas(u, (hh // 2) * (ww // 2), sched).clamp(1e-4, 1.0)
+        # A share at sigma 0.75-1, where the edited shape's form and colour are decided (as train.py's run 6 did
+        # for captions: the shipped edit model decides a rounded blob there and never sharpens it).
+        sig = torch.where(torch.rand(bsz) < high_sigma, 0.75 + 0.25 * torch.rand(bsz), sig).to(device)
         noise = torch.randn_like(x0)
         xt = (1 - sig[:, None, None, None]) * x0 + sig[:, None, None, None] * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -362,6 +375,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--share256", type=float, default=0.3, help="share of the pool and steps at 256x256")
     ap.add_argument("--fg-weight", type=float, default=4.0)
+    ap.add_argument(
+        "--high-sigma",
+        type=float,
+        default=0.3,
+        help="share of each batch drawn at sigma 0.75-1 (as train.py)",
+    )
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -390,7 +409,9 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     history: list = []
     t = time.time()
-    steps = train(pipe, pool, device, args.minutes * 60, args.batch, history, args.fg_weight, args.lr)
+    steps = train(
+        pipe, pool, device, args.minutes * 60, args.batch, history, args.fg_weight, args.lr, args.high_sigma
+    )
     timings["train"] = round(time.time() - t, 1)
     timings["steps"] = steps
     pipe.transformer.save_pretrained(out / "transformer")
