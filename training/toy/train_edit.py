@@ -89,14 +89,18 @@ def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tupl
 
 
 @torch.no_grad()
-def encode_batch(pipe, images, texts, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def encode_batch(
+    pipe, images, texts, device, stats: dict | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``pipe.encode_prompt(image=[image], prompt=[text])`` for many (image, text) pairs in one text-encoder call
     (what QwenImageEditPlusPipeline's ``_get_qwen_prompt_embeds`` does for one image, done for a batch in which
     each prompt has its own image); per example, the embedding and mask without padding. ``check_batch``
     compares it with the pipeline's own encoding before the pool is built."""
     picture = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
     txt = [pipe.prompt_template_encode.format(picture + t) for t in texts]
+    t0 = time.perf_counter()
     inputs = pipe.processor(text=txt, images=list(images), padding=True, return_tensors="pt").to(device)
+    t1 = time.perf_counter()
     out = pipe.text_encoder(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
@@ -106,7 +110,13 @@ def encode_batch(pipe, images, texts, device) -> list[tuple[torch.Tensor, torch.
     )
     hidden = pipe._extract_masked_hidden(out.hidden_states[-1], inputs["attention_mask"])
     drop = pipe.prompt_template_encode_start_idx
-    return [(h[drop:], torch.ones(h.shape[0] - drop, dtype=torch.long)) for h in hidden]
+    result = [(h[drop:].cpu(), torch.ones(h.shape[0] - drop, dtype=torch.long)) for h in hidden]
+    if (
+        stats is not None
+    ):  # where a pool's time goes (the processor runs on the CPU, the encoder on the device)
+        stats["processor"] = stats.get("processor", 0.0) + t1 - t0
+        stats["text_encoder"] = stats.get("text_encoder", 0.0) + time.perf_counter() - t1
+    return result
 
 
 @torch.no_grad()
@@ -143,8 +153,10 @@ def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
         ex = make_examples(rng, n)
         src_l, tgt_l, fgs, embs, masks = [], [], [], [], []
         t0 = time.time()
+        stats: dict = {}
         for start in range(0, n, 64):
             part = ex[start : start + 64]
+            tr = time.perf_counter()
             xs = toy.render_batch([e[0] for e in part], res, res, device=device)
             xt = toy.render_batch([e[1] for e in part], res, res, device=device)
             xs = torch.round((xs + 1) * 127.5) / 127.5 - 1  # the 8-bit image the pipeline is given
@@ -158,9 +170,12 @@ def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
                 1, keepdim=True
             )
             fgs.append((F.max_pool2d((fg > 0.05).float(), 8) > 0).cpu())
+            tc = time.perf_counter()
+            stats["render_vae"] = stats.get("render_vae", 0.0) + tc - tr
             conds = [condition_image(pipe, toy.render(src, res, res)) for src, _, _ in part]
+            stats["condition_images"] = stats.get("condition_images", 0.0) + time.perf_counter() - tc
             if batched:
-                for e, m in encode_batch(pipe, conds, [text for _, _, text in part], device):
+                for e, m in encode_batch(pipe, conds, [text for _, _, text in part], device, stats):
                     embs.append(e.cpu())
                     masks.append(m)
             else:
@@ -169,7 +184,8 @@ def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
                     embs.append(e[0].cpu())  # the mask is None when it is all ones
                     masks.append(m[0].cpu() if m is not None else torch.ones(e.shape[1], dtype=torch.long))
             if start % 640 == 0:
-                log(f"pool {res}x{res}: {start + len(part)}/{n} ({time.time() - t0:.0f}s)")
+                where = ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
+                log(f"pool {res}x{res}: {start + len(part)}/{n} ({time.time() - t0:.0f}s: {where})")
         longest = max(e.shape[0] for e in embs)
         emb = torch.zeros(len(embs), longest, embs[0].shape[1])
         mask = torch.zeros(len(embs), longest, dtype=torch.long)
