@@ -5,7 +5,11 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=5 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=6 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#
+# On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
+# nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
+# text matches (write `[t]rain_edit`): it kills the call's shell, and a failed call gives the machine back too.
 #
 # Phase 1, one GPU each, side by side:
 #   GPU 0: plan_validation.py (caps x host budgets, most telling pairs first, time-boxed)
@@ -116,7 +120,7 @@ lane_a5() {
   # back as toy_edit_run3.tar.part-* like the toy runs.
   if [ "${TOY_EDIT_MINUTES:-0}" != 0 ]; then
     job $((TOY_EDIT_MINUTES * 60 + 420)) toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run3 \
-      --init qwennb/toy_edit_model/transformer --minutes $TOY_EDIT_MINUTES --pool 16000 --batch 256 --eval-n 200 &
+      --init qwennb/toy_edit_model/transformer --minutes $TOY_EDIT_MINUTES --pool 8000 --batch 256 --eval-n 200 &
   fi
   job 900 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
     --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-12} --batch 1024 --high-sigma 0.3
