@@ -218,7 +218,7 @@ def _add_generation_options(g: argparse.ArgumentParser) -> None:
 def add_generate_parser(sub: Any) -> None:
     """Add ``qwennb generate`` to the CLI."""
     g = sub.add_parser("generate", help="generate images (the embedded toy model when no weights are found)")
-    g.add_argument("prompt", help="what to draw (quote it)")
+    g.add_argument("prompt", nargs="+", help="what to draw (quoted, or the words as they come)")
     _add_generation_options(g)
     g.add_argument("--n", type=int, default=1, help="number of images (1 to 16)")
     g.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
@@ -534,7 +534,7 @@ def add_enhance_parser(sub: Any) -> None:
         "qwen2-vl-7b, tiny-vl, tiny-vl2); default: the model `qwennb generate` would load"
     )
     e = sub.add_parser("enhance", help="rewrite a short prompt into a detailed one with a Qwen VL model")
-    e.add_argument("prompt")
+    e.add_argument("prompt", nargs="+", help="the prompt (quoted, or the words as they come)")
     e.add_argument("--model", default=None, help=model_help)
     e.add_argument("--context", default=None, help="extra context, e.g. a style to follow")
     e.add_argument("--image", default=None, help="a reference image whose style is added as context")
@@ -909,7 +909,7 @@ def add_edit_parser(sub: Any) -> None:
     """``qwennb edit IMAGE [IMAGE...] "instruction"``."""
     e = sub.add_parser(
         "edit",
-        help="edit images by an instruction (Qwen-Image-Edit; the tiny edit stand-in when no weights are found)",
+        help="edit images by an instruction (Qwen-Image-Edit; the embedded toy edit model when no weights are found)",
     )
     e.add_argument(
         "inputs", nargs="+", metavar="IMAGE... INSTRUCTION", help="1 to 3 image files, then the instruction"
@@ -985,6 +985,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "command", None) != "sweep" or any(w.startswith("-") for w in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.words += extra
+    if isinstance(getattr(args, "prompt", None), list):  # `qwennb generate a red fox` as `"a red fox"`
+        args.prompt = " ".join(args.prompt)
     try:
         return int(args.func(args) or 0)
     except QwennbError as exc:
