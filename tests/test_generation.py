@@ -290,7 +290,19 @@ def test_cli_generate_json(tmp_path, capsys):
 
 def test_cli_generate_takes_the_prompt_unquoted(tmp_path, capsys):
     """`qwennb generate --steps 2 a red fox` draws "a red fox" (the words after the options), as the quoted form."""
-    opts = ["--model", "tiny", "--steps", "2", "--size", "64x64", "--seed", "4", "--out", str(tmp_path), "--json"]
+    opts = [
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--seed",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
     assert main(["generate", *opts, "a", "red", "fox"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert load_params(d["images"][0])["prompt"] == "a red fox"
