@@ -55,6 +55,7 @@ _LAZY = {
     "load_edit_pipeline": "edit",
     "compare_models": "edit",
     "batch": "batch",
+    "check_batch": "batch",
     "BatchResult": "batch",
 }
 

@@ -1450,6 +1450,104 @@ def contact_sheet(
     return html_path, png_path
 
 
+def check_batch(
+    prompts: str | os.PathLike[str] | Iterable[str | dict[str, Any]],
+    out: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    size: str | tuple[int, int] | None = None,
+    aspect: str | None = None,
+    preset: str | None = None,
+    negative: str | None = None,
+    strict: bool = False,
+    pipe: Any = None,
+    overrides: dict[str, Any] | None = None,
+) -> PromptSet:
+    """What :func:`run_batch` checks before anything loads, alone: the folder is writable, the prompts read (bad
+    lines listed as problems; with ``strict`` the first raises :class:`BatchError`) and every size fits the plan
+    of ``model`` (or of ``pipe``) on this machine. Raises :class:`BatchError` when no prompt is usable.
+
+    Example:
+        >>> import tempfile
+        >>> ps = check_batch(["a red fox", {"prompt": ""}], tempfile.mkdtemp(), model="tiny", size="64x64")
+        >>> (len(ps.items), len(ps.problems))
+        (1, 1)
+    """
+    return _prepare(
+        prompts, out, model, pipe, None, overrides, strict, steps, cfg, size, aspect, preset, negative
+    )[-1]
+
+
+def _prepare(
+    prompts: Any,
+    out: Any,
+    model: str | None,
+    pipe: Any,
+    ray: str | None,
+    overrides: dict[str, Any] | None,
+    strict: bool,
+    steps: int | None,
+    cfg: float | None,
+    size: str | tuple[int, int] | None,
+    aspect: str | None,
+    preset: str | None,
+    negative: str | None,
+) -> tuple[Path, str, str | None, Any, Any, PromptSet]:
+    """The checks of :func:`check_batch` (and the start of :func:`run_batch`): the folder, the model's name and
+    path, its plan, the machine and the prompts."""
+    from .generation import parse_size
+    from .hardware import detect
+    from .plan import make_plan
+
+    folder = check_writable(out)
+    if isinstance(size, str):
+        width, height = parse_size(size)
+    elif size is not None:
+        width, height = size
+    else:
+        width = height = None
+    if pipe is not None:
+        plan = getattr(pipe, "qwennb", {}).get("plan")
+        name = getattr(pipe, "qwennb", {}).get("model", model or "unknown")
+        path = None
+    else:
+        from .pipeline import resolve_model
+
+        name, path, _ = resolve_model(model)
+        plan = None
+    hardware = detect()
+    if plan is None:
+        try:
+            plan = make_plan(hardware, name, overrides)
+        except PlanError:
+            if not ray or hardware.gpus:
+                raise
+            # A driver without a GPU sends work to a GPU cluster: check the prompts against an 80 GB card
+            # (each actor makes its own plan for the card it has).
+            from .plan import describe_machine
+
+            plan = make_plan(describe_machine(gpu_memory_gb=80.0, host_ram_gb=256.0), name, overrides)
+    pset = read_prompts(
+        prompts,
+        model=name,
+        plan=plan,
+        defaults=Defaults(steps, cfg, width, height, aspect, preset, negative),
+    )
+    if strict and pset.problems:
+        more = len(pset.problems) - 1
+        raise BatchError(
+            pset.problems[0].text()
+            + (f" (and {more} more bad line{'s' if more > 1 else ''})" if more else "")
+            + "; --strict refuses the file"
+        )
+    if not pset.items:
+        first = f"; {pset.problems[0].text()}" if pset.problems else ""
+        raise BatchError(f"no usable prompt in {pset.source}{first}")
+    return folder, name, path, plan, hardware, pset
+
+
 def run_batch(
     prompts: str | os.PathLike[str] | Iterable[str | dict[str, Any]],
     out: str | os.PathLike[str],
@@ -1497,55 +1595,12 @@ def run_batch(
         >>> run_batch(["a red fox", "a blue bird"], out, pipe=pipe, steps=2, size="64x64").skipped
         2
     """
-    from .generation import StopSignal, parse_size
-    from .hardware import detect
-    from .plan import make_plan
+    from .generation import StopSignal
 
     t_start = time.perf_counter()
-    folder = check_writable(out)
-    if isinstance(size, str):
-        width, height = parse_size(size)
-    elif size is not None:
-        width, height = size
-    else:
-        width = height = None
-    if pipe is not None:
-        plan = getattr(pipe, "qwennb", {}).get("plan")
-        name = getattr(pipe, "qwennb", {}).get("model", model or "unknown")
-        path = None
-    else:
-        from .pipeline import resolve_model
-
-        name, path, _ = resolve_model(model)
-        plan = None
-    hardware = detect()
-    if plan is None:
-        try:
-            plan = make_plan(hardware, name, overrides)
-        except PlanError:
-            if not ray or hardware.gpus:
-                raise
-            # A driver without a GPU sends work to a GPU cluster: check the prompts against an 80 GB card
-            # (each actor makes its own plan for the card it has).
-            from .plan import describe_machine
-
-            plan = make_plan(describe_machine(gpu_memory_gb=80.0, host_ram_gb=256.0), name, overrides)
-    pset = read_prompts(
-        prompts,
-        model=name,
-        plan=plan,
-        defaults=Defaults(steps, cfg, width, height, aspect, preset, negative),
+    folder, name, path, plan, hardware, pset = _prepare(
+        prompts, out, model, pipe, ray, overrides, strict, steps, cfg, size, aspect, preset, negative
     )
-    if strict and pset.problems:
-        more = len(pset.problems) - 1
-        raise BatchError(
-            pset.problems[0].text()
-            + (f" (and {more} more bad line{'s' if more > 1 else ''})" if more else "")
-            + "; --strict refuses the file"
-        )
-    if not pset.items:
-        first = f"; {pset.problems[0].text()}" if pset.problems else ""
-        raise BatchError(f"no usable prompt in {pset.source}{first}")
     stop = stop if stop is not None else StopSignal()
     with FolderLock(folder):
         for tmp in (folder / IMAGES).glob(".*.tmp"):

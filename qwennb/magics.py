@@ -746,7 +746,7 @@ class QwenMagics(Magics):
         import argparse
         import shlex
 
-        from .batch import run_batch
+        from .batch import check_batch, run_batch
         from .cli import add_batch_arguments, add_mode_argument, batch_options
         from .display import batch_html
         from .widgets import BatchProgress
@@ -771,6 +771,9 @@ class QwenMagics(Magics):
             if not self.session.loaded or (
                 args.model and self.session.report and args.model != self.session.report.model
             ):
+                # the prompt file and the folder are checked before the model loads (a typo costs no load)
+                keys = ("steps", "cfg", "size", "aspect", "preset", "negative", "strict", "overrides")
+                check_batch(args.file, args.out, model=args.model or None, **{k: options[k] for k in keys})
                 self.load(args.model or None)
             options["pipe"] = self.session.require()
         progress = BatchProgress()

@@ -580,6 +580,40 @@ def test_magic_batch_on_the_loaded_model(tmp_path):
             shell.run_line_magic("config", "QwenMagics.model = ''")
 
 
+def test_magic_batch_checks_the_file_before_loading_a_model(tmp_path):
+    """With no model loaded, a missing prompt file, a file of bad lines under --strict or an unwritable folder is a
+    UsageError before the model loads: the session stays empty."""
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    loaded = "qwennb" in shell.extension_manager.loaded
+    if not loaded:
+        shell.run_line_magic("config", f"QwenMagics.model = {MODEL!r}")
+        shell.run_line_magic("load_ext", "qwennb")
+    magics = shell.magics_manager.registry["QwenMagics"]
+    try:
+        shell.run_line_magic("qwen", "unload")
+        assert not magics.session.loaded
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "a fox", "steps": 1}\n')
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        cases = [
+            (f"batch {tmp_path / 'none.txt'} --out {tmp_path / 'o'}", "no such prompt file"),
+            (f"batch {bad} --out {tmp_path / 'o'} --strict", "steps must be from 2 to 1000"),
+            (f"batch {bad} --out {blocker / 'sub'}", "cannot write|not a folder|output folder"),
+        ]
+        for line, message in cases:
+            with pytest.raises(UsageError, match=message):
+                shell.run_line_magic("qwen", line)
+            assert not magics.session.loaded, line
+    finally:
+        if not loaded:
+            shell.run_line_magic("unload_ext", "qwennb")
+            shell.run_line_magic("config", "QwenMagics.model = ''")
+
+
 def test_ctrl_c_while_the_workers_start_still_ends_with_the_json_summary(tmp_path):
     """Ctrl-C while the worker processes load the model (before any item runs): exit 130, the last line of stdout
     is still the JSON summary (interrupted, nothing made), and the manifest holds every item as pending."""
