@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=6 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=7 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -151,6 +151,24 @@ lane_b6() {
   export CUDA_VISIBLE_DEVICES=1
   job 240 edit python3 benchmarks/edit.py --out $R/edit3 --steps 10 --refs 3 --configs 2511
   job 330 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
+}
+
+# ROUND=7 (prepared for the next session; about 1,300 s with PHASE0_S=300 PHASE1_S=900): first both GPUs: the
+# CFG-1 Ulysses rows with a torch.profiler table of 3 steps per rank (where the 0.03 s a step beyond compute and
+# exchange goes, #18); then toy run 7 and the toy edit model side by side on GPU 0 (TOY_EDIT_MINUTES, default 8),
+# the tuned 2.1 path and the toy's adherence through each arrangement on GPU 1.
+first_7() {
+  job 290 multigpu python3 benchmarks/multigpu.py --gpus 2 --only-cfg1 --skip-stock --out $R --profile $R/profile-cfg1
+}
+
+lane_a7() {
+  TOY_EDIT_MINUTES=${TOY_EDIT_MINUTES:-8} lane_a5
+}
+
+lane_b7() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 330 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
+  job 400 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
 }
 
 phases() {

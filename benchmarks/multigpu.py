@@ -221,8 +221,11 @@ def run_pool(
     model: str,
     smoke: bool,
     ulysses_impl: str = "tuned",
+    profile: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Each case: mode, width, height, cfg, steps, images. One pool for all of them."""
+    """Each case: mode, width, height, cfg, steps, images. One pool for all of them. With ``profile`` (a folder),
+    one more request of 3 steps per case runs under torch.profiler after the timed one: each rank's operator table
+    lands in ``profile/<gpus>gpu-<mode>-<impl>-<size>-cfg<cfg>/rank<R>.txt``."""
     rows = []
     try:
         pool = WorkerPool(
@@ -263,6 +266,12 @@ def run_pool(
                     gpus_used=res.gpus,
                     latents=lat[:1] if lat is not None else None,
                 )
+                if profile:
+                    tag = f"{gpus}gpu-{case['mode']}-{ulysses_impl}-{case['width']}-cfg{case['cfg']:g}"
+                    pool.generate(
+                        PROMPT, parallel=case["mode"], steps=3, profile_dir=Path(profile) / tag, **kw
+                    )
+                    row["profile"] = str(Path(profile) / tag)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {exc}"
             rows.append(row)
@@ -287,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one CFG-1 image per configuration: qwennb 1 GPU, stock ulysses_anything, qwennb Ulysses on the tuned "
         "path and the former way; writes multigpu-cfg1-<card>.*",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after each qwennb configuration's timed run, 3 more steps under torch.profiler: each rank's operator "
+        "table in DIR/<gpus>gpu-<mode>-<impl>-<size>-cfg<cfg>/rank<R>.txt",
     )
     args = ap.parse_args(argv)
 
@@ -409,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     one = [{**c, "mode": "data"} for c in cases]
     if not args.only_cfg1:
         one += [{**c, "mode": "data", "images": 2 * gpus} for c in cases]
-    for case, row in zip(one, safely(run_pool, 1, 1, one, model, smoke), strict=True):
+    for case, row in zip(one, safely(run_pool, 1, 1, one, model, smoke, "tuned", args.profile), strict=True):
         record("qwennb-1gpu", 1, case, row, case.get("images", 1))
     if not args.skip_stock:
         if not args.only_cfg1:
@@ -420,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     uc = [{**c, "mode": "ulysses"} for c in cases]
     if args.only_cfg1:
         for impl, config in (("tuned", "qwennb-ulysses"), ("diffusers", "qwennb-ulysses-diffusers")):
-            for case, row in zip(uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl), strict=True):
+            for case, row in zip(
+                uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl, args.profile), strict=True
+            ):
                 record(config, gpus, case, row)
         print((out_dir / f"{stem}.md").read_text())
         return 0
@@ -430,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if gpus != 2:
         plain = plain[len(cfg_cases) :]  # cfg-parallel alone is for two GPUs
-    for case, row in zip(plain, safely(run_pool, gpus, 1, plain, model, smoke), strict=True):
+    for case, row in zip(
+        plain, safely(run_pool, gpus, 1, plain, model, smoke, "tuned", args.profile), strict=True
+    ):
         record(
             "qwennb-cfg-parallel" if case["mode"] == "cfg" else "qwennb-data-parallel",
             gpus,
@@ -440,10 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if gpus >= 4 and gpus % 2 == 0 and cfg_cases:
         cu = [{**c, "mode": "cfg"} for c in cfg_cases]
-        for case, row in zip(cu, safely(run_pool, gpus, gpus // 2, cu, model, smoke), strict=True):
+        for case, row in zip(
+            cu, safely(run_pool, gpus, gpus // 2, cu, model, smoke, "tuned", args.profile), strict=True
+        ):
             record("qwennb-cfg-ulysses", gpus, case, row)
     for impl, config in (("tuned", "qwennb-ulysses"), ("diffusers", "qwennb-ulysses-diffusers")):
-        for case, row in zip(uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl), strict=True):
+        for case, row in zip(
+            uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl, args.profile), strict=True
+        ):
             record(config, gpus, case, row)
     write()
     print((out_dir / f"{stem}.md").read_text())

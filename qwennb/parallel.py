@@ -625,6 +625,28 @@ def _describe(exc: BaseException) -> tuple[str, str]:
     return type(exc).__name__, msg[0] if msg else ""
 
 
+def _profiled(stack: contextlib.ExitStack, folder: str | None, device: Any) -> Any:
+    """With a folder: a torch.profiler (CPU, and CUDA on a GPU) entered on ``stack``; else ``None``."""
+    if not folder:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = getattr(device, "type", str(device)) == "cuda"
+    return stack.enter_context(
+        profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if gpu else [])])
+    )
+
+
+def _write_profile(prof: Any, folder: str, rank: int, device: Any) -> None:
+    """``rank<R>.txt`` in ``folder``: the operators by device time (CPU time on a CPU), then by CPU time."""
+    gpu = getattr(device, "type", str(device)) == "cuda"
+    table = prof.key_averages()
+    first = table.table(sort_by="self_cuda_time_total" if gpu else "self_cpu_time_total", row_limit=40)
+    by_cpu = table.table(sort_by="self_cpu_time_total", row_limit=25)
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as f:
+        f.write(f"rank {rank} on {device}\n\n{first}\n\nby CPU time\n\n{by_cpu}\n")
+
+
 def _serve(
     pipe: Any,
     job: dict[str, Any],
@@ -659,6 +681,7 @@ def _serve(
             group = torch.distributed.group.WORLD if layout.world > 1 else None
         stop = _EventStop(stop_event, group, device)
         report = layout.rank == 0
+        prof = _profiled(stack, job.get("profile_dir"), device)
 
         def on_step(s: StepInfo) -> None:
             keep["latents"] = s.latents
@@ -666,6 +689,10 @@ def _serve(
                 results.put(("step", layout.rank, req_id, (s.step, s.total, s.step_s, s.elapsed_s)))
 
         result = generate(pipe, job["prompt"], stop=stop, on_step=on_step, **kwargs)
+        if prof is not None and getattr(device, "type", str(device)) == "cuda":
+            torch.cuda.synchronize(device)  # the profile holds the request's kernels whole
+    if prof is not None:
+        _write_profile(prof, job["profile_dir"], layout.rank, device)
     latents = keep.get("latents")
     leader = layout.leader and (mode == "data" or layout.rank == 0)
     if not leader:
@@ -940,12 +967,15 @@ class WorkerPool:
         on_step: Callable[[StepInfo], None] | None = None,
         stop: StopSignal | None = None,
         return_latents: bool = False,
+        profile_dir: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> ParallelResult:
         """:func:`qwennb.generate` on the pool: the same options and result, plus the mode and each GPU's peak.
 
         Bad options raise before anything is sent to the workers; ``stop`` (or a first Ctrl-C) ends the run at
-        the next step on every worker; a worker that dies raises :class:`WorkerDiedError`.
+        the next step on every worker; a worker that dies raises :class:`WorkerDiedError`. ``profile_dir``: each
+        rank runs the request under ``torch.profiler`` and writes ``rank<R>.txt`` there (the operators by
+        device time, then by CPU time), to see where a step's time goes (it slows the request).
         """
         from .generation import _sigint_stops, resolve_options
         from .options import validate_generate_options
@@ -1026,7 +1056,10 @@ class WorkerPool:
             "kwargs": opts,
             "counts": counts,
             "return_latents": return_latents,
+            "profile_dir": os.fspath(profile_dir) if profile_dir is not None else None,
         }
+        if profile_dir is not None:
+            os.makedirs(profile_dir, exist_ok=True)
         self._req += 1
         req_id = self._req
         stop = stop if stop is not None else StopSignal()

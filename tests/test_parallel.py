@@ -182,6 +182,17 @@ def test_data_parallel_equals_one_process(single, pool2):
     assert pixels_diff(out.images[0], out.images[1]) > 10
 
 
+def test_a_profiled_request_writes_each_ranks_table_and_the_same_image(single, pool2, tmp_path):
+    """``profile_dir``: every rank writes its operator table (the transformer's matmuls in it), and the image is the
+    unprofiled one."""
+    ref = pool2.generate(PROMPT, **KW)
+    out = pool2.generate(PROMPT, profile_dir=tmp_path / "prof", **KW)
+    assert pixels_diff(out.images[0], ref.images[0]) == 0
+    for rank in (0, 1):
+        text = (tmp_path / "prof" / f"rank{rank}.txt").read_text()
+        assert text.startswith(f"rank {rank} on cpu") and "aten::" in text and "by CPU time" in text
+
+
 def test_stop_reaches_the_workers(pool2):
     stop = StopSignal()
 
