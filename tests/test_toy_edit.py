@@ -157,20 +157,26 @@ def test_img2img_on_the_toy_model_keeps_the_layout_at_low_strength(toy_pipe, sta
 def test_the_training_script_runs_and_encodes_as_the_pipeline_does(tmp_path):
     """training/toy/train_edit.py's pieces on a handful of examples: the batched text encoding equals the
     pipeline's own, the pool holds what the transformer needs, and a few steps of training run."""
-    import importlib.util
     import random
+    import sys
     from pathlib import Path
 
     import torch
 
-    path = Path(__file__).resolve().parents[1] / "training" / "toy" / "train_edit.py"
-    spec = importlib.util.spec_from_file_location("train_edit", path)
-    te = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(te)
+    # imported by name (not from a file spec), so that the pool's spawned workers can import it too
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
     device = torch.device("cpu")
-    pipe = te.build(Path(te.ROOT / "qwennb/toy_model/transformer"), device)
+    init = Path(te.ROOT / "qwennb/toy_model/transformer")
+    pipe = te.build(init, device)
     assert te.check_batch(pipe, device)
     pool = te.build_pool(pipe, random.Random(0), 10, device)
+    # two worker processes doing the CPU part give the same pool
+    same = te.build_pool(pipe, random.Random(0), 10, device, workers=2, init=init)
+    for res in pool:
+        for key in ("src", "tgt", "fg", "emb", "mask"):
+            assert torch.equal(pool[res][key], same[res][key]), (res, key)
     p = pool[128]
     assert p["src"].shape[1:] == (16, 16, 16) and p["emb"].shape[0] == p["mask"].shape[0] == p["src"].shape[0]
     history: list = []

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -89,17 +90,27 @@ def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tupl
 
 
 @torch.no_grad()
+def processor_inputs(pipe, images, texts) -> dict:
+    """The Qwen2-VL processor's inputs for (image, instruction) pairs, as ``_get_qwen_prompt_embeds`` builds
+    them for one image (the CPU part of the text encoding; pool workers run it)."""
+    picture = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+    txt = [pipe.prompt_template_encode.format(picture + t) for t in texts]
+    return dict(pipe.processor(text=txt, images=list(images), padding=True, return_tensors="pt"))
+
+
 def encode_batch(
-    pipe, images, texts, device, stats: dict | None = None
+    pipe, images, texts, device, stats: dict | None = None, inputs: dict | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``pipe.encode_prompt(image=[image], prompt=[text])`` for many (image, text) pairs in one text-encoder call
     (what QwenImageEditPlusPipeline's ``_get_qwen_prompt_embeds`` does for one image, done for a batch in which
-    each prompt has its own image); per example, the embedding and mask without padding. ``check_batch``
-    compares it with the pipeline's own encoding before the pool is built."""
-    picture = "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
-    txt = [pipe.prompt_template_encode.format(picture + t) for t in texts]
+    each prompt has its own image); per example, the embedding and mask without padding. ``inputs``: the
+    processor's output made elsewhere (then ``images`` and ``texts`` are not used). ``check_batch`` compares it
+    with the pipeline's own encoding before the pool is built."""
+    stats = stats if stats is not None else {}
     t0 = time.perf_counter()
-    inputs = pipe.processor(text=txt, images=list(images), padding=True, return_tensors="pt").to(device)
+    if inputs is None:
+        inputs = processor_inputs(pipe, images, texts)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     t1 = time.perf_counter()
     out = pipe.text_encoder(
         input_ids=inputs["input_ids"],
@@ -111,12 +122,28 @@ def encode_batch(
     hidden = pipe._extract_masked_hidden(out.hidden_states[-1], inputs["attention_mask"])
     drop = pipe.prompt_template_encode_start_idx
     result = [(h[drop:].cpu(), torch.ones(h.shape[0] - drop, dtype=torch.long)) for h in hidden]
-    if (
-        stats is not None
-    ):  # where a pool's time goes (the processor runs on the CPU, the encoder on the device)
-        stats["processor"] = stats.get("processor", 0.0) + t1 - t0
-        stats["text_encoder"] = stats.get("text_encoder", 0.0) + time.perf_counter() - t1
+    # where a pool's time goes (the processor runs on the CPU, the encoder on the device)
+    stats["processor"] = stats.get("processor", 0.0) + t1 - t0
+    stats["text_encoder"] = stats.get("text_encoder", 0.0) + time.perf_counter() - t1
     return result
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(init: str) -> None:
+    """A pool worker: one thread, and the toy-edit pipeline on the CPU for its processor and resizing."""
+    torch.set_num_threads(1)
+    _WORKER["pipe"] = build(Path(init), torch.device("cpu"))
+
+
+def _worker_inputs(job: tuple) -> dict:
+    """The CPU work of one chunk of examples (render the source, resize it as the pipeline does, run the
+    processor), returned as numpy arrays (pickled by value)."""
+    part, res = job
+    pipe = _WORKER["pipe"]
+    conds = [condition_image(pipe, toy.render(src, res, res)) for src, _, _ in part]
+    return {k: v.numpy() for k, v in processor_inputs(pipe, conds, [t for _, _, t in part]).items()}
 
 
 @torch.no_grad()
@@ -137,10 +164,14 @@ def check_batch(pipe, device) -> bool:
 
 
 @torch.no_grad()
-def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
+def build_pool(
+    pipe, rng: random.Random, total: int, device, workers: int = 0, init: Path | None = None
+) -> dict:
     """Encoded examples per size: source and target latents (normalised as the pipeline normalises them), a
     weight map at latent resolution (the union of both shapes), and the instruction's text embedding with the
-    source image (padded to the longest)."""
+    source image (padded to the longest). ``workers`` > 0: that many processes (spawned, each loading the
+    pipeline from ``init``) do the CPU part of the text encoding ahead of the device, in order; the pool is the
+    same as without them."""
     vae = pipe.vae
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1)
@@ -148,59 +179,80 @@ def build_pool(pipe, rng: random.Random, total: int, device) -> dict:
     batched = check_batch(pipe, device)
     if not batched:
         log("batched text encoding differs from encode_prompt: encoding one example at a time")
-    for res, share in RESOLUTIONS.items():
-        n = int(total * share)
-        ex = make_examples(rng, n)
-        src_l, tgt_l, fgs, embs, masks = [], [], [], [], []
-        t0 = time.time()
-        stats: dict = {}
-        for start in range(0, n, 64):
-            part = ex[start : start + 64]
-            tr = time.perf_counter()
-            xs = toy.render_batch([e[0] for e in part], res, res, device=device)
-            xt = toy.render_batch([e[1] for e in part], res, res, device=device)
-            xs = torch.round((xs + 1) * 127.5) / 127.5 - 1  # the 8-bit image the pipeline is given
-            xt = torch.round((xt + 1) * 127.5) / 127.5 - 1
-            both = torch.cat([xs, xt])
-            z = vae.encode(both[:, :, None]).latent_dist.mode()[:, :, 0].float()
-            z = (z - mean) / std
-            src_l.append(z[: len(part)].cpu())
-            tgt_l.append(z[len(part) :].cpu())
-            fg = (xs - xs[..., :1, :1]).abs().amax(1, keepdim=True) + (xt - xt[..., :1, :1]).abs().amax(
-                1, keepdim=True
-            )
-            fgs.append((F.max_pool2d((fg > 0.05).float(), 8) > 0).cpu())
-            tc = time.perf_counter()
-            stats["render_vae"] = stats.get("render_vae", 0.0) + tc - tr
+    procs = None
+    if workers > 0 and batched:
+        import multiprocessing as mp
+
+        procs = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(str(init),))
+    try:
+        for res, share in RESOLUTIONS.items():
+            pool[res] = _pool_at(pipe, rng, int(total * share), res, device, batched, procs, mean, std)
+    finally:
+        if procs is not None:
+            procs.terminate()
+    return pool
+
+
+def _pool_at(pipe, rng, n, res, device, batched, procs, mean, std) -> dict:
+    """:func:`build_pool` at one size."""
+    vae = pipe.vae
+    ex = make_examples(rng, n)
+    parts = [ex[start : start + 64] for start in range(0, n, 64)]
+    ahead = procs.imap(_worker_inputs, [(part, res) for part in parts]) if procs is not None else None
+    src_l, tgt_l, fgs, embs, masks = [], [], [], [], []
+    t0 = time.time()
+    stats: dict = {}
+    for i, part in enumerate(parts):
+        tr = time.perf_counter()
+        xs = toy.render_batch([e[0] for e in part], res, res, device=device)
+        xt = toy.render_batch([e[1] for e in part], res, res, device=device)
+        xs = torch.round((xs + 1) * 127.5) / 127.5 - 1  # the 8-bit image the pipeline is given
+        xt = torch.round((xt + 1) * 127.5) / 127.5 - 1
+        z = vae.encode(torch.cat([xs, xt])[:, :, None]).latent_dist.mode()[:, :, 0].float()
+        z = (z - mean) / std
+        src_l.append(z[: len(part)].cpu())
+        tgt_l.append(z[len(part) :].cpu())
+        fg = (xs - xs[..., :1, :1]).abs().amax(1, keepdim=True) + (xt - xt[..., :1, :1]).abs().amax(
+            1, keepdim=True
+        )
+        fgs.append((F.max_pool2d((fg > 0.05).float(), 8) > 0).cpu())
+        tc = time.perf_counter()
+        stats["render_vae"] = stats.get("render_vae", 0.0) + tc - tr
+        texts = [text for _, _, text in part]
+        if ahead is not None:  # the workers' processor output for this chunk (they run ahead, in order)
+            inputs = {k: torch.from_numpy(v) for k, v in next(ahead).items()}
+            stats["waiting_for_workers"] = stats.get("waiting_for_workers", 0.0) + time.perf_counter() - tc
+            encoded = encode_batch(pipe, None, texts, device, stats, inputs=inputs)
+        else:
             conds = [condition_image(pipe, toy.render(src, res, res)) for src, _, _ in part]
             stats["condition_images"] = stats.get("condition_images", 0.0) + time.perf_counter() - tc
             if batched:
-                for e, m in encode_batch(pipe, conds, [text for _, _, text in part], device, stats):
-                    embs.append(e.cpu())
-                    masks.append(m)
+                encoded = encode_batch(pipe, conds, texts, device, stats)
             else:
-                for img, (_, _, text) in zip(conds, part, strict=True):
+                encoded = []
+                for img, text in zip(conds, texts, strict=True):
                     e, m = pipe.encode_prompt(image=[img], prompt=[text], device=device)
-                    embs.append(e[0].cpu())  # the mask is None when it is all ones
-                    masks.append(m[0].cpu() if m is not None else torch.ones(e.shape[1], dtype=torch.long))
-            if start % 640 == 0:
-                where = ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
-                log(f"pool {res}x{res}: {start + len(part)}/{n} ({time.time() - t0:.0f}s: {where})")
-        longest = max(e.shape[0] for e in embs)
-        emb = torch.zeros(len(embs), longest, embs[0].shape[1])
-        mask = torch.zeros(len(embs), longest, dtype=torch.long)
-        for i, (e, m) in enumerate(zip(embs, masks, strict=True)):
-            emb[i, : e.shape[0]] = e
-            mask[i, : m.shape[0]] = m
-        pool[res] = {
-            "src": torch.cat(src_l),
-            "tgt": torch.cat(tgt_l),
-            "fg": torch.cat(fgs),
-            "emb": emb,
-            "mask": mask,
-        }
-        log(f"pool {res}x{res}: {n} examples, text up to {longest} tokens, {time.time() - t0:.0f}s")
-    return pool
+                    # the mask is None when it is all ones
+                    encoded.append(
+                        (
+                            e[0].cpu(),
+                            m[0].cpu() if m is not None else torch.ones(e.shape[1], dtype=torch.long),
+                        )
+                    )
+        for e, m in encoded:
+            embs.append(e)
+            masks.append(m)
+        if i % 10 == 0:
+            where = ", ".join(f"{k} {v:.1f}" for k, v in stats.items())
+            log(f"pool {res}x{res}: {i * 64 + len(part)}/{n} ({time.time() - t0:.0f}s: {where})")
+    longest = max(e.shape[0] for e in embs)
+    emb = torch.zeros(len(embs), longest, embs[0].shape[1])
+    mask = torch.zeros(len(embs), longest, dtype=torch.long)
+    for i, (e, m) in enumerate(zip(embs, masks, strict=True)):
+        emb[i, : e.shape[0]] = e
+        mask[i, : m.shape[0]] = m
+    log(f"pool {res}x{res}: {n} examples, text up to {longest} tokens, {time.time() - t0:.0f}s")
+    return {"src": torch.cat(src_l), "tgt": torch.cat(tgt_l), "fg": torch.cat(fgs), "emb": emb, "mask": mask}
 
 
 def velocity(transformer, xt, src, emb, mask, sig):
@@ -401,6 +453,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for the pool's CPU work (default: on a GPU, up to 8 of the CPUs; on a CPU, none)",
+    )
+    ap.add_argument(
         "--ship", action="store_true", help="copy the trained transformer to qwennb/toy_edit_model"
     )
     ap.add_argument("--smoke", action="store_true", help="a one-minute run that checks the whole path")
@@ -418,7 +476,10 @@ def main() -> None:
     timings: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t = time.time()
     pipe = build(Path(args.init), device)
-    pool = build_pool(pipe, random.Random(args.seed), args.pool, device)
+    workers = args.workers
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
+    pool = build_pool(pipe, random.Random(args.seed), args.pool, device, workers, Path(args.init))
     timings["pool"] = round(time.time() - t, 1)
     if device.type == "cuda":  # as train.py, TF32 for what autocast leaves in float32 (after the pool's exact
         torch.backends.cuda.matmul.allow_tf32 = True  # check of batched text encoding, which TF32 would fail)
