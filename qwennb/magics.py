@@ -80,6 +80,21 @@ def fill_prompt(body: str, namespace: dict[str, Any]) -> str:
         raise UsageError(f"cannot fill the prompt's {{...}} fields: {exc}") from None
 
 
+def _model_words(command: str, rest: str) -> list[str]:
+    """The words of ``%qwen plan|load [MODEL] [key=value ...]``; ``--model NAME`` (the CLI's spelling) is taken
+    as NAME, and any other ``--option`` is a usage error that says the form."""
+    words = rest.split()
+    if words[:1] == ["--model"] and len(words) > 1:
+        words = words[1:]
+    bad = [w for w in words if w.startswith("-")]
+    if bad:
+        raise UsageError(
+            f"%qwen {command}: unknown option {bad[0]!r}; usage: %qwen {command} MODEL [key=value ...] "
+            "(e.g. %qwen load qwen-image mode=turbo)"
+        )
+    return words
+
+
 def _parse_overrides(words: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for w in words:
@@ -526,7 +541,7 @@ class QwenMagics(Magics):
         return _Info("\n".join(lines), info)
 
     def _qwen_plan(self, rest: str) -> Any:
-        words = rest.split()
+        words = _model_words("plan", rest)
         if words:
             return self.session.plan_for(words[0], _parse_overrides(words[1:]))
         if self.session.report is not None:
@@ -680,7 +695,7 @@ class QwenMagics(Magics):
         return sweep
 
     def _qwen_load(self, rest: str) -> Any:
-        words = rest.split()
+        words = _model_words("load", rest)
         if not words:
             raise UsageError("usage: %qwen load MODEL [key=value ...]")
         self.load(words[0], _parse_overrides(words[1:]))

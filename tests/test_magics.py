@@ -157,6 +157,11 @@ def test_qwen_subcommands(ip, capsys):
     assert "high-quality" in out and "turbo" in out and "3x the rounding floor" in out
     with pytest.raises(UsageError, match="unknown mode 'warp'"):
         ip.run_line_magic("qwen", "plan tiny mode=warp")
+    assert ip.run_line_magic("qwen", "plan --model tiny").model == "tiny"  # the CLI's spelling works too
+    with pytest.raises(UsageError, match=r"unknown option '--gpu-memory'; usage: %qwen plan MODEL"):
+        ip.run_line_magic("qwen", "plan tiny --gpu-memory 24")
+    with pytest.raises(UsageError, match=r"usage: %qwen load MODEL"):
+        ip.run_line_magic("qwen", "load --fast tiny")
     hist = ip.run_line_magic("qwen", "history")
     assert "#0" in hist._repr_mimebundle_()["text/plain"]
     ip.run_line_magic("qwen", "help")
