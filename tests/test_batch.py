@@ -28,8 +28,8 @@ from qwennb.generation import StopSignal, generate, load_params
 from qwennb.pipeline import build
 from qwennb.plan import describe_machine, make_plan
 
-# The small model every batch test runs ("toy" replaces "tiny" as the default when it lands).
-MODEL = os.environ.get("QWENNB_BATCH_TEST_MODEL", "tiny")
+# The small model every batch test runs: the embedded toy, which draws what a prompt says (the Ray test checks it).
+MODEL = os.environ.get("QWENNB_BATCH_TEST_MODEL", "toy")
 SMALL = dict(steps=2, size="64x64")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -484,8 +484,16 @@ def ray_cluster():
     ray.shutdown()
 
 
+RAY_COLOURS = ["red", "blue", "green", "yellow", "purple"]
+RAY_SMALL = dict(steps=8, size="128x128")  # enough for the toy to draw the colour asked for
+
+
 def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluster, pipe):
-    prompts = [f"ray picture {i}" for i in range(20)]
+    from qwennb import toy
+
+    prompts = [
+        f"a {RAY_COLOURS[i % 5]} {('circle', 'square')[i % 2]} on a white background" for i in range(20)
+    ]
     out = tmp_path / "out"
     started: list[str] = []
     killed: dict[str, str] = {}
@@ -497,7 +505,7 @@ def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluste
                 os.kill(int(e.worker.split(":")[1]), signal.SIGKILL)
                 killed[e.item_id] = e.worker
 
-    r = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, on_event=on_event, **SMALL)
+    r = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, on_event=on_event, **RAY_SMALL)
     assert len(killed) == 1
     assert (r.total, r.done, r.failed, r.pending, r.engine) == (20, 20, 0, 0, "ray"), r.failures
     assert (
@@ -512,13 +520,18 @@ def test_ray_two_workers_one_killed_every_item_exactly_once(tmp_path, ray_cluste
     assert sum(x["attempts"] for x in rows) == 21  # and nothing else was redone
     # The images are those of the reference pipeline (same seed, same model, another process).
     one = rows[7]
-    ref = generate(pipe, one["prompt"], seed=one["seed"], steps=2, width=64, height=64)
+    ref = generate(pipe, one["prompt"], seed=one["seed"], steps=8, width=128, height=128)
     diff = np.abs(
         np.asarray(Image.open(out / one["path"]).convert("RGB"), int) - np.asarray(ref.images[0], int)
     )
     assert diff.max() <= 2
+    # Each image is its own line's: the toy drew the colour its prompt asked for (all but at most one).
+    right = [
+        toy.read_image(Image.open(out / x["path"])).colour == toy.parse(x["prompt"])["colour"] for x in rows
+    ]
+    assert sum(right) >= 19, [x["prompt"] for x, ok in zip(rows, right, strict=True) if not ok]
     # A second run skips everything (no worker is started).
-    r2 = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, **SMALL)
+    r2 = run_batch(prompts, out, model=MODEL, ray="auto", workers=2, **RAY_SMALL)
     assert (r2.done, r2.skipped, r2.started, r2.engine) == (0, 20, 0, "none")
 
 
