@@ -288,11 +288,10 @@ def detect_frontend(environ: dict[str, str] | None = None, modules: Any = None) 
         return "vscode"
     if "ipykernel" in mods or "JPY_PARENT_PID" in env or "JPY_SESSION_NAME" in env:
         return "jupyter"
-    if "IPython" in mods:
+    ipython = mods.get("IPython")  # asked only when something else imported it: the core imports no IPython
+    if ipython is not None:
         try:
-            from IPython import get_ipython
-
-            if get_ipython() is not None:
+            if ipython.get_ipython() is not None:
                 return "ipython"
         except Exception:  # pragma: no cover - defensive, IPython half-imported
             pass

@@ -357,6 +357,35 @@ def test_gpus_beyond_a_one_gpu_machine_are_refused():
         make_plan(describe_machine(80, **H100), "qwen-image", {"gpus": 2})
 
 
+def test_no_core_module_imports_ipython_or_a_presentation_module():
+    """The core (every module but cli, display, magics, widgets and the package's entry point) imports neither
+    IPython nor ipywidgets nor matplotlib nor a presentation module, at the top or inside a function."""
+    import ast
+    from pathlib import Path
+
+    import qwennb
+
+    presentation = {"cli", "display", "magics", "widgets"}
+    banned = presentation | {"IPython", "ipywidgets", "matplotlib"}
+    found = {}
+    for path in Path(qwennb.__file__).parent.glob("*.py"):
+        if path.stem in presentation | {"__init__", "__main__"}:
+            continue
+        tree = ast.parse(path.read_text())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom):
+                names = {(n.module or "").split(".")[0]} | (
+                    {a.name for a in n.names} if not n.module else set()
+                )
+            elif isinstance(n, ast.Import):
+                names = {a.name.split(".")[0] for a in n.names}
+            else:
+                continue
+            if names & banned:
+                found.setdefault(path.name, set()).update(names & banned)
+    assert not found
+
+
 def test_plan_core_imports_no_presentation_module():
     import ast
     import inspect
