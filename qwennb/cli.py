@@ -939,6 +939,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .edit import check_edit_inputs, edit, plan_edit, resolve_edit_model
     from .generation import parse_size
     from .hardware import detect
+    from .options import validate_generate_options
     from .pipeline import build
 
     if len(args.inputs) < 2:
@@ -949,6 +950,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         width, height = parse_size(args.size)
     name, path, notice = resolve_edit_model(args.model)
     images = check_edit_inputs(name, paths, instruction)  # before anything loads
+    validate_generate_options(
+        {"steps": args.steps, "cfg": args.cfg, "seed": args.seed, "negative_prompt": args.negative}
+    )
     if notice:
         print(f"qwennb: {notice}", file=sys.stderr)
     plan = plan_edit(detect(), name, {"mode": args.mode} if args.mode else None, references=len(images))

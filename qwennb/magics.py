@@ -336,16 +336,22 @@ class QwenMagics(Magics):
             else:
                 name = resolve_edit_model(None)[0]
             check_edit_inputs(name if loaded is None or options.model else loaded, images, instruction)
+            # every option is checked before a model loads (a bad one must not cost a load or the loaded model)
+            width = height = None
+            if options.size:
+                width, height = parse_size(options.size)
+            validate_generate_options(
+                {
+                    "steps": options.steps,
+                    "cfg": options.cfg,
+                    "seed": options.seed,
+                    "negative_prompt": options.negative,
+                }
+            )
         except QwennbError as exc:
             raise UsageError(str(exc)) from None
         if loaded is None or (options.model and self.session.report and self.session.report.model != name):
             self.load(name)
-        width = height = None
-        if options.size:
-            try:
-                width, height = parse_size(options.size)
-            except QwennbError as exc:
-                raise UsageError(str(exc)) from None
         handle = display(_Text("qwennb: encoding the prompt..."), display_id=True)
 
         def on_step(s: StepInfo) -> None:

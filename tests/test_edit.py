@@ -395,6 +395,9 @@ def test_cli_edit_keeps_the_image_when_the_folder_cannot_be_written(tmp_path, ca
         (["only-an-instruction"], "give at least one image and the instruction"),
         (["IMG", "IMG", "IMG", "IMG", "x"], "takes 1 to 3 reference images, got 4"),
         (["IMG", "x", "--model", T2I_MODEL], "edits need an edit model"),
+        (["IMG", "x", "--steps", "1"], "steps must be a whole number of at least 2, got 1"),
+        (["IMG", "x", "--seed", "-2"], "seed must be a whole number"),
+        (["IMG", "x", "--cfg", "0.5"], "CFG must be at least 1"),
     ],
 )
 def test_cli_edit_errors_are_one_line_before_loading(tmp_path, capsys, argv, message):
@@ -468,6 +471,10 @@ def magics(ip):
         ("--image nothing_here", "image nothing_here: no variable or file of that name"),
         ("--image img --image img --image img --image img", "takes 1 to 3 reference images, got 4"),
         ("", "give the image(s) to edit"),
+        ("--image img --steps 1", "steps must be a whole number of at least 2, got 1"),
+        ("--image img --seed -1", "seed must be a whole number"),
+        ("--image img --cfg 0.5", "CFG must be at least 1"),
+        ("--image img --size 10x10", "width must be a whole number from 16"),
     ],
 )
 def test_qwen_edit_refuses_bad_inputs_before_loading(ip, line, message):
