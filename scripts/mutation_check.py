@@ -41,6 +41,9 @@ GEN = "qwennb/generation.py"
 SPEED = "qwennb/speed.py"
 PLAN = "qwennb/plan.py"
 PRESETS = "qwennb/presets.py"
+BATCH = "qwennb/batch.py"
+CLI = "qwennb/cli.py"
+MAGICS = "qwennb/magics.py"
 T_BREAKS = "tests/test_generation_breaks.py"
 T_GEN = "tests/test_generation.py"
 T_SPEED = "tests/test_speed.py"
@@ -359,6 +362,56 @@ MUTATIONS: list[Mutation] = [
         "",
         ("tests/test_edit.py", "-k", "synthetic_edit"),
     ),
+    # ---------------------------------------------------------------- batch (and its CLI and magic)
+    Mutation(
+        "a new image may overwrite an existing file",
+        BATCH,
+        "            os.link(tmp, path)\n",
+        "            os.replace(tmp, path)\n",
+        ("tests/test_batch.py", "-k", "never_overwrites"),
+    ),
+    Mutation(
+        "a rerun redoes items whose record says done but whose key changed",
+        BATCH,
+        '                and rec.get("key") == it.key\n',
+        "",
+        ("tests/test_batch.py", "-k", "resume_and_redo or changed_line"),
+    ),
+    Mutation(
+        "--strict does not refuse a file with bad lines",
+        BATCH,
+        "    if strict and pset.problems:\n",
+        "    if False and pset.problems:\n",
+        ("tests/test_batch.py", "-k", "strict"),
+    ),
+    Mutation(
+        "a failed item is never retried",
+        BATCH,
+        '    if not permanent and rec.get("attempts", 0) < max_attempts and not stop:',
+        "    if False:",
+        ("tests/test_batch.py", "-k", "killed"),
+    ),
+    Mutation(
+        "the CLI's summary is not held from a late Ctrl-C",
+        CLI,
+        "    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
+        "    previous = signal.getsignal(signal.SIGINT)\n",
+        ("tests/test_batch.py", "-k", "summary_prints"),
+    ),
+    Mutation(
+        "%qwen batch loads the model before checking the file",
+        MAGICS,
+        "                check_batch(args.file, args.out, model=args.model or None, **{k: options[k] for k in keys})\n",
+        "                pass\n",
+        ("tests/test_batch.py", "-k", "checks_the_file_before"),
+    ),
+    Mutation(
+        "%%qwen_edit loads the model before checking steps, CFG and seed",
+        MAGICS,
+        '            validate_generate_options(\n                {\n                    "steps": options.steps,',
+        '            (lambda o: o)(\n                {\n                    "steps": options.steps,',
+        ("tests/test_edit.py", "-k", "refuses_bad_inputs_before_loading"),
+    ),
 ]
 
 
@@ -448,7 +501,8 @@ def report(results: list[tuple[Mutation, str, float]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--only", help="mutate only modules whose path contains this (generation, speed, plan, presets)"
+        "--only",
+        help="mutate only modules whose path contains this (generation, speed, plan, presets, batch, cli, magics)",
     )
     ap.add_argument(
         "--name", help="run only the mutations whose name contains one of these (comma-separated)"

@@ -252,6 +252,23 @@ def test_run_resume_and_redo_only_missing_or_failed(tmp_path, pipe):
     assert (out / rows[1]["path"]).stat().st_ino == inodes[Path(rows[1]["path"]).name][0]
 
 
+def test_a_changed_line_under_the_same_id_is_made_again_beside_the_first(tmp_path, pipe):
+    """A line keeps its ``id`` but asks for something else: the rerun makes it again (the record's key differs),
+    into a new file beside the first one, which is never overwritten; the manifest then points at the new one."""
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"id": "a", "prompt": "a red circle"}) + "\n")
+    out = tmp_path / "out"
+    first = run_batch(f, out, pipe=pipe, **SMALL)
+    old = lines(first.manifest)[-1]
+    f.write_text(json.dumps({"id": "a", "prompt": "a blue square"}) + "\n")
+    again = run_batch(f, out, pipe=pipe, **SMALL)
+    assert (again.done, again.skipped, again.failed) == (1, 0, 0)
+    new = lines(again.manifest)[-1]
+    assert new["prompt"] == "a blue square" and new["path"] != old["path"]
+    assert (out / old["path"]).exists() and (out / new["path"]).exists()
+    assert run_batch(f, out, pipe=pipe, **SMALL).skipped == 1  # and now it is done
+
+
 def test_a_file_written_but_not_recorded_is_kept(tmp_path, pipe):
     out = tmp_path / "out"
     r = run_batch(["a", "b"], out, pipe=pipe, **SMALL)
