@@ -1476,13 +1476,26 @@ def check_batch(
         (1, 1)
     """
     return _prepare(
-        prompts, out, model, pipe, None, overrides, strict, steps, cfg, size, aspect, preset, negative
+        prompts,
+        out,
+        model=model,
+        pipe=pipe,
+        ray=None,
+        overrides=overrides,
+        strict=strict,
+        steps=steps,
+        cfg=cfg,
+        size=size,
+        aspect=aspect,
+        preset=preset,
+        negative=negative,
     )[-1]
 
 
 def _prepare(
     prompts: Any,
     out: Any,
+    *,
     model: str | None,
     pipe: Any,
     ray: str | None,
@@ -1599,7 +1612,19 @@ def run_batch(
 
     t_start = time.perf_counter()
     folder, name, path, plan, hardware, pset = _prepare(
-        prompts, out, model, pipe, ray, overrides, strict, steps, cfg, size, aspect, preset, negative
+        prompts,
+        out,
+        model=model,
+        pipe=pipe,
+        ray=ray,
+        overrides=overrides,
+        strict=strict,
+        steps=steps,
+        cfg=cfg,
+        size=size,
+        aspect=aspect,
+        preset=preset,
+        negative=negative,
     )
     stop = stop if stop is not None else StopSignal()
     with FolderLock(folder):

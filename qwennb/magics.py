@@ -765,6 +765,7 @@ class QwenMagics(Magics):
         to a folder of images, with a live progress widget. On the loaded model unless ``--ray``/``--workers``
         ask for other workers; ``--background`` returns at once (Stop button; ``_.result`` when done)."""
         import argparse
+        import inspect
         import shlex
 
         from .batch import check_batch, run_batch
@@ -793,8 +794,8 @@ class QwenMagics(Magics):
                 args.model and self.session.report and args.model != self.session.report.model
             ):
                 # the prompt file and the folder are checked before the model loads (a typo costs no load)
-                keys = ("steps", "cfg", "size", "aspect", "preset", "negative", "strict", "overrides")
-                check_batch(args.file, args.out, model=args.model or None, **{k: options[k] for k in keys})
+                checked = inspect.signature(check_batch).parameters
+                check_batch(args.file, args.out, **{k: v for k, v in options.items() if k in checked})
                 self.load(args.model or None)
             options["pipe"] = self.session.require()
         progress = BatchProgress()

@@ -108,7 +108,8 @@ def encode_batch(
     with the pipeline's own encoding before the pool is built."""
     stats = stats if stats is not None else {}
     t0 = time.perf_counter()
-    if inputs is None:
+    made_here = inputs is None
+    if made_here:
         inputs = processor_inputs(pipe, images, texts)
     inputs = {k: v.to(device) for k, v in inputs.items()}
     t1 = time.perf_counter()
@@ -123,7 +124,8 @@ def encode_batch(
     drop = pipe.prompt_template_encode_start_idx
     result = [(h[drop:].cpu(), torch.ones(h.shape[0] - drop, dtype=torch.long)) for h in hidden]
     # where a pool's time goes (the processor runs on the CPU, the encoder on the device)
-    stats["processor"] = stats.get("processor", 0.0) + t1 - t0
+    key = "processor" if made_here else "to_device"  # a worker's processor time is its own
+    stats[key] = stats.get(key, 0.0) + t1 - t0
     stats["text_encoder"] = stats.get("text_encoder", 0.0) + time.perf_counter() - t1
     return result
 
