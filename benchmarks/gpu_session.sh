@@ -122,7 +122,7 @@ lane_a5() {
     job $((TOY_EDIT_MINUTES * 60 + 420)) toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run3 \
       --init qwennb/toy_edit_model/transformer --minutes $TOY_EDIT_MINUTES --pool 8000 --batch 256 --eval-n 200 &
   fi
-  job 900 toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
+  job $((${TOY_MINUTES:-12} * 60 + 240)) toy_train python3 training/toy/train.py --out $W/toy_run7 --results $W/toy_run7_results \
     --vae training/toy/vae --init qwennb/toy_model --minutes ${TOY_MINUTES:-12} --batch 1024 --high-sigma 0.3
   wait
 }
