@@ -1,7 +1,8 @@
 """The toy edit model (``toy-edit``): the embedded toy model taught to carry out edits of the toy world.
 
-``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509/2511's pipeline) over the toy model's own VAE, text encoder
-and tokenizer (``qwennb/toy_model``), a Qwen2-VL processor with small images for the text encoder's vision
+``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509/2511's pipeline) over the toy model's own VAE and tokenizer
+(``qwennb/toy_model``), the text encoder the edit transformer was trained against (``qwennb/toy_edit_model/
+text_encoder``, fp16: the toy's own went on training after the edit model was made), a Qwen2-VL processor with small images for the text encoder's vision
 tower, and a transformer fine-tuned for edits (``qwennb/toy_edit_model/transformer``, 7 MB in fp16), trained
 by ``training/toy/train_edit.py`` on recolouring, reshaping, moving and resizing the shape and changing the
 background, asked in English or Chinese; the references go to the transformer at the output's own size (what it
@@ -34,10 +35,14 @@ VL_MAX_PIXELS = 112 * 112
 
 
 def assemble_toy_edit(
-    device: Any = "cpu", dtype: Any = None, init_transformer: str | Path | None = None
+    device: Any = "cpu",
+    dtype: Any = None,
+    init_transformer: str | Path | None = None,
+    text_encoder: str | Path | None = None,
 ) -> Any:
     """Build the toy edit pipeline from the shipped weights (``init_transformer``: another transformer
-    folder, e.g. the toy text-to-image one to start training from).
+    folder, e.g. the toy text-to-image one to start training from; ``text_encoder``: another text encoder
+    folder, e.g. the toy model's own, for a new edit model trained against it).
 
     Example:
         >>> type(assemble_toy_edit()).__name__
@@ -61,15 +66,14 @@ def assemble_toy_edit(
     kw = {"use_safetensors": True, "local_files_only": True}
     transformer = QwenImageTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, **kw)
     vae = AutoencoderKLQwenImage.from_pretrained(str(base / "vae"), torch_dtype=dtype, **kw)
-    text_encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        str(base / "text_encoder"), dtype=dtype, **kw
-    )
+    te_folder = Path(text_encoder) if text_encoder else Path(TOY_EDIT_DIR) / "text_encoder"
+    if not (te_folder / "config.json").is_file():
+        raise LoadError(f"the toy edit model's text encoder is missing ({te_folder}): reinstall qwennb")
+    te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(te_folder), dtype=dtype, **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(base / "tokenizer"), local_files_only=True)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         str(base / "scheduler"), local_files_only=True
     )
     processor = build_edit_processor(tokenizer, min_pixels=VL_MIN_PIXELS, max_pixels=VL_MAX_PIXELS)
-    pipe = _assemble_edit(
-        scheduler, vae, text_encoder, tokenizer, processor, transformer, "QwenImageEditPlusPipeline"
-    )
+    pipe = _assemble_edit(scheduler, vae, te, tokenizer, processor, transformer, "QwenImageEditPlusPipeline")
     return pipe.to(device)

@@ -190,3 +190,25 @@ def test_a_missing_edit_transformer_is_one_clear_error(tmp_path):
 
     with pytest.raises(LoadError, match="transformer is missing .*reinstall qwennb"):
         assemble_toy_edit(init_transformer=tmp_path)
+
+
+def test_the_edit_model_uses_the_text_encoder_it_was_trained_against(tmp_path):
+    # The toy's own text encoder went on training after the edit transformer was made (toy runs 7-8): the edit
+    # model must condition on the one it ships with, not the toy's current one.
+    import torch
+    from safetensors.torch import load_file
+
+    from qwennb.errors import LoadError
+    from qwennb.models import TOY_MODEL_DIR
+    from qwennb.toy_edit import TOY_EDIT_DIR, assemble_toy_edit
+
+    pipe = assemble_toy_edit()
+    shipped = load_file(f"{TOY_EDIT_DIR}/text_encoder/model.safetensors")
+    toys = load_file(f"{TOY_MODEL_DIR}/text_encoder/model.safetensors")
+    state = pipe.text_encoder.state_dict()
+    name = next(k for k in shipped if k.endswith("embed_tokens.weight"))
+    mine = next(v for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    assert torch.equal(mine, shipped[name].float())
+    assert not torch.allclose(mine, toys[name].float(), atol=1e-3)
+    with pytest.raises(LoadError, match="text encoder is missing"):
+        assemble_toy_edit(text_encoder=tmp_path)

@@ -53,11 +53,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build(init: Path, device):
+def build(init: Path, device, text_encoder: str | None = None):
     """The toy-edit pipeline as ``qwennb`` assembles it, with the transformer trainable."""
     from qwennb.toy_edit import assemble_toy_edit
 
-    pipe = assemble_toy_edit(init_transformer=init)
+    pipe = assemble_toy_edit(init_transformer=init, text_encoder=text_encoder)
     pipe.to(device)
     return pipe
 
@@ -451,6 +451,12 @@ def main() -> None:
         default=0.3,
         help="share of each batch drawn at sigma 0.75-1 (as train.py)",
     )
+    ap.add_argument(
+        "--text-encoder",
+        default=None,
+        help="the frozen text encoder to train against (default: the shipped edit model's own; "
+        "qwennb/toy_model/text_encoder for a new model on the current toy)",
+    )
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -477,7 +483,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t = time.time()
-    pipe = build(Path(args.init), device)
+    pipe = build(Path(args.init), device, args.text_encoder)
     workers = args.workers
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
@@ -502,10 +508,11 @@ def main() -> None:
     if args.ship:
         from qwennb.toy_edit import TOY_EDIT_DIR
 
-        dest = Path(TOY_EDIT_DIR) / "transformer"
-        shutil.rmtree(dest, ignore_errors=True)
-        pipe.transformer.to(torch.float16).save_pretrained(dest)
-        log(f"shipped the transformer to {dest}")
+        for name in ("transformer", "text_encoder"):  # the text encoder it was trained against goes with it
+            dest = Path(TOY_EDIT_DIR) / name
+            shutil.rmtree(dest, ignore_errors=True)
+            getattr(pipe, name).to(torch.float16).save_pretrained(dest)
+            log(f"shipped the {name} to {dest}")
 
 
 if __name__ == "__main__":
