@@ -134,15 +134,16 @@ def _largest_divisor(n: int, limit: int, ok: Callable[[int], bool]) -> int:
 
 
 # One image without CFG over 2 GPUs, measured (benchmarks/multigpu.py --only-cfg1, full-size synthetic, 20 steps,
-# CFG 1) with the tuned path's Ulysses (compiled blocks, the all-to-alls inside): 1.18x one GPU, with final latents
-# 0.77% (relative) from one GPU's, so it is not lossless and one CFG-1 image stays on one GPU unless the pool was
+# CFG 1) with the tuned path's Ulysses (compiled blocks, the all-to-alls inside): 1.50x one GPU in the latest run
+# (0.104 and 0.128 s/step in two earlier runs of the same code), with final latents 0.77% (relative) from one
+# GPU's, so it is not lossless and one CFG-1 image stays on one GPU unless the pool was
 # loaded with ulysses=N. (diffusers' context parallelism on its stock forward measured 0.185-0.369 s/step.)
 ULYSSES_MEASURED = {
     "card": "H200",
     "gpus": 2,
     "size": 1024,
-    "ulysses_s_per_step": 0.104,
-    "one_gpu_s_per_step": 0.123,
+    "ulysses_s_per_step": 0.081,
+    "one_gpu_s_per_step": 0.122,
     "latent_rel_err": 0.0077,
     "source": "benchmarks/results/multigpu-cfg1-nvidia-h200.json",
     "config": "qwennb-ulysses",
@@ -168,7 +169,7 @@ def choose_parallel(
     Rules: several images go data parallel (nothing exchanged a step, the best scaling); one image with
     CFG > 1 puts the two passes on two groups (one small all-gather a step) and, with 4 or more GPUs, runs
     Ulysses sequence parallel inside each group; one image without CFG stays on one GPU (Ulysses over 2 H200s
-    measured 1.18x one GPU but not lossless, :data:`ULYSSES_MEASURED`) unless the pool was loaded with a Ulysses degree. Ulysses
+    measured 1.50x one GPU but not lossless, :data:`ULYSSES_MEASURED`) unless the pool was loaded with a Ulysses degree. Ulysses
     needs the attention heads (24 for Qwen-Image) and the image tokens to divide by its degree; the largest
     degree that does is used. ``ulysses`` fixes the Ulysses degree (a pool loaded with one). ``heads``,
     ``head_dim``, ``layers`` and ``text_tokens`` describe the model (Qwen-Image's by default).
