@@ -30,8 +30,8 @@ log = logging.getLogger("qwennb")
 
 TOY_NOTICE = (
     "No Qwen-Image weights found: loaded the embedded toy model (Qwen-Image's classes at a small size, trained "
-    "on a toy world of one flat shape on a plain background; not Qwen-Image). It draws the colour, shape and "
-    "background a prompt names most of the time (the position less reliably). "
+    "on a toy world of one flat shape on a plain background; not Qwen-Image). It draws the colour, shape, "
+    "position and background a prompt names, in its own words or yours. "
     "Run `qwennb download --model qwen-image` or set QWENNB_MODEL to a model folder for the real model."
 )
 

@@ -111,9 +111,12 @@ def test_compare_models_says_what_is_shared_and_swapped():
     assert r.swapped == ["transformer"] and r.unverified == ["text_encoder", "vae"] and r.shared == []
     sizes = component_sizes("qwen-image-edit-2511")
     assert r.swap_gib == round(sum(s.gib(2.0) for s in sizes.values()), 2)
-    tiny = compare_models(T2I_MODEL, EDIT_MODEL)
+    tiny = compare_models("tiny", "tiny-edit")
     assert "text_encoder" in tiny.shared and "transformer" in tiny.swapped
     assert "transformer: swapped" in r.text()
+    # The embedded pair, compared by their files: toy-edit loads the toy's VAE but carries its own text encoder.
+    toys = compare_models("toy", "toy-edit")
+    assert toys.shared == ["vae"] and sorted(toys.swapped) == ["text_encoder", "transformer"]
 
 
 def test_cli_plan_of_an_edit_model_counts_three_references(capsys):
