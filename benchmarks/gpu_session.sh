@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=7 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=8 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -169,6 +169,25 @@ lane_b7() {
   export CUDA_VISIBLE_DEVICES=1
   job 330 speed21 python3 benchmarks/speed21.py --out $R --merge --repeats 2 --warmup 1
   job 400 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 120
+}
+
+# ROUND=8 (prepared for the next session; about 700 s with PHASE0_S=200 PHASE1_S=420): the CFG-1 Ulysses rows once
+# more (three runs of the same code gave 0.128, 0.104 and 0.081 s/step: is the spread the ranks running out of
+# step?), then the toy's adherence through each qwennb path with toy run 8 (round 7 measured run 6) on GPU 0 and
+# the toy edit model (from the shipped one) against the current toy's text encoder on GPU 1.
+first_8() {
+  job 190 multigpu python3 benchmarks/multigpu.py --gpus 2 --only-cfg1 --skip-stock --out $R --profile $R/profile-cfg1
+}
+
+lane_a8() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 400 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 240
+}
+
+lane_b8() {
+  export CUDA_VISIBLE_DEVICES=1
+  job 420 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run5 --init qwennb/toy_edit_model/transformer \
+    --text-encoder qwennb/toy_model/text_encoder --minutes ${TOY_EDIT_MINUTES:-4} --pool 8000 --batch 256 --eval-n 120
 }
 
 phases() {

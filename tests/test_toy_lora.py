@@ -153,3 +153,64 @@ def test_the_loras_argument_puts_it_on_and_an_empty_list_takes_it_off(session, p
     without = session.generate(item.prompt, seed=item.seed, loras=[], **OPTS)
     assert without.loras == [] and session.lora_list() == []
     assert np.array_equal(np.asarray(without.images[0]), plain[1])
+
+
+# --------------------------------------------------------------------------- the few-step LoRA
+# tests/fixtures/toy_lora/fewstep4.safetensors: distilled by training/toy/train_fewstep_lora.py from the toy's own
+# 20-step, CFG-4 runs into 4 unguided steps (as the Lightning LoRAs are). Measured (48 held-out items, 256x256):
+# all four attributes right in 0.917 of them at 20 steps CFG 4, 0.917 at 4 steps CFG 1 with the LoRA, 0.896 without;
+# mean pixel distance from the 20-step picture of the same seed 2.55 with, 2.83 without (on the 12 here: 2.46 and
+# 2.24). The flat toy world is nearly drawable in 4 steps already, so the LoRA's gain is small; it is the few-step
+# path that is tested here: a distilled LoRA in 4 unguided steps keeps the 20-step adherence.
+FEWSTEP = FIXTURES / "fewstep4.safetensors"
+FEW_ITEMS = toy.eval_set(12, split="heldout", seed=5)
+
+
+def test_the_few_step_lora_keeps_adherence_in_4_unguided_steps(session):
+    from safetensors import safe_open
+
+    with safe_open(str(FEWSTEP), "pt") as f:
+        assert f.metadata()["qwennb.base_transformer_sha256"] == base_sha256(), (
+            "the toy changed since fewstep4 was trained: rerun python training/toy/train_fewstep_lora.py"
+        )
+
+    def run(steps, cfg, **kw):
+        return [
+            session.generate(i.prompt, seed=i.seed, steps=steps, cfg=cfg, width=256, height=256, **kw).images[
+                0
+            ]
+            for i in FEW_ITEMS
+        ]
+
+    ref = run(20, 4.0)
+    without = run(4, 1.0)
+    session.lora_add(str(FEWSTEP))
+    with_lora = run(4, 1.0)
+    session.lora_remove()
+    again = run(4, 1.0)
+    scores = {name: toy.score(FEW_ITEMS, imgs)["all"] for name, imgs in (("20", ref), ("4+lora", with_lora))}
+    dist = {
+        name: float(
+            np.mean(
+                [
+                    np.abs(np.asarray(a, float) - np.asarray(b, float)).mean()
+                    for a, b in zip(imgs, ref, strict=True)
+                ]
+            )
+        )
+        for name, imgs in (("without", without), ("with", with_lora))
+    }
+    print(scores, dist)
+    for attribute in ("colour", "shape", "position", "background"):
+        assert scores["4+lora"][attribute] >= scores["20"][attribute] - 0.09, (
+            attribute,
+            scores,
+        )  # one item of 12
+    # The LoRA is on (the pictures change) but does not reliably bring them nearer the 20-step ones: 2.46 with
+    # against 2.24 without on these 12 items, 2.55 against 2.83 on 48.
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(with_lora, without, strict=True)
+    )
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, without, strict=True)
+    )  # removed: as before
