@@ -412,6 +412,20 @@ MUTATIONS: list[Mutation] = [
         '            (lambda o: o)(\n                {\n                    "steps": options.steps,',
         ("tests/test_edit.py", "-k", "refuses_bad_inputs_before_loading"),
     ),
+    Mutation(
+        "toy-edit loads the toy's current text encoder instead of its own",
+        "qwennb/toy_edit.py",
+        'te_folder = Path(text_encoder) if text_encoder else Path(TOY_EDIT_DIR) / "text_encoder"',
+        'te_folder = Path(text_encoder) if text_encoder else Path(base) / "text_encoder"',
+        ("tests/test_toy_edit.py", "-k", "text_encoder_it_was_trained"),
+    ),
+    Mutation(
+        "the toy/toy-edit switch report calls every component shared",
+        "qwennb/edit.py",
+        "            if _toy_file_id(a.name, comp) == _toy_file_id(b.name, comp):",
+        "            if True:",
+        ("tests/test_edit.py", "-k", "compare_models"),
+    ),
 ]
 
 
