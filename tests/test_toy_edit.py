@@ -212,3 +212,33 @@ def test_the_edit_model_uses_the_text_encoder_it_was_trained_against(tmp_path):
     assert not torch.allclose(mine, toys[name].float(), atol=1e-3)
     with pytest.raises(LoadError, match="text encoder is missing"):
         assemble_toy_edit(text_encoder=tmp_path)
+
+
+def test_training_instructions_are_augmented_without_held_out_words(monkeypatch):
+    """train_edit.py gives a share of its training instructions words that say nothing (as train.py does for
+    captions); the instruction's own words stay, and no word of the held-out phrasings slips in."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    monkeypatch.setattr(te, "AUGMENT", 0.0)
+    plain = te.make_examples(random.Random(3), 200)
+    monkeypatch.setattr(te, "AUGMENT", 1.0)
+    noisy = te.make_examples(random.Random(3), 200)
+    changed = 0
+    for (s1, t1, a), (s2, t2, b) in zip(plain, noisy, strict=True):
+        assert (s1, t1) == (s2, t2)
+        if a == b:
+            continue
+        changed += 1
+        if all(ord(c) < 128 for c in a):
+            added = b.split()
+            for w in a.split():
+                added.remove(w)  # every word of the instruction is still there
+            assert added and not set(added) & te._EN_HELD, (a, b)
+        else:
+            assert len(b) > len(a) and not any(h in b for h in te._ZH_HELD if h not in a), (a, b)
+    assert changed >= 150  # all but the empty instructions (10%) and the rare draw that changes nothing

@@ -532,19 +532,27 @@ assert not any(w in _HELDOUT for n in _EN_NOISE + _EN_POS_FORMS for w in n.repla
 assert not any(h in n for h in _ZH_HELDOUT for n in _ZH_NOISE + _ZH_POS_FORMS + _ZH_OBJ_FORMS + _ZH_BG_FORMS)
 
 
-def _insert_noise(text: str, rng: random.Random, lang: str) -> str:
+def _insert_noise(
+    text: str,
+    rng: random.Random,
+    lang: str,
+    en_noise: list[str] | None = None,
+    zh_noise: list[str] | None = None,
+) -> str:
+    """``text`` with one or two words that say nothing about the scene put in at word boundaries."""
+    en_noise, zh_noise = en_noise or _EN_NOISE, zh_noise or _ZH_NOISE
     if lang == "zh":
         # at the start, the end or a comma: a word inside a word ("橙好的色") would teach nothing
         pieces = text.split("，")
         for _ in range(rng.randint(1, 2)):
             i = rng.randrange(len(pieces))
             pieces[i] = (
-                rng.choice(_ZH_NOISE) + pieces[i] if rng.random() < 0.5 else pieces[i] + rng.choice(_ZH_NOISE)
+                rng.choice(zh_noise) + pieces[i] if rng.random() < 0.5 else pieces[i] + rng.choice(zh_noise)
             )
         return "，".join(pieces)
     words = text.split(" ")
     for _ in range(rng.randint(1, 2)):
-        words.insert(rng.randint(0, len(words)), rng.choice(_EN_NOISE))
+        words.insert(rng.randint(0, len(words)), rng.choice(en_noise))
     return " ".join(words)
 
 

@@ -43,10 +43,42 @@ sys.path.insert(0, str(ROOT))
 from qwennb import toy  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train as t2i  # noqa: E402
 from train import shift_sigmas  # noqa: E402  (the scheduler's shift, as the text-to-image toy is trained)
 
 RESOLUTIONS = {128: 0.7, 256: 0.3}  # share of the pool (and of the steps) at each square size
 EMPTY = 0.1  # share of examples with no instruction (target = source)
+# Share of training instructions given one or two words that say nothing (train.py's augmentation, which took the
+# text-to-image toy's held-out position from 0.50 to 0.93): none of the held-out edit phrasings' words is used.
+AUGMENT = 0.3
+
+
+def _held_out_edit_words() -> tuple[set[str], list[str]]:
+    en: set[str] = set()
+    for phrases in toy._EN_EDIT["heldout"].values():
+        for ph in phrases:
+            en.update(
+                ph.replace("{obj}", " ").replace("{new}", " ").replace("?", " ").replace(":", " ").split()
+            )
+    for forms in toy._EN_EDIT_SIZE["heldout"].values():
+        for ws in forms.values():
+            for w in ws:
+                en.update(w.split())
+    zh = []
+    for phrases in toy._ZH_EDIT["heldout"].values():
+        for ph in phrases:
+            zh += [p for p in ph.replace("{obj}", "|").replace("{new}", "|").split("|") if p]
+    zh += [w for ws in toy._ZH_EDIT_SIZE["heldout"].values() for w in ws]
+    return en - {"a", "the", "to", "on", "in", "as", "of", "it"}, zh
+
+
+_EN_HELD, _ZH_HELD = _held_out_edit_words()
+EN_NOISE = [w for w in t2i._EN_NOISE if not set(w.split()) & _EN_HELD]
+ZH_NOISE = [  # no two characters in a row that a held-out phrasing has ("画面中" against "移动到画面")
+    w
+    for w in t2i._ZH_NOISE
+    if not any((w if len(w) == 1 else w[i : i + 2]) in h for h in _ZH_HELD for i in range(max(1, len(w) - 1)))
+]
 
 
 def log(msg: str) -> None:
@@ -77,6 +109,8 @@ def condition_image(pipe, image):
 def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tuple]:
     """``n`` (source, target, instruction) triples: every edit kind equally, English 60% / Chinese 40%."""
     out = []
+    # its own stream: the same scenes and edits with or without augmentation
+    aug = random.Random(rng.random())
     for _ in range(n):
         src = toy.random_scene(rng)
         if rng.random() < EMPTY:
@@ -85,7 +119,10 @@ def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tupl
         kind = rng.choice(toy.EDIT_KINDS)
         tgt = toy.edit_target(src, kind, rng)
         lang = "en" if rng.random() < 0.6 else "zh"
-        out.append((src, tgt, toy.edit_instruction(src, tgt, rng, lang=lang, split=split)))
+        text = toy.edit_instruction(src, tgt, rng, lang=lang, split=split)
+        if split == "train" and aug.random() < AUGMENT:
+            text = t2i._insert_noise(text, aug, lang, EN_NOISE, ZH_NOISE)
+        out.append((src, tgt, text))
     return out
 
 
@@ -434,6 +471,7 @@ def write_results(out: Path, report: dict, history: list, args, timings: dict) -
 
 
 def main() -> None:
+    global AUGMENT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -457,6 +495,12 @@ def main() -> None:
         help="the frozen text encoder to train against (default: the shipped edit model's own; "
         "qwennb/toy_model/text_encoder for a new model on the current toy)",
     )
+    ap.add_argument(
+        "--augment",
+        type=float,
+        default=AUGMENT,
+        help="share of training instructions given empty words (0: off)",
+    )
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -467,10 +511,13 @@ def main() -> None:
         help="processes for the pool's CPU work (default: on a GPU, up to 8 of the CPUs; on a CPU, none)",
     )
     ap.add_argument(
-        "--ship", action="store_true", help="copy the trained transformer to qwennb/toy_edit_model"
+        "--ship",
+        action="store_true",
+        help="copy the trained transformer and its text encoder to qwennb/toy_edit_model",
     )
     ap.add_argument("--smoke", action="store_true", help="a one-minute run that checks the whole path")
     args = ap.parse_args()
+    AUGMENT = args.augment
     if args.smoke:
         args.minutes, args.pool, args.eval_n, args.batch = 0.3, 64, 10, 8
     RESOLUTIONS.update({128: 1 - args.share256, 256: args.share256})
