@@ -426,6 +426,13 @@ MUTATIONS: list[Mutation] = [
         "            if True:",
         ("tests/test_edit.py", "-k", "compare_models"),
     ),
+    Mutation(
+        "the CLI holds SIGINT from any thread",
+        CLI,
+        "    if threading.current_thread() is not threading.main_thread():\n        return lambda: None\n",
+        "",
+        ("tests/test_batch.py", "-k", "off_the_main_thread"),
+    ),
 ]
 
 

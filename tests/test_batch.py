@@ -741,3 +741,41 @@ def test_ctrl_c_while_the_summary_prints_does_not_lose_it(tmp_path, monkeypatch)
     summary = json.loads(out.text.strip().splitlines()[-1])
     assert summary["done"] == 2 and not summary["interrupted"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # held only while printing
+
+
+def test_the_summary_hold_is_a_no_op_off_the_main_thread(tmp_path, capsys):
+    """signal.signal may only be called from the main thread: the CLI's batch run from another thread (a notebook's
+    background thread, a test runner's worker) prints its summary without trying to hold SIGINT."""
+    import threading
+
+    f = tmp_path / "p.txt"
+    f.write_text("a red circle\n")
+    box: dict = {}
+
+    def run():
+        try:
+            box["rc"] = main(
+                [
+                    "batch",
+                    str(f),
+                    "--out",
+                    str(tmp_path / "out"),
+                    "--model",
+                    MODEL,
+                    "--steps",
+                    "2",
+                    "--size",
+                    "64x64",
+                    "--json",
+                ]
+            )
+        except BaseException as exc:  # noqa: BLE001 - the test reports whatever escaped
+            box["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(300)
+    assert "error" not in box, box.get("error")
+    assert box["rc"] == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
