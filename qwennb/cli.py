@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -406,8 +407,7 @@ def _step_bar() -> tuple[Callable[[Any], None], list[Any]]:
 
 def _report_result(result: Any, args: argparse.Namespace) -> int:
     """Notices to stderr, the PNGs saved (or rescued to a temporary folder), then the paths or one JSON object."""
-    for n in result.notices:
-        print(f"qwennb: {n}", file=sys.stderr)
+    _print_notices(result.notices)
     _save_or_rescue(result, args.out, not args.no_metadata)
     if args.json:
         d = result.to_dict()
@@ -476,9 +476,33 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- enhance, describe
 
 
+class _Echo(logging.Handler):
+    """The ``qwennb`` logger's warnings on stderr as ``qwennb: ...`` lines while a command runs, each line once:
+    a notice that the library logs and the CLI prints from a result's ``notices`` appears one time (without this
+    handler Python's last-resort handler printed it unprefixed as well)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.said: set[str] = set()
+
+    def say(self, message: str) -> None:
+        if message not in self.said:
+            self.said.add(message)
+            print(f"qwennb: {message}", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.say(record.getMessage())
+
+
+_ECHO: _Echo | None = None
+
+
 def _print_notices(notices: list[str]) -> None:
     for n in notices:
-        print(f"qwennb: {n}", file=sys.stderr)
+        if _ECHO is not None:
+            _ECHO.say(n)
+        else:
+            print(f"qwennb: {n}", file=sys.stderr)
 
 
 def _cmd_enhance(args: argparse.Namespace) -> int:
@@ -991,6 +1015,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.words += extra
     if isinstance(getattr(args, "prompt", None), list):  # `qwennb generate a red fox` as `"a red fox"`
         args.prompt = " ".join(args.prompt)
+    global _ECHO
+    logger, _ECHO = logging.getLogger("qwennb"), _Echo()
+    logger.addHandler(_ECHO)
     try:
         return int(args.func(args) or 0)
     except QwennbError as exc:
@@ -1002,6 +1029,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `qwennb ... | head`
         sys.stderr.close()
         return 0
+    finally:
+        logger.removeHandler(_ECHO)
+        _ECHO = None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -380,3 +380,29 @@ def test_a_toy_folder_without_its_weights_is_a_clear_load_error(monkeypatch, tmp
     assert path == str(broken)
     with pytest.raises(LoadError, match="could not load"):
         qp.build(make_plan(describe_machine(host_ram_gb=8), name), path)
+
+
+def test_the_cli_prints_a_notice_once_with_its_prefix(tmp_path):
+    # generate() logs each notice and the CLI prints the result's notices: one line each on stderr, prefixed.
+    # Python's last-resort handler used to print the logged copy unprefixed as well; a fresh process has no
+    # logging set up (pytest's own handlers would hide it here), so the command runs as a user runs it.
+    import subprocess
+    import sys
+
+    code = "import sys; from qwennb.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [
+        "generate",
+        "a red circle",
+        "--model",
+        "tiny",
+        "--size",
+        "100x100",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stderr.splitlines() if "rounded to 96x96" in line]
+    assert lines == ["qwennb: size 100x100 rounded to 96x96 (sizes must be multiples of 16)."], p.stderr
