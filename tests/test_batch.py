@@ -699,6 +699,24 @@ def test_ctrl_c_while_the_contact_sheet_is_drawn_still_returns_the_summary(tmp_p
     assert {x["status"] for x in lines(r.manifest)} == {"done"}
 
 
+def quick_batch_argv(prompts, tmp_path) -> list[str]:
+    """`qwennb batch` on a prompt file: two steps at 64x64 into tmp_path/out, one JSON summary line."""
+    out = str(tmp_path / "out")
+    return [
+        "batch",
+        str(prompts),
+        "--out",
+        out,
+        "--model",
+        MODEL,
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--json",
+    ]
+
+
 def test_ctrl_c_while_the_summary_prints_does_not_lose_it(tmp_path, monkeypatch):
     """The run is over when a Ctrl-C lands on the CLI printing its summary (a real SIGINT, sent from inside the
     write): the JSON line is still printed whole and the exit status is the run's, not 130."""
@@ -721,21 +739,7 @@ def test_ctrl_c_while_the_summary_prints_does_not_lose_it(tmp_path, monkeypatch)
     f.write_text("a red circle\na blue square\n")
     out = Stdout()
     monkeypatch.setattr(sys, "stdout", out)
-    rc = main(
-        [
-            "batch",
-            str(f),
-            "--out",
-            str(tmp_path / "out"),
-            "--model",
-            MODEL,
-            "--steps",
-            "2",
-            "--size",
-            "64x64",
-            "--json",
-        ]
-    )
+    rc = main(quick_batch_argv(f, tmp_path))
     monkeypatch.undo()
     assert out.signalled and rc == 0
     summary = json.loads(out.text.strip().splitlines()[-1])
@@ -754,21 +758,7 @@ def test_the_summary_hold_is_a_no_op_off_the_main_thread(tmp_path, capsys):
 
     def run():
         try:
-            box["rc"] = main(
-                [
-                    "batch",
-                    str(f),
-                    "--out",
-                    str(tmp_path / "out"),
-                    "--model",
-                    MODEL,
-                    "--steps",
-                    "2",
-                    "--size",
-                    "64x64",
-                    "--json",
-                ]
-            )
+            box["rc"] = main(quick_batch_argv(f, tmp_path))
         except BaseException as exc:  # noqa: BLE001 - the test reports whatever escaped
             box["error"] = exc
 
