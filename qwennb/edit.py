@@ -832,14 +832,15 @@ def compare_models(
             details[comp] = "each model's own weights"
             gib += sizes[comp].gib(2.0)
         elif {a.name, b.name} == {"toy", "toy-edit"}:
-            if _toy_file_id(a.name, comp) == _toy_file_id(b.name, comp):
+            from .models import TOY_MODEL_DIR
+            from .toy_edit import COMPONENT_DIRS
+
+            if COMPONENT_DIRS[comp] == TOY_MODEL_DIR:
                 shared.append(comp)
                 details[comp] = "the same file in the package (toy-edit loads the toy model's)"
             else:
                 swapped.append(comp)
-                details[comp] = (
-                    "different files in the package (toy-edit carries the one it was trained with)"
-                )
+                details[comp] = "toy-edit has its own in the package (the one it was trained with)"
                 gib += sizes[comp].gib(2.0)
         elif a.stand_in and b.stand_in:
             shared.append(comp)
@@ -849,24 +850,6 @@ def compare_models(
             details[comp] = "weights not compared (both snapshots must be in the Hugging Face cache)"
             gib += sizes[comp].gib(2.0)
     return SwapReport(a.name, b.name, shared, swapped, unverified, round(gib, 2), details)
-
-
-def _toy_file_id(name: str, comp: str) -> str:
-    """sha256 of the weights file that the embedded ``toy`` or ``toy-edit`` loads for ``comp`` (toy-edit's own
-    folder where it has one for that component, the toy model's otherwise, as ``assemble_toy_edit`` does)."""
-    import hashlib
-    from pathlib import Path
-
-    from .models import TOY_MODEL_DIR
-    from .toy_edit import TOY_EDIT_DIR
-
-    folder = Path(TOY_MODEL_DIR) / comp
-    if name == "toy-edit" and (Path(TOY_EDIT_DIR) / comp).is_dir():
-        folder = Path(TOY_EDIT_DIR) / comp
-    digest = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- provenance

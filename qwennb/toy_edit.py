@@ -1,9 +1,9 @@
 """The toy edit model (``toy-edit``): the embedded toy model taught to carry out edits of the toy world.
 
 ``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509/2511's pipeline) over the toy model's own VAE and tokenizer
-(``qwennb/toy_model``), the text encoder the edit transformer was trained against (``qwennb/toy_edit_model/
-text_encoder``, fp16: the toy's own went on training after the edit model was made), a Qwen2-VL processor with small images for the text encoder's vision
-tower, and a transformer fine-tuned for edits (``qwennb/toy_edit_model/transformer``, 7 MB in fp16), trained
+(``qwennb/toy_model``), the text encoder the edit transformer was trained against
+(``qwennb/toy_edit_model/text_encoder``, fp16: the toy's own went on training after the edit model was made), a
+Qwen2-VL processor with small images for the text encoder's vision tower, and a transformer fine-tuned for edits (``qwennb/toy_edit_model/transformer``, 7 MB in fp16), trained
 by ``training/toy/train_edit.py`` on recolouring, reshaping, moving and resizing the shape and changing the
 background, asked in English or Chinese; the references go to the transformer at the output's own size (what it
 was trained with). An early model (``training/toy/EDIT.md``): it moves the shape and changes the background as
@@ -28,6 +28,9 @@ from .errors import LoadError
 from .models import TOY_MODEL_DIR
 
 TOY_EDIT_DIR = str(Path(__file__).resolve().parent / "toy_edit_model")
+# Where each weighted component of toy-edit comes from: its own folder or the toy model's (``compare_models``
+# reports what the two share from this).
+COMPONENT_DIRS = {"transformer": TOY_EDIT_DIR, "text_encoder": TOY_EDIT_DIR, "vae": TOY_MODEL_DIR}
 # The text encoder's vision tower sees the source at 56x56 to 112x112 pixels (4 to 16 image tokens): it is the
 # toy text encoder's untrained tower, and the source's content reaches the transformer through its latents.
 VL_MIN_PIXELS = 56 * 56
@@ -59,14 +62,17 @@ def assemble_toy_edit(
     from .stand_ins import _assemble_edit, build_edit_processor
 
     dtype = dtype or torch.float32
-    folder = Path(init_transformer) if init_transformer else Path(TOY_EDIT_DIR) / "transformer"
+    folder = (
+        Path(init_transformer) if init_transformer else Path(COMPONENT_DIRS["transformer"]) / "transformer"
+    )
     if not (folder / "config.json").is_file():
         raise LoadError(f"the toy edit model's transformer is missing ({folder}): reinstall qwennb")
     base = Path(TOY_MODEL_DIR)
     kw = {"use_safetensors": True, "local_files_only": True}
     transformer = QwenImageTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype, **kw)
-    vae = AutoencoderKLQwenImage.from_pretrained(str(base / "vae"), torch_dtype=dtype, **kw)
-    te_folder = Path(text_encoder) if text_encoder else Path(TOY_EDIT_DIR) / "text_encoder"
+    vae_folder = Path(COMPONENT_DIRS["vae"]) / "vae"
+    vae = AutoencoderKLQwenImage.from_pretrained(str(vae_folder), torch_dtype=dtype, **kw)
+    te_folder = Path(text_encoder) if text_encoder else Path(COMPONENT_DIRS["text_encoder"]) / "text_encoder"
     if not (te_folder / "config.json").is_file():
         raise LoadError(f"the toy edit model's text encoder is missing ({te_folder}): reinstall qwennb")
     te = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(te_folder), dtype=dtype, **kw)

@@ -415,14 +415,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "toy-edit loads the toy's current text encoder instead of its own",
         "qwennb/toy_edit.py",
-        'te_folder = Path(text_encoder) if text_encoder else Path(TOY_EDIT_DIR) / "text_encoder"',
-        'te_folder = Path(text_encoder) if text_encoder else Path(base) / "text_encoder"',
+        '"text_encoder": TOY_EDIT_DIR, "vae"',
+        '"text_encoder": TOY_MODEL_DIR, "vae"',
         ("tests/test_toy_edit.py", "-k", "text_encoder_it_was_trained"),
     ),
     Mutation(
         "the toy/toy-edit switch report calls every component shared",
         "qwennb/edit.py",
-        "            if _toy_file_id(a.name, comp) == _toy_file_id(b.name, comp):",
+        "            if COMPONENT_DIRS[comp] == TOY_MODEL_DIR:",
         "            if True:",
         ("tests/test_edit.py", "-k", "compare_models"),
     ),
