@@ -65,23 +65,22 @@ def schedule(pipe, size: int, steps: int) -> torch.Tensor:
     return sch.sigmas.clone().float()
 
 
+def velocity(transformer, x: torch.Tensor, emb, mask, sigma: torch.Tensor, side: int) -> torch.Tensor:
+    """The transformer's velocity for packed latents ``x`` (N, side * side, 64) at noise levels ``sigma`` (N)."""
+    return transformer(
+        hidden_states=x,
+        encoder_hidden_states=emb,
+        encoder_hidden_states_mask=mask,
+        timestep=sigma,
+        img_shapes=[[(1, side, side)]] * x.shape[0],
+        return_dict=False,
+    )[0]
+
+
 def guided_velocity(transformer, x, s, cond, uncond, side: int) -> torch.Tensor:
     """True CFG as QwenImagePipeline computes it: the guided velocity rescaled to the conditional one's norm."""
-    shapes = [[(1, side, side)]] * x.shape[0]
     t = s.expand(x.shape[0])
-    v = []
-    for emb, mask in (cond, uncond):
-        v.append(
-            transformer(
-                hidden_states=x,
-                encoder_hidden_states=emb,
-                encoder_hidden_states_mask=mask,
-                timestep=t,
-                img_shapes=shapes,
-                return_dict=False,
-            )[0]
-        )
-    v_c, v_u = v
+    v_c, v_u = (velocity(transformer, x, emb, mask, t, side) for emb, mask in (cond, uncond))
     comb = v_u + TEACHER_CFG * (v_c - v_u)
     return comb * (v_c.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
 
@@ -164,14 +163,7 @@ def train(
             [torch.nn.functional.pad(d["mask"], (0, width - d["mask"].shape[0])) for d in picks]
         )
         side = size // 16
-        pred = transformer(
-            hidden_states=x,
-            encoder_hidden_states=emb,
-            encoder_hidden_states_mask=mask,
-            timestep=s,
-            img_shapes=[[(1, side, side)]] * len(picks),
-            return_dict=False,
-        )[0]
+        pred = velocity(transformer, x, emb, mask, s, side)
         loss = ((pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
