@@ -406,3 +406,14 @@ def test_the_cli_prints_a_notice_once_with_its_prefix(tmp_path):
     assert p.returncode == 0, p.stderr
     lines = [line for line in p.stderr.splitlines() if "rounded to 96x96" in line]
     assert lines == ["qwennb: size 100x100 rounded to 96x96 (sizes must be multiples of 16)."], p.stderr
+
+
+def test_the_cli_leaves_no_log_handler_behind_after_an_error():
+    # main() echoes the qwennb logger's warnings while a command runs; a refused command must not leave that
+    # handler on the logger (a notebook or a program calling main() twice would print every warning twice).
+    import logging
+
+    before = list(logging.getLogger("qwennb").handlers)
+    assert main(["generate", "", "--model", "tiny"]) == 2
+    assert main(["generate", "x", "--model", "tiny", "--steps", "0"]) == 2
+    assert logging.getLogger("qwennb").handlers == before
