@@ -53,7 +53,8 @@ EMPTY = 0.1  # share of examples with no instruction (target = source)
 AUGMENT = 0.3
 
 
-def _held_out_edit_words() -> tuple[set[str], list[str]]:
+def _held_out_edit_words() -> tuple[set[str], set[str]]:
+    """English words and Chinese two-character runs that only the held-out edit phrasings use."""
     en: set[str] = set()
     for phrases in toy._EN_EDIT["heldout"].values():
         for ph in phrases:
@@ -64,21 +65,17 @@ def _held_out_edit_words() -> tuple[set[str], list[str]]:
         for ws in forms.values():
             for w in ws:
                 en.update(w.split())
-    zh = []
-    for phrases in toy._ZH_EDIT["heldout"].values():
-        for ph in phrases:
-            zh += [p for p in ph.replace("{obj}", "|").replace("{new}", "|").split("|") if p]
-    zh += [w for ws in toy._ZH_EDIT_SIZE["heldout"].values() for w in ws]
-    return en - {"a", "the", "to", "on", "in", "as", "of", "it"}, zh
+    zh_held = [ph for phrases in toy._ZH_EDIT["heldout"].values() for ph in phrases]
+    zh_held += [w for ws in toy._ZH_EDIT_SIZE["heldout"].values() for w in ws]
+    zh_train = [ph for phrases in toy._ZH_EDIT["train"].values() for ph in phrases]
+    zh_train += [w for ws in toy._ZH_EDIT_SIZE["train"].values() for w in ws]
+    return en - {"a", "the", "to", "on", "in", "as", "of", "it"}, t2i.held_out_bigrams(zh_held, zh_train)
 
 
 _EN_HELD, _ZH_HELD = _held_out_edit_words()
 EN_NOISE = [w for w in t2i._EN_NOISE if not set(w.split()) & _EN_HELD]
-ZH_NOISE = [  # no two characters in a row that a held-out phrasing has ("画面中" against "移动到画面")
-    w
-    for w in t2i._ZH_NOISE
-    if not any((w if len(w) == 1 else w[i : i + 2]) in h for h in _ZH_HELD for i in range(max(1, len(w) - 1)))
-]
+# no Chinese noise word with a two-character run that only held-out phrasings have ("画面中": "移动到画面")
+ZH_NOISE = [w for w in t2i._ZH_NOISE if not t2i.held_out_bigrams([w], []) & _ZH_HELD]
 
 
 def log(msg: str) -> None:
