@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=8 start                 # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=10 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -188,6 +188,52 @@ lane_b8() {
   export CUDA_VISIBLE_DEVICES=1
   job 420 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run5 --init qwennb/toy_edit_model/transformer \
     --text-encoder qwennb/toy_model/text_encoder --minutes ${TOY_EDIT_MINUTES:-4} --pool 8000 --batch 256 --eval-n 120
+}
+
+# ROUND=9 (about 1,150 s with PHASE0_S=240 PHASE1_S=900): first both GPUs: one CFG-1 image on one GPU and with
+# Ulysses, each also with the tuned blocks in torch.compile's reduce-overhead mode (CUDA graphs: the round-7 profile
+# shows both ranks CPU-bound, ~1.5-1.7 ms of CPU a block against ~1.3 of GPU); then the toy's adherence through each
+# path with run 8 and the plan's 80-12 GB caps for Qwen-Image-2.1 on GPU 0, and two toy edit models side by side on
+# GPU 1 (batch 1024, a pool of 48,000 on the GPU, from the shipped one: against the current toy's text encoder,
+# and against the edit model's own).
+first_9() {
+  job 230 multigpu python3 benchmarks/multigpu.py --gpus 2 --only-cfg1 --skip-stock --skip-diffusers --cudagraphs --out $R
+}
+
+lane_a9() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 420 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 160
+  job 480 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
+    --budget-s 360 --pairs 80:128 24:64 16:64 12:32
+}
+
+lane_b9() {
+  export CUDA_VISIBLE_DEVICES=1
+  local m=${TOY_EDIT_MINUTES:-8.5} common="--init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 120"
+  job 890 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run5 --minutes $m $common \
+    --text-encoder qwennb/toy_model/text_encoder &
+  job 890 toy_edit_own python3 training/toy/train_edit.py --out $W/toy_edit_run6 --minutes $m $common &
+  wait
+}
+
+# ROUND=10: ROUND=9's single-GPU part, for when only one H200 is lent (about 1,200 s with PHASE1_S=1200): the two
+# toy edit models and the toy's adherence side by side, then the 2.1 caps alone (their s/step undisturbed).
+lane_a10() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 420 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 160
+  sleep 30
+  while pgrep -f "training/toy/[t]rain_edit.py" > /dev/null; do sleep 5; done
+  job 480 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
+    --budget-s 330 --pairs 80:128 24:64 16:64 12:32
+}
+
+lane_b10() {
+  export CUDA_VISIBLE_DEVICES=0
+  local m=${TOY_EDIT_MINUTES:-8.5} common="--init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 6 --eval-n 120"
+  job 880 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run5 --minutes $m $common \
+    --text-encoder qwennb/toy_model/text_encoder &
+  job 880 toy_edit_own python3 training/toy/train_edit.py --out $W/toy_edit_run6 --minutes $m $common &
+  wait
 }
 
 phases() {

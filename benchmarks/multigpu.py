@@ -304,6 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         help="after each qwennb configuration's timed run, 3 more steps under torch.profiler: each rank's operator "
         "table in DIR/<gpus>gpu-<mode>-<impl>-<size>-cfg<cfg>/rank<R>.txt",
     )
+    ap.add_argument(
+        "--cudagraphs",
+        action="store_true",
+        help="with --only-cfg1: also one GPU and Ulysses with the tuned path's blocks compiled in torch.compile's "
+        "reduce-overhead mode (CUDA graphs; QWENNB_COMPILE_MODE in the workers): rows qwennb-1gpu-cudagraphs, "
+        "qwennb-ulysses-cudagraphs",
+    )
+    ap.add_argument("--skip-diffusers", action="store_true", help="no qwennb-ulysses-diffusers row")
     args = ap.parse_args(argv)
 
     import torch
@@ -435,11 +443,27 @@ def main(argv: list[str] | None = None) -> int:
             record("stock-ulysses-anything", gpus, case, row)
     uc = [{**c, "mode": "ulysses"} for c in cases]
     if args.only_cfg1:
-        for impl, config in (("tuned", "qwennb-ulysses"), ("diffusers", "qwennb-ulysses-diffusers")):
+        ways = [("tuned", "qwennb-ulysses")] + (
+            [] if args.skip_diffusers else [("diffusers", "qwennb-ulysses-diffusers")]
+        )
+        for impl, config in ways:
             for case, row in zip(
                 uc, safely(run_pool, gpus, gpus, uc, model, smoke, impl, args.profile), strict=True
             ):
                 record(config, gpus, case, row)
+        if args.cudagraphs:  # the workers read it when they build the pipeline (spawned: they inherit it)
+            os.environ["QWENNB_COMPILE_MODE"] = "reduce-overhead"
+            try:
+                for case, row in zip(
+                    one, safely(run_pool, 1, 1, one, model, smoke, "tuned", None), strict=True
+                ):
+                    record("qwennb-1gpu-cudagraphs", 1, case, row)
+                for case, row in zip(
+                    uc, safely(run_pool, gpus, gpus, uc, model, smoke, "tuned", None), strict=True
+                ):
+                    record("qwennb-ulysses-cudagraphs", gpus, case, row)
+            finally:
+                os.environ.pop("QWENNB_COMPILE_MODE", None)
         print((out_dir / f"{stem}.md").read_text())
         return 0
     cfg_cases = [c for c in cases if c["cfg"] > 1]

@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
+DEFAULT_MODEL = "qwen-image-synthetic"
 
 
-def one(cap: float, host: float, steps: int, size: int, smoke: bool) -> dict:
+def one(cap: float, host: float, steps: int, size: int, smoke: bool, model: str = DEFAULT_MODEL) -> dict:
     """One (cap, host budget) in this process: plan, load, generate, measure."""
     import torch
 
@@ -43,7 +44,7 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool) -> dict:
 
     hw = detect()
     hw.host_ram_gb = hw.host_ram_available_gb = float(host)
-    model = "tiny" if smoke else "qwen-image-synthetic"
+    model = "tiny" if smoke else model
     cuda = torch.cuda.is_available() and not smoke
     if cuda:
         gpu = hw.best_gpu
@@ -100,7 +101,7 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool) -> dict:
     return row
 
 
-def _plan_key(cap: float, host: float, size: int, smoke: bool) -> str | None:
+def _plan_key(cap: float, host: float, size: int, smoke: bool, model: str = DEFAULT_MODEL) -> str | None:
     """The arrangement a (cap, host) gets, planned without loading anything (to measure each arrangement once)."""
     from qwennb.hardware import detect
     from qwennb.plan import make_plan
@@ -114,7 +115,7 @@ def _plan_key(cap: float, host: float, size: int, smoke: bool) -> str | None:
     else:
         hw.gpus = []
     try:
-        plan = make_plan(hw, "tiny" if smoke else "qwen-image-synthetic", width=size, height=size)
+        plan = make_plan(hw, "tiny" if smoke else model, width=size, height=size)
     except Exception:  # noqa: BLE001
         return None
     c = plan.components
@@ -184,6 +185,11 @@ def main() -> int:
     ap.add_argument(
         "--budget-s", type=float, default=1e9, help="start no new pair after this many seconds (results kept)"
     )
+    ap.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="full-size stand-in to plan and load (e.g. qwen-image-2.1-synthetic; results get its name)",
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.smoke:
@@ -191,7 +197,7 @@ def main() -> int:
         args.caps, args.hosts = [80.0], args.hosts[:2]
     if args.one is not None:
         cap, host = (float(x) for x in args.one.split(":"))
-        print("ROW " + json.dumps(one(cap, host, args.steps, args.size, args.smoke)), flush=True)
+        print("ROW " + json.dumps(one(cap, host, args.steps, args.size, args.smoke, args.model)), flush=True)
         return 0
     import torch
 
@@ -199,13 +205,14 @@ def main() -> int:
     out = Path(args.out or ("/tmp/qwennb-plan-validation" if args.smoke else "benchmarks/results"))
     rows, seen = [], {}
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"plan-validation-{slug_of(card)}"
+    tag = "" if args.model == DEFAULT_MODEL or args.smoke else slug_of(args.model) + "-"
+    stem = out / f"plan-validation-{tag}{slug_of(card)}"
 
     def write() -> dict:  # after every pair, so that a run cut short keeps what it measured
         record = {
             "card": card,
             "torch": torch.__version__,
-            "model": "tiny" if args.smoke else "qwen-image-synthetic",
+            "model": "tiny" if args.smoke else args.model,
             "size": args.size,
             "steps": args.steps,
             "cfg": 4.0,
@@ -227,7 +234,7 @@ def main() -> int:
         if time.perf_counter() - started > args.budget_s:
             print(f"budget spent: {cap:g}:{host:g} and later pairs not run", flush=True)
             break
-        key = None if args.measure_all else _plan_key(cap, host, args.size, args.smoke)
+        key = None if args.measure_all else _plan_key(cap, host, args.size, args.smoke, args.model)
         if key is not None and key in seen:
             row = {**seen[key], "cap_gb": cap, "host_budget_gb": host}
             row["reused_from"] = [seen[key]["cap_gb"], seen[key]["host_budget_gb"]]
@@ -237,7 +244,7 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--one", f"{cap:g}:{host:g}", "--steps", str(args.steps)]
-        cmd += ["--size", str(args.size)] + (["--smoke"] if args.smoke else [])
+        cmd += ["--size", str(args.size), "--model", args.model] + (["--smoke"] if args.smoke else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in proc.stdout.splitlines() if x.startswith("ROW ")]
         row = (

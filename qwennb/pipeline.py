@@ -312,6 +312,9 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
             fp8="replace" if fp8_mm else False,
             quantize_on=cuda if fp8_mm else None,
             scheduler=pipe.scheduler,
+            # experimental: torch.compile's mode for the block function ("reduce-overhead": CUDA graphs), for
+            # benchmarks/multigpu.py --cudagraphs; unset (the default) is torch.compile's default mode
+            mode=os.environ.get("QWENNB_COMPILE_MODE") or None,
         )
     if t.placement == "model_offload":
         pipe.enable_model_cpu_offload()

@@ -334,6 +334,8 @@ def train(
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
     sched = dict(pipe.scheduler.config)
+    if device.type == "cuda":  # the whole pool on the GPU (a few GB): no host indexing and copies per step
+        pool = {res: {k: v.to(device) for k, v in p.items()} for res, p in pool.items()}
     keys = list(pool)
     weights = [RESOLUTIONS[k] for k in keys]
     t0 = time.time()
@@ -346,7 +348,7 @@ def train(
         res = random.choices(keys, weights=weights)[0]
         p = pool[res]
         bsz = batch if res == 128 else max(1, batch // 2)
-        idx = torch.randint(0, p["src"].shape[0], (bsz,))
+        idx = torch.randint(0, p["src"].shape[0], (bsz,), device=p["src"].device)
         x0, src = p["tgt"][idx].to(device), p["src"][idx].to(device)
         mask = p["mask"][idx]
         longest = int(mask.sum(1).max())
