@@ -176,7 +176,10 @@ def _stored_form(plan: Plan) -> bool:
     block by block into that form (host RAM holds only what stays there)."""
     t = plan.components["transformer"]
     stored = t.storage_dtype != plan.dtype and not t.quantization
-    return plan.device == "cuda" and (stored or t.placement == "group_offload")
+    # qwennb.loading reads Qwen-Image's MMDiT block by block; another family (2.1) loads whole on the host, and
+    # apply_plan casts or offloads it there
+    mmdit = get_model(plan.model).pipeline_class != "QwenImage21Pipeline"
+    return plan.device == "cuda" and mmdit and (stored or t.placement == "group_offload")
 
 
 def _gpu_blocks(plan: Plan) -> set[int]:
@@ -211,7 +214,12 @@ def _build_stand_in(plan: Plan) -> Any:
             return stand_ins21.build_tiny21_pipeline(
                 device="cuda" if plan.device == "cuda" else "cpu", dtype=dtype
             )
-        on_gpu = {n: c.placement == "gpu" and plan.device == "cuda" for n, c in plan.components.items()}
+        # drawn where the plan keeps it, except what it stores in another dtype (fp8 storage: cast on the host
+        # by apply_plan, then moved; drawn in bf16 on a capped GPU it would not fit there)
+        on_gpu = {
+            n: c.placement == "gpu" and plan.device == "cuda" and c.storage_dtype == plan.dtype
+            for n, c in plan.components.items()
+        }
         return stand_ins21.build_synthetic21_pipeline(
             device={n: "cuda" if g else "cpu" for n, g in on_gpu.items()}, dtype=dtype
         )

@@ -104,6 +104,15 @@ ACT_PER_TOKEN_GIB = 0.3 / 4096
 VAE_DECODE_GIB_PER_MP = 4.0
 VAE_TILED_GIB = 0.6
 TEXT_ACT_GIB = 0.5  # text encoder activations while encoding one prompt pair
+# Per model family, by component class (benchmarks/results/phase-memory-*-nvidia-h200.json, 1024x1024, CFG 4):
+# Qwen-Image-2.1's VAE decodes in 6.85 GiB above what is held (Qwen-Image's: 4.13, the 4.0 above; in tiles 0.43
+# and 0.27, under VAE_TILED_GIB), and 2.1 on its tuned path peaked 10.64 GiB above its weights
+# (plan-validation-qwen-image-2-1-synthetic-nvidia-h200.json), 3.8 more than the decode alone: memory held through
+# the steps and the decode (the pipeline's KV cache of the text and the tuned path's records; not measured apart).
+VAE_DECODE_GIB_PER_MP_BY_CLASS = {"AutoencoderKLQwenImage21": 6.6}
+HELD_GIB_BY_TRANSFORMER_CLASS = {"QwenImage21Transformer2DModel": 3.8}
+# qwennb's fp8 matmuls (qwennb.speed.FP8Linear on the tuned path) exist for Qwen-Image's MMDiT only.
+FP8_MATMUL_CLASSES = ("QwenImageTransformer2DModel",)
 TEXT_STREAM_GIB = 1.1  # what a streamed text encoder holds at once (its largest leaf, the token embedding)
 PROCESS_HOST_GIB = 2.0  # the Python process itself (torch, diffusers, transformers, CUDA context)
 HOST_USABLE = 0.9  # share of host RAM a plan may take
@@ -445,8 +454,14 @@ def _act_gib(width: int, height: int, batch: int) -> float:
     return ACT_BASE_GIB + ACT_PER_TOKEN_GIB * image_tokens(width, height) * batch
 
 
-def _vae_gib(width: int, height: int, batch: int, tiled: bool) -> float:
-    return VAE_TILED_GIB if tiled else VAE_DECODE_GIB_PER_MP * width * height / 1e6 * batch
+def _vae_gib(width: int, height: int, batch: int, tiled: bool, vae_class: str = "") -> float:
+    per_mp = VAE_DECODE_GIB_PER_MP_BY_CLASS.get(vae_class, VAE_DECODE_GIB_PER_MP)
+    return VAE_TILED_GIB if tiled else per_mp * width * height / 1e6 * batch
+
+
+def _held_gib(transformer_class: str) -> float:
+    """What a model family holds on the GPU from its first step to the end of the decode, beyond the weights."""
+    return HELD_GIB_BY_TRANSFORMER_CLASS.get(transformer_class, 0.0)
 
 
 def _budget(gpu: GPU) -> float:
@@ -634,8 +649,9 @@ def cost(a: Arrangement, st: Setting) -> Cost:
     mp = st.width * st.height / 1e6
     decode = DECODE_S_PER_MP * mp * scale * (TILED_DECODE_SLOWDOWN if a.vae_tiling else 1.0)
 
-    act = _act_gib(st.width, st.height, st.passes if a.tuned else 1)
-    dec = _vae_gib(st.width, st.height, 1, a.vae_tiling)
+    held = _held_gib(t.class_name)
+    act = _act_gib(st.width, st.height, st.passes if a.tuned else 1) + held
+    dec = _vae_gib(st.width, st.height, 1, a.vae_tiling, vae.class_name) + held
     text_phase = {"group_offload": TEXT_STREAM_GIB + TEXT_ACT_GIB, "model_offload": te_gb + TEXT_ACT_GIB}.get(
         a.text_encoder, TEXT_ACT_GIB if a.text_encoder == "gpu" else 0.0
     )
@@ -730,7 +746,12 @@ def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arra
         (True, True)
     """
     dt = st.dtype
-    fp8_ok = dt == "bfloat16" and st.gpu.capability >= (8, 9) and cfg.compile is not False
+    fp8_ok = (
+        dt == "bfloat16"
+        and st.gpu.capability >= (8, 9)
+        and cfg.compile is not False
+        and st.sizes["transformer"].class_name in FP8_MATMUL_CLASSES
+    )
     forms: list[tuple[str, str, bool, str | None]] = [(dt, dt, cfg.compile is not False, None)]
     if cfg.allow_lossy is not False and dt == "bfloat16":
         forms.append(("float8_e4m3fn", dt, False, None))
@@ -1214,6 +1235,12 @@ def _plan_arranged(
             f"fp8_matmul needs compute capability 8.9 or newer, bf16 and compile (this card: {gpu.compute_capability}); ignored"
         )
         cfg = replace(cfg, fp8_matmul=None)
+    elif cfg.fp8_matmul and sizes["transformer"].class_name not in FP8_MATMUL_CLASSES:
+        warnings.append(
+            f"fp8_matmul is qwennb's tuned path for Qwen-Image's transformer; {spec.name} "
+            f"({sizes['transformer'].class_name}) stores fp8 weights and multiplies in bf16 instead; ignored"
+        )
+        cfg = replace(cfg, fp8_matmul=None)
     choice = select(st, cfg, budget)
     reasons.append(
         f"budget: {budget:.1f} of {gpu.total_memory_gb:.1f} GiB usable ({RESERVE_GIB:.1f} GiB + "
@@ -1532,10 +1559,15 @@ def _plan_on_gpu(
 
 def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:
     """What the plan's components hold on the GPU at the highest point of a generation at this size."""
+    from .models import component_sizes, folder_sizes
+
     comps = plan.components
     t, te, vae = comps["transformer"], comps["text_encoder"], comps["vae"]
-    act = _act_gib(width, height, batch * (2 if plan.fast_path else 1))  # CFG batched on the tuned path
-    decode = _vae_gib(width, height, batch, plan.vae_tiling)
+    sizes = folder_sizes(plan.source) if plan.source else component_sizes(plan.model)
+    held = _held_gib(sizes["transformer"].class_name)
+    # CFG batched on the tuned path
+    act = _act_gib(width, height, batch * (2 if plan.fast_path else 1)) + held
+    decode = _vae_gib(width, height, batch, plan.vae_tiling, sizes["vae"].class_name) + held
     if t.placement == "model_offload":  # one component on the GPU at a time
         return max(te.host_gb + TEXT_ACT_GIB, t.gpu_gb + act, vae.gpu_gb + decode)
     text_phase = {

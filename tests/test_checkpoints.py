@@ -57,6 +57,48 @@ def test_2_1_plans_fit_every_cap(gb):
         assert plan.components["transformer"].placement == "gpu" and plan.estimated_peak_gpu_gb > 30
 
 
+def test_2_1_plans_count_the_memory_measured_on_an_h200():
+    # benchmarks/results/plan-validation-qwen-image-2-1-synthetic-nvidia-h200.json: whole on the card, 1024x1024,
+    # CFG 4, it peaked at 40.87 GiB; with the text encoder streamed, the 13.25 GiB transformer and an untiled
+    # decode (6.85 GiB, phase-memory-*) ran out of 24 GB, which the plan of the time (18.1 GiB) did not foresee.
+    hw = describe_machine(gpu_memory_gb=80, compute_capability="9.0", pcie_gen=5)
+    whole = make_plan(hw, "qwen-image-2.1")
+    assert 40.87 <= whole.estimated_peak_gpu_gb <= 40.87 * 1.1, whole.estimated_peak_gpu_gb
+    capped = make_plan(
+        describe_machine(gpu_memory_gb=24, compute_capability="9.0", pcie_gen=5), "qwen-image-2.1"
+    )
+    t = capped.components["transformer"]
+    if t.placement == "gpu" and t.storage_dtype == "bfloat16" and not capped.vae_tiling:
+        pytest.fail(
+            f"an untiled decode beside the whole bf16 transformer does not fit 24 GB: {capped.arrangement}"
+        )
+    assert capped.estimated_peak_gpu_gb <= capped.budget_gb
+
+
+def test_2_1_gets_no_fp8_matmuls_it_does_not_have():
+    # qwennb's fp8 matmuls are the tuned path of Qwen-Image's MMDiT: a 16 GB plan for 2.1 that chose them ran
+    # 2.1 under layerwise fp8 casting and regional compile, which dynamo refused (round 10 on an H200).
+    from qwennb.pipeline import _stored_form
+
+    for gb in (16, 12):
+        plan = make_plan(describe_machine(gpu_memory_gb=gb, compute_capability="9.0"), "qwen-image-2.1")
+        assert not plan.fp8_matmul and "fp8 matmuls" not in plan.arrangement, plan.arrangement
+        assert not _stored_form(plan)  # qwennb.loading reads Qwen-Image's blocks only
+    asked = make_plan(
+        describe_machine(gpu_memory_gb=16, compute_capability="9.0"), "qwen-image-2.1", {"fp8_matmul": True}
+    )
+    assert not asked.fp8_matmul and any("fp8_matmul is qwennb's tuned path" in w for w in asked.warnings)
+    fp8 = make_plan(
+        describe_machine(gpu_memory_gb=16, compute_capability="9.0"),
+        "qwen-image-2.1",
+        {"storage_dtype": "float8_e4m3fn", "allow_lossy": True},
+    )
+    assert fp8.components["transformer"].storage_dtype == "float8_e4m3fn" and not fp8.compile
+    assert not _stored_form(fp8)
+    qwen = make_plan(describe_machine(gpu_memory_gb=16, compute_capability="9.0"), "qwen-image")
+    assert qwen.fp8_matmul  # Qwen-Image keeps them
+
+
 def test_2_1_licence_is_shown_at_download(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DownloadError):
