@@ -229,12 +229,11 @@ REGISTRY: dict[str, ModelSpec] = {
             "QwenImageEditPlusPipeline",
             "toy",
             ("transformer", "text_encoder", "vae"),
-            description="Embedded toy edit model (10 MB more, in the package): the toy model's VAE with a "
-            "transformer fine-tuned on edits of the toy world (recolour, reshape, move, resize, change the "
-            "background; training/toy/train_edit.py, 78 CPU and 10 H200 minutes) and the text encoder it was "
-            "trained against, in QwenImageEditPlusPipeline. An "
-            "early model: it moves the shape and changes the background as asked most of the time, but redraws the "
-            "shape as a rounded blob, often in another colour. Not Qwen-Image-Edit.",
+            description="Embedded toy edit model (7 MB more, in the package): the toy model's VAE and text encoder "
+            "with a transformer fine-tuned on edits of the toy world (recolour, reshape, move, resize, change the "
+            "background; training/toy/train_edit.py, 78 CPU and 18.5 H200 minutes), in QwenImageEditPlusPipeline. "
+            "An early model: it moves the shape and changes the background as asked most of the time, but redraws "
+            "the shape as a rounded blob, often in another colour. Not Qwen-Image-Edit.",
         ),
         ModelSpec(
             "qwen-image-edit-synthetic",

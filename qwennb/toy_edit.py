@@ -1,13 +1,14 @@
 """The toy edit model (``toy-edit``): the embedded toy model taught to carry out edits of the toy world.
 
-``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509/2511's pipeline) over the toy model's own VAE and tokenizer
-(``qwennb/toy_model``), the text encoder the edit transformer was trained against
-(``qwennb/toy_edit_model/text_encoder``, fp16: the toy's own went on training after the edit model was made), a
-Qwen2-VL processor with small images for the text encoder's vision tower, and a transformer fine-tuned for edits (``qwennb/toy_edit_model/transformer``, 7 MB in fp16), trained
-by ``training/toy/train_edit.py`` on recolouring, reshaping, moving and resizing the shape and changing the
-background, asked in English or Chinese; the references go to the transformer at the output's own size (what it
-was trained with). An early model (``training/toy/EDIT.md``): it moves the shape and changes the background as
-asked most of the time, but redraws the shape as a rounded blob, often in another colour.
+``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509/2511's pipeline) over the toy model's own VAE, text encoder and
+tokenizer (``qwennb/toy_model``), a Qwen2-VL processor with small images for the text encoder's vision tower, and a
+transformer fine-tuned for edits (``qwennb/toy_edit_model/transformer``, 7 MB in fp16), trained by
+``training/toy/train_edit.py`` against the toy's text encoder on recolouring, reshaping, moving and resizing the
+shape and changing the background, asked in English or Chinese; the references go to the transformer at the
+output's own size (what it was trained with). An early model (``training/toy/EDIT.md``): it moves the shape and
+changes the background as asked most of the time, but redraws the shape as a rounded blob, often in another colour.
+An edit model trained against another text encoder ships it beside its transformer
+(``qwennb/toy_edit_model/text_encoder``), and that one is used.
 
 Example:
     >>> from qwennb import toy
@@ -30,7 +31,13 @@ from .models import TOY_MODEL_DIR
 TOY_EDIT_DIR = str(Path(__file__).resolve().parent / "toy_edit_model")
 # Where each weighted component of toy-edit comes from: its own folder or the toy model's (``compare_models``
 # reports what the two share from this).
-COMPONENT_DIRS = {"transformer": TOY_EDIT_DIR, "text_encoder": TOY_EDIT_DIR, "vae": TOY_MODEL_DIR}
+# The text encoder: the toy's own, unless the edit model ships the one it was trained against.
+_OWN_TEXT_ENCODER = (Path(TOY_EDIT_DIR) / "text_encoder" / "config.json").is_file()
+COMPONENT_DIRS = {
+    "transformer": TOY_EDIT_DIR,
+    "text_encoder": TOY_EDIT_DIR if _OWN_TEXT_ENCODER else TOY_MODEL_DIR,
+    "vae": TOY_MODEL_DIR,
+}
 # The text encoder's vision tower sees the source at 56x56 to 112x112 pixels (4 to 16 image tokens): it is the
 # toy text encoder's untrained tower, and the source's content reaches the transformer through its latents.
 VL_MIN_PIXELS = 56 * 56

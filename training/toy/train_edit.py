@@ -512,7 +512,8 @@ def main() -> None:
     ap.add_argument(
         "--ship",
         action="store_true",
-        help="copy the trained transformer and its text encoder to qwennb/toy_edit_model",
+        help="copy the trained transformer (and the text encoder it was trained against, unless it is the toy's "
+        "own) to qwennb/toy_edit_model",
     )
     ap.add_argument("--smoke", action="store_true", help="a one-minute run that checks the whole path")
     args = ap.parse_args()
@@ -552,11 +553,23 @@ def main() -> None:
     write_results(out, report, history, args, timings)
     log(f"wrote {out}")
     if args.ship:
-        from qwennb.toy_edit import TOY_EDIT_DIR
+        ship(pipe, args.text_encoder)
 
-        for name in ("transformer", "text_encoder"):  # the text encoder it was trained against goes with it
-            dest = Path(TOY_EDIT_DIR) / name
-            shutil.rmtree(dest, ignore_errors=True)
+
+def ship(pipe, text_encoder: str | None) -> None:
+    """Write the transformer (fp16) to ``qwennb/toy_edit_model``; the text encoder it was trained against goes
+    with it unless that is the toy's own (then the edit model shares the toy's, and a copy shipped before goes)."""
+    from qwennb.models import TOY_MODEL_DIR
+    from qwennb.toy_edit import COMPONENT_DIRS, TOY_EDIT_DIR
+
+    te = Path(text_encoder) if text_encoder else Path(COMPONENT_DIRS["text_encoder"]) / "text_encoder"
+    own = te.resolve() != (Path(TOY_MODEL_DIR) / "text_encoder").resolve()
+    for name in ("transformer", "text_encoder"):
+        dest = Path(TOY_EDIT_DIR) / name
+        if name == "text_encoder" and te.resolve() == dest.resolve():
+            continue  # trained against the copy it already ships
+        shutil.rmtree(dest, ignore_errors=True)
+        if name == "transformer" or own:
             getattr(pipe, name).to(torch.float16).save_pretrained(dest)
             log(f"shipped the {name} to {dest}")
 
