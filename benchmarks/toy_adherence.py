@@ -134,6 +134,13 @@ def main() -> None:
         default=None,
         help="a toy model folder (default: the one in the package), e.g. a new run's",
     )
+    ap.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only these settings (names as in the table, e.g. 'qwennb exact' 'step cache (first block)')",
+    )
     args = ap.parse_args()
     import torch
 
@@ -145,6 +152,13 @@ def main() -> None:
     n = 8 if args.smoke else args.n
     items = toy.eval_set(n)
     settings = GPU_SETTINGS if cuda else CPU_SETTINGS
+    if args.settings:
+        unknown = sorted(set(args.settings) - set(settings))
+        if unknown:
+            ap.error(
+                f"no setting {', '.join(map(repr, unknown))} here; choose from {', '.join(map(repr, settings))}"
+            )
+        settings = {k: v for k, v in settings.items() if k in args.settings}
     dtype = torch.bfloat16 if cuda else torch.float32
     results: dict[str, Any] = {}
     card = card_name()
