@@ -190,34 +190,30 @@ lane_b8() {
     --text-encoder qwennb/toy_model/text_encoder --minutes ${TOY_EDIT_MINUTES:-4} --pool 8000 --batch 256 --eval-n 120
 }
 
-# ROUND=9 (about 1,150 s with PHASE0_S=240 PHASE1_S=900): first both GPUs: one CFG-1 image on one GPU and with
-# Ulysses, each also with the tuned blocks in torch.compile's reduce-overhead mode (CUDA graphs: the round-7 profile
-# shows both ranks CPU-bound, ~1.5-1.7 ms of CPU a block against ~1.3 of GPU); then the toy's adherence through each
-# path with run 8 and the plan's 80-12 GB caps for Qwen-Image-2.1 on GPU 0, and two toy edit models side by side on
-# GPU 1 (batch 1024, a pool of 48,000 on the GPU, from the shipped one: against the current toy's text encoder,
-# and against the edit model's own).
+# ROUND=9 (prepared for the next 2-GPU session; about 900 s with PHASE0_S=240 PHASE1_S=600): first both GPUs: one
+# CFG-1 image on one GPU and with Ulysses, each also with the tuned blocks in torch.compile's reduce-overhead mode
+# (CUDA graphs: round 7's profile shows both ranks bound by the host, ~1.7 ms of CPU a block against ~1.3 of GPU);
+# then, on GPU 0, toy run 8 through the paths round 10 did not reach (step cache, group offload) and, on GPU 1,
+# Qwen-Image-2.1 under the caps whose plans were rebuilt after round 10 (24, 16 and 12 GB).
 first_9() {
   job 230 multigpu python3 benchmarks/multigpu.py --gpus 2 --only-cfg1 --skip-stock --skip-diffusers --cudagraphs --out $R
 }
 
 lane_a9() {
   export CUDA_VISIBLE_DEVICES=0
-  job 420 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 160
-  job 480 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
-    --budget-s 360 --pairs 80:128 24:64 16:64 12:32
+  job 500 toy_adherence python3 benchmarks/toy_adherence.py --out $R/toy9 --n 160 \
+    --settings "qwennb exact" "step cache (first block)" "group offload"
 }
 
 lane_b9() {
   export CUDA_VISIBLE_DEVICES=1
-  local m=${TOY_EDIT_MINUTES:-8.5} common="--init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 120"
-  job 890 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run5 --minutes $m $common \
-    --text-encoder qwennb/toy_model/text_encoder &
-  job 890 toy_edit_own python3 training/toy/train_edit.py --out $W/toy_edit_run6 --minutes $m $common &
-  wait
+  job 590 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
+    --budget-s 450 --pairs 24:64 16:64 12:32
 }
 
-# ROUND=10: ROUND=9's single-GPU part, for when only one H200 is lent (about 1,200 s with PHASE1_S=1200): the two
-# toy edit models and the toy's adherence side by side, then the 2.1 caps alone (their s/step undisturbed).
+# ROUND=10 (ran in session 7, when only one H200 was lent; about 1,200 s with PHASE1_S=1200): two toy edit models
+# side by side (batch 1024, a pool of 48,000 on the GPU, from edit-run4: against the toy's current text encoder and
+# against edit-run4's own) beside the toy's adherence through each path, then the 2.1 caps alone.
 lane_a10() {
   export CUDA_VISIBLE_DEVICES=0
   job 420 toy_adherence python3 benchmarks/toy_adherence.py --out $R --n 160
