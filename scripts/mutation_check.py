@@ -420,6 +420,13 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_toy_edit.py", "-k", "text_encoder_it_was_trained"),
     ),
     Mutation(
+        "generate encodes the empty negative prompt whatever the user gave",
+        "qwennb/generation.py",
+        "            neg = encode(negative_prompt, num_images, device) if cfg > 1 else (None, None)",
+        '            neg = encode(" ", num_images, device) if cfg > 1 else (None, None)',
+        ("tests/test_toy_model.py", "-k", "negative_prompt_naming"),
+    ),
+    Mutation(
         "the plan offers Qwen-Image-2.1 the fp8 matmuls of Qwen-Image's tuned path",
         "qwennb/plan.py",
         '        and st.sizes["transformer"].class_name in FP8_MATMUL_CLASSES\n',
