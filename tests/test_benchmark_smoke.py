@@ -1,0 +1,39 @@
+"""The GPU benchmark scripts added for round 10 run on the CPU (``--smoke``) and write what their readers use."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script, *args):
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_phase_memory_smoke_writes_each_phase(tmp_path):
+    proc = run("phase_memory.py", "--smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next(tmp_path.glob("phase-memory-tiny-*.json")).read_text())
+    assert record["card"] == "cpu (smoke)" and record["model"] == "tiny" and record["size"] == 64
+    # on a CPU nothing is measured on a device; the plan's own figures are there to compare against
+    assert set(record["plan"]) == {
+        "activations_gb",
+        "vae_decode_gb",
+        "vae_decode_tiled_gb",
+        "text_encoding_gb",
+    }
+    assert record["phases"] == {"vae_decode_tiled": None}
+
+
+def test_toy_adherence_runs_only_the_settings_asked_for(tmp_path):
+    proc = run("toy_adherence.py", "--smoke", "--out", str(tmp_path), "--settings", "qwennb exact")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next(tmp_path.glob("toy-adherence-*.json")).read_text())
+    assert list(record["settings"]) == ["qwennb exact"] and record["n_items"] == 8
+    assert record["settings"]["qwennb exact"]["score"]["all"]["n"] == 8
+    bad = run("toy_adherence.py", "--smoke", "--out", str(tmp_path), "--settings", "fp8 turbo")
+    assert bad.returncode == 2 and "no setting 'fp8 turbo' here" in bad.stderr  # a GPU setting, on a CPU
