@@ -102,6 +102,26 @@ def test_2_1_gets_no_fp8_matmuls_it_does_not_have():
     assert qwen.fp8_matmul  # Qwen-Image keeps them
 
 
+def test_2_1_streams_its_blocks_like_qwen_image():
+    # The 16 and 12 GB plans for 2.1 are group offload in bf16: its blocks stream through diffusers' hooks as
+    # Qwen-Image's do. On the CPU (no streams) one of tiny-2.1's two blocks resident: the same pixels as whole.
+    from qwennb.hardware import detect
+    from qwennb.pipeline import is_hooked
+
+    offload = make_plan(
+        detect(), "tiny-2.1", {"transformer_placement": "group_offload", "resident_blocks": 1}
+    )
+    assert offload.components["transformer"].placement == "group_offload"
+    streamed = build(offload)
+    assert is_hooked(streamed.transformer)
+    whole = build(make_plan(detect(), "tiny-2.1"))
+    a, b = (
+        np.asarray(generate(p, "a red car", steps=2, width=64, height=64, seed=1).images[0])
+        for p in (streamed, whole)
+    )
+    assert np.array_equal(a, b)
+
+
 def test_2_1_licence_is_shown_at_download(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DownloadError):
