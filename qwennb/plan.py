@@ -1243,7 +1243,8 @@ def _plan_arranged(
     elif cfg.fp8_matmul and sizes["transformer"].class_name not in FP8_MATMUL_CLASSES:
         warnings.append(
             f"fp8_matmul is qwennb's tuned path for Qwen-Image's transformer; {spec.name} "
-            f"({sizes['transformer'].class_name}) stores fp8 weights and multiplies in bf16 instead; ignored"
+            f"({sizes['transformer'].class_name}) has none (storage_dtype='float8_e4m3fn' stores its weights in "
+            "fp8 and multiplies in bf16); ignored"
         )
         cfg = replace(cfg, fp8_matmul=None)
     choice = select(st, cfg, budget)
