@@ -810,44 +810,34 @@ def compare_models(
     a, b = get_model(first), get_model(second)
     sizes = component_sizes(b.name)
     shared, swapped, unverified, details = [], [], [], {}
-    gib = 0.0
-    for comp in ("transformer", "text_encoder", "vae"):
-        same_config = load_config(a.config_dir, comp) == load_config(b.config_dir, comp)
-        if not same_config:
-            swapped.append(comp)
-            details[comp] = "different configs"
-            gib += sizes[comp].gib(2.0)
-            continue
+
+    def verdict(comp: str) -> tuple[list[str], str]:
+        """Which list the component goes to, and why."""
+        if load_config(a.config_dir, comp) != load_config(b.config_dir, comp):
+            return swapped, "different configs"
         ia, ib = _file_ids(first_path, comp), _file_ids(second_path, comp)
         if ia is not None and ib is not None:
             if ia == ib:
-                shared.append(comp)
-                details[comp] = "same configs and the same weight files (sha256)"
-            else:
-                swapped.append(comp)
-                details[comp] = "same architecture, different weights"
-                gib += sizes[comp].gib(2.0)
-        elif comp == "transformer" and a.name != b.name:
-            swapped.append(comp)  # what makes them different models
-            details[comp] = "each model's own weights"
-            gib += sizes[comp].gib(2.0)
-        elif {a.name, b.name} == {"toy", "toy-edit"}:
+                return shared, "same configs and the same weight files (sha256)"
+            return swapped, "same architecture, different weights"
+        if comp == "transformer" and a.name != b.name:
+            return swapped, "each model's own weights"  # what makes them different models
+        if {a.name, b.name} == {"toy", "toy-edit"}:
             from .models import TOY_MODEL_DIR
             from .toy_edit import COMPONENT_DIRS
 
             if COMPONENT_DIRS[comp] == TOY_MODEL_DIR:
-                shared.append(comp)
-                details[comp] = "the same file in the package (toy-edit loads the toy model's)"
-            else:
-                swapped.append(comp)
-                details[comp] = "toy-edit has its own in the package (the one it was trained with)"
-                gib += sizes[comp].gib(2.0)
-        elif a.stand_in and b.stand_in:
-            shared.append(comp)
-            details[comp] = "same configs and seeds: the same weights"
-        else:
-            unverified.append(comp)
-            details[comp] = "weights not compared (both snapshots must be in the Hugging Face cache)"
+                return shared, "the same file in the package (toy-edit loads the toy model's)"
+            return swapped, "toy-edit has its own in the package (the one it was trained with)"
+        if a.stand_in and b.stand_in:
+            return shared, "same configs and seeds: the same weights"
+        return unverified, "weights not compared (both snapshots must be in the Hugging Face cache)"
+
+    gib = 0.0
+    for comp in ("transformer", "text_encoder", "vae"):
+        where, details[comp] = verdict(comp)
+        where.append(comp)
+        if where is not shared:  # loaded anew on a switch (or possibly: not verified)
             gib += sizes[comp].gib(2.0)
     return SwapReport(a.name, b.name, shared, swapped, unverified, round(gib, 2), details)
 
