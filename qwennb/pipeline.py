@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import LoadError, UnknownModelError
 from .models import TOY_MODEL_DIR, find_local_models, get_model, inspect_folder
-from .plan import Plan
+from .plan import MMDIT_CLASSES, Plan, plan_sizes
 
 log = logging.getLogger("qwennb")
 
@@ -178,18 +178,16 @@ def _stored_form(plan: Plan) -> bool:
     stored = t.storage_dtype != plan.dtype and not t.quantization
     # qwennb.loading reads Qwen-Image's MMDiT block by block; another family (2.1) loads whole on the host, and
     # apply_plan casts or offloads it there
-    mmdit = get_model(plan.model).pipeline_class != "QwenImage21Pipeline"
+    mmdit = plan_sizes(plan)["transformer"].class_name in MMDIT_CLASSES
     return plan.device == "cuda" and mmdit and (stored or t.placement == "group_offload")
 
 
 def _gpu_blocks(plan: Plan) -> set[int]:
     """The transformer blocks a group-offload plan keeps on the GPU (loaded there directly)."""
-    from .models import component_sizes, folder_sizes
-
     t = plan.components["transformer"]
     if t.placement != "group_offload":
         return set()
-    sizes = folder_sizes(plan.source) if plan.source else component_sizes(plan.model)  # a folder: its own
+    sizes = plan_sizes(plan)  # a folder: its own
     return set(resident_block_indices(sizes["transformer"].blocks, t.resident_blocks or 0))
 
 

@@ -116,8 +116,9 @@ TEXT_ACT_GIB = 0.5  # text encoder activations while encoding one prompt pair
 # the steps and the decode (the pipeline's KV cache of the text and the tuned path's records; not measured apart).
 VAE_DECODE_GIB_PER_MP_BY_CLASS = {"AutoencoderKLQwenImage21": 6.6}
 HELD_GIB_BY_TRANSFORMER_CLASS = {"QwenImage21Transformer2DModel": 3.8}
-# qwennb's fp8 matmuls (qwennb.speed.FP8Linear on the tuned path) exist for Qwen-Image's MMDiT only.
-FP8_MATMUL_CLASSES = ("QwenImageTransformer2DModel",)
+# The transformer class qwennb's own code is written for: the tuned path and its fp8 matmuls (qwennb.speed) and
+# the block-by-block loader (qwennb.loading). Qwen-Image-2.1's has its own tuned path (qwennb.speed21) only.
+MMDIT_CLASSES = ("QwenImageTransformer2DModel",)
 TEXT_STREAM_GIB = 1.1  # what a streamed text encoder holds at once (its largest leaf, the token embedding)
 PROCESS_HOST_GIB = 2.0  # the Python process itself (torch, diffusers, transformers, CUDA context)
 HOST_USABLE = 0.9  # share of host RAM a plan may take
@@ -755,7 +756,7 @@ def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arra
         dt == "bfloat16"
         and st.gpu.capability >= (8, 9)
         and cfg.compile is not False
-        and st.sizes["transformer"].class_name in FP8_MATMUL_CLASSES
+        and st.sizes["transformer"].class_name in MMDIT_CLASSES
     )
     forms: list[tuple[str, str, bool, str | None]] = [(dt, dt, cfg.compile is not False, None)]
     if cfg.allow_lossy is not False and dt == "bfloat16":
@@ -1240,7 +1241,7 @@ def _plan_arranged(
             f"fp8_matmul needs compute capability 8.9 or newer, bf16 and compile (this card: {gpu.compute_capability}); ignored"
         )
         cfg = replace(cfg, fp8_matmul=None)
-    elif cfg.fp8_matmul and sizes["transformer"].class_name not in FP8_MATMUL_CLASSES:
+    elif cfg.fp8_matmul and sizes["transformer"].class_name not in MMDIT_CLASSES:
         warnings.append(
             f"fp8_matmul is qwennb's tuned path for Qwen-Image's transformer; {spec.name} "
             f"({sizes['transformer'].class_name}) has none (storage_dtype='float8_e4m3fn' stores its weights in "
@@ -1572,13 +1573,18 @@ def _plan_on_gpu(
     )
 
 
-def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:
-    """What the plan's components hold on the GPU at the highest point of a generation at this size."""
+def plan_sizes(plan: Plan) -> dict[str, ComponentSize]:
+    """The parameter counts a plan was made from: its folder's own configs, or its registry model's."""
     from .models import component_sizes, folder_sizes
 
+    return folder_sizes(plan.source) if plan.source else component_sizes(plan.model)
+
+
+def _phase_peak(plan: Plan, width: int, height: int, batch: int) -> float:
+    """What the plan's components hold on the GPU at the highest point of a generation at this size."""
     comps = plan.components
     t, te, vae = comps["transformer"], comps["text_encoder"], comps["vae"]
-    sizes = folder_sizes(plan.source) if plan.source else component_sizes(plan.model)
+    sizes = plan_sizes(plan)
     held = _held_gib(sizes["transformer"].class_name)
     # CFG batched on the tuned path
     act = _act_gib(width, height, batch * (2 if plan.fast_path else 1)) + held

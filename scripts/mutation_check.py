@@ -429,7 +429,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "the plan offers Qwen-Image-2.1 the fp8 matmuls of Qwen-Image's tuned path",
         "qwennb/plan.py",
-        '        and st.sizes["transformer"].class_name in FP8_MATMUL_CLASSES\n',
+        '        and st.sizes["transformer"].class_name in MMDIT_CLASSES\n',
         "        and True\n",
         ("tests/test_checkpoints.py", "-k", "fp8_matmuls_it_does_not_have"),
     ),
@@ -443,7 +443,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "2.1 goes through Qwen-Image's block-by-block loader",
         "qwennb/pipeline.py",
-        '    mmdit = get_model(plan.model).pipeline_class != "QwenImage21Pipeline"',
+        '    mmdit = plan_sizes(plan)["transformer"].class_name in MMDIT_CLASSES',
         "    mmdit = True",
         ("tests/test_checkpoints.py", "-k", "fp8_matmuls_it_does_not_have"),
     ),
