@@ -291,7 +291,7 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT (Qwen-Image-Edit-2511's zero_cond_t
     # included). Qwen-Image-2.1 takes diffusers' regional compile (its prefill step runs stock) and, whole on the GPU
     # in bf16, its own tuned path for the cached steps (qwennb.speed21); layerwise fp8 storage otherwise.
-    mmdit = type(pipe.transformer).__name__ == "QwenImageTransformer2DModel"
+    mmdit = type(pipe.transformer).__name__ in MMDIT_CLASSES
     fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
     fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
     # Exact against stock on the CPU; on an H200 (2026-12-01, benchmarks/results/speed21-nvidia-h200.json) it
