@@ -249,3 +249,28 @@ def test_training_instructions_are_augmented_without_held_out_words(monkeypatch)
         else:
             assert len(b) > len(a) and not any(h in b for h in te._ZH_HELD if h not in a), (a, b)
     assert changed >= 150  # all but the empty instructions (10%) and the rare draw that changes nothing
+
+
+def test_ship_writes_a_text_encoder_only_for_a_model_trained_against_another(tmp_path, monkeypatch):
+    """train_edit.py --ship: the transformer always; the text encoder only when it is not the toy's own (then a
+    copy shipped before goes, so that toy-edit shares the toy's)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    from qwennb import toy_edit
+    from qwennb.models import TOY_MODEL_DIR
+
+    dest = tmp_path / "toy_edit_model"
+    monkeypatch.setattr(toy_edit, "TOY_EDIT_DIR", str(dest))
+    pipe = toy_edit.assemble_toy_edit()
+    other = tmp_path / "other_te"
+    pipe.text_encoder.save_pretrained(other)
+    te.ship(pipe, str(other))
+    assert (dest / "transformer" / "config.json").is_file() and (
+        dest / "text_encoder" / "config.json"
+    ).is_file()
+    te.ship(pipe, f"{TOY_MODEL_DIR}/text_encoder")
+    assert (dest / "transformer" / "config.json").is_file() and not (dest / "text_encoder").exists()
