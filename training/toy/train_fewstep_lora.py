@@ -34,7 +34,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from train_lora import BASE_KEY, TARGETS, add_metadata, base_sha256  # noqa: E402
+from train_lora import BASE_KEY, TARGETS, add_lora, add_metadata, base_sha256  # noqa: E402
 
 from qwennb import toy  # noqa: E402
 
@@ -121,21 +121,11 @@ def trajectories(pipe, rng: random.Random, n: int, size: int, seed0: int) -> lis
     return out
 
 
-def add_lora(transformer) -> list[torch.nn.Parameter]:
-    from peft import LoraConfig
-
-    transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS)
-    )
-    return [p for n, p in transformer.named_parameters() if "lora_" in n and p.requires_grad]
-
-
 def train(
     pipe, data: list[dict], steps: int, batch: int, lr: float, rng: random.Random, history: list
 ) -> None:
     transformer = pipe.transformer
-    params = add_lora(transformer)
+    params = add_lora(transformer, RANK, ALPHA)
     transformer.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     by_size: dict[int, list[dict]] = {}

@@ -130,12 +130,13 @@ def encode_pool(pipe, rng: random.Random, n: int, size: int, captions: int) -> d
 # ---------------------------------------------------------------------------------------------------------
 
 
-def add_lora(transformer) -> list[torch.nn.Parameter]:
+def add_lora(transformer, rank: int = RANK, alpha: int = ALPHA) -> list[torch.nn.Parameter]:
+    """A trainable PEFT LoRA on TARGETS of a frozen transformer; returns its parameters."""
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
     transformer.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS)
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=TARGETS)
     )
     return [p for n, p in transformer.named_parameters() if "lora_" in n and p.requires_grad]
 
