@@ -132,7 +132,12 @@ def main() -> int:
 
     if args.smoke:
         args.model, args.size, args.steps = "tiny", 64, 2
-    card = "cpu (smoke)" if args.smoke or not torch.cuda.is_available() else torch.cuda.get_device_name(0)
+    if not args.smoke and not torch.cuda.is_available():
+        print(
+            "no CUDA GPU: nothing to measure (run with --smoke to check the script on a CPU)", file=sys.stderr
+        )
+        return 2
+    card = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0)
     row = measure(args.model, args.size, args.steps, args.cfg, args.tuned, args.smoke, args.compiled)
     row = {"card": card, "torch": torch.__version__, **row}
     out = Path(args.out or ("/tmp/qwennb-phase-memory" if args.smoke else "benchmarks/results"))

@@ -27,6 +27,10 @@ def test_phase_memory_smoke_writes_each_phase(tmp_path):
         "text_encoding_gb",
     }
     assert record["phases"] == {"vae_decode_tiled": None}
+    # without --smoke on a machine with no GPU: refused, nothing written
+    other = tmp_path / "real"
+    proc = run("phase_memory.py", "--out", str(other))
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and not other.exists()
 
 
 def test_toy_adherence_runs_only_the_settings_asked_for(tmp_path):
