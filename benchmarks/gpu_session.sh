@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=10 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=11 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -229,6 +229,26 @@ lane_b10() {
   job 880 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run5 --minutes $m $common \
     --text-encoder qwennb/toy_model/text_encoder &
   job 880 toy_edit_own python3 training/toy/train_edit.py --out $W/toy_edit_run6 --minutes $m $common &
+  wait
+}
+
+# ROUND=11 (one H200; about 800 s with PHASE1_S=760): on the one GPU side by side, Qwen-Image-2.1 under the caps
+# whose plans were rebuilt after round 10 (24, 16 and 12 GB; the synthetic text encoder now drawn on the GPU), then
+# toy run 8 through the paths round 10 did not reach (step cache, group offload); and two toy edit models from
+# edit-run5 with 2511's zero_cond_t, one grown to 10 blocks (the loss flattened at 6: is it capacity?).
+lane_a11() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 420 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
+    --budget-s 360 --pairs 24:64 16:64 12:32
+  job 330 toy_adherence python3 benchmarks/toy_adherence.py --out $R/toy11 --n 160 \
+    --settings "qwennb exact" "step cache (first block)" "group offload"
+}
+
+lane_b11() {
+  export CUDA_VISIBLE_DEVICES=0
+  local m=${TOY_EDIT_MINUTES:-7} common="--init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 6 --eval-n 120 --text-encoder qwennb/toy_model/text_encoder --zero-cond-t"
+  job 760 toy_edit_zc python3 training/toy/train_edit.py --out $W/toy_edit_run7 --minutes $m $common &
+  job 760 toy_edit_deep python3 training/toy/train_edit.py --out $W/toy_edit_run8 --minutes $m $common --layers 10 &
   wait
 }
 

@@ -14,6 +14,10 @@ images of ``--steps`` steps at 1024x1024 for each configuration (medians):
   is diffusers' regional compile (for the prefill step) and qwennb's 2.1 tuned path (``qwennb.speed21``: cached
   steps with CFG's two passes as one forward, real RoPE, the shared modulation once, one compiled block function).
 
+``--variants static cudnn flash autotune`` then adds rows ``qwennb[<variant>]``: the tuned path with static shapes,
+with cuDNN's or flash attention named instead of SDPA's choice, or compiled in ``max-autotune-no-cudagraphs``
+mode (what the default is chosen by); ``--profile DIR`` writes a kernel table of three tuned cached steps.
+
 ``latent_rel_err``: the final latents of one more image of each configuration (the pipeline called directly with
 ``output_type="latent"``) against stock's, ``|a - b| / |b|``. The ``qwennb`` row also carries the tuned path's
 counters (``fast21``: forwards, stock forwards, cached forwards, CFG pairs, reused second halves).
@@ -44,8 +48,77 @@ PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 SEED = 1234
 
 
+# Other options of the tuned path, measured after the default (``--variants``): the name of the row's config is
+# ``qwennb[<variant>]``. Each value: (enable_fast_path_21 keyword arguments, attention backend or None).
+VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
+    "static": ({"dynamic": False}, None),
+    "autotune": ({"mode": "max-autotune-no-cudagraphs"}, None),
+    "cudnn": ({}, "_native_cudnn"),
+    "flash": ({}, "_native_flash"),
+}
+
+
 def card_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def profile_steps(pipe: Any, args: Any, folder: Path) -> None:
+    """Three cached steps of the tuned path under torch.profiler: GPU time by kernel, to ``folder``."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sched = schedule(wait=0, warmup=2, active=3, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
+
+        def cb(p: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            torch.cuda.synchronize()
+            if 1 <= i <= 5:  # step 0 is the prefill: its end starts the window's warm-up
+                prof.step()
+            return {}
+
+        prof.step()
+        pipe(
+            prompt=PROMPT,
+            negative_prompt=" ",
+            true_cfg_scale=args.cfg,
+            num_inference_steps=8,
+            width=args.size,
+            height=args.size,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="latent",
+            callback_on_step_end=cb,
+        )
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    (folder / "speed21-qwennb-kernels.txt").write_text(table + "\n")
+    print(table[:6000], flush=True)
+
+
+def write_results(rows: list[dict[str, Any]], args: Any, card: str, plan: Any) -> None:
+    """``speed21-<card>.json`` (and with ``--merge`` the 2.1 rows of ``speed-<card>.json``), after every row, so
+    that a run cut short keeps what it measured."""
+    import diffusers
+
+    base = rows[0]["s_per_step"]
+    for r in rows:
+        r["speedup_vs_stock"] = round(base / r["s_per_step"], 3) if r.get("s_per_step") else None
+
+    slug = card_slug(card)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {
+        "card": card,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "plan": plan.arrangement,
+        "runs": rows,
+    }
+    (out / f"speed21-{slug}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    if args.merge:
+        target = out / f"speed-{slug}.json"
+        merged = json.loads(target.read_text()) if target.exists() else {"card": card, "runs": []}
+        merged["runs"] = [r for r in merged.get("runs", []) if r.get("model") != "qwen-image-2.1"] + rows
+        target.write_text(json.dumps(merged, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--merge", action="store_true", help="also append the rows to speed-<card>.json")
     ap.add_argument("--smoke", action="store_true", help="tiny-2.1 on the CPU, to check the script")
+    ap.add_argument(
+        "--variants",
+        nargs="*",
+        default=[],
+        choices=sorted(VARIANTS),
+        help="after the qwennb row, rows of the tuned path with other options (to choose the default by)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="folder: a torch.profiler kernel table of three tuned cached steps (GPU time by kernel)",
+    )
     args = ap.parse_args(argv)
     logging.getLogger("qwennb").setLevel(logging.ERROR)
 
@@ -154,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             row["fast21"] = dict(state.stats)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        write_results(rows, args, card, plan)
 
     measure("stock", stock)
     if cuda:
@@ -173,29 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         enable_fast_path_21(pipe.transformer, compile=False)
     pipe.qwennb = {"model": model, "plan": plan}
     measure("qwennb", qwennb)
-    base = rows[0]["s_per_step"]
-    for r in rows:
-        r["speedup_vs_stock"] = round(base / r["s_per_step"], 3) if r["s_per_step"] else None
+    if args.profile and cuda:
+        profile_steps(pipe, args, Path(args.profile))
+    for name in args.variants:
+        from qwennb.speed21 import enable_fast_path_21
 
-    import diffusers
-
-    slug = card_slug(card)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rec = {
-        "card": card,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "plan": plan.arrangement,
-        "runs": rows,
-    }
-    (out / f"speed21-{slug}.json").write_text(json.dumps(rec, indent=2) + "\n")
-    if args.merge:
-        target = out / f"speed-{slug}.json"
-        merged = json.loads(target.read_text()) if target.exists() else {"card": card, "runs": []}
-        merged["runs"] = [r for r in merged.get("runs", []) if r.get("model") != "qwen-image-2.1"] + rows
-        target.write_text(json.dumps(merged, indent=2) + "\n")
+        kwargs, attention = VARIANTS[name]
+        torch._dynamo.reset()
+        if attention:
+            pipe.transformer.set_attention_backend(attention)
+        try:
+            enable_fast_path_21(pipe.transformer, compile=cuda, **kwargs)
+            measure(f"qwennb[{name}]", qwennb)
+        except Exception as exc:  # a variant that fails is a row that says why, not a lost run
+            rows.append({"model": "qwen-image-2.1", "config": f"qwennb[{name}]", "error": repr(exc)[:300]})
+            print(f"qwennb[{name}]: {exc!r}"[:300], flush=True)
+        if attention:
+            pipe.transformer.set_attention_backend(plan.attention_backend)
+        enable_fast_path_21(pipe.transformer, compile=cuda)  # back to the default for the next variant
+    write_results(rows, args, card, plan)
     if args.smoke:
         print("SMOKE RUN on the CPU with tiny-2.1: these numbers mean nothing.")
     return 0

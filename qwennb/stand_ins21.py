@@ -23,7 +23,7 @@ import torch
 from .stand_ins import (
     CHATML_TEMPLATE,
     _cpu_generator,
-    _normal_init,
+    _synthetic_init,
     _tiny_init,
     build_tiny_tokenizer,
     load_component_config,
@@ -130,12 +130,8 @@ def build_synthetic21_pipeline(
     devices = (
         device if isinstance(device, dict) else dict.fromkeys(("transformer", "vae", "text_encoder"), device)
     )
+    generators: dict[torch.device, torch.Generator] = {}
     for name, model in (("transformer", transformer), ("vae", vae), ("text_encoder", text_encoder)):
         dev = torch.device(devices.get(name, "cpu"))
-        materialize_(
-            model,
-            device=dev,
-            dtype=dtype,
-            init=_normal_init(torch.Generator(device=dev).manual_seed(seed), std),
-        )
+        materialize_(model, device=dev, dtype=dtype, init=_synthetic_init(dev, generators, seed, std))
     return _assemble21(config_dir, transformer, vae, text_encoder)

@@ -274,3 +274,36 @@ def test_ship_writes_a_text_encoder_only_for_a_model_trained_against_another(tmp
     ).is_file()
     te.ship(pipe, f"{TOY_MODEL_DIR}/text_encoder")
     assert (dest / "transformer" / "config.json").is_file() and not (dest / "text_encoder").exists()
+
+
+def test_growing_the_edit_transformer_starts_from_what_it_computed():
+    """train_edit.py --layers: the new blocks start as identities (zeroed modulation), so the grown transformer
+    gives the old one's output; --zero-cond-t then changes how the reference's tokens are modulated (2511's way)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    from qwennb import toy_edit
+
+    old = toy_edit.assemble_toy_edit().transformer.float().eval()
+    n, c, hh, ww = 1, 16, 8, 8
+    g = torch.Generator().manual_seed(0)
+    xt, src = torch.randn(n, c, hh, ww, generator=g), torch.randn(n, c, hh, ww, generator=g)
+    emb = torch.randn(n, 5, old.config.joint_attention_dim, generator=g)
+    mask = torch.ones(n, 5, dtype=torch.long)
+    sig = torch.tensor([0.7])
+    with torch.no_grad():
+        want = te.velocity(old, xt, src, emb, mask, sig)
+        grown = te.grow(old, 10, False).eval()
+        got = te.velocity(grown, xt, src, emb, mask, sig)
+        zero = te.velocity(te.grow(old, 10, True).eval(), xt, src, emb, mask, sig)
+    assert grown.config.num_layers == 10 and len(grown.transformer_blocks) == 10
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (zero - want).abs().max() > 1e-3  # the reference tokens modulated at t=0: another function
+    assert te.grow(old, 0, False) is old
+    with pytest.raises(SystemExit, match="growing only adds"):
+        te.grow(old, 4, False)

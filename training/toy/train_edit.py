@@ -91,6 +91,37 @@ def build(init: Path, device, text_encoder: str | None = None):
     return pipe
 
 
+def grow(transformer, layers: int, zero_cond_t: bool):
+    """The same transformer with ``layers`` blocks and 2511's ``zero_cond_t`` (the references' tokens modulated
+    at t=0; no new parameters). New block ``j`` starts as a copy of block ``j * old // layers`` with its
+    modulation zeroed (adaLN-Zero: gates 0, so the block passes its input through), so the grown model computes
+    what the old one did until training moves the new gates. Returns ``transformer`` itself when nothing changes."""
+    from diffusers import QwenImageTransformer2DModel
+
+    old = int(transformer.config.num_layers)
+    layers = layers or old
+    if layers < old:
+        raise SystemExit(f"--layers {layers}: the model to start from has {old}; growing only adds blocks")
+    if layers == old and bool(zero_cond_t) == bool(transformer.config.get("zero_cond_t")):
+        return transformer
+    cfg = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    cfg.update(num_layers=layers, zero_cond_t=bool(zero_cond_t))
+    new = QwenImageTransformer2DModel(**cfg).to(transformer.device, transformer.dtype)
+    state = {k: v for k, v in transformer.state_dict().items() if not k.startswith("transformer_blocks.")}
+    previous = -1
+    for j in range(layers):
+        src = j * old // layers
+        prefix = f"transformer_blocks.{src}."
+        for k, v in transformer.state_dict().items():
+            if k.startswith(prefix):
+                name = k[len(prefix) :]
+                fresh = src == previous and name.startswith(("img_mod.", "txt_mod."))
+                state[f"transformer_blocks.{j}.{name}"] = torch.zeros_like(v) if fresh else v.clone()
+        previous = src
+    new.load_state_dict(state, strict=True)
+    return new
+
+
 def condition_image(pipe, image):
     """The image the text encoder sees, resized exactly as QwenImageEditPlusPipeline resizes it."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
@@ -500,6 +531,17 @@ def main() -> None:
         default=AUGMENT,
         help="share of training instructions given empty words (0: off)",
     )
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=0,
+        help="grow the transformer to this many blocks first (new ones start as identities; 0: as --init)",
+    )
+    ap.add_argument(
+        "--zero-cond-t",
+        action="store_true",
+        help="modulate the reference image's tokens at t=0, as Qwen-Image-Edit-2511 (no new parameters)",
+    )
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -531,6 +573,9 @@ def main() -> None:
     timings: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t = time.time()
     pipe = build(Path(args.init), device, args.text_encoder)
+    zero = args.zero_cond_t or bool(pipe.transformer.config.get("zero_cond_t"))
+    pipe.transformer = grow(pipe.transformer, args.layers, zero)
+    log(f"transformer: {pipe.transformer.config.num_layers} blocks, zero_cond_t={zero}")
     workers = args.workers
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
