@@ -10,6 +10,8 @@
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
 # text matches (write `[t]rain_edit`): it kills the call's shell, and a failed call gives the machine back too.
+# The same for a wait loop on `pgrep -f`: with a pattern the call's own text matches it waits until the limit (the
+# bracket trick does not help when the pattern is written in the call itself; use `wait` or PID files).
 #
 # Phase 1, one GPU each, side by side:
 #   GPU 0: plan_validation.py (caps x host budgets, most telling pairs first, time-boxed)

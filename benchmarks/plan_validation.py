@@ -10,6 +10,10 @@ arrangement as an earlier one is measured once (``--measure-all`` measures every
 
     python benchmarks/plan_validation.py [--caps 80 48 24 16 12 8] [--hosts 128 64 32] [--steps 6]
     python benchmarks/plan_validation.py --smoke      # CPU, the tiny model: checks the script runs
+    python benchmarks/plan_validation.py --model qwen-image-2.1-synthetic --pairs 24:64 16:64 12:32
+
+``--model`` validates another model's plans; an edit model (``qwen-image-edit-synthetic``: 2511's configs) is
+planned with room for one reference image and measured editing one (``qwennb.edit``), ``task`` says which.
 
 Writes ``benchmarks/results/plan-validation-<card>.json`` and ``.md`` (``--out`` to change the folder; the smoke
 run writes under /tmp unless told otherwise). JSON: ``card`` and ``runs``, each with ``cap_gb``,
@@ -37,14 +41,12 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool, model: str 
     """One (cap, host budget) in this process: plan, load, generate, measure."""
     import torch
 
-    from qwennb.generation import generate
     from qwennb.hardware import detect
     from qwennb.pipeline import build
-    from qwennb.plan import make_plan
 
     hw = detect()
     hw.host_ram_gb = hw.host_ram_available_gb = float(host)
-    model = "tiny" if smoke else model
+    model = _smoke_model(model) if smoke else model
     cuda = torch.cuda.is_available() and not smoke
     if cuda:
         gpu = hw.best_gpu
@@ -55,11 +57,13 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool, model: str 
     else:
         hw.gpus = []
     row: dict = {"cap_gb": cap, "host_budget_gb": host, "model": model, "oom": False}
+    row["task"] = "edit, 1 reference" if _is_edit(model) else "generate"
     try:
-        plan = make_plan(hw, model, width=size, height=size)
+        plan = _plan(hw, model, size)
     except Exception as exc:  # noqa: BLE001 - the plan refused: record why
         row.update(arrangement=None, refused=str(exc))
         return row
+    run = _runner(model, size)
     t = plan.components["transformer"]
     row.update(
         arrangement=plan.arrangement,
@@ -81,11 +85,11 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool, model: str 
         if cuda:
             torch.cuda.synchronize()
         row["measured_load_s"] = round(time.perf_counter() - t0, 1)
-        generate(pipe, "warm up", steps=2, width=size, height=size, cfg=4.0, seed=0)
+        run(pipe, "warm up", 2, 0)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        r = generate(pipe, PROMPT, steps=steps, width=size, height=size, cfg=4.0, seed=1)
+        r = run(pipe, PROMPT, steps, 1)
         row["measured_image_s"] = round(time.perf_counter() - t0, 2)
         row["measured_s_per_step"] = round(statistics.median(r.step_times_s[1:] or r.step_times_s), 3)
         row["text_encoding_s"] = round(r.text_encoding_s, 2)
@@ -101,10 +105,52 @@ def one(cap: float, host: float, steps: int, size: int, smoke: bool, model: str 
     return row
 
 
+def _is_edit(model: str) -> bool:
+    from qwennb.models import get_model
+
+    return get_model(model).task == "image-edit"
+
+
+def _smoke_model(model: str) -> str:
+    return "tiny-edit" if _is_edit(model) else "tiny"
+
+
+def _plan(hw: object, model: str, size: int) -> object:
+    """The plan for ``model`` at ``size``: an edit model's with room for one reference image of that size."""
+    if _is_edit(model):
+        from qwennb.edit import plan_edit
+
+        return plan_edit(hw, model, width=size, height=size, references=1)
+    from qwennb.plan import make_plan
+
+    return make_plan(hw, model, width=size, height=size)
+
+
+def _runner(model: str, size: int) -> object:
+    """``run(pipe, prompt, steps, seed)``: a generation, or for an edit model an edit of one reference image
+    (a gradient, so that the reference is not flat) at ``size``, both at CFG 4."""
+    if not _is_edit(model):
+        from qwennb.generation import generate
+
+        return lambda pipe, prompt, steps, seed: generate(
+            pipe, prompt, steps=steps, width=size, height=size, cfg=4.0, seed=seed
+        )
+    import numpy as np
+    from PIL import Image
+
+    from qwennb.edit import edit
+
+    ramp = np.linspace(0, 255, size, dtype=np.uint8)
+    rgb = [np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size)), np.full((size, size), 128, np.uint8)]
+    ref = Image.fromarray(np.stack(rgb, -1))
+    return lambda pipe, prompt, steps, seed: edit(
+        pipe, [ref], "make it " + prompt, steps=steps, width=size, height=size, cfg=4.0, seed=seed
+    )
+
+
 def _plan_key(cap: float, host: float, size: int, smoke: bool, model: str = DEFAULT_MODEL) -> str | None:
     """The arrangement a (cap, host) gets, planned without loading anything (to measure each arrangement once)."""
     from qwennb.hardware import detect
-    from qwennb.plan import make_plan
 
     hw = detect()
     hw.host_ram_gb = hw.host_ram_available_gb = float(host)
@@ -115,7 +161,7 @@ def _plan_key(cap: float, host: float, size: int, smoke: bool, model: str = DEFA
     else:
         hw.gpus = []
     try:
-        plan = make_plan(hw, "tiny" if smoke else model, width=size, height=size)
+        plan = _plan(hw, _smoke_model(model) if smoke else model, size)
     except Exception:  # noqa: BLE001
         return None
     c = plan.components
@@ -212,7 +258,7 @@ def main() -> int:
         record = {
             "card": card,
             "torch": torch.__version__,
-            "model": "tiny" if args.smoke else args.model,
+            "model": _smoke_model(args.model) if args.smoke else args.model,
             "size": args.size,
             "steps": args.steps,
             "cfg": 4.0,
