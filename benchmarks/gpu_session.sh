@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=11 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=12 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -253,6 +253,30 @@ lane_b11() {
   job 760 toy_edit_deep python3 training/toy/train_edit.py --out $W/toy_edit_run8 --minutes $m $common --layers 10 &
   wait
 }
+
+# ROUND=12 (prepared for the next one-H200 session; about 780 s with PHASE0_S=760 PHASE1_S=0, 1,650 s with
+# PHASE1_S=880): first, alone on the GPU, 2.1's capped plans whose speed round 11 measured shared (12:32 was 2.6x
+# slower than predicted), the edit model's 24 GB tier (#16), the edit speed with one reference and 2.1's tuned path
+# under CUDA graphs; then, if PHASE1_S leaves time, the shipped toy edit model (zero_cond_t) trained 9 minutes more
+# alone (round 11: its loss still falling when the cosine schedule ended).
+first_12() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 230 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
+    --budget-s 200 --pairs 12:32 16:64
+  job 140 plan_validation_edit python3 benchmarks/plan_validation.py --out $R --model qwen-image-edit-synthetic \
+    --budget-s 120 --pairs 24:64
+  job 150 edit python3 benchmarks/edit.py --out $R/edit12 --steps 10 --refs 1 --configs 2511
+  job 240 speed21 python3 benchmarks/speed21.py --out $R/speed12 --repeats 3 --warmup 1 --variants cudagraphs autotune
+}
+
+lane_a12() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 870 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run9 --minutes ${TOY_EDIT_MINUTES:-9} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 120 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4
+}
+
+lane_b12() { :; }
 
 phases() {
   cd "$here" || exit 1

@@ -455,6 +455,27 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_edit.py", "-k", "compare_models"),
     ),
     Mutation(
+        "train_edit --layers grows with full copies of the neighbouring blocks (not identities)",
+        "training/toy/train_edit.py",
+        '                fresh = src == previous and name.startswith(("img_mod.", "txt_mod."))',
+        "                fresh = False",
+        ("tests/test_toy_edit.py", "-k", "growing"),
+    ),
+    Mutation(
+        "train_edit --zero-cond-t leaves the flag off",
+        "training/toy/train_edit.py",
+        "    cfg.update(num_layers=layers, zero_cond_t=bool(zero_cond_t))",
+        "    cfg.update(num_layers=layers)",
+        ("tests/test_toy_edit.py", "-k", "growing"),
+    ),
+    Mutation(
+        "plan_validation measures an edit model through a text-to-image generation",
+        "benchmarks/plan_validation.py",
+        '    return get_model(model).task == "image-edit"',
+        "    return False",
+        ("tests/test_plan_validation_smoke.py",),
+    ),
+    Mutation(
         "the CLI holds SIGINT from any thread",
         CLI,
         "    if threading.current_thread() is not threading.main_thread():\n        return lambda: None\n",
@@ -465,7 +486,7 @@ MUTATIONS: list[Mutation] = [
 
 
 def _copy_repo(dest: Path) -> None:
-    for name in ("qwennb", "tests"):
+    for name in ("qwennb", "tests", "training"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
     shutil.copy2(ROOT / "README.md", dest / "README.md")  # the card table test compares it with scripts/

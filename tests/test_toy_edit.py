@@ -296,14 +296,17 @@ def test_growing_the_edit_transformer_starts_from_what_it_computed():
     emb = torch.randn(n, 5, old.config.joint_attention_dim, generator=g)
     mask = torch.ones(n, 5, dtype=torch.long)
     sig = torch.tensor([0.7])
+    own = bool(old.config.zero_cond_t)  # the shipped model's (2511's way since edit-run7)
     with torch.no_grad():
         want = te.velocity(old, xt, src, emb, mask, sig)
-        grown = te.grow(old, 10, False).eval()
+        grown = te.grow(old, 10, own).eval()
         got = te.velocity(grown, xt, src, emb, mask, sig)
-        zero = te.velocity(te.grow(old, 10, True).eval(), xt, src, emb, mask, sig)
+        flipped = te.grow(old, 6, not own).eval()
+        other = te.velocity(flipped, xt, src, emb, mask, sig)
     assert grown.config.num_layers == 10 and len(grown.transformer_blocks) == 10
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (zero - want).abs().max() > 1e-3  # the reference tokens modulated at t=0: another function
-    assert te.grow(old, 0, False) is old
+    # zero_cond_t on or off: the reference's tokens modulated at t=0 or at t, another function, the same weights
+    assert flipped.config.zero_cond_t is (not own) and (other - want).abs().max() > 1e-3
+    assert te.grow(old, 0, own) is old
     with pytest.raises(SystemExit, match="growing only adds"):
-        te.grow(old, 4, False)
+        te.grow(old, 4, own)
