@@ -41,3 +41,17 @@ def test_toy_adherence_runs_only_the_settings_asked_for(tmp_path):
     assert record["settings"]["qwennb exact"]["score"]["all"]["n"] == 8
     bad = run("toy_adherence.py", "--smoke", "--out", str(tmp_path), "--settings", "fp8 turbo")
     assert bad.returncode == 2 and "no setting 'fp8 turbo' here" in bad.stderr  # a GPU setting, on a CPU
+
+
+def test_speed21_variants_are_rows_and_a_failing_one_says_why(tmp_path):
+    """speed21.py --variants: each variant is a row of its own on the same pipeline; one that cannot run (cuDNN
+    attention named on a CPU) is a row with its error, and the run goes on to the next."""
+    proc = run("speed21.py", "--smoke", "--out", str(tmp_path), "--variants", "cudnn", "static")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "speed21-cpu-smoke.json").read_text())
+    rows = {r["config"]: r for r in record["runs"]}
+    assert list(rows) == ["stock", "qwennb", "qwennb[cudnn]", "qwennb[static]"]
+    assert "error" in rows["qwennb[cudnn]"] and "s_per_step" not in rows["qwennb[cudnn]"]
+    static = rows["qwennb[static]"]
+    assert static["latent_rel_err"] < 1e-5 and static["speedup_vs_stock"] > 0  # the tuned path: stock's latents
+    assert static["fast21"]["cfg_pairs"] > 0
