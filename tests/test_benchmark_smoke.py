@@ -53,5 +53,7 @@ def test_speed21_variants_are_rows_and_a_failing_one_says_why(tmp_path):
     assert list(rows) == ["stock", "qwennb", "qwennb[cudnn]", "qwennb[static]"]
     assert "error" in rows["qwennb[cudnn]"] and "s_per_step" not in rows["qwennb[cudnn]"]
     static = rows["qwennb[static]"]
-    assert static["latent_rel_err"] < 1e-5 and static["speedup_vs_stock"] > 0  # the tuned path: stock's latents
+    assert (
+        static["latent_rel_err"] < 1e-5 and static["speedup_vs_stock"] > 0
+    )  # the tuned path: stock's latents
     assert static["fast21"]["cfg_pairs"] > 0
