@@ -564,6 +564,12 @@ class Cost:
     text_streamed_gb: float  # copied once a prompt
     weights_gpu_gb: dict[str, float] = field(default_factory=dict)
     weights_host_gb: dict[str, float] = field(default_factory=dict)
+    # Host RAM once loaded (what pinning is decided on); host_peak_gb also counts the load. None: the same.
+    host_steady_gb: float | None = None
+
+    @property
+    def host_after_load_gb(self) -> float:
+        return self.host_peak_gb if self.host_steady_gb is None else self.host_steady_gb
 
     @property
     def s_per_step(self) -> float:
@@ -673,12 +679,19 @@ def cost(a: Arrangement, st: Setting) -> Cost:
     )
     te_host = 0.0 if a.text_encoder == "gpu" else te_gb
     staging = (t.block_params or t.params) * db / GIB
-    host = PROCESS_HOST_GIB + t_host + te_host + staging
+    host = steady = PROCESS_HOST_GIB + t_host + te_host + staging
+    if t.class_name not in MMDIT_CLASSES:
+        # qwennb.loading reads only Qwen-Image's MMDiT block by block; another family (2.1) is loaded by diffusers'
+        # from_pretrained, every component whole in host RAM in the load dtype, before apply_plan moves, casts or
+        # offloads it (an H200 run of 2.1's 16 and 12 GB plans: 30.6 GiB of host RSS against 23.6 and 20.2 counted
+        # without this). Once loaded, the host keeps what the arrangement leaves there (pinned in place).
+        host = max(steady, PROCESS_HOST_GIB + (t.params + te.params + vae.params) * db / GIB)
     read = (t.params * db + te.params * db + vae.params * db) / (READ_GBPS * 1e9)
     load = read + (peak - max(act, dec, text_phase)) * GIB / (st.h2d_gbps * 1e9)
     return Cost(
         gpu_peak_gb=peak,
         host_peak_gb=host,
+        host_steady_gb=steady,
         load_s=load,
         compute_s=compute,
         stream_s=stream_s,
@@ -812,7 +825,7 @@ def candidates(st: Setting, cfg: OptimizationConfig, budget: float) -> list[Arra
                 fit = 0
             a = replace(a, resident_blocks=max(0, min(fit, blocks)))
         if place in ("group_offload", "sequential_offload", "model_offload") or text != "gpu":
-            a = replace(a, pinned=cost(a, st).host_peak_gb <= HOST_PIN_SHARE * st.host_gb)
+            a = replace(a, pinned=cost(a, st).host_after_load_gb <= HOST_PIN_SHARE * st.host_gb)
         out.append(a)
     if cfg.transformer_placement is None and not forced and not out:
         out.append(Arrangement("sequential_offload", dt, dt, None, "cpu", True, False, False))
@@ -856,8 +869,14 @@ def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
         fits = [
             min((ac for ac in on_gpu if ac[1].host_peak_gb <= least + 1), key=lambda ac: ac[1].s_per_image)
         ]
+        why = (
+            " (while loading: this model is read whole into host RAM before it is placed, "
+            f"{fits[0][1].host_after_load_gb:.0f} GiB once loaded)"
+            if st.sizes["transformer"].class_name not in MMDIT_CLASSES
+            else ""
+        )
         warnings.append(
-            f"this arrangement needs about {fits[0][1].host_peak_gb:.0f} GiB of host RAM; the machine has "
+            f"this arrangement needs about {fits[0][1].host_peak_gb:.0f} GiB of host RAM{why}; the machine has "
             f"{st.host_gb:.0f} GiB"
         )
     fastest = min(fits, key=lambda ac: ac[1].s_per_image)
@@ -918,7 +937,7 @@ def _why(
         )
         if not a.pinned:  # the host is what costs most here: say what more RAM would buy
             pinned = cost(replace(a, pinned=True), st)
-            need = math.ceil(pinned.host_peak_gb / HOST_PIN_SHARE / 8) * 8
+            need = math.ceil(pinned.host_after_load_gb / HOST_PIN_SHARE / 8) * 8
             out.append(
                 f"host RAM: with {need} GB or more the streamed blocks stay pinned and a step takes about "
                 f"{pinned.s_per_step:.2f} s instead of {c.s_per_step:.2f} (`--host-ram {need}GB` to see that plan)."

@@ -476,6 +476,20 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_plan_validation_smoke.py",),
     ),
     Mutation(
+        "the plan counts 2.1's host RAM as if it were read block by block like Qwen-Image",
+        "qwennb/plan.py",
+        "    if t.class_name not in MMDIT_CLASSES:\n        # qwennb.loading reads only",
+        "    if False:\n        # qwennb.loading reads only",
+        ("tests/test_checkpoints.py", "-k", "host_ram_counts_the_whole"),
+    ),
+    Mutation(
+        "the plan decides pinning on the load's host peak",
+        "qwennb/plan.py",
+        "            a = replace(a, pinned=cost(a, st).host_after_load_gb <= HOST_PIN_SHARE * st.host_gb)",
+        "            a = replace(a, pinned=cost(a, st).host_peak_gb <= HOST_PIN_SHARE * st.host_gb)",
+        ("tests/test_checkpoints.py", "-k", "host_ram_counts_the_whole"),
+    ),
+    Mutation(
         "the CLI holds SIGINT from any thread",
         CLI,
         "    if threading.current_thread() is not threading.main_thread():\n        return lambda: None\n",
