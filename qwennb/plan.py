@@ -909,10 +909,14 @@ def _why(
     """The reasons, each quoting the numbers that decided it."""
     blocks = st.sizes["transformer"].blocks
     split = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in c.split().items() if v)
+    if c.host_peak_gb > HOST_USABLE * st.host_gb:  # select's fallback: nothing fits the host RAM
+        head, count = "least host RAM (nothing fits the host)", "see the warning."
+    else:
+        head = "fastest that fits"
+        count = f"{len(fits)} arrangement{'s' if len(fits) != 1 else ''} fit{'' if len(fits) != 1 else 's'}."
     out = [
-        f"fastest that fits: {c.s_per_image:.1f} s an image at {st.steps} steps ({split}), "
-        f"{c.gpu_peak_gb:.1f} of {budget:.1f} GiB on the GPU, {c.host_peak_gb:.0f} GiB host RAM; "
-        f"{len(fits)} arrangement{'s' if len(fits) != 1 else ''} fit{'' if len(fits) != 1 else 's'}."
+        f"{head}: {c.s_per_image:.1f} s an image at {st.steps} steps ({split}), "
+        f"{c.gpu_peak_gb:.1f} of {budget:.1f} GiB on the GPU, {c.host_peak_gb:.0f} GiB host RAM; {count}"
     ]
     whole = cost(Arrangement(), st)  # bf16 whole on the GPU, tuned path: this card's best case
     ratio = c.s_per_step / whole.s_per_step
