@@ -862,23 +862,14 @@ def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
         )
     fits = [ac for ac in on_gpu if ac[1].host_peak_gb <= HOST_USABLE * st.host_gb]
     warnings = []
+    host_warning = False
     if (
         not fits
     ):  # none fits the host: the least host RAM (within 1 GiB, the fastest of those), with a warning
         least = min(c.host_peak_gb for _, c in on_gpu)
-        fits = [
-            min((ac for ac in on_gpu if ac[1].host_peak_gb <= least + 1), key=lambda ac: ac[1].s_per_image)
-        ]
-        why = (
-            " (while loading: this model is read whole into host RAM before it is placed, "
-            f"{fits[0][1].host_after_load_gb:.0f} GiB once loaded)"
-            if st.sizes["transformer"].class_name not in MMDIT_CLASSES
-            else ""
-        )
-        warnings.append(
-            f"this arrangement needs about {fits[0][1].host_peak_gb:.0f} GiB of host RAM{why}; the machine has "
-            f"{st.host_gb:.0f} GiB"
-        )
+        # those within 1 GiB of the least (then chosen among as usual: exact unless lossy is clearly faster)
+        fits = [ac for ac in on_gpu if ac[1].host_peak_gb <= least + 1]
+        host_warning = True
     fastest = min(fits, key=lambda ac: ac[1].s_per_image)
     exact = [ac for ac in fits if ac[0].lossless]
     pool = fits
@@ -889,6 +880,17 @@ def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
     top = min(pool, key=lambda ac: ac[1].s_per_image)
     near = [ac for ac in pool if ac[1].s_per_image <= (1 + TIE_SHARE) * top[1].s_per_image]
     a, c = min(near, key=lambda ac: (round(ac[1].streamed_gb_per_step, 1), ac[1].s_per_image))
+    if host_warning:
+        why = (
+            " (while loading: this model is read whole into host RAM before it is placed, "
+            f"{c.host_after_load_gb:.0f} GiB once loaded)"
+            if st.sizes["transformer"].class_name not in MMDIT_CLASSES
+            else ""
+        )
+        warnings.append(
+            f"this arrangement needs about {c.host_peak_gb:.0f} GiB of host RAM{why}; the machine has "
+            f"{st.host_gb:.0f} GiB"
+        )
     if a.quantization:
         warnings.append(
             f"{a.quantization} (bitsandbytes), as asked: no plan picks it by itself, and its time per step is an "
@@ -910,7 +912,8 @@ def _why(
     blocks = st.sizes["transformer"].blocks
     split = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in c.split().items() if v)
     if c.host_peak_gb > HOST_USABLE * st.host_gb:  # select's fallback: nothing fits the host RAM
-        head, count = "least host RAM (nothing fits the host)", "see the warning."
+        head = "least host RAM (nothing fits the host)"
+        count = f"chosen among the {len(fits)} within 1 GiB of the least; see the warning."
     else:
         head = "fastest that fits"
         count = f"{len(fits)} arrangement{'s' if len(fits) != 1 else ''} fit{'' if len(fits) != 1 else 's'}."
