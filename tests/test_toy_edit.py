@@ -310,3 +310,18 @@ def test_growing_the_edit_transformer_starts_from_what_it_computed():
     assert te.grow(old, 0, own) is old
     with pytest.raises(SystemExit, match="growing only adds"):
         te.grow(old, 4, own)
+
+
+def test_results_give_the_command_that_reruns_the_training():
+    """RESULTS.md's command line keeps options set to zero (--augment 0 is not the default 0.3) and writes flags
+    bare (--zero-cond-t, not '--zero-cond-t True')."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train
+
+    args = argparse.Namespace(augment=0.0, layers=0, zero_cond_t=True, ship=False, init=None, eval_n=120)
+    cmd = train.command_line("train_edit.py", args)
+    assert cmd == "python training/toy/train_edit.py --augment 0.0 --layers 0 --zero-cond-t --eval-n 120", cmd

@@ -53,6 +53,28 @@ RESOLUTIONS = {(256, 256): 0.55, (128, 128): 0.15, (256, 128): 0.15, (128, 256):
 DROP = {"colour": 0.1, "shape": 0.1, "position": 0.3, "size": 0.4, "background": 0.3}
 
 
+def command_line(script: str, args: argparse.Namespace) -> str:
+    """The command that reruns ``args``: every option set, flags bare, lists spaced, zeros kept (``--augment 0``
+    is not the default).
+
+    Example:
+        >>> command_line("train.py", argparse.Namespace(minutes=0.0, ship=True, smoke=False, out=None, n=[1, 2]))
+        'python training/toy/train.py --minutes 0.0 --ship --n 1 2'
+    """
+    parts = [f"python training/toy/{script}"]
+    for key, value in vars(args).items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts.append(" ".join([flag, *map(str, value)]))
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -807,9 +829,7 @@ def write_results(results_dir: Path, report: dict, history: list, args, timings:
     lines = [
         "# Toy Qwen-Image: training and evaluation",
         "",
-        "Command: `python training/toy/train.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False))
-        + "`",
+        f"Command: `{command_line('train.py', args)}`",
         f"Device: {timings.get('device')}; torch {torch.__version__}.",
         "",
         "## Time",

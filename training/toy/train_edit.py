@@ -473,9 +473,7 @@ def write_results(out: Path, report: dict, history: list, args, timings: dict) -
     lines = [
         "# Toy edit model: training and evaluation",
         "",
-        "Command: `python training/toy/train_edit.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False))
-        + "`",
+        f"Command: `{t2i.command_line('train_edit.py', args)}`",
         f"Device: {timings.get('device')}; torch {torch.__version__}.",
         "",
         "| stage | seconds |",
