@@ -401,7 +401,7 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "%qwen batch loads the model before checking the file",
         MAGICS,
-        "                check_batch(args.file, args.out, model=args.model or None, **{k: options[k] for k in keys})\n",
+        "                check_batch(args.file, args.out, **{k: v for k, v in options.items() if k in checked})\n",
         "                pass\n",
         ("tests/test_batch.py", "-k", "checks_the_file_before"),
     ),

@@ -120,6 +120,16 @@ def test_compare_models_says_what_is_shared_and_swapped():
     assert sorted(toys.shared) == ["text_encoder", "vae"] and toys.swapped == ["transformer"]
 
 
+def test_compare_models_sees_a_toy_edit_text_encoder_of_its_own(monkeypatch):
+    # A toy-edit shipped with the text encoder it was trained against (train_edit.py --ship does that for one
+    # trained against another): the switch from the toy then swaps the text encoder too.
+    from qwennb import toy_edit
+
+    monkeypatch.setitem(toy_edit.COMPONENT_DIRS, "text_encoder", toy_edit.TOY_EDIT_DIR)
+    toys = compare_models("toy", "toy-edit")
+    assert toys.shared == ["vae"] and sorted(toys.swapped) == ["text_encoder", "transformer"], toys.text()
+
+
 def test_cli_plan_of_an_edit_model_counts_three_references(capsys):
     assert main(["plan", "--model", "qwen-image-edit-2511", "--gpu-memory", "80GB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
