@@ -231,7 +231,7 @@ REGISTRY: dict[str, ModelSpec] = {
             ("transformer", "text_encoder", "vae"),
             description="Embedded toy edit model (7 MB more, in the package): the toy model's VAE and text encoder "
             "with a transformer fine-tuned on edits of the toy world (recolour, reshape, move, resize, change the "
-            "background; training/toy/train_edit.py, 78 CPU and 18.5 H200 minutes), in QwenImageEditPlusPipeline. "
+            "background; training/toy/train_edit.py, 78 CPU and 25.5 H200 minutes), in QwenImageEditPlusPipeline. "
             "An early model: it moves the shape and changes the background as asked most of the time, but redraws "
             "the shape as a rounded blob, often in another colour. Not Qwen-Image-Edit.",
         ),
@@ -403,11 +403,17 @@ def stored_sizes() -> dict[str, dict[str, Any]]:
 def size_of_config(cfg: dict[str, Any], component: str) -> ComponentSize:
     """Parameter counts of a component config: the stored counts when the config's shape is a known one, else
     counted on a meta-device build of the config itself (a fine-tune or a small model saved to a folder)."""
-    stored = stored_sizes().get(config_digest(cfg))
+    digest = config_digest(cfg)
+    stored = stored_sizes().get(digest)
     if stored is not None:
         keep = {k: v for k, v in stored.items() if k in ComponentSize.__dataclass_fields__}
         return ComponentSize(**{**keep, "name": component})
-    return _measure(build_from_config(cfg), component)
+    if (digest, component) not in _MEASURED:  # a meta build per config, not per call (plans re-read folders)
+        _MEASURED[(digest, component)] = _measure(build_from_config(cfg), component)
+    return _MEASURED[(digest, component)]
+
+
+_MEASURED: dict[tuple[str, str], ComponentSize] = {}
 
 
 @cache

@@ -865,9 +865,8 @@ def select(st: Setting, cfg: OptimizationConfig, budget: float) -> Choice:
     host_warning = False
     if (
         not fits
-    ):  # none fits the host: the least host RAM (within 1 GiB, the fastest of those), with a warning
+    ):  # none fits the host: those within 1 GiB of the least host RAM, chosen among as usual, with a warning
         least = min(c.host_peak_gb for _, c in on_gpu)
-        # those within 1 GiB of the least (then chosen among as usual: exact unless lossy is clearly faster)
         fits = [ac for ac in on_gpu if ac[1].host_peak_gb <= least + 1]
         host_warning = True
     fastest = min(fits, key=lambda ac: ac[1].s_per_image)

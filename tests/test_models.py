@@ -117,3 +117,17 @@ def test_hf_cache_scan(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     found = find_local_models()
     assert [m.hub_id for m in found] == ["Qwen/Qwen-Image"] and found[0].complete
+
+
+def test_a_config_not_stored_is_counted_once(monkeypatch):
+    """A folder's own config (a fine-tune) is counted on the meta device once, not at every plan size check
+    (generation asks the plan's sizes for each candidate size)."""
+    from qwennb import models
+
+    cfg = dict(models.load_config("tiny", "transformer"), num_layers=3)
+    builds = []
+    real = models.build_from_config
+    monkeypatch.setattr(models, "build_from_config", lambda c: builds.append(1) or real(c))
+    first = models.size_of_config(cfg, "transformer")
+    assert models.size_of_config(cfg, "transformer") == first and len(builds) <= 1
+    assert first.blocks == 3 != models.component_sizes("tiny")["transformer"].blocks  # its own, not tiny's
