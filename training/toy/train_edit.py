@@ -107,12 +107,13 @@ def grow(transformer, layers: int, zero_cond_t: bool):
     cfg = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
     cfg.update(num_layers=layers, zero_cond_t=bool(zero_cond_t))
     new = QwenImageTransformer2DModel(**cfg).to(transformer.device, transformer.dtype)
-    state = {k: v for k, v in transformer.state_dict().items() if not k.startswith("transformer_blocks.")}
+    current = transformer.state_dict()
+    state = {k: v for k, v in current.items() if not k.startswith("transformer_blocks.")}
     previous = -1
     for j in range(layers):
         src = j * old // layers
         prefix = f"transformer_blocks.{src}."
-        for k, v in transformer.state_dict().items():
+        for k, v in current.items():
             if k.startswith(prefix):
                 name = k[len(prefix) :]
                 fresh = src == previous and name.startswith(("img_mod.", "txt_mod."))
