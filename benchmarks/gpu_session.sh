@@ -254,19 +254,20 @@ lane_b11() {
   wait
 }
 
-# ROUND=12 (prepared for the next one-H200 session; about 880 s with PHASE0_S=870 PHASE1_S=0, 1,750 s with
-# PHASE1_S=880): first, alone on the GPU, 2.1's capped plans whose speed round 11 measured shared (12:32 was 2.6x
-# slower than predicted), the edit model's 24 GB tier (#16), the edit speed with one reference and 2.1's tuned path
-# under CUDA graphs; then, if PHASE1_S leaves time, the shipped toy edit model (zero_cond_t) trained 9 minutes more
-# alone (round 11: its loss still falling when the cosine schedule ended).
+# ROUND=12 (about 1,150 s with PHASE0_S=1150 PHASE1_S=0; 2,000 s with PHASE1_S=880): first, alone on the GPU,
+# 2.1's tuned path with packed Q/K/V and MLP input weights, max-autotune and CUDA graphs against stock in one run
+# (#17's 1.3x: round 11 had 1.292x, max-autotune 1.300x), the block's GEMMs alone (separate against packed), the
+# edit model's 24 GB tier (#16), then 2.1's capped plans whose speed round 11 measured shared (12:32 was 2.6x
+# slower than predicted); then, if PHASE1_S leaves time, the shipped toy edit model trained 9 minutes more alone.
 first_12() {
   export CUDA_VISIBLE_DEVICES=0
-  job 330 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
-    --budget-s 290 --pairs 12:64 12:32 16:64
+  job 600 speed21 python3 benchmarks/speed21.py --out $R/speed12 --repeats 3 --warmup 1 \
+    --variants packed packed-autotune autotune cudagraphs
+  job 60 gemm21 python3 benchmarks/gemm21.py --out $R
   job 140 plan_validation_edit python3 benchmarks/plan_validation.py --out $R --model qwen-image-edit-synthetic \
     --budget-s 120 --pairs 24:64
-  job 150 edit python3 benchmarks/edit.py --out $R/edit12 --steps 10 --refs 1 --configs 2511
-  job 240 speed21 python3 benchmarks/speed21.py --out $R/speed12 --repeats 3 --warmup 1 --variants cudagraphs autotune
+  job 330 plan_validation21 python3 benchmarks/plan_validation.py --out $R --model qwen-image-2.1-synthetic \
+    --budget-s 290 --pairs 12:64 12:32 16:64
 }
 
 lane_a12() {

@@ -24,6 +24,12 @@ embeddings themselves no longer matter; what differs between the passes is the s
   once for the pair, and its ``1 + scale`` and ``tanh(gate)`` once per forward instead of per block.
 - **Regional compile** of one block function shared by all blocks, with the image length and the prefix lengths
   marked dynamic (a new prompt length or image size does not recompile).
+- **Packed projections** (``pack=True``, off by default until measured faster): each block's query/key/value weights
+  and its SwiGLU's two input weights are moved into one tensor each, the modules' weights becoming views of it, so a
+  cached step runs one GEMM for Q, K and V and one for the MLP's two inputs (the same products, fewer and larger
+  GEMMs; no extra memory). A block whose weights are no longer packed (a LoRA layer wrapping them, fp8 weights,
+  weights replaced by a fused LoRA or an offload) runs its projections one by one, as before;
+  ``disable_fast_path_21`` gives every weight its own storage again.
 
 The prefill step, ``use_kv_cache=False`` forwards, padded prompts (``encoder_hidden_states_mask``),
 ``attention_kwargs`` (LoRA scale), training and hooked blocks (offload, caches) run stock (the plan also compiles
@@ -66,6 +72,7 @@ class FastPath21State:
     mode: str | None
     backend: str
     options: dict[str, Any]
+    pack: bool = False
     stats: dict[str, int] = field(
         default_factory=lambda: {"forwards": 0, "stock": 0, "cached": 0, "cfg_pairs": 0, "cfg_reused": 0}
     )
@@ -97,18 +104,26 @@ def _fast_block21(
     sin: torch.Tensor,
     prefix_k: tuple[torch.Tensor, ...],
     prefix_v: tuple[torch.Tensor, ...],
+    w_qkv: torch.Tensor | None = None,
+    w_mlp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One cached-step block on ``x`` ``[N, T, C]``: ``N = G * B`` rows, ``G = len(prefix_k)`` groups (one per
     CFG pass) of ``B`` samples; group ``g``'s rows attend, unmasked, to its prefix ``prefix_k[g]`` ``[B, P_g, H, D]``
     and to their own image tokens. ``mods``: ``(1 + scale1, tanh(gate1), 1 + scale2, tanh(gate2))``, ``[N, 1, C]``.
+    ``w_qkv`` / ``w_mlp``: the block's packed ``[to_q; to_k; to_v]`` and ``[proj; gate_layer]`` weights (views of
+    the modules' own, see :func:`_packed`), or None to call the modules.
     The same operations as diffusers' ``QwenImage21TransformerBlock`` with ``QwenImage21AttnProcessor`` decoding."""
     scale1, gate1, scale2, gate2 = mods
     attn = block.attn
     h = block.img_norm1(x) * scale1
     head_dim = attn.inner_dim // attn.heads
-    q = attn.to_q(h).unflatten(-1, (-1, head_dim))
-    k = attn.to_k(h).unflatten(-1, (-1, head_dim))
-    v = attn.to_v(h).unflatten(-1, (-1, head_dim))
+    if w_qkv is None:
+        q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+    else:
+        q, k, v = torch.nn.functional.linear(h, w_qkv).chunk(3, dim=-1)
+    q = q.unflatten(-1, (-1, head_dim))
+    k = k.unflatten(-1, (-1, head_dim))
+    v = v.unflatten(-1, (-1, head_dim))
     q = _rotate(attn.norm_q(q).to(v.dtype), cos, sin)
     k = _rotate(attn.norm_k(k).to(v.dtype), cos, sin)
     processor = attn.processor
@@ -129,10 +144,83 @@ def _fast_block21(
     o = (outs[0] if len(outs) == 1 else torch.cat(outs)).flatten(2, 3).type_as(q)
     o = attn.to_out[1](attn.to_out[0](o))
     x = x + gate1 * o
-    x = x + gate2 * block.img_mlp(block.img_norm2(x) * scale2)
+    h = block.img_norm2(x) * scale2
+    if w_mlp is None:
+        m = block.img_mlp(h)
+    else:
+        up, gate = torch.nn.functional.linear(h, w_mlp).chunk(2, dim=-1)
+        m = block.img_mlp.out(torch.nn.functional.silu(gate) * up)
+    x = x + gate2 * m
     if x.dtype == torch.float16:
         x = x.clip(-65504, 65504)
     return x
+
+
+def _plain_linears(linears: tuple[Any, ...]) -> bool:
+    return all(
+        type(lin) is torch.nn.Linear
+        and lin.bias is None
+        and type(lin.weight) is torch.nn.Parameter
+        and type(lin.weight.data) is torch.Tensor
+        and lin.weight.is_contiguous()
+        for lin in linears
+    )
+
+
+def _packed(linears: tuple[Any, ...]) -> torch.Tensor | None:
+    """The linears' weights as one ``[sum(out), in]`` tensor without a copy, when they are plain, bias-free
+    ``nn.Linear`` weights lying one after another in one storage (as :func:`_pack` left them); else None."""
+    if not _plain_linears(linears):
+        return None
+    first = linears[0].weight
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    rows = 0
+    for lin in linears:
+        w = lin.weight
+        if (
+            w.untyped_storage().data_ptr() != storage
+            or w.storage_offset() != offset + rows * first.shape[1]
+            or w.shape[1] != first.shape[1]
+            or w.dtype != first.dtype
+            or w.device != first.device
+        ):
+            return None
+        rows += w.shape[0]
+    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+def _pack(linears: tuple[Any, ...]) -> bool:
+    """Move the linears' weights into one tensor, each module's weight a view of its rows (the values unchanged,
+    no extra memory once the old storages are freed). False, changing nothing, where they cannot be packed."""
+    if _packed(linears) is not None:
+        return True
+    if not _plain_linears(linears) or len({(lin.weight.dtype, lin.weight.device) for lin in linears}) != 1:
+        return False
+    if linears[0].weight.device.type == "meta":
+        return False
+    with torch.no_grad():
+        packed = torch.cat([lin.weight.detach() for lin in linears])
+        start = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight.data = packed[start : start + n]
+            start += n
+    return True
+
+
+def _unpack(linears: tuple[Any, ...]) -> None:
+    """Give packed weights their own storage again (``save_pretrained`` refuses tensors that share one)."""
+    if _packed(linears) is None:
+        return
+    with torch.no_grad():
+        for lin in linears:
+            lin.weight.data = lin.weight.detach().clone()
+
+
+def _block_linears(block: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    attn, mlp = block.attn, block.img_mlp
+    return (attn.to_q, attn.to_k, attn.to_v), (mlp.proj, mlp.gate_layer)
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -215,7 +303,11 @@ def _cached_forward(
             torch._dynamo.maybe_mark_dynamic(sin, 1)
             for p in (*pk, *pv):
                 torch._dynamo.maybe_mark_dynamic(p, 1)
-        x = fn(block, x, mods, cos, sin, pk, pv)
+        if state.pack:
+            qkv, mlp = _block_linears(block)
+            x = fn(block, x, mods, cos, sin, pk, pv, _packed(qkv), _packed(mlp))
+        else:
+            x = fn(block, x, mods, cos, sin, pk, pv)
     # norm_out: the scale of the target's rows (their own timestep), as diffusers' AdaLayerNormContinuous
     scale = model.norm_out.linear(model.norm_out.silu(temb).to(x.dtype))[:-1]
     x = model.norm_out.norm(x) * (1 + (scale if n == 1 else scale.repeat(n, 1))[:, None])
@@ -350,6 +442,7 @@ def enable_fast_path_21(
     batch_cfg: bool = True,
     mode: str | None = None,
     backend: str = "inductor",
+    pack: bool = False,
 ) -> FastPath21State:
     """Switch a ``QwenImage21Transformer2DModel`` to the tuned path (see the module docstring).
 
@@ -368,6 +461,7 @@ def enable_fast_path_21(
         "batch_cfg": batch_cfg,
         "mode": mode,
         "backend": backend,
+        "pack": pack,
     }
     state = getattr(transformer, STATE_ATTR, None)
     if state is not None:
@@ -375,8 +469,18 @@ def enable_fast_path_21(
             return state
         disable_fast_path_21(transformer)
     state = FastPath21State(
-        compile=compile, dynamic=dynamic, batch_cfg=batch_cfg, mode=mode, backend=backend, options=options
+        compile=compile,
+        dynamic=dynamic,
+        batch_cfg=batch_cfg,
+        mode=mode,
+        backend=backend,
+        options=options,
+        pack=pack,
     )
+    if pack:
+        for block in transformer.transformer_blocks:
+            for linears in _block_linears(block):
+                _pack(linears)
     transformer.forward = _model_forward21(transformer, state)
     setattr(transformer, STATE_ATTR, state)
     return state
@@ -384,8 +488,13 @@ def enable_fast_path_21(
 
 def disable_fast_path_21(transformer: Any) -> None:
     """Undo :func:`enable_fast_path_21` (the stock ``forward`` back)."""
-    if getattr(transformer, STATE_ATTR, None) is None:
+    state = getattr(transformer, STATE_ATTR, None)
+    if state is None:
         return
+    if state.pack:
+        for block in transformer.transformer_blocks:
+            for linears in _block_linears(block):
+                _unpack(linears)
     fwd = transformer.__dict__.get("forward")
     if fwd is not None and getattr(fwd, "_qwennb_fast21", False):
         transformer.__dict__.pop("forward", None)

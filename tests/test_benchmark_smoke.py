@@ -46,14 +46,40 @@ def test_toy_adherence_runs_only_the_settings_asked_for(tmp_path):
 def test_speed21_variants_are_rows_and_a_failing_one_says_why(tmp_path):
     """speed21.py --variants: each variant is a row of its own on the same pipeline; one that cannot run (cuDNN
     attention named on a CPU) is a row with its error, and the run goes on to the next."""
-    proc = run("speed21.py", "--smoke", "--out", str(tmp_path), "--variants", "cudnn", "static")
+    proc = run("speed21.py", "--smoke", "--out", str(tmp_path), "--variants", "cudnn", "static", "packed")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "speed21-cpu-smoke.json").read_text())
     rows = {r["config"]: r for r in record["runs"]}
-    assert list(rows) == ["stock", "qwennb", "qwennb[cudnn]", "qwennb[static]"]
+    assert list(rows) == ["stock", "qwennb", "qwennb[cudnn]", "qwennb[static]", "qwennb[packed]"]
+    assert rows["qwennb[packed]"]["latent_rel_err"] < 1e-5
     assert "error" in rows["qwennb[cudnn]"] and "s_per_step" not in rows["qwennb[cudnn]"]
     static = rows["qwennb[static]"]
     assert (
         static["latent_rel_err"] < 1e-5 and static["speedup_vs_stock"] > 0
     )  # the tuned path: stock's latents
     assert static["fast21"]["cfg_pairs"] > 0
+
+
+def test_gemm21_writes_separate_and_packed_block_times(tmp_path):
+    """gemm21.py: each GEMM of a 2.1 block a row; the block's GEMM time separate and packed; no GPU, no --smoke:
+    refused, nothing written."""
+    proc = run("gemm21.py", "--smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "gemm21-cpu-smoke.json").read_text())
+    assert [r["gemm"] for r in record["rows"]] == [
+        "q|k|v",
+        "qkv packed",
+        "attention out",
+        "mlp proj|gate",
+        "mlp packed",
+        "mlp out",
+    ]
+    by = {r["gemm"]: r for r in record["rows"]}
+    assert (
+        by["qkv packed"]["n"] == 3 * by["q|k|v"]["n"]
+        and by["mlp packed"]["n"] == 2 * by["mlp proj|gate"]["n"]
+    )
+    assert record["block_ms_separate"] > 0 and record["block_ms_packed"] > 0
+    assert (tmp_path / "gemm21-cpu-smoke.md").read_text().count("|") > 20
+    bare = run("gemm21.py", "--out", str(tmp_path / "bare"))
+    assert bare.returncode == 2 and "no GPU" in bare.stderr and not (tmp_path / "bare").exists()

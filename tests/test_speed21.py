@@ -118,7 +118,8 @@ def test_a_second_pass_that_differs_is_computed_not_taken_from_the_pair(pipe):
     assert rel(got, ref) < 1e-5
 
 
-def test_compiled_tuned_21_matches_stock_with_one_graph(pipe):
+@pytest.mark.parametrize("pack", [False, True])
+def test_compiled_tuned_21_matches_stock_with_one_graph(pipe, pack):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -127,7 +128,7 @@ def test_compiled_tuned_21_matches_stock_with_one_graph(pipe):
     ref_big = latents(
         pipe, size=96, prompt="a much longer prompt with many more words in it than the first one"
     )
-    state = speed21.enable_fast_path_21(pipe.transformer, compile=True, backend="aot_eager")
+    state = speed21.enable_fast_path_21(pipe.transformer, compile=True, backend="aot_eager", pack=pack)
     try:
         assert rel(latents(pipe), ref) < 1e-5
         assert (
@@ -144,3 +145,71 @@ def test_compiled_tuned_21_matches_stock_with_one_graph(pipe):
     finally:
         speed21.disable_fast_path_21(pipe.transformer)
         torch._dynamo.reset()
+
+
+def _storages(block) -> set[int]:
+    qkv, mlp = speed21._block_linears(block)
+    return {lin.weight.untyped_storage().data_ptr() for lin in (*qkv, *mlp)}
+
+
+def test_packed_projections_are_the_same_function_with_no_copy(pipe):
+    """pack=True: each block's Q/K/V and MLP input weights share one storage (views, values unchanged); the
+    tuned path with one GEMM for each is still stock's function; disabling gives every weight its storage back."""
+    tr = pipe.transformer
+    before = {k: v.clone() for k, v in tr.state_dict().items()}
+    ref = latents(pipe)
+    state = speed21.enable_fast_path_21(tr, compile=False, pack=True)
+    try:
+        for block in tr.transformer_blocks:
+            qkv, mlp = speed21._block_linears(block)
+            w = speed21._packed(qkv)
+            assert w is not None and w.shape[0] == sum(lin.out_features for lin in qkv)
+            assert torch.equal(w, torch.cat([lin.weight for lin in qkv]))
+            assert speed21._packed(mlp) is not None
+            assert len(_storages(block)) == 2  # one for Q/K/V, one for the MLP's inputs
+        assert rel(latents(pipe), ref) < 1e-5
+        assert state.stats["cfg_pairs"] == 3
+    finally:
+        speed21.disable_fast_path_21(tr)
+    for block in tr.transformer_blocks:
+        assert len(_storages(block)) == 5
+        assert speed21._packed(speed21._block_linears(block)[0]) is None
+    after = tr.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_weight_no_longer_packed_is_used_as_it_is_now(pipe):
+    """A weight given new values after packing (a fused LoRA, a reload) leaves the pack: that block computes its
+    projections one by one with the new weight, never the packed copy's stale values."""
+    tr = pipe.transformer
+    block = tr.transformer_blocks[0]
+    k_weight = block.attn.to_k.weight.detach().clone()
+    up_weight = block.img_mlp.gate_layer.weight.detach().clone()
+    speed21.enable_fast_path_21(tr, compile=False, pack=True)
+    try:
+        with torch.no_grad():
+            block.attn.to_k.weight.data = k_weight * 1.5
+            block.img_mlp.gate_layer.weight.data = up_weight * 0.5
+        qkv, mlp = speed21._block_linears(block)
+        assert speed21._packed(qkv) is None and speed21._packed(mlp) is None
+        got = latents(pipe)
+    finally:
+        speed21.disable_fast_path_21(tr)
+    ref = latents(pipe)  # stock, with the changed weights
+    with torch.no_grad():
+        block.attn.to_k.weight.data = k_weight
+        block.img_mlp.gate_layer.weight.data = up_weight
+    assert rel(got, ref) < 1e-5
+
+
+def test_packing_leaves_unpackable_weights_alone():
+    """Weights of two dtypes (or not on one device, or on the meta device) are not packed; nothing changes."""
+    a, b = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False).double()
+    pa, pb = a.weight.data_ptr(), b.weight.data_ptr()
+    assert not speed21._pack((a, b))
+    assert (a.weight.data_ptr(), b.weight.data_ptr()) == (pa, pb)
+    c = torch.nn.Linear(4, 4, bias=True)
+    assert not speed21._pack((a, c))
+    d = torch.nn.Linear(4, 6, bias=False)
+    assert speed21._pack((a, d)) and speed21._packed((a, d)).shape == (10, 4)
+    assert speed21._packed((d, a)) is None  # the order the pack was made in
