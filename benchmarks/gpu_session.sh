@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=12 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=13 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -278,6 +278,20 @@ lane_a12() {
 }
 
 lane_b12() { :; }
+
+# ROUND=13 (about 700 s with PHASE0_S=700 PHASE1_S=0): round 12's CUDA-graph variant failed (each block's replay
+# overwrote the output the next block read); now each block call is a new graph step and its output copied out:
+# CUDA graphs alone and with max-autotune against stock in one run; then the edit model's 24 GB tier with the time
+# round 12 lacked (its one pair did not finish in 140 s).
+first_13() {
+  export CUDA_VISIBLE_DEVICES=0
+  job 420 speed21 python3 benchmarks/speed21.py --out $R/speed13 --repeats 3 --warmup 1 \
+    --variants cudagraphs autotune-cudagraphs
+  job 330 plan_validation_edit python3 benchmarks/plan_validation.py --out $R --model qwen-image-edit-synthetic \
+    --budget-s 300 --pairs 24:64
+}
+lane_a13() { :; }
+lane_b13() { :; }
 
 phases() {
   cd "$here" || exit 1

@@ -14,9 +14,10 @@ images of ``--steps`` steps at 1024x1024 for each configuration (medians):
   is diffusers' regional compile (for the prefill step) and qwennb's 2.1 tuned path (``qwennb.speed21``: cached
   steps with CFG's two passes as one forward, real RoPE, the shared modulation once, one compiled block function).
 
-``--variants static cudnn flash autotune cudagraphs packed packed-autotune`` then adds rows ``qwennb[<variant>]``:
-the tuned path with static shapes, with cuDNN's or flash attention named instead of SDPA's choice, compiled in
-``max-autotune-no-cudagraphs`` or ``reduce-overhead`` (CUDA graphs) mode, or with packed Q/K/V and MLP input
+``--variants static cudnn flash autotune cudagraphs autotune-cudagraphs packed packed-autotune`` then adds rows
+``qwennb[<variant>]``: the tuned path with static shapes, with cuDNN's or flash attention named instead of SDPA's
+choice, compiled in ``max-autotune-no-cudagraphs``, ``reduce-overhead`` (CUDA graphs) or ``max-autotune`` (both)
+mode, or with packed Q/K/V and MLP input
 weights (``pack=True``), alone or with max-autotune (what the default is chosen by);
 ``--profile DIR`` writes a kernel table of three tuned cached steps.
 
@@ -59,6 +60,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "flash": ({}, "_native_flash"),
     # CUDA graphs: round 11's profile has the GPU idle 2% of a cached step (host work between kernels and steps)
     "cudagraphs": ({"mode": "reduce-overhead"}, None),
+    "autotune-cudagraphs": ({"mode": "max-autotune"}, None),
     # GEMMs are 74% of a cached step at ~690 TFLOP/s: one GEMM for Q/K/V and one for the MLP's inputs
     "packed": ({"pack": True}, None),
     "packed-autotune": ({"pack": True, "mode": "max-autotune-no-cudagraphs"}, None),

@@ -293,6 +293,9 @@ def _cached_forward(
     if n > 1:
         x = x.repeat(n, 1, 1)
     fn = _compiled_block21(state.mode, state.backend) if state.compile else _fast_block21
+    # CUDA graphs (reduce-overhead, max-autotune): the block function is one graph replayed for every block, each
+    # replay writing the same output buffer; each call is marked a new step and its output copied out of the buffer
+    graphs = state.compile and state.mode in ("reduce-overhead", "max-autotune")
     for index, block in enumerate(model.transformer_blocks):
         caches = [cache.get_layer(index).get() for cache, _ in groups]
         pk = tuple(c[0] for c in caches)
@@ -303,11 +306,15 @@ def _cached_forward(
             torch._dynamo.maybe_mark_dynamic(sin, 1)
             for p in (*pk, *pv):
                 torch._dynamo.maybe_mark_dynamic(p, 1)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if state.pack:
             qkv, mlp = _block_linears(block)
             x = fn(block, x, mods, cos, sin, pk, pv, _packed(qkv), _packed(mlp))
         else:
             x = fn(block, x, mods, cos, sin, pk, pv)
+        if graphs:
+            x = x.clone()
     # norm_out: the scale of the target's rows (their own timestep), as diffusers' AdaLayerNormContinuous
     scale = model.norm_out.linear(model.norm_out.silu(temb).to(x.dtype))[:-1]
     x = model.norm_out.norm(x) * (1 + (scale if n == 1 else scale.repeat(n, 1))[:, None])

@@ -213,3 +213,37 @@ def test_packing_leaves_unpackable_weights_alone():
     d = torch.nn.Linear(4, 6, bias=False)
     assert speed21._pack((a, d)) and speed21._packed((a, d)).shape == (10, 4)
     assert speed21._packed((d, a)) is None  # the order the pack was made in
+
+
+def test_cuda_graph_modes_copy_each_block_output_out_of_the_graph(pipe, monkeypatch):
+    """Under a CUDA-graph mode every block call is marked a new step (its replay may overwrite the last output),
+    and its output is copied before the next call; in other modes neither."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    buffers = {}
+
+    def replay(block, x, *rest):
+        # as a CUDA graph's replay: one static output buffer per shape, overwritten before the inputs are read
+        out = buffers.get((x.shape, x.dtype))
+        if out is not None:
+            out.zero_()
+        y = speed21._fast_block21(block, x, *rest)
+        if out is None:
+            out = buffers[(x.shape, x.dtype)] = torch.empty_like(y)
+        return out.copy_(y)
+
+    monkeypatch.setattr(
+        speed21,
+        "_compiled_block21",
+        lambda mode, backend: replay if mode == "reduce-overhead" else speed21._fast_block21,
+    )
+    ref = latents(pipe)
+    blocks = len(pipe.transformer.transformer_blocks)
+    for mode, expected in (("reduce-overhead", 3 * blocks), ("max-autotune-no-cudagraphs", 0)):
+        marks.clear()
+        speed21.enable_fast_path_21(pipe.transformer, compile=True, mode=mode)
+        try:
+            assert rel(latents(pipe), ref) < 1e-5
+        finally:
+            speed21.disable_fast_path_21(pipe.transformer)
+        assert len(marks) == expected  # 3 cached steps, one paired forward each
