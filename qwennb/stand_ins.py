@@ -914,10 +914,12 @@ def build_synthetic_edit_pipeline(
     pipeline_class: str = "QwenImageEditPlusPipeline",
     seed: int = 0,
     std: float = 0.02,
+    transformer: nn.Module | None = None,
 ) -> Any:
     """Qwen-Image-Edit's real architecture (2511's configs by default) with random weights, built on the device.
 
-    As :func:`build_synthetic_pipeline` (nothing passes through host RAM unless ``device`` says so), wrapped in
+    As :func:`build_synthetic_pipeline` (nothing passes through host RAM unless ``device`` says so; ``transformer``:
+    one built already, e.g. in its stored form by ``qwennb.loading.build_synthetic_transformer``), wrapped in
     the edit pipeline with :func:`build_edit_processor` at Qwen2.5-VL's real image sizes.
 
     Example:
@@ -925,7 +927,9 @@ def build_synthetic_edit_pipeline(
         >>> type(pipe).__name__  # doctest: +SKIP
         'QwenImageEditPlusPipeline'
     """
-    base = build_synthetic_pipeline(device=device, dtype=dtype, config_dir=config_dir, seed=seed, std=std)
+    base = build_synthetic_pipeline(
+        device=device, dtype=dtype, config_dir=config_dir, seed=seed, std=std, transformer=transformer
+    )
     align_vision_token_ids(base.text_encoder, base.tokenizer)
     processor = build_edit_processor(base.tokenizer)
     return _assemble_edit(

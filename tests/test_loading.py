@@ -88,3 +88,41 @@ def test_a_saved_small_pipeline_is_planned_from_its_folder_and_runs_on_the_cpu(t
     assert report.plan.source == str(tmp_path.resolve())
     result = session.generate("a red fox", steps=2, width=64, height=64, seed=1)
     assert len(result.step_times_s) == 2 and result.images[0].size == (64, 64)
+
+
+def test_synthetic_stand_ins_build_their_transformer_in_the_stored_form(monkeypatch):
+    """A capped plan for a synthetic stand-in draws its transformer block by block into the stored form (as real
+    weights load), from the stand-in's own configs, and hands it to the pipeline: for the edit stand-in too (drawn
+    whole in bf16 first, a 24 GB edit plan held 54.6 GB of host RAM on an H200)."""
+    from qwennb import loading, pipeline, stand_ins
+    from qwennb.plan import describe_machine, make_plan
+
+    built = []
+
+    def fake_transformer(config_dir, **kw):  # the real one draws 20 B parameters; here: what it was asked
+        built.append((config_dir, kw))
+        return f"stored transformer of {config_dir}"
+
+    received = {}
+
+    def pipeline_of(name):
+        def build(**kw):
+            received[name] = kw
+            return name
+
+        return build
+
+    monkeypatch.setattr(loading, "build_synthetic_transformer", fake_transformer)
+    monkeypatch.setattr(stand_ins, "build_synthetic_edit_pipeline", pipeline_of("edit"))
+    monkeypatch.setattr(stand_ins, "build_synthetic_pipeline", pipeline_of("generate"))
+    machine = describe_machine(gpu_memory_gb=24, compute_capability="9.0", host_ram_gb=64)
+    for model, config, kind in (
+        ("qwen-image-edit-synthetic", "qwen-image-edit-2511", "edit"),
+        ("qwen-image-synthetic", "qwen-image", "generate"),
+    ):
+        plan = make_plan(machine, model)
+        assert plan.fp8_matmul and pipeline._stored_form(plan), plan.arrangement
+        assert pipeline._build_stand_in(plan) == kind
+        assert built[-1][0] == config and built[-1][1]["fp8"] is True
+        assert received[kind]["transformer"] == f"stored transformer of {config}"
+        assert received[kind]["config_dir"] == config
