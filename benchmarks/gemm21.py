@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         args.tokens, args.width, args.mlp, args.repeats = 64, 32, 96, 3
     m, c, f = args.tokens, args.width, args.mlp
     shapes = {  # name: (k, n, how many a block runs)
-        "q|k|v": (c, c, 3),
+        "q, k, v": (c, c, 3),
         "qkv packed": (c, 3 * c, 1),
         "attention out": (c, c, 1),
-        "mlp proj|gate": (c, f, 2),
+        "mlp proj, gate": (c, f, 2),
         "mlp packed": (c, 2 * f, 1),
         "mlp out": (f, c, 1),
     }
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         flop = sum(2 * by[n]["m"] * by[n]["k"] * by[n]["n"] * by[n]["per_block"] for n in names)
         return ms, flop / (ms / 1e3) / 1e12
 
-    separate = block(["q|k|v", "attention out", "mlp proj|gate", "mlp out"])
+    separate = block(["q, k, v", "attention out", "mlp proj, gate", "mlp out"])
     packed = block(["qkv packed", "attention out", "mlp packed", "mlp out"])
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)"
     result = {

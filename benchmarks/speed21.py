@@ -102,6 +102,41 @@ def profile_steps(pipe: Any, args: Any, folder: Path) -> None:
     print(table[:6000], flush=True)
 
 
+def table(rec: dict[str, Any]) -> str:
+    """The markdown table of a ``speed21-<card>.json`` record (its ``runs``; earlier runs kept under ``rounds``
+    get a table each)."""
+
+    def rows_md(rows: list[dict[str, Any]]) -> list[str]:
+        out = [
+            "| config | s/step | s/image | speed-up vs stock | peak GiB | latent rel. err. vs stock |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            if r.get("s_per_step") is None:
+                out.append(f"| {r['config']} | failed: {str(r.get('error', ''))[:120]} | | | | |")
+                continue
+            out.append(
+                f"| {r['config']} | {r['s_per_step']:.4f} | {r['s_per_image']:.2f} | {r['speedup_vs_stock']:.3f}x | "
+                f"{r['peak_gpu_gb'] if r.get('peak_gpu_gb') is not None else '-'} | {r['latent_rel_err']:.3g} |"
+            )
+        return out
+
+    first = rec["runs"][0] if rec["runs"] else {}
+    lines = [
+        f"# Qwen-Image-2.1 speed on {rec['card']}",
+        "",
+        f"{first.get('width')}x{first.get('height')}, CFG {first.get('cfg')}, {first.get('steps')} steps; torch "
+        f"{rec.get('torch')}, diffusers {rec.get('diffusers')}; {rec.get('date')}. Plan: {rec.get('plan')}.",
+        "",
+        *rows_md(rec["runs"]),
+    ]
+    for name, earlier in rec.get("rounds", {}).items():
+        lines += ["", f"## {name} ({earlier.get('date')})", "", *rows_md(earlier["runs"])]
+    if rec.get("note"):
+        lines += ["", rec["note"]]
+    return "\n".join(lines) + "\n"
+
+
 def write_results(rows: list[dict[str, Any]], args: Any, card: str, plan: Any) -> None:
     """``speed21-<card>.json`` (and with ``--merge`` the 2.1 rows of ``speed-<card>.json``), after every row, so
     that a run cut short keeps what it measured."""
@@ -123,6 +158,7 @@ def write_results(rows: list[dict[str, Any]], args: Any, card: str, plan: Any) -
         "runs": rows,
     }
     (out / f"speed21-{slug}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    (out / f"speed21-{slug}.md").write_text(table(rec))
     if args.merge:
         target = out / f"speed-{slug}.json"
         merged = json.loads(target.read_text()) if target.exists() else {"card": card, "runs": []}

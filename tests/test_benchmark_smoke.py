@@ -52,6 +52,8 @@ def test_speed21_variants_are_rows_and_a_failing_one_says_why(tmp_path):
     rows = {r["config"]: r for r in record["runs"]}
     assert list(rows) == ["stock", "qwennb", "qwennb[cudnn]", "qwennb[static]", "qwennb[packed]"]
     assert rows["qwennb[packed]"]["latent_rel_err"] < 1e-5
+    md = (tmp_path / "speed21-cpu-smoke.md").read_text()
+    assert "| qwennb[packed] |" in md and "| qwennb[cudnn] | failed:" in md
     assert "error" in rows["qwennb[cudnn]"] and "s_per_step" not in rows["qwennb[cudnn]"]
     static = rows["qwennb[static]"]
     assert (
@@ -67,17 +69,17 @@ def test_gemm21_writes_separate_and_packed_block_times(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "gemm21-cpu-smoke.json").read_text())
     assert [r["gemm"] for r in record["rows"]] == [
-        "q|k|v",
+        "q, k, v",
         "qkv packed",
         "attention out",
-        "mlp proj|gate",
+        "mlp proj, gate",
         "mlp packed",
         "mlp out",
     ]
     by = {r["gemm"]: r for r in record["rows"]}
     assert (
-        by["qkv packed"]["n"] == 3 * by["q|k|v"]["n"]
-        and by["mlp packed"]["n"] == 2 * by["mlp proj|gate"]["n"]
+        by["qkv packed"]["n"] == 3 * by["q, k, v"]["n"]
+        and by["mlp packed"]["n"] == 2 * by["mlp proj, gate"]["n"]
     )
     assert record["block_ms_separate"] > 0 and record["block_ms_packed"] > 0
     assert (tmp_path / "gemm21-cpu-smoke.md").read_text().count("|") > 20
