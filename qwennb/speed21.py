@@ -24,10 +24,11 @@ embeddings themselves no longer matter; what differs between the passes is the s
   once for the pair, and its ``1 + scale`` and ``tanh(gate)`` once per forward instead of per block.
 - **Regional compile** of one block function shared by all blocks, with the image length and the prefix lengths
   marked dynamic (a new prompt length or image size does not recompile).
-- **Packed projections** (``pack=True``, off by default until measured faster): each block's query/key/value weights
-  and its SwiGLU's two input weights are moved into one tensor each, the modules' weights becoming views of it, so a
-  cached step runs one GEMM for Q, K and V and one for the MLP's two inputs (the same products, fewer and larger
-  GEMMs; no extra memory). A block whose weights are no longer packed (a LoRA layer wrapping them, fp8 weights,
+- **Packed projections** (``pack=True``; off by default: on an H200 1.290x stock against 1.287x without, within
+  the noise, as the GEMMs timed alone say, benchmarks/results/gemm21-nvidia-h200.md): each block's query/key/value
+  weights and its SwiGLU's two input weights are moved into one tensor each, the modules' weights becoming views of
+  it, so a cached step runs one GEMM for Q, K and V and one for the MLP's two inputs (the same products, fewer and
+  larger GEMMs; no extra memory). A block whose weights are no longer packed (a LoRA layer wrapping them, fp8 weights,
   weights replaced by a fused LoRA or an offload) runs its projections one by one, as before;
   ``disable_fast_path_21`` gives every weight its own storage again.
 
