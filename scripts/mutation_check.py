@@ -496,6 +496,48 @@ MUTATIONS: list[Mutation] = [
         "",
         ("tests/test_batch.py", "-k", "off_the_main_thread"),
     ),
+    Mutation(
+        "2.1's packed Q/K/V weight read without checking each weight's place in the pack",
+        "qwennb/speed21.py",
+        "            or w.storage_offset() != offset + rows * first.shape[1]\n",
+        "",
+        ("tests/test_speed21.py", "-k", "packing_leaves or no_longer_packed"),
+    ),
+    Mutation(
+        "2.1's packed MLP splits gate and up the wrong way round",
+        "qwennb/speed21.py",
+        "        up, gate = torch.nn.functional.linear(h, w_mlp).chunk(2, dim=-1)",
+        "        gate, up = torch.nn.functional.linear(h, w_mlp).chunk(2, dim=-1)",
+        ("tests/test_speed21.py", "-k", "packed_projections"),
+    ),
+    Mutation(
+        "2.1's disable leaves the weights sharing one storage",
+        "qwennb/speed21.py",
+        "            lin.weight.data = lin.weight.detach().clone()",
+        "            pass",
+        ("tests/test_speed21.py", "-k", "packed_projections"),
+    ),
+    Mutation(
+        "2.1 under CUDA graphs keeps the replay's output buffer",
+        "qwennb/speed21.py",
+        "        if graphs:\n            x = x.clone()",
+        "        if False:\n            x = x.clone()",
+        ("tests/test_speed21.py", "-k", "cuda_graph"),
+    ),
+    Mutation(
+        "the plan hides 2.1's group-offload copies under compute",
+        "qwennb/plan.py",
+        "        stream_s = max(0.0, copies - STREAM_OVERLAP_BY_CLASS.get(t.class_name, STREAM_OVERLAP) * compute)",
+        "        stream_s = max(0.0, copies - STREAM_OVERLAP * compute)",
+        ("tests/test_plan_calibration.py", "-k", "2_1"),
+    ),
+    Mutation(
+        "the synthetic edit stand-in draws its transformer whole, not in the stored form",
+        "qwennb/pipeline.py",
+        "            device=devices, dtype=dtype, config_dir=spec.config_dir, transformer=transformer\n        )\n    return",
+        "            device=devices, dtype=dtype, config_dir=spec.config_dir\n        )\n    return",
+        ("tests/test_loading.py", "-k", "stored_form"),
+    ),
 ]
 
 
