@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import statistics
 import sys
 import time
@@ -41,13 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from stock_steps import card_slug  # benchmarks/ is the script's folder
 
 INSTRUCTION = "Put the two objects on a wooden table and make the background a sunny kitchen"
 SEED = 1234
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def sync(device: str) -> None:

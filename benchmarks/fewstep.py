@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -48,16 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from stock_steps import timed_call  # benchmarks/ is the script's folder
+from stock_steps import (
+    card_slug,
+    timed_call,  # benchmarks/ is the script's folder
+)
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 SEED = 1234
 MODEL = "qwen-image-synthetic"
 DEVICE = "cuda"
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def sync() -> None:

@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+from stock_steps import card_slug  # benchmarks/ is the script's folder
 
 
 def time_linear(m: int, k: int, n: int, repeats: int, device: str) -> float:

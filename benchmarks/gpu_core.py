@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -21,10 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+from stock_steps import card_slug  # benchmarks/ is the script's folder
 
 
 def run_cli(*args: str) -> dict:

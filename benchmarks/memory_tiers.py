@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from stock_steps import card_slug as slug_of  # benchmarks/ is the script's folder
 
 
 def parse_variant(text: str) -> tuple[float, dict]:
@@ -193,10 +194,6 @@ def main() -> int:
     }
     write(Path(args.out), record)
     return 0
-
-
-def slug_of(card: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:

@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import queue
-import re
 import statistics
 import sys
 import time
@@ -53,16 +52,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from stock_steps import card_slug  # benchmarks/ is the script's folder
+
 from qwennb.parallel import SMALL_MODEL, WORKER_ENV, ParallelError, WorkerPool, choose_parallel
 
 os.environ.update(WORKER_ENV)
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 SEED = 1234
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def median_step(times: list[float]) -> float:

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from stock_steps import card_slug as slug  # benchmarks/ is the script's folder
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def measure(

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from stock_steps import card_slug as slug_of  # benchmarks/ is the script's folder
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 DEFAULT_MODEL = "qwen-image-synthetic"
@@ -168,10 +169,6 @@ def _plan_key(cap: float, host: float, size: int, smoke: bool, model: str = DEFA
     return json.dumps(
         [plan.arrangement, {k: (v.placement, v.resident_blocks, v.low_cpu_mem_usage) for k, v in c.items()}]
     )
-
-
-def slug_of(card: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
 
 
 def table(record: dict) -> str:

@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -48,15 +47,12 @@ from typing import Any
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="qwennb-inductor-"))
 
 import torch  # noqa: E402
+from stock_steps import card_slug  # benchmarks/ is the script's folder
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 PROMPT2 = "an old lighthouse on a cliff at dusk, waves crashing below, seagulls, oil painting, warm light"
 SEED = 1234
 LOSSLESS_FACTOR = 3.0  # within this many times the rounding floor counts as rounding-level drift
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 DEVICE = "cuda"  # --smoke runs the whole flow on the tiny model on the CPU

@@ -37,7 +37,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import statistics
 import sys
 import time
@@ -45,7 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from stock_steps import timed_call  # benchmarks/ is the script's folder
+from stock_steps import (
+    card_slug,
+    timed_call,  # benchmarks/ is the script's folder
+)
 
 PROMPT = "a red fox reading a newspaper in a cafe, watercolor"
 SEED = 1234
@@ -65,10 +67,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     "packed": ({"pack": True}, None),
     "packed-autotune": ({"pack": True, "mode": "max-autotune-no-cudagraphs"}, None),
 }
-
-
-def card_slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
 def profile_steps(pipe: Any, args: Any, folder: Path) -> None:

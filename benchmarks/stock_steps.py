@@ -1,7 +1,9 @@
-"""Time a stock diffusers pipeline call step by step (shared by the benchmark scripts)."""
+"""What the benchmark scripts share: a stock diffusers pipeline call timed step by step, and the card's name as
+it appears in results file names."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,3 +28,8 @@ def timed_call(pipe: Any, sync: Callable[[], None], **kwargs: Any) -> tuple[list
     pipe(**kwargs, callback_on_step_end=cb)
     sync()
     return times, time.perf_counter() - t0
+
+
+def card_slug(name: str) -> str:
+    """A card's name as results files carry it: ``"NVIDIA H200"`` -> ``"nvidia-h200"``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
