@@ -302,10 +302,10 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     mmdit = type(pipe.transformer).__name__ in MMDIT_CLASSES
     fp8_mm = bool(getattr(plan, "fp8_matmul", False)) and t.storage_dtype == "float8_e4m3fn" and mmdit
     fast = bool(plan.compile and getattr(plan, "fast_path", False)) and mmdit
-    # Exact against stock on the CPU; on an H200 (2026-12-01, benchmarks/results/speed21-nvidia-h200.json) it
-    # compiled and ran 0.221 s/step against stock's 0.284 and stock + regional compile's 0.231, its final latents
-    # as far from stock's as compile alone puts them (12.8% against 12.9%: random weights amplify rounding over 20
-    # steps). On by default since; QWENNB_TUNED_21=0 turns it off.
+    # Exact against stock on the CPU; on an H200 (2026-12-01, benchmarks/results/speed21-nvidia-h200.json, four
+    # runs) 1.285-1.292x stock's s/step (stock + regional compile: 1.22-1.23x), its final latents as far from
+    # stock's as compile alone puts them (12.7% against 12.9%: random weights amplify rounding over 20 steps).
+    # On by default; QWENNB_TUNED_21=0 turns it off.
     fast21 = (
         os.environ.get("QWENNB_TUNED_21", "1") != "0"
         and bool(plan.compile and getattr(plan, "fast_path", False))

@@ -97,10 +97,11 @@ TILED_DECODE_SLOWDOWN = 5.5
 # checkpoint is read at READ_GBPS (an NVMe drive; a warm page cache is faster).
 READ_GBPS = 2.0
 
-# Qwen-Image-2.1 on an H200, 1024x1024, CFG 4 (benchmarks/results/speed21-nvidia-h200.json): qwennb's 2.1 path
-# against stock diffusers, for the plan's reason (its speed is costed like Qwen-Image's, from the FLOPs).
-SPEED21_S_PER_STEP = 0.221
-SPEED21_STOCK_S_PER_STEP = 0.284
+# Qwen-Image-2.1 on an H200, 1024x1024, CFG 4 (benchmarks/results/speed21-nvidia-h200.json, rounds 10-13): qwennb's
+# 2.1 path against stock diffusers in the same runs, medians of the four (qwennb 0.221-0.230, stock 0.284-0.296), for
+# the plan's reason (its speed is costed like Qwen-Image's, from the FLOPs).
+SPEED21_S_PER_STEP = 0.225
+SPEED21_STOCK_S_PER_STEP = 0.290
 
 # ---- memory ---------------------------------------------------------------------------------------------------
 # GPU memory that is not the weights: CUDA context and allocator slack kept free (GiB + share).
@@ -1542,7 +1543,8 @@ def _plan_on_gpu(
             + ": qwennb's Qwen-Image-2.1 path (qwennb.speed21: CFG's two passes as one forward in the KV-cached "
             "steps, RoPE in real arithmetic, one compiled block function; the prefill step runs stock, regionally "
             f"compiled); same math as stock; {SPEED21_S_PER_STEP} s/step against {SPEED21_STOCK_S_PER_STEP} for "
-            "stock diffusers on an H200 at 1024x1024 with CFG; the first image of a session costs more (one compile)."
+            "stock diffusers on an H200 at 1024x1024 with CFG (medians of four runs); the first image of a session "
+            "costs more (one compile)."
         )
     elif fast:
         reasons.append(

@@ -304,3 +304,14 @@ def test_2_1_group_offload_hides_no_copies(monkeypatch):
             assert abs(now[key] / r["measured_s_per_step"] - 1) <= 0.15
         if "bf16" in r["arrangement"] and r.get("chosen_now", True):
             assert hidden[key] / r["measured_s_per_step"] - 1 < -0.25
+
+
+def test_2_1_speed_constants_are_the_medians_of_the_recorded_runs():
+    """The plan's reason quotes 2.1's tuned and stock s/step: the medians of every same-run record on the H200."""
+    rec = json.loads((RESULTS / "speed21-nvidia-h200.json").read_text())
+    runs = [rec["runs"], *(r["runs"] for r in rec.get("rounds", {}).values())]
+    tuned = [next(r["s_per_step"] for r in rows if r["config"] == "qwennb") for rows in runs]
+    stock = [next(r["s_per_step"] for r in rows if r["config"] == "stock") for rows in runs]
+    assert len(runs) >= 4
+    assert close(P.SPEED21_S_PER_STEP, statistics.median(tuned), 0.01)
+    assert close(P.SPEED21_STOCK_S_PER_STEP, statistics.median(stock), 0.01)
