@@ -170,8 +170,11 @@ def _plain_linears(linears: tuple[Any, ...]) -> bool:
 
 def _packed(linears: tuple[Any, ...]) -> torch.Tensor | None:
     """The linears' weights as one ``[sum(out), in]`` tensor without a copy, when they are plain, bias-free
-    ``nn.Linear`` weights lying one after another in one storage (as :func:`_pack` left them); else None."""
+    ``nn.Linear`` weights lying one after another in one storage (as :func:`_pack` left them); else None, also
+    when autograd would need the weights' own gradients (the packed view is detached)."""
     if not _plain_linears(linears):
+        return None
+    if torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears):
         return None
     first = linears[0].weight
     storage = first.untyped_storage().data_ptr()

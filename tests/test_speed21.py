@@ -211,8 +211,14 @@ def test_packing_leaves_unpackable_weights_alone():
     c = torch.nn.Linear(4, 4, bias=True)
     assert not speed21._pack((a, c))
     d = torch.nn.Linear(4, 6, bias=False)
-    assert speed21._pack((a, d)) and speed21._packed((a, d)).shape == (10, 4)
-    assert speed21._packed((d, a)) is None  # the order the pack was made in
+    assert speed21._pack((a, d))
+    with torch.no_grad():
+        assert speed21._packed((a, d)).shape == (10, 4)
+        assert speed21._packed((d, a)) is None  # the order the pack was made in
+    # training: the weights' gradients must reach them, so the (detached) packed view is not used
+    assert speed21._packed((a, d)) is None
+    a.weight.requires_grad_(False), d.weight.requires_grad_(False)
+    assert speed21._packed((a, d)) is not None
 
 
 def test_cuda_graph_modes_copy_each_block_output_out_of_the_graph(pipe, monkeypatch):
