@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=13 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=16 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -292,6 +292,12 @@ first_13() {
 }
 lane_a13() { :; }
 lane_b13() { :; }
+
+# ROUND=16 (prepared for the next one-H200 session; about 900 s with PHASE1_S=880): the shipped toy edit model
+# (edit-run7, zero_cond_t) trained 9 minutes more, alone on the GPU (round 11: its loss still falling when the
+# cosine schedule ended), evaluated on 120 held-out edits. Two H200s: ROUND=9 (#18) first.
+lane_a16() { lane_a12; }
+lane_b16() { :; }
 
 phases() {
   cd "$here" || exit 1
