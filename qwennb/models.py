@@ -232,8 +232,9 @@ REGISTRY: dict[str, ModelSpec] = {
             description="Embedded toy edit model (7 MB more, in the package): the toy model's VAE and text encoder "
             "with a transformer fine-tuned on edits of the toy world (recolour, reshape, move, resize, change the "
             "background; training/toy/train_edit.py, 78 CPU and 25.5 H200 minutes), in QwenImageEditPlusPipeline. "
-            "An early model: it moves the shape and changes the background as asked most of the time, but redraws "
-            "the shape as a rounded blob, often in another colour. Not Qwen-Image-Edit.",
+            "An early model, best without CFG (its default, CFG 1): on held-out instructions the asked-for change "
+            "shows in 85% of edits and the rest of the picture is kept in 64% (moves and resizes often redraw the "
+            "shape). Not Qwen-Image-Edit.",
         ),
         ModelSpec(
             "qwen-image-edit-synthetic",

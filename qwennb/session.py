@@ -98,8 +98,7 @@ class Session:
         if name == "toy-edit" and notice is None:
             notice = (
                 "the embedded toy edit model is loaded: an early model of the toy world of flat shapes, not photos "
-                "(it moves the shape and changes the background as asked most of the time; the shape comes out as a "
-                "rounded blob)."
+                "(the asked-for change shows in most edits; a moved or resized shape is often redrawn as another)."
             )
         if name == "tiny-edit" and notice is None:
             notice = (

@@ -3,10 +3,9 @@
 ``toy-edit`` is QwenImageEditPlusPipeline over the toy model's VAE and text encoder with a transformer fine-tuned
 on the toy world's edits (``training/toy/train_edit.py``). Each result is read back with ``toy.read_image`` and
 judged by ``toy.score_edits``: the asked-for attribute changed, every other one as before. Thresholds come from
-measurements on the CPU (20 steps, CFG 4; the numbers are in the comments) with a margin. Not asserted, because the
-model (training/toy/EDIT.md: CPU runs, then two runs on an H200) does not do it reliably: keeping the shape and its
-colour while changing something else (it redraws the shape as a rounded blob, often in another colour), and the edit
-issue's 90% target.
+measurements on the CPU (20 steps, the model's default CFG 1; the numbers are in the comments) with a margin. Not
+asserted, because the model (training/toy/EDIT.md: CPU runs, then runs on an H200) does not do it reliably: keeping
+the shape and its colour while moving or resizing it, and the edit issue's 90% target.
 """
 
 from __future__ import annotations
@@ -42,12 +41,14 @@ def pipe():
     return load_edit_pipeline("toy-edit", describe_machine(host_ram_gb=8))
 
 
-def run(pipe, items, cfg=4.0):
+def run(pipe, items, cfg=None):
+    """Each item edited; ``cfg`` None: the model's default (CFG 1 for toy-edit)."""
     out = []
     for it in items:
         src = toy.render(it.source, it.width, it.height)
         r = edit(pipe, [src], it.instruction, seed=it.seed, steps=STEPS, cfg=cfg)
         assert r.images[0].size == (it.width, it.height) and r.model == "toy-edit"
+        assert r.cfg == (1.0 if cfg is None else cfg)
         out.append(r.images[0])
     return out
 
@@ -61,9 +62,9 @@ def train_words(pipe):
 def test_carries_out_edits_in_training_phrasings(train_words):
     items, images = train_words
     s = toy.score_edits(items, images)
-    # CPU, 20 items at 128x128 (4 of each kind, half English, half Chinese), measured (edit-run5): changed 0.75;
-    # position and background edits 4/4 each. The rest of the picture is not kept well (see the module docstring).
-    assert s["all"]["changed"] >= 0.6, s
+    # CPU, 20 items at 128x128 (4 of each kind, half English, half Chinese), measured (edit-run7, CFG 1): changed
+    # 1.00, kept 0.65; position and background edits 4/4 each (edit-run5 at CFG 4: changed 0.75).
+    assert s["all"]["changed"] >= 0.8, s
     assert s["position"]["changed"] >= 0.75 and s["background"]["changed"] >= 0.75, s
 
 
@@ -72,15 +73,36 @@ def test_keeps_place_and_background_it_was_not_asked_to_change(train_words):
     for attr in ("position", "background"):
         others = [(it, im) for it, im in zip(items, images, strict=True) if it.kind != attr]
         kept = sum(toy.read_image(im).attributes()[attr] == getattr(it.target, attr) for it, im in others)
-        # measured (edit-run5): 16/16 each
+        # measured (edit-run7, CFG 1): 16/16 each
         assert kept / len(others) >= 0.75, (attr, kept, len(others))
 
 
-def test_other_words_for_the_same_edits(pipe):
-    """Phrasings the model never saw in training (English and Chinese)."""
+@pytest.fixture(scope="module")
+def held_out(pipe):
     items = toy.edit_eval_set(20, seed=12, sizes=SIZE, split="heldout")
-    s = toy.score_edits(items, run(pipe, items))
-    assert s["all"]["changed"] >= 0.5, s  # measured 0.75 (edit-run5; edit-run2: 0.45)
+    return items, run(pipe, items)
+
+
+def test_other_words_for_the_same_edits(held_out):
+    """Phrasings the model never saw in training (English and Chinese)."""
+    s = toy.score_edits(*held_out)
+    # measured (edit-run7, its default CFG 1): changed 0.95, kept 0.70, right 0.65 (at CFG 4: 0.80 / 0.10 / 0.10)
+    assert s["all"]["changed"] >= 0.75 and s["all"]["kept"] >= 0.5, s
+
+
+def test_the_default_no_cfg_edits_better_than_cfg_4(pipe, held_out):
+    """The toy edit model's default is CFG 1: true CFG against the empty instruction (whose training target was the
+    unchanged source) pushes away from the source and loses what should be kept (120 held-out edits at 128x128:
+    kept 0.64 at CFG 1 against 0.14 at CFG 4, right 0.55 against 0.10)."""
+    plan = make_plan(describe_machine(host_ram_gb=8), "toy-edit")
+    assert plan.defaults["cfg"] == 1.0 and plan.defaults["steps"] == 20
+    items, images = held_out
+    default = toy.score_edits(items, images)["all"]
+    cfg4 = toy.score_edits(items, run(pipe, items, cfg=4.0))["all"]
+    # measured on these 20: kept 0.70 against 0.10, right 0.65 against 0.10, mae_rest 1.7 against 6.0
+    assert default["kept"] >= cfg4["kept"] + 0.2, (default, cfg4)
+    assert default["right"] >= cfg4["right"] + 0.15, (default, cfg4)
+    assert default["mae_rest"] < cfg4["mae_rest"], (default, cfg4)
 
 
 def test_the_instruction_not_the_seed_decides_where_the_shape_goes(pipe):
