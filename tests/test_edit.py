@@ -142,7 +142,7 @@ def test_cli_plan_of_an_edit_model_counts_three_references(capsys):
 def test_edit_one_image_keeps_its_size_and_feeds_its_tokens(edit_pipe):
     seen, handle = count_tokens(edit_pipe)
     try:
-        r = edit(edit_pipe, picture(96, 64), "make the square green", steps=3, seed=11)
+        r = edit(edit_pipe, picture(96, 64), "make the square green", steps=3, seed=11, cfg=4.0)
     finally:
         handle.remove()
     assert r.images[0].size == (96, 64) and (r.width, r.height) == (96, 64)
