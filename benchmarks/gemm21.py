@@ -8,7 +8,7 @@ A cached step of the 2.1 tuned path (``qwennb.speed21``) at 1024x1024 with CFG r
 image tokens (the CFG pair) of width 4096: Q, K and V (three 4096->4096 GEMMs, or one 4096->12288 when packed),
 the attention output (4096->4096), the SwiGLU's two inputs (two 4096->12288, or one 4096->24576 when packed) and
 its output (12288->4096). The script times each with CUDA events (``F.linear``, bf16, random weights; median of
-``--repeats`` after warm-up) and a large square GEMM as the card's practical ceiling, and writes
+``--repeats`` after warm-up) and an 8192^3 GEMM for comparison, and writes
 ``gemm21-<card>.json`` and ``.md``: the per-block GEMM time and TFLOP/s, separate and packed. It explains the
 ``packed`` rows of ``benchmarks/speed21.py``.
 """

@@ -580,8 +580,8 @@ def edit(
     ``images``: one image or a list (PIL, numpy, path or bytes). The output size defaults to the first image's,
     rounded to multiples of 16 (a notice says it). ``reference_area`` (pixels) is the size the references go to
     the VAE at: the model's 1 megapixel by default (the tiny stand-in uses its default size). ``cfg`` is
-    ``true_cfg_scale`` (the model's default: 4, the toy edit model's 1), with " " as negative prompt when none is given. Bad inputs raise
-    :class:`ImageInputError` before the pipeline runs. The saved PNG records each input's sha256.
+    ``true_cfg_scale`` (the model's default: 4, the toy edit model's 1), with " " as negative prompt when none is
+    given. Bad inputs raise :class:`ImageInputError` before the pipeline runs. The saved PNG records each input's sha256.
 
     Example:
         >>> from PIL import Image
@@ -693,7 +693,7 @@ def plan_edit(
         ('qwen-image-edit-2511', (1024, 4096))
     """
     from .models import get_model, load_config
-    from .plan import PRESET_DEFAULTS, _resolve, make_plan, replace
+    from .plan import PRESET_DEFAULTS, _defaults, _resolve, make_plan, replace
 
     spec = get_model(model)
     if spec.task != "image-edit":
@@ -724,13 +724,12 @@ def plan_edit(
             f"{spec.name}'s transformer keeps the references' timestep at zero (zero_cond_t): the tuned path "
             "modulates their tokens at t=0, computed once per image, and batches CFG as for text-to-image."
         )
-    defaults = dict(plan.defaults)
-    own = PRESET_DEFAULTS.get(spec.name)
-    if own:  # the edit model's own steps and CFG (toy-edit: CFG 1), unless the user set them
-        asked, _ = _resolve(overrides)
-        for key, attr in (("steps", "optimal_steps"), ("cfg", "optimal_cfg_scale")):
-            if getattr(asked, attr) is None:
-                defaults[key] = own[key]
+    # an edit model with defaults of its own (toy-edit: CFG 1) keeps them, the user's settings applied as make_plan does
+    defaults = (
+        _defaults(_resolve(overrides)[0], False, [], spec.name)
+        if spec.name in PRESET_DEFAULTS
+        else plan.defaults
+    )
     return replace(
         plan, model=spec.name, hub_id=spec.hub_id, reasons=reasons, warnings=warnings, defaults=defaults
     )

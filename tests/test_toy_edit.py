@@ -96,6 +96,12 @@ def test_the_default_no_cfg_edits_better_than_cfg_4(pipe, held_out):
     kept 0.64 at CFG 1 against 0.14 at CFG 4, right 0.55 against 0.10)."""
     plan = make_plan(describe_machine(host_ram_gb=8), "toy-edit")
     assert plan.defaults["cfg"] == 1.0 and plan.defaults["steps"] == 20
+    from qwennb.edit import plan_edit
+
+    hw = describe_machine(host_ram_gb=8)
+    assert plan_edit(hw, "toy-edit").defaults["cfg"] == 1.0
+    asked = plan_edit(hw, "toy-edit", {"optimal_cfg_scale": 3.0, "optimal_steps": 7}).defaults
+    assert (asked["cfg"], asked["steps"]) == (3.0, 7)  # what the user sets wins
     items, images = held_out
     default = toy.score_edits(items, images)["all"]
     cfg4 = toy.score_edits(items, run(pipe, items, cfg=4.0))["all"]
