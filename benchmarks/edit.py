@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--smoke", action="store_true", help="the whole flow on the tiny edit stand-in on the CPU"
     )
+    ap.add_argument(
+        "--fa4",
+        action="store_true",
+        help="also rows 'qwennb+fa4': the tuned path with FlashAttention-4 as SDPA's kernel (qwennb.attention)",
+    )
     args = ap.parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -287,6 +292,45 @@ def main(argv: list[str] | None = None) -> int:
             )
             (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
             (out / f"edit-{slug}.md").write_text(render(record, size, steps, args.cfg))
+        if args.fa4 and device == "cuda":
+            from qwennb.attention import disable_flash4, enable_flash4
+
+            torch._dynamo.reset()  # the compiled blocks trace again, with SDPA's choice now FA4
+            try:
+                enable_flash4()
+                for n in ref_counts:
+                    refs = references(n, size)
+                    run_qwennb(pipe, refs, size, steps, args.cfg, device)  # warm-up (compiles)
+                    q = run_qwennb(pipe, refs, size, steps, args.cfg, device)
+                    s = stock[n]
+                    s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
+                    q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])
+                    record["runs"].append(
+                        dict(
+                            config="qwennb+fa4",
+                            model=model,
+                            refs=n,
+                            width=size,
+                            height=size,
+                            cfg=args.cfg,
+                            steps=steps,
+                            s_per_step=round(q_med, 4),
+                            speedup_vs_stock=round(s_med / q_med, 3),
+                            latent_rel_err=round(rel_err(q["latents"], s["latents"]), 5),
+                            total_s=round(q["total_s"], 3),
+                            peak_gpu_gb=q["peak_gpu_gb"],
+                            tuned_forwards=q["tuned_forwards"],
+                            forwards=q["forwards"],
+                            plan=plan.arrangement,
+                        )
+                    )
+                    (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
+            except Exception as exc:  # a failed FA4 run is a row that says why, not a lost run
+                record["runs"].append(dict(config="qwennb+fa4", model=model, error=repr(exc)[:300]))
+                print(f"qwennb+fa4: {exc!r}"[:300], flush=True)
+            finally:
+                disable_flash4()
+                torch._dynamo.reset()
         del pipe
         gc.collect()
         if device == "cuda":

@@ -296,7 +296,13 @@ lane_b13() { :; }
 # ROUND=16 (prepared for the next one-H200 session; about 900 s with PHASE1_S=880): the shipped toy edit model
 # (edit-run7, zero_cond_t) trained 9 minutes more, alone on the GPU (round 11: its loss still falling when the
 # cosine schedule ended), evaluated on 120 held-out edits. Two H200s: ROUND=9 (#18) first.
-lane_a16() { lane_a12; }
+# It runs from a copy of the tree taken at start: later calls of the same session bring a new working tree, which
+# must not change the code under a job that is still running (the evaluation imports qwennb.edit at its end).
+lane_a16() {
+  rm -rf /tmp/tree16 && cp -r "$here" /tmp/tree16 && cd /tmp/tree16 || return
+  export PYTHONPATH=/tmp/site:/tmp/tree16
+  lane_a12
+}
 lane_b16() { :; }
 
 phases() {

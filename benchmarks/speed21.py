@@ -66,6 +66,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], str | None]] = {
     # GEMMs are 74% of a cached step at ~690 TFLOP/s: one GEMM for Q/K/V and one for the MLP's inputs
     "packed": ({"pack": True}, None),
     "packed-autotune": ({"pack": True, "mode": "max-autotune-no-cudagraphs"}, None),
+    # attention is 17% of a cached step at ~470 TFLOP/s (cuDNN): FlashAttention-4 as SDPA's flash kernel
+    "fa4": ({}, "fa4"),
+    "fa4-autotune": ({"mode": "max-autotune-no-cudagraphs"}, "fa4"),
 }
 
 
@@ -309,15 +312,21 @@ def main(argv: list[str] | None = None) -> int:
 
         kwargs, attention = VARIANTS[name]
         torch._dynamo.reset()
-        if attention:
-            pipe.transformer.set_attention_backend(attention)
+        from qwennb.attention import disable_flash4, enable_flash4
+
         try:
+            if attention == "fa4":
+                enable_flash4()
+            elif attention:
+                pipe.transformer.set_attention_backend(attention)
             enable_fast_path_21(pipe.transformer, compile=cuda, **kwargs)
             measure(f"qwennb[{name}]", qwennb)
         except Exception as exc:  # a variant that fails is a row that says why, not a lost run
             rows.append({"model": "qwen-image-2.1", "config": f"qwennb[{name}]", "error": repr(exc)[:300]})
             print(f"qwennb[{name}]: {exc!r}"[:300], flush=True)
-        if attention:
+        if attention == "fa4":
+            disable_flash4()
+        elif attention:
             pipe.transformer.set_attention_backend(plan.attention_backend)
         enable_fast_path_21(pipe.transformer, compile=cuda)  # back to the default for the next variant
     write_results(rows, args, card, plan)

@@ -425,8 +425,10 @@ def train(
     return step
 
 
-def evaluate(pipe, n: int, out: Path) -> dict:
-    """Held-out phrasings (and, for the gap, training phrasings on new scenes) through ``qwennb.edit``."""
+def evaluate(pipe, n: int, out: Path, cfg: float = 1.0) -> dict:
+    """Held-out phrasings (and, for the gap, training phrasings on new scenes) through ``qwennb.edit``, at
+    ``toy-edit``'s default CFG 1 unless told otherwise (CFG against the empty instruction undoes what an edit keeps:
+    EDIT.md, session 9)."""
     from qwennb.edit import edit
 
     pipe.set_progress_bar_config(disable=True)
@@ -444,7 +446,7 @@ def evaluate(pipe, n: int, out: Path) -> dict:
                 it.instruction,
                 seed=it.seed,
                 steps=20,
-                cfg=4.0,
+                cfg=cfg,
                 width=it.width,
                 height=it.height,
                 reference_area=it.width * it.height,
@@ -542,6 +544,9 @@ def main() -> None:
         help="modulate the reference image's tokens at t=0, as Qwen-Image-Edit-2511 (no new parameters)",
     )
     ap.add_argument("--eval-n", type=int, default=100)
+    ap.add_argument(
+        "--eval-cfg", type=float, default=1.0, help="CFG of the evaluation (toy-edit's default: 1)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument(
@@ -592,7 +597,7 @@ def main() -> None:
     timings["steps"] = steps
     pipe.transformer.save_pretrained(out / "transformer")
     t = time.time()
-    report = evaluate(pipe, args.eval_n, out)
+    report = evaluate(pipe, args.eval_n, out, args.eval_cfg)
     timings["eval"] = round(time.time() - t, 1)
     write_results(out, report, history, args, timings)
     log(f"wrote {out}")
