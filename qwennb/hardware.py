@@ -107,6 +107,9 @@ class Hardware:
     cuda_version: str | None = None
     torch_version: str | None = None
     notes: list[str] = field(default_factory=list)
+    # What this environment lacks for FlashAttention-4 (qwennb.attention.flash4_missing); None: nothing. A machine
+    # described rather than detected was not checked.
+    flash4_missing: str | None = "not checked (a described machine)"
 
     @property
     def best_gpu(self) -> GPU | None:
@@ -343,6 +346,11 @@ def detect() -> Hardware:
                 f"GPU {g.index} ({g.name}, compute {g.compute_capability}) has no bf16: "
                 "Qwen-Image gives NaN (black) images in fp16."
             )
+    flash4 = "no CUDA GPU"
+    if gpus:
+        from .attention import flash4_missing
+
+        flash4 = flash4_missing()
     total, avail = _read_meminfo()
     return Hardware(
         gpus=gpus,
@@ -355,4 +363,5 @@ def detect() -> Hardware:
         cuda_version=cuda,
         torch_version=torch_version,
         notes=notes,
+        flash4_missing=flash4,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,18 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     torch.backends.cuda.matmul.allow_tf32 = plan.tf32
     torch.backends.cudnn.allow_tf32 = plan.tf32
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
+    if getattr(
+        plan, "flash4", False
+    ):  # before anything is compiled: SDPA's kernel is fixed when a graph is traced
+        from .attention import enable_flash4
+
+        try:
+            enable_flash4()
+        except Exception as exc:  # noqa: BLE001 - the plan saw it installed; a broken install must not stop the load
+            warnings.warn(
+                f"FlashAttention-4 could not be turned on ({exc}); attention stays on SDPA's own kernel",
+                stacklevel=2,
+            )
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
     # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT (Qwen-Image-Edit-2511's zero_cond_t
@@ -583,6 +596,10 @@ def validate_optimization(pipe: Any) -> dict[str, Any]:
                 str(getattr(proc._attention_backend, "value", proc._attention_backend) or global_backend)
             )
     out["attention_backend"] = ",".join(sorted(backends)) or global_backend
+    from .attention import flash4_active
+
+    if flash4_active():
+        out["attention_backend"] += " (FlashAttention-4)"
     blocks = getattr(tr, "transformer_blocks", [])
     out["compiled_blocks"] = sum(1 for b in blocks if getattr(b, "_compiled_call_impl", None) is not None)
     from .speed import is_fast

@@ -102,6 +102,12 @@ READ_GBPS = 2.0
 # the plan's reason (its speed is costed like Qwen-Image's, from the FLOPs).
 SPEED21_S_PER_STEP = 0.225
 SPEED21_STOCK_S_PER_STEP = 0.290
+# FlashAttention-4 against cuDNN's attention on an H200 (benchmarks/results/attention-nvidia-h200.md and the
+# qwennb+fa4 rows of edit-nvidia-h200.md / speed21-nvidia-h200.md, session 10): for the plan's reason.
+FLASH4_GAIN = (
+    "on an H200 its kernel is 1.03-1.05x cuDNN's at 4,000-7,000 tokens and 1.16-1.22x at an edit's 8,500; an edit "
+    "step 1.37x -> 1.44x stock, a Qwen-Image-2.1 step 1.28x -> 1.31x"
+)
 
 # ---- memory ---------------------------------------------------------------------------------------------------
 # GPU memory that is not the weights: CUDA context and allocator slack kept free (GiB + share).
@@ -228,6 +234,9 @@ class OptimizationConfig:
     # Group offload: transformer blocks kept on the GPU (default: as many as fit; none when the whole model fits
     # and group offload was asked for anyway).
     resident_blocks: int | None = None
+    # FlashAttention-4 as SDPA's kernel (qwennb.attention): None = on where it can run (flash-attn-4 installed, a
+    # card of compute capability 9.x/10.x, SDPA's own choice of kernel), True = required, False = off.
+    flash4: bool | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OptimizationConfig:
@@ -303,6 +312,7 @@ class Plan:
     gpus: int = 1  # GPUs one request uses (gpus=N spreads it: see ``parallel``)
     parallel: dict[str, Any] | None = None  # qwennb.parallel.choose_parallel's choice for gpus=N
     source: str | None = None  # the model folder the sizes were read from, if any
+    flash4: bool = False  # FlashAttention-4 as SDPA's kernel (qwennb.attention.enable_flash4 at build)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -1087,6 +1097,66 @@ def make_plan(
         >>> plan.components["text_encoder"].placement != "gpu"
         True
     """
+    plan = _make_plan(hardware, model, overrides, width, height)
+    return _with_flash4(plan, hardware)
+
+
+def _with_flash4(plan: Plan, hardware: Hardware) -> Plan:
+    """Decide FlashAttention-4 for a CUDA plan (``flash4`` option: None = where it can run, True = required)."""
+    asked = plan.overrides.get("flash4")
+    gpu = hardware.best_gpu
+    if plan.device != "cuda" or gpu is None:
+        if asked:
+            raise PlanError("flash4: FlashAttention-4 runs on a CUDA GPU of compute capability 9.x or 10.x")
+        return plan
+    if plan.attention_backend not in ("native", "", None):
+        if asked:
+            raise PlanError(
+                f"flash4 and attention_backend={plan.attention_backend!r}: FA4 is SDPA's kernel ('native'); pick one"
+            )
+        return plan
+    from .attention import PACKAGE, capability_supported
+
+    major = gpu.capability[0]
+    if not capability_supported(major):
+        if asked:
+            raise PlanError(
+                f"flash4: FlashAttention-4 runs on compute capability 9.x and 10.x; {gpu.name} is "
+                f"{gpu.compute_capability}"
+            )
+        return plan
+    missing = hardware.flash4_missing
+    if asked is False:
+        plan.reasons.append("attention: FlashAttention-4 off (asked for); SDPA picks its kernel.")
+        return plan
+    described = missing == Hardware.__dataclass_fields__["flash4_missing"].default
+    if missing and not (asked and described):
+        if asked:
+            raise PlanError(f"flash4: {missing}")
+        plan.reasons.append(
+            f"attention: FlashAttention-4 would run on this card ({FLASH4_GAIN}) but is not used: {missing}."
+        )
+        return plan
+    plan.flash4 = True
+    if asked:
+        why = "(asked for; not checked on a described machine)" if described else "(asked for)"
+    else:
+        why = f"(default: {PACKAGE} is installed)"
+    plan.reasons.append(
+        f"attention: FlashAttention-4 {why}: "
+        f"PyTorch's FA4 as SDPA's flash kernel, cuDNN's turned off for the process; {FLASH4_GAIN}; it rounds as "
+        "cuDNN's kernel does; flash4=False turns it off."
+    )
+    return plan
+
+
+def _make_plan(
+    hardware: Hardware,
+    model: str,
+    overrides: OptimizationConfig | dict[str, Any] | None,
+    width: int | None,
+    height: int | None,
+) -> Plan:
     cfg, reasons = _resolve(overrides)
     sizes, tconf, spec = _model_facts(model)
     if spec.architecture != "MMDiT":

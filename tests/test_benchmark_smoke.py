@@ -46,11 +46,21 @@ def test_toy_adherence_runs_only_the_settings_asked_for(tmp_path):
 def test_speed21_variants_are_rows_and_a_failing_one_says_why(tmp_path):
     """speed21.py --variants: each variant is a row of its own on the same pipeline; one that cannot run (cuDNN
     attention named on a CPU) is a row with its error, and the run goes on to the next."""
-    proc = run("speed21.py", "--smoke", "--out", str(tmp_path), "--variants", "cudnn", "static", "packed")
+    proc = run(
+        "speed21.py", "--smoke", "--out", str(tmp_path), "--variants", "cudnn", "static", "fa4", "packed"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "speed21-cpu-smoke.json").read_text())
     rows = {r["config"]: r for r in record["runs"]}
-    assert list(rows) == ["stock", "qwennb", "qwennb[cudnn]", "qwennb[static]", "qwennb[packed]"]
+    assert list(rows) == [
+        "stock",
+        "qwennb",
+        "qwennb[cudnn]",
+        "qwennb[static]",
+        "qwennb[fa4]",
+        "qwennb[packed]",
+    ]
+    assert "FlashAttention-4 is not available: no CUDA GPU" in rows["qwennb[fa4]"]["error"]
     assert rows["qwennb[packed]"]["latent_rel_err"] < 1e-5
     md = (tmp_path / "speed21-cpu-smoke.md").read_text()
     assert "| qwennb[packed] |" in md and "| qwennb[cudnn] | failed:" in md
@@ -85,3 +95,17 @@ def test_gemm21_writes_separate_and_packed_block_times(tmp_path):
     assert (tmp_path / "gemm21-cpu-smoke.md").read_text().count("|") > 20
     bare = run("gemm21.py", "--out", str(tmp_path / "bare"))
     assert bare.returncode == 2 and "no GPU" in bare.stderr and not (tmp_path / "bare").exists()
+
+
+def test_attention_kernels_smoke_writes_rows_and_refuses_without_a_gpu(tmp_path):
+    """attention.py: a row per kernel and case with its time and error against float32; on a machine without a GPU
+    and without --smoke it refuses and writes nothing."""
+    proc = run("attention.py", "--smoke", "--out", str(tmp_path), "--repeats", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "attention-cpu-smoke.json").read_text())
+    (row,) = record["rows"]
+    assert row["kernel"] == "math" and row["ms"] > 0 and row["rel_err"] < 1e-5
+    assert "| smoke | math |" in (tmp_path / "attention-cpu-smoke.md").read_text()
+    bare = tmp_path / "bare"
+    proc = run("attention.py", "--out", str(bare))
+    assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and not bare.exists()

@@ -483,7 +483,8 @@ def write_results(out: Path, report: dict, history: list, args, timings: dict) -
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in timings.items() if k != "device"],
         "",
-        "## Evaluation (qwennb.edit, 20 steps, CFG 4; `right` = the asked-for change read off the image and every",
+        f"## Evaluation (qwennb.edit, 20 steps, CFG {args.eval_cfg:g}; `right` = the asked-for change read off the "
+        "image and every",
         "other attribute as before; `mae_rest` = mean RGB difference from the ideal edit where both are background)",
         "",
         "| phrasings | kind | n | changed | kept | right | mae | mae_rest |",
