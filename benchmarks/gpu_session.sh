@@ -305,6 +305,23 @@ lane_a16() {
 }
 lane_b16() { :; }
 
+# ROUND=17 (prepared for the next one-H200 session; about 600 s with PHASE0_S=580 PHASE1_S=0): FlashAttention-4
+# confirmed and widened. First `bash benchmarks/fa4_bundle.sh pack` here, then one short call per part, back to back
+# (carry [".whl", ".fa4/x0"] for the first, [".fa4/xK"] after): `mkdir -p /tmp/fa4parts && cp .fa4/xK /tmp/fa4parts/`
+# (the first also installs .whl as `start` does); then `ROUND=17 PHASE0_S=580 PHASE1_S=0 WAIT=560 ... start`.
+# Session 10 measured 2.1 1.311x stock with FA4 in one run (two repeats) and edits 1.44x: three repeats of 2.1 with
+# and without FA4, edits with one and three references, the kernels alone again.
+first_17() {
+  export CUDA_VISIBLE_DEVICES=0
+  bash benchmarks/fa4_bundle.sh unpack > $W/fa4_unpack.log 2>&1 || return
+  export PYTHONPATH=/tmp/site:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$here
+  job 60 attention python3 benchmarks/attention.py --out $R --repeats 20
+  job 300 speed21 python3 benchmarks/speed21.py --out $R/speed17 --repeats 3 --warmup 1 --variants fa4
+  job 240 edit python3 benchmarks/edit.py --out $R/edit17 --configs 2511 --refs 1,3 --steps 10 --fa4
+}
+lane_a17() { :; }
+lane_b17() { :; }
+
 phases() {
   cd "$here" || exit 1
   export PYTHONPATH=/tmp/site:$here PYTHONUNBUFFERED=1
