@@ -619,7 +619,7 @@ def edit(
 TOY_EDIT_NOTICE = (
     "No Qwen-Image-Edit weights found: loaded the embedded toy edit model (toy-edit; an early model that edits the "
     "toy world of flat shapes only: the asked-for change shows in most edits, but a moved or resized shape is "
-    "often redrawn as another). Run `qwennb download --model "
+    "sometimes redrawn as another). Run `qwennb download --model "
     "qwen-image-edit-2511` or pass --model."
 )
 EDIT_PREFERENCE = ("qwen-image-edit-2511", "qwen-image-edit-2509", "qwen-image-edit")

@@ -98,7 +98,7 @@ class Session:
         if name == "toy-edit" and notice is None:
             notice = (
                 "the embedded toy edit model is loaded: an early model of the toy world of flat shapes, not photos "
-                "(the asked-for change shows in most edits; a moved or resized shape is often redrawn as another)."
+                "(the asked-for change shows in most edits; a moved or resized shape is sometimes redrawn as another)."
             )
         if name == "tiny-edit" and notice is None:
             notice = (
