@@ -538,6 +538,42 @@ MUTATIONS: list[Mutation] = [
         "            device=devices, dtype=dtype, config_dir=spec.config_dir\n        )\n    return",
         ("tests/test_loading.py", "-k", "stored_form"),
     ),
+    # ---------------------------------------------------------------- FlashAttention-4 (session 10)
+    Mutation(
+        "FA4 leaves SDPA's cuDNN backend on (SDPA keeps choosing cuDNN)",
+        "qwennb/attention.py",
+        "    torch.backends.cuda.enable_cudnn_sdp(False)\n",
+        "    pass\n",
+        ("tests/test_attention.py", "-k", "enable_turns or keeps_cudnn"),
+    ),
+    Mutation(
+        "FA4 does not tag the compile caches' key (cuDNN graphs come back from the cache)",
+        "qwennb/attention.py",
+        '    _state["cache_key_tag"] = _tag_cache_key(True)',
+        '    _state["cache_key_tag"] = ""',
+        ("tests/test_attention.py", "-k", "tag"),
+    ),
+    Mutation(
+        "the FA4 adapter hands PyTorch flash-attn-4's whole result",
+        "qwennb/_fa4_compat.py",
+        "    return res[0], res[1]",
+        "    return res",
+        ("tests/test_attention.py", "-k", "adapter"),
+    ),
+    Mutation(
+        "the plan turns FA4 on where flash-attn-4 is missing",
+        "qwennb/plan.py",
+        "    if missing and not (asked and described):",
+        "    if False:",
+        ("tests/test_attention.py", "-k", "cannot_run"),
+    ),
+    Mutation(
+        "FA4 taken for any card from Hopper on (12.x included)",
+        "qwennb/attention.py",
+        "    return major in (9, 10)",
+        "    return major >= 9",
+        ("tests/test_attention.py", "-k", "capability or cannot_run"),
+    ),
 ]
 
 
