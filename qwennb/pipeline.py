@@ -295,18 +295,7 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
     torch.backends.cuda.matmul.allow_tf32 = plan.tf32
     torch.backends.cudnn.allow_tf32 = plan.tf32
     torch.backends.cudnn.benchmark = plan.cudnn_benchmark
-    if getattr(
-        plan, "flash4", False
-    ):  # before anything is compiled: SDPA's kernel is fixed when a graph is traced
-        from .attention import enable_flash4
-
-        try:
-            enable_flash4()
-        except Exception as exc:  # noqa: BLE001 - the plan saw it installed; a broken install must not stop the load
-            warnings.warn(
-                f"FlashAttention-4 could not be turned on ({exc}); attention stays on SDPA's own kernel",
-                stacklevel=2,
-            )
+    apply_attention_plan(plan)  # before anything is compiled: SDPA's kernel is fixed when a graph is traced
 
     t, te = plan.components["transformer"], plan.components["text_encoder"]
     # The tuned path and its fp8 layers are written for Qwen-Image's MMDiT (Qwen-Image-Edit-2511's zero_cond_t
@@ -487,6 +476,32 @@ def group_offload_with_resident_blocks(
             lazy._layer_execution_tracker_module_names.discard(f"transformer_blocks.{i}")
         blocks[i].to(device)
     return keep
+
+
+def apply_attention_plan(plan: Plan) -> bool:
+    """Turn FlashAttention-4 on when the plan chose it (``plan.flash4``); returns whether it is on.
+
+    A failure (the plan saw flash-attn-4 installed, but it does not load) is a warning, not a failed load: attention
+    then stays on SDPA's own kernel.
+
+    Example:
+        >>> from qwennb.plan import describe_machine, make_plan
+        >>> apply_attention_plan(make_plan(describe_machine(host_ram_gb=8), "tiny"))
+        False
+    """
+    if not getattr(plan, "flash4", False):
+        return False
+    from .attention import enable_flash4
+
+    try:
+        enable_flash4()
+    except Exception as exc:  # noqa: BLE001 - a broken install of an optional kernel must not stop the load
+        warnings.warn(
+            f"FlashAttention-4 could not be turned on ({exc}); attention stays on SDPA's own kernel",
+            stacklevel=2,
+        )
+        return False
+    return True
 
 
 def build(plan: Plan, path: str | None = None, loras: list[tuple[str, float]] | None = None) -> Any:

@@ -196,3 +196,22 @@ def test_asking_for_fa4_where_it_cannot_run_is_one_clear_error():
     # planning for a described machine: what is installed there is not known, so asking is taken at its word
     plan = make_plan(H200, "qwen-image", {"flash4": True})
     assert plan.flash4 and "not checked" in _fa4_reason(plan)[0]
+
+
+def test_the_load_turns_fa4_on_when_planned_and_only_warns_when_it_cannot(fake_fa4, monkeypatch):
+    from qwennb.pipeline import apply_attention_plan
+
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    plan = make_plan(dataclasses.replace(H200, flash4_missing=None), "qwen-image")
+    assert apply_attention_plan(plan) and attention.flash4_active() and fake_fa4 == ["activate"]
+    attention.disable_flash4()
+
+    def broken() -> None:
+        raise ImportError("libcute_dsl_runtime.so: cannot open shared object file")
+
+    monkeypatch.setattr(attention, "_activate", broken)
+    with pytest.warns(UserWarning, match=r"could not be turned on \(libcute.*stays on SDPA's own kernel"):
+        assert not apply_attention_plan(plan)
+    assert not attention.flash4_active() and torch.backends.cuda.cudnn_sdp_enabled()  # nothing half-done
+    off = make_plan(dataclasses.replace(H200, flash4_missing=None), "qwen-image", {"flash4": False})
+    assert not apply_attention_plan(off)
