@@ -158,6 +158,26 @@ def run_qwennb(pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, de
     }
 
 
+def tuned_row(
+    config: str, q: dict[str, Any], s: dict[str, Any], base: dict[str, Any], plan: str
+) -> dict[str, Any]:
+    """A results row of a qwennb run ``q`` against the stock run ``s`` of the same references."""
+    s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
+    q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])
+    return dict(
+        config=config,
+        **base,
+        s_per_step=round(q_med, 4),
+        speedup_vs_stock=round(s_med / q_med, 3),
+        latent_rel_err=round(rel_err(q["latents"], s["latents"]), 5),
+        total_s=round(q["total_s"], 3),
+        peak_gpu_gb=q["peak_gpu_gb"],
+        tuned_forwards=q["tuned_forwards"],
+        forwards=q["forwards"],
+        plan=plan,
+    )
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
@@ -174,6 +194,11 @@ def render(record: dict[str, Any], size: int, steps: int, cfg: float) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in record["runs"]:
+        if "error" in r:
+            lines.append(
+                f"| {r['model']} | {r.get('refs', '-')} | {r['config']} | failed: {r['error'][:100]} | | | | |"
+            )
+            continue
         peak = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
         lines.append(
             f"| {r['model']} | {r['refs']} | {r['config']} | {r['s_per_step']:.4f} | {r['speedup_vs_stock']:.2f}x | "
@@ -262,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             s = stock[n]
             s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
-            q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])
             base = dict(model=model, refs=n, width=size, height=size, cfg=args.cfg, steps=steps)
             record["runs"].append(
                 dict(
@@ -276,20 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                     tuned_forwards=0,
                 )
             )
-            record["runs"].append(
-                dict(
-                    config="qwennb",
-                    **base,
-                    s_per_step=round(q_med, 4),
-                    speedup_vs_stock=round(s_med / q_med, 3),
-                    latent_rel_err=round(rel_err(q["latents"], s["latents"]), 5),
-                    total_s=round(q["total_s"], 3),
-                    peak_gpu_gb=q["peak_gpu_gb"],
-                    tuned_forwards=q["tuned_forwards"],
-                    forwards=q["forwards"],
-                    plan=plan.arrangement,
-                )
-            )
+            record["runs"].append(tuned_row("qwennb", q, s, base, plan.arrangement))
             (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
             (out / f"edit-{slug}.md").write_text(render(record, size, steps, args.cfg))
         if args.fa4 and device == "cuda":
@@ -302,28 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                     refs = references(n, size)
                     run_qwennb(pipe, refs, size, steps, args.cfg, device)  # warm-up (compiles)
                     q = run_qwennb(pipe, refs, size, steps, args.cfg, device)
-                    s = stock[n]
-                    s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
-                    q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])
-                    record["runs"].append(
-                        dict(
-                            config="qwennb+fa4",
-                            model=model,
-                            refs=n,
-                            width=size,
-                            height=size,
-                            cfg=args.cfg,
-                            steps=steps,
-                            s_per_step=round(q_med, 4),
-                            speedup_vs_stock=round(s_med / q_med, 3),
-                            latent_rel_err=round(rel_err(q["latents"], s["latents"]), 5),
-                            total_s=round(q["total_s"], 3),
-                            peak_gpu_gb=q["peak_gpu_gb"],
-                            tuned_forwards=q["tuned_forwards"],
-                            forwards=q["forwards"],
-                            plan=plan.arrangement,
-                        )
-                    )
+                    base = dict(model=model, refs=n, width=size, height=size, cfg=args.cfg, steps=steps)
+                    record["runs"].append(tuned_row("qwennb+fa4", q, stock[n], base, plan.arrangement))
                     (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
             except Exception as exc:  # a failed FA4 run is a row that says why, not a lost run
                 record["runs"].append(dict(config="qwennb+fa4", model=model, error=repr(exc)[:300]))
