@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=16 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=18 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -321,6 +321,18 @@ first_17() {
 }
 lane_a17() { :; }
 lane_b17() { :; }
+
+# ROUND=18 (prepared; about 800 s with PHASE1_S=780): the shipped toy edit model (edit-run9) 8 minutes more alone,
+# with recolouring and reshaping drawn twice as often (session 10: the change shows in 71% and 58% of those, 92-100%
+# of the other kinds), from a copy of the tree as round 16.
+lane_a18() {
+  rm -rf /tmp/tree18 && cp -r "$here" /tmp/tree18 && cd /tmp/tree18 || return
+  export PYTHONPATH=/tmp/site:/tmp/tree18 CUDA_VISIBLE_DEVICES=0
+  job 770 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run0 --minutes ${TOY_EDIT_MINUTES:-8} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 120 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --kind-weights colour=2,shape=2
+}
+lane_b18() { :; }
 
 phases() {
   cd "$here" || exit 1

@@ -353,3 +353,40 @@ def test_results_give_the_command_that_reruns_the_training():
     args = argparse.Namespace(augment=0.0, layers=0, zero_cond_t=True, ship=False, init=None, eval_n=120)
     cmd = train.command_line("train_edit.py", args)
     assert cmd == "python training/toy/train_edit.py --augment 0.0 --layers 0 --zero-cond-t --eval-n 120", cmd
+
+
+def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatch):
+    """train_edit.py --kind-weights colour=3,shape=3 draws more of the kinds the model gets wrong most (recolour and
+    reshape: EDIT.md, session 10); --empty 0 leaves out the examples without an instruction. Unweighted, the
+    examples are the ones drawn before the option existed (same stream)."""
+    import random
+    import sys
+    from collections import Counter
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    from qwennb import toy
+
+    def kinds(examples) -> Counter:
+        return Counter(
+            next(k for k in toy.EDIT_KINDS if getattr(s, k) != getattr(t, k))
+            for s, t, text in examples
+            if text.strip() and s != t
+        )
+
+    monkeypatch.setattr(te, "AUGMENT", 0.0)
+    monkeypatch.setattr(te, "KIND_WEIGHTS", {})
+    even = kinds(te.make_examples(random.Random(5), 600))
+    assert 0.3 < (even["colour"] + even["shape"]) / sum(even.values()) < 0.5
+    monkeypatch.setattr(te, "KIND_WEIGHTS", te.parse_kind_weights("colour=3,shape=3"))
+    weighted = kinds(te.make_examples(random.Random(5), 600))
+    assert (weighted["colour"] + weighted["shape"]) / sum(weighted.values()) > 0.6
+    monkeypatch.setattr(te, "EMPTY", 0.0)
+    assert all(text.strip() for _, _, text in te.make_examples(random.Random(5), 200))
+    for bad in ("color=2", "shape=two", "shape=-1"):
+        with pytest.raises(SystemExit, match="--kind-weights"):
+            te.parse_kind_weights(bad)

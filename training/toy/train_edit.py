@@ -51,6 +51,8 @@ EMPTY = 0.1  # share of examples with no instruction (target = source)
 # Share of training instructions given one or two words that say nothing (train.py's augmentation, which took the
 # text-to-image toy's held-out position from 0.50 to 0.93): none of the held-out edit phrasings' words is used.
 AUGMENT = 0.3
+# Relative weights of the edit kinds in the examples (``--kind-weights``); empty: every kind equally.
+KIND_WEIGHTS: dict[str, float] = {}
 
 
 def _held_out_edit_words() -> tuple[set[str], set[str]]:
@@ -136,7 +138,8 @@ def condition_image(pipe, image):
 
 
 def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tuple]:
-    """``n`` (source, target, instruction) triples: every edit kind equally, English 60% / Chinese 40%."""
+    """``n`` (source, target, instruction) triples: every edit kind equally (or as :data:`KIND_WEIGHTS` says),
+    English 60% / Chinese 40%."""
     out = []
     # its own stream: the same scenes and edits with or without augmentation
     aug = random.Random(rng.random())
@@ -145,7 +148,10 @@ def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tupl
         if rng.random() < EMPTY:
             out.append((src, src, " "))
             continue
-        kind = rng.choice(toy.EDIT_KINDS)
+        if KIND_WEIGHTS:
+            kind = rng.choices(toy.EDIT_KINDS, [KIND_WEIGHTS.get(k, 1.0) for k in toy.EDIT_KINDS])[0]
+        else:
+            kind = rng.choice(toy.EDIT_KINDS)
         tgt = toy.edit_target(src, kind, rng)
         lang = "en" if rng.random() < 0.6 else "zh"
         text = toy.edit_instruction(src, tgt, rng, lang=lang, split=split)
@@ -502,8 +508,26 @@ def write_results(out: Path, report: dict, history: list, args, timings: dict) -
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
+def parse_kind_weights(text: str) -> dict[str, float]:
+    """``"colour=2,shape=2"`` -> ``{"colour": 2.0, "shape": 2.0}`` (kinds not named weigh 1)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, w = part.partition("=")
+        if kind not in toy.EDIT_KINDS:
+            raise SystemExit(
+                f"--kind-weights: unknown edit kind {kind!r}; the kinds: {', '.join(toy.EDIT_KINDS)}"
+            )
+        try:
+            out[kind] = float(w)
+        except ValueError:
+            raise SystemExit(f"--kind-weights: {part!r} is not KIND=WEIGHT") from None
+        if out[kind] < 0:
+            raise SystemExit(f"--kind-weights: {part!r}: a weight is 0 or more")
+    return out
+
+
 def main() -> None:
-    global AUGMENT
+    global AUGMENT, EMPTY, KIND_WEIGHTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -532,6 +556,14 @@ def main() -> None:
         type=float,
         default=AUGMENT,
         help="share of training instructions given empty words (0: off)",
+    )
+    ap.add_argument(
+        "--kind-weights",
+        default="",
+        help="relative weights of the edit kinds, e.g. colour=2,shape=2 (default: all equal)",
+    )
+    ap.add_argument(
+        "--empty", type=float, default=EMPTY, help="share of examples with no instruction (target = source)"
     )
     ap.add_argument(
         "--layers",
@@ -565,6 +597,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a one-minute run that checks the whole path")
     args = ap.parse_args()
     AUGMENT = args.augment
+    EMPTY = args.empty
+    KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     if args.smoke:
         args.minutes, args.pool, args.eval_n, args.batch = 0.3, 64, 10, 8
     RESOLUTIONS.update({128: 1 - args.share256, 256: args.share256})
