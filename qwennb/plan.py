@@ -1032,6 +1032,8 @@ def _resolve(overrides: OptimizationConfig | dict[str, Any] | None) -> tuple[Opt
         notes.append(f"mode {cfg.mode!r}: {text}.")
     if cfg.cache is not None and cfg.cache not in CACHE_MODES:
         raise PlanError(f"unknown cache {cfg.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
+    if cfg.flash4 is not None and not isinstance(cfg.flash4, bool):
+        raise PlanError(f"flash4 is True, False or None (where it can run), got {cfg.flash4!r}")
     if cfg.dtype and cfg.dtype not in ("bfloat16", "float32"):
         raise PlanError(
             f"dtype {cfg.dtype!r} is not supported: Qwen-Image needs bfloat16 or float32 (fp16 overflows)"

@@ -193,6 +193,8 @@ def test_asking_for_fa4_where_it_cannot_run_is_one_clear_error():
             "qwen-image",
             {"flash4": True, "attention_backend": "_native_cudnn"},
         )
+    with pytest.raises(PlanError, match=r"^flash4 is True, False or None .*got 'yes'$"):
+        make_plan(dataclasses.replace(H200, flash4_missing=None), "qwen-image", {"flash4": "yes"})
     # planning for a described machine: what is installed there is not known, so asking is taken at its word
     plan = make_plan(H200, "qwen-image", {"flash4": True})
     assert plan.flash4 and "not checked" in _fa4_reason(plan)[0]
