@@ -109,3 +109,22 @@ def test_attention_kernels_smoke_writes_rows_and_refuses_without_a_gpu(tmp_path)
     bare = tmp_path / "bare"
     proc = run("attention.py", "--out", str(bare))
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and not bare.exists()
+
+
+def test_edit_benchmark_smoke_rows_and_a_failed_row_renders(tmp_path):
+    """edit.py --smoke: stock and the tuned path on the tiny edit stand-in for one and three references (the tuned
+    path takes every forward and lands on stock's latents), and a row that failed (a FA4 run that could not start)
+    renders as a row that says why instead of breaking the table."""
+    proc = run("edit.py", "--smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "edit-cpu-smoke.json").read_text())
+    rows = [(r["config"], r["refs"]) for r in record["runs"]]
+    assert rows == [("stock", 1), ("qwennb", 1), ("stock", 3), ("qwennb", 3)]
+    for r in record["runs"][1::2]:
+        assert r["tuned_forwards"] == r["forwards"] > 0 and r["latent_rel_err"] < 1e-4
+    sys.path.insert(0, str(BENCH))
+    import edit as bench_edit
+
+    record["runs"].append({"config": "qwennb+fa4", "model": "m", "error": "RuntimeError('no CUDA GPU')"})
+    md = bench_edit.render(record, 64, 2, 4.0)
+    assert "| m | - | qwennb+fa4 | failed: RuntimeError('no CUDA GPU') |" in md
