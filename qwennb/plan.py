@@ -151,8 +151,9 @@ PRESET_DEFAULTS = {
     "tiny": {"steps": 8, "cfg": 4.0, "width": 256, "height": 256},
     "toy": {"steps": 20, "cfg": 4.0, "width": 256, "height": 256},
     # The toy edit model edits best without CFG: 120 held-out edits at 128x128, 20 steps (CPU), right 0.55 / kept
-    # 0.64 at CFG 1, 0.42 / 0.53 at 1.5, 0.28 / 0.43 at 2, 0.10 / 0.14 at 4 (training/toy/EDIT.md, session 9)
-    "toy-edit": {"steps": 20, "cfg": 1.0, "width": 256, "height": 256},
+    # 0.64 at CFG 1, 0.42 / 0.53 at 1.5, 0.28 / 0.43 at 2, 0.10 / 0.14 at 4 (training/toy/EDIT.md, session 9); and
+    # as well in 10 steps as in 20 or 40 (edit-run9, 180 held-out edits at 128x128 and 256x256: session 10)
+    "toy-edit": {"steps": 10, "cfg": 1.0, "width": 256, "height": 256},
     "gpu": {"steps": 20, "cfg": 4.0, "width": 1024, "height": 1024},
 }
 
