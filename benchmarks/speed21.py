@@ -299,21 +299,18 @@ def main(argv: list[str] | None = None) -> int:
     # the 2.1 tuned path is on by default; set here so that a stray QWENNB_TUNED_21=0 does not hide it
     os.environ["QWENNB_TUNED_21"] = "1"
     apply_plan(pipe, plan)
-    if args.smoke:  # on the CPU the plan compiles nothing: the tuned path uncompiled, to check its flow
-        from qwennb.speed21 import enable_fast_path_21
+    from qwennb.attention import disable_flash4, enable_flash4
+    from qwennb.speed21 import enable_fast_path_21
 
+    if args.smoke:  # on the CPU the plan compiles nothing: the tuned path uncompiled, to check its flow
         enable_fast_path_21(pipe.transformer, compile=False)
     pipe.qwennb = {"model": model, "plan": plan}
     measure("qwennb", qwennb)
     if args.profile and cuda:
         profile_steps(pipe, args, Path(args.profile))
     for name in args.variants:
-        from qwennb.speed21 import enable_fast_path_21
-
         kwargs, attention = VARIANTS[name]
         torch._dynamo.reset()
-        from qwennb.attention import disable_flash4, enable_flash4
-
         try:
             if attention == "fa4":
                 enable_flash4()

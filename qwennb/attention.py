@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 __all__ = [
@@ -34,9 +35,8 @@ __all__ = [
 ]
 
 PACKAGE = "flash-attn-4"
-COMPAT_IMPL = (
-    "FA4-qwennb"  # the registry entry enable_flash4 activates (PyTorch's FA4, through qwennb._fa4_compat)
-)
+# The registry entry enable_flash4 activates: PyTorch's FA4 registration, through qwennb._fa4_compat.
+COMPAT_IMPL = "FA4-qwennb"
 CACHE_TAG = "qwennb-fa4"  # added to torch.compile's cache key while FA4 is on
 _state: dict[str, Any] = {}
 
@@ -63,13 +63,20 @@ def flash4_missing() -> str | None:
         return f"PyTorch {version} has no registry of flash-attention implementations (2.10 and later have)"
     if "FA4" not in impls:
         return f"PyTorch {version} does not register FA4 (it has: {', '.join(impls) or 'none'})"
-    try:
-        found = importlib.util.find_spec("flash_attn.cute") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
+    if not _has_cute():
         return f"the {PACKAGE} package is not installed (pip install {PACKAGE})"
     return None
+
+
+def _has_cute() -> bool:
+    """Whether ``flash_attn.cute`` (flash-attn-4) is installed, found on disk without importing ``flash_attn``
+    (``find_spec`` of a submodule imports its package: FA2's CUDA extension where that is installed)."""
+    try:
+        spec = importlib.util.find_spec("flash_attn")
+    except (ImportError, ValueError):
+        return False
+    places = (spec.submodule_search_locations or []) if spec is not None else []
+    return any(os.path.isdir(os.path.join(p, "cute")) for p in places)
 
 
 def capability_supported(major: int) -> bool:

@@ -93,6 +93,9 @@ class GPU:
         return d
 
 
+FLASH4_NOT_CHECKED = "not checked (a described machine)"
+
+
 @dataclass
 class Hardware:
     """The machine: GPUs, host memory, CPU count, MPS, notebook front end and free-text notes."""
@@ -108,8 +111,8 @@ class Hardware:
     torch_version: str | None = None
     notes: list[str] = field(default_factory=list)
     # What this environment lacks for FlashAttention-4 (qwennb.attention.flash4_missing); None: nothing. A machine
-    # described rather than detected was not checked.
-    flash4_missing: str | None = "not checked (a described machine)"
+    # described rather than detected was not checked (FLASH4_NOT_CHECKED).
+    flash4_missing: str | None = FLASH4_NOT_CHECKED
 
     @property
     def best_gpu(self) -> GPU | None:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import PlanError
-from .hardware import GPU, TYPICAL_BF16_TFLOPS, Hardware
+from .hardware import FLASH4_NOT_CHECKED, GPU, TYPICAL_BF16_TFLOPS, Hardware
 from .models import (
     ComponentSize,
     ModelSpec,
@@ -1132,7 +1132,7 @@ def _with_flash4(plan: Plan, hardware: Hardware) -> Plan:
     if asked is False:
         plan.reasons.append("attention: FlashAttention-4 off (asked for); SDPA picks its kernel.")
         return plan
-    described = missing == Hardware.__dataclass_fields__["flash4_missing"].default
+    described = missing == FLASH4_NOT_CHECKED
     if missing and not (asked and described):
         if asked:
             raise PlanError(f"flash4: {missing}")

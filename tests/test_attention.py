@@ -53,6 +53,25 @@ def test_this_machine_says_what_is_missing_in_one_line():
         assert missing == "the flash-attn-4 package is not installed (pip install flash-attn-4)"
 
 
+def test_flash_attn_4_is_found_on_disk_without_importing_flash_attn(tmp_path, monkeypatch):
+    """detect() runs at %load_ext: finding flash-attn-4 must not import ``flash_attn`` (FA2's CUDA extension where
+    both are installed). Here its ``__init__`` raises if it is ever imported."""
+    from torch.nn.attention import list_flash_attention_impls
+
+    if "FA4" not in list_flash_attention_impls():
+        pytest.skip("this PyTorch does not register FA4")
+    pkg = tmp_path / "flash_attn"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('flash_attn was imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert (
+        attention.flash4_missing() == "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+    )
+    (pkg / "cute").mkdir()
+    assert attention.flash4_missing() is None
+    assert "flash_attn" not in sys.modules
+
+
 def test_capability():
     assert [attention.capability_supported(m) for m in (7, 8, 9, 10, 12)] == [False, False, True, True, False]
 

@@ -389,6 +389,13 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
     assert (weighted["colour"] + weighted["shape"]) / sum(weighted.values()) > 0.6
     monkeypatch.setattr(te, "EMPTY", 0.0)
     assert all(text.strip() for _, _, text in te.make_examples(random.Random(5), 200))
-    for bad in ("color=2", "shape=two", "shape=-1"):
+    for bad in ("color=2", "shape=two", "shape=-1", "colour=0,shape=0,position=0,size=0,background=0"):
         with pytest.raises(SystemExit, match="--kind-weights"):
             te.parse_kind_weights(bad)
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "training" / "toy" / "train_edit.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--empty", "1.5"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0 and "--empty 1.5: a share from 0" in proc.stderr

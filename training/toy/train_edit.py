@@ -523,6 +523,8 @@ def parse_kind_weights(text: str) -> dict[str, float]:
             raise SystemExit(f"--kind-weights: {part!r} is not KIND=WEIGHT") from None
         if out[kind] < 0:
             raise SystemExit(f"--kind-weights: {part!r}: a weight is 0 or more")
+    if not any(out.get(k, 1.0) for k in toy.EDIT_KINDS):
+        raise SystemExit("--kind-weights: every kind weighs 0; at least one must weigh more")
     return out
 
 
@@ -597,6 +599,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a one-minute run that checks the whole path")
     args = ap.parse_args()
     AUGMENT = args.augment
+    if not 0 <= args.empty < 1:
+        raise SystemExit(f"--empty {args.empty}: a share from 0 up to (not including) 1")
     EMPTY = args.empty
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     if args.smoke:
