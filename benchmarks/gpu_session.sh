@@ -305,17 +305,18 @@ lane_a16() {
 }
 lane_b16() { :; }
 
-# ROUND=17 (prepared for the next one-H200 session; about 600 s with PHASE0_S=580 PHASE1_S=0): FlashAttention-4
-# confirmed and widened. First `bash benchmarks/fa4_bundle.sh pack` here, then one short call per part, back to back
-# (carry [".whl", ".fa4/x0"] for the first, [".fa4/xK"] after): `mkdir -p /tmp/fa4parts && cp .fa4/xK /tmp/fa4parts/`
-# (the first also installs .whl as `start` does); then `ROUND=17 PHASE0_S=580 PHASE1_S=0 WAIT=560 ... start`.
+# ROUND=17 (prepared for the next one-H200 session; about 600 s with PHASE0_S=560 PHASE1_S=0): FlashAttention-4
+# confirmed and widened. First `bash benchmarks/fa4_bundle.sh pack` here, then short calls back to back: one with
+# carry [".whl"] that installs the wheels as `start` does, one per part with carry [".fa4/xK"] (a part beside .whl
+# and the tree passes the 64 MiB a call carries): `mkdir -p /tmp/fa4parts && cp .fa4/xK /tmp/fa4parts/`; the last
+# one then `ROUND=17 PHASE0_S=560 PHASE1_S=0 WAIT=540 bash benchmarks/gpu_session.sh start`.
 # Session 10 measured 2.1 1.311x stock with FA4 in one run (two repeats) and edits 1.44x: three repeats of 2.1 with
-# and without FA4, edits with one and three references, the kernels alone again.
+# and without FA4 (with torch.compile's caches on, as users have them: the cache-key tag is what keeps the cuDNN
+# graphs of the rows before from coming back), edits with one and three references.
 first_17() {
   export CUDA_VISIBLE_DEVICES=0
   bash benchmarks/fa4_bundle.sh unpack > $W/fa4_unpack.log 2>&1 || return
   export PYTHONPATH=/tmp/site:/tmp/fa4site:/tmp/fa4site/nvidia_cutlass_dsl/dsl_packages:$here
-  job 60 attention python3 benchmarks/attention.py --out $R --repeats 20
   job 300 speed21 python3 benchmarks/speed21.py --out $R/speed17 --repeats 3 --warmup 1 --variants fa4
   job 240 edit python3 benchmarks/edit.py --out $R/edit17 --configs 2511 --refs 1,3 --steps 10 --fa4
 }
@@ -384,6 +385,7 @@ case "${1:-}" in
   start)
     mkdir -p $R
     : > $W/session.log
+    rm -f $W/done
     if ls .whl/*.whl > /dev/null 2>&1; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     fi
