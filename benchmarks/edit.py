@@ -30,6 +30,7 @@ runs uncompiled (a CPU plan keeps stock diffusers) and must take every forward a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
 
         name = "qwen-image-edit-synthetic" if device == "cuda" else "tiny-edit"
         plan = plan_edit(detect(), name, references=max(ref_counts))
+        # the 'qwennb' row keeps cuDNN's attention; FlashAttention-4 (the plan's default where flash-attn-4 is
+        # installed) is a row of its own, so that one run shows both
+        plan = dataclasses.replace(plan, flash4=False)
         pipe.qwennb = {"model": name, "path": None, "plan": plan, "load_s": 0.0}
         apply_plan(pipe, plan)
         if (
