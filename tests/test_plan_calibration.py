@@ -310,6 +310,9 @@ def test_2_1_speed_constants_are_the_medians_of_the_recorded_runs():
     """The plan's reason quotes 2.1's tuned and stock s/step: the medians of every same-run record on the H200."""
     rec = json.loads((RESULTS / "speed21-nvidia-h200.json").read_text())
     runs = [rec["runs"], *(r["runs"] for r in rec.get("rounds", {}).values())]
+    # runs whose plain row had FlashAttention-4 (the plan's default with flash-attn-4 installed) are labelled so and
+    # left out: the plan's estimate is the cuDNN path's
+    runs = [rows for rows in runs if any(r["config"] == "qwennb" for r in rows)]
     tuned = [next(r["s_per_step"] for r in rows if r["config"] == "qwennb") for rows in runs]
     stock = [next(r["s_per_step"] for r in rows if r["config"] == "stock") for rows in runs]
     assert len(runs) >= 4
