@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=18 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=19 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -334,6 +334,20 @@ lane_a18() {
     --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --kind-weights colour=2,shape=2
 }
 lane_b18() { :; }
+
+# ROUND=19 (prepared; about 800 s with PHASE1_S=780): the shipped toy edit model (edit-run9) 8 minutes more alone,
+# on more sentence shapes (`--phrasings train+`: the new value before the object too). Session 11's per-item reading
+# of edit-run9's held-out misses (CPU, 10 steps): all 9 missed reshapes name the new shape first ("draw a box in
+# place of ...", "用X替换Y") or say "swap ... for"; all 7 missed recolours are Chinese phrasings with words training
+# never had (让 ... 变为, ... 的颜色改为). From a copy of the tree.
+lane_a19() {
+  rm -rf /tmp/tree19 && cp -r "$here" /tmp/tree19 && cd /tmp/tree19 || return
+  export PYTHONPATH=/tmp/site:/tmp/tree19 CUDA_VISIBLE_DEVICES=0
+  job 770 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run0 --minutes ${TOY_EDIT_MINUTES:-8} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 120 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+
+}
+lane_b19() { :; }
 
 phases() {
   cd "$here" || exit 1

@@ -872,6 +872,24 @@ _EN_EDIT = {
         "background": ["swap the backdrop for a {new} one", "give the picture a {new} backdrop"],
     },
 }
+# More training phrasings (split "train+", train_edit.py --phrasings train+): the same kinds in other shapes of
+# sentence, chiefly with the new value *before* the object ("use a star instead of the circle"), which the
+# "train" phrasings never have (the new value always comes last there) and some held-out phrasings do. None of
+# them is a held-out phrasing (tests/test_toy.py checks that no "train+" instruction fits a held-out template).
+_EN_EDIT_MORE = {
+    "colour": ["fill {obj} with {new}", "I want {obj} in {new}", "let {obj} be {new}"],
+    "shape": [
+        "use a {new} instead of {obj}",
+        "I want a {new} rather than {obj}",
+        "put a {new} where {obj} is",
+        "a {new} instead of {obj}, please",
+    ],
+}
+_ZH_EDIT_MORE = {
+    "colour": ["把{obj}的颜色换成{new}", "使{obj}变成{new}", "{obj}的颜色应该是{new}"],
+    "shape": ["拿{new}代替{obj}", "换一个{new}来代替{obj}", "以{new}取代{obj}"],
+}
+_EN_EDIT["train+"] = {k: v + _EN_EDIT_MORE.get(k, []) for k, v in _EN_EDIT["train"].items()}
 _EN_EDIT_POSITION = {
     "left": ["to the left", "left", "to the left side", "over to the left"],
     "right": ["to the right", "right", "to the right side", "over to the right"],
@@ -890,6 +908,7 @@ _EN_EDIT_SIZE = {
         "verb": {"large": ["blow up", "magnify"], "small": ["downsize", "make smaller"]},
     },
 }
+_EN_EDIT_SIZE["train+"] = _EN_EDIT_SIZE["train"]
 _ZH_EDIT = {
     "train": {
         "colour": ["把{obj}改成{new}", "把{obj}变成{new}", "将{obj}涂成{new}", "{obj}换成{new}"],
@@ -910,6 +929,8 @@ _ZH_EDIT_SIZE = {
     "train": {"large": ["变大", "放大"], "small": ["变小", "缩小"]},
     "heldout": {"large": ["调大"], "small": ["调小"]},
 }
+_ZH_EDIT["train+"] = {k: v + _ZH_EDIT_MORE.get(k, []) for k, v in _ZH_EDIT["train"].items()}
+_ZH_EDIT_SIZE["train+"] = _ZH_EDIT_SIZE["train"]
 
 
 def edit_target(scene: Scene, kind: str, rng: random.Random, value: str | None = None) -> Scene:
@@ -961,13 +982,16 @@ def edit_instruction(
     source: Scene, target: Scene, rng: random.Random, lang: str = "en", split: str = "train"
 ) -> str:
     """An instruction that turns ``source`` into ``target`` (which differ in one attribute), in English or
-    Chinese; ``split="heldout"`` uses phrasings that training never sees.
+    Chinese; ``split="heldout"`` uses phrasings that training never sees, ``"train+"`` the training phrasings and
+    more sentence shapes (the new value before the object, too).
 
     Example:
         >>> s = Scene("circle", "red", "left", "large", "white")
         >>> edit_instruction(s, edit_target(s, "colour", random.Random(0), "blue"), random.Random(1))
         'Turn the disc blue'
     """
+    if split not in _EN_EDIT:
+        raise ValueError(f"unknown phrasing split {split!r}; the splits: {', '.join(_EN_EDIT)}")
     changed = [k for k in EDIT_KINDS if getattr(source, k) != getattr(target, k)]
     if len(changed) != 1:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,37 @@ def test_score_counts_right_and_wrong_attributes():
         wrong_colour.append(toy.render(toy.Scene(size="large", **{**i.expected, "colour": colour})))
     s = toy.score(items, wrong_colour)["all"]
     assert s["colour"] == 0.0 and s["shape"] == 1.0 and s["all_four"] == 0.0
+
+
+def _template(text: str) -> re.Pattern:
+    parts = re.split(r"(\{obj\}|\{new\})", text)
+    return re.compile(
+        "".join(".+" if p in ("{obj}", "{new}") else re.escape(p) for p in parts), re.IGNORECASE
+    )
+
+
+def test_more_training_phrasings_are_new_sentence_shapes_and_never_a_held_out_one():
+    """The "train+" edit phrasings (train_edit.py --phrasings train+) are the training ones and more sentence shapes,
+    the new value before the object too, and no instruction they make fits a held-out template."""
+    held = [
+        _template(t) for table in (toy._EN_EDIT, toy._ZH_EDIT) for ts in table["heldout"].values() for t in ts
+    ]
+    rng = random.Random(8)
+    more, held_out = [], []
+    for k in range(3000):
+        source = toy.random_scene(rng)
+        target = toy.edit_target(source, toy.EDIT_KINDS[k % len(toy.EDIT_KINDS)], rng)
+        lang = "en" if k % 2 else "zh"
+        more.append(toy.edit_instruction(source, target, rng, lang=lang, split="train+"))
+        held_out.append(toy.edit_instruction(source, target, rng, lang=lang, split="heldout"))
+    assert [t for t in more if any(h.fullmatch(t) for h in held)] == []
+    assert all(any(h.fullmatch(t) for h in held) for t in held_out)  # the check above can fail
+    for table in (toy._EN_EDIT, toy._ZH_EDIT):
+        for kind, templates in table["train"].items():
+            assert table["train+"][kind][: len(templates)] == templates
+        first = [t for t in table["train+"]["shape"] if "{obj}" in t and t.index("{new}") < t.index("{obj}")]
+        assert first and not [t for t in table["train"]["shape"] if t in first]
+        made = [t for t in more if any(_template(f).fullmatch(t) for f in first)]
+        assert made, "no instruction of the new sentence shapes was drawn"
+    with pytest.raises(ValueError, match="unknown phrasing split"):
+        toy.edit_instruction(source, target, rng, split="test")

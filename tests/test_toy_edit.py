@@ -399,3 +399,26 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
         [sys.executable, str(script), "--empty", "1.5"], capture_output=True, text=True, timeout=300
     )
     assert proc.returncode != 0 and "--empty 1.5: a share from 0" in proc.stderr
+
+
+def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monkeypatch):
+    """--phrasings train+ draws instructions from the training phrasings and more sentence shapes (the new value before
+    the object: "use a star instead of the circle"); the default stays the phrasings every shipped model saw."""
+    import random
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    more = [t for table in (toy._EN_EDIT_MORE, toy._ZH_EDIT_MORE) for ts in table.values() for t in ts]
+    fits = [re.compile(re.sub(r"\\\{(obj|new)\\\}", ".+", re.escape(t)), re.IGNORECASE) for t in more]
+
+    def new_shapes(examples) -> int:
+        return sum(any(f.fullmatch(text) for f in fits) for _, _, text in examples)
+
+    monkeypatch.setattr(te, "AUGMENT", 0.0)
+    assert te.PHRASINGS == "train" and new_shapes(te.make_examples(random.Random(6), 600)) == 0
+    monkeypatch.setattr(te, "PHRASINGS", "train+")
+    assert new_shapes(te.make_examples(random.Random(6), 600)) > 30

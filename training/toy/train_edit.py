@@ -53,6 +53,9 @@ EMPTY = 0.1  # share of examples with no instruction (target = source)
 AUGMENT = 0.3
 # Relative weights of the edit kinds in the examples (``--kind-weights``); empty: every kind equally.
 KIND_WEIGHTS: dict[str, float] = {}
+# The phrasings training draws from (``--phrasings``): "train" (every shipped model so far) or "train+" (those and
+# more sentence shapes: qwennb.toy._EN_EDIT_MORE / _ZH_EDIT_MORE). The held-out phrasings are never drawn.
+PHRASINGS = "train"
 
 
 def _held_out_edit_words() -> tuple[set[str], set[str]]:
@@ -137,9 +140,10 @@ def condition_image(pipe, image):
     return pipe.image_processor.resize(image, ch, cw)
 
 
-def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tuple]:
+def make_examples(rng: random.Random, n: int, split: str | None = None) -> list[tuple]:
     """``n`` (source, target, instruction) triples: every edit kind equally (or as :data:`KIND_WEIGHTS` says),
-    English 60% / Chinese 40%."""
+    English 60% / Chinese 40%, phrased from ``split`` (default :data:`PHRASINGS`)."""
+    split = split or PHRASINGS
     out = []
     # its own stream: the same scenes and edits with or without augmentation
     aug = random.Random(rng.random())
@@ -155,7 +159,7 @@ def make_examples(rng: random.Random, n: int, split: str = "train") -> list[tupl
         tgt = toy.edit_target(src, kind, rng)
         lang = "en" if rng.random() < 0.6 else "zh"
         text = toy.edit_instruction(src, tgt, rng, lang=lang, split=split)
-        if split == "train" and aug.random() < AUGMENT:
+        if split != "heldout" and aug.random() < AUGMENT:
             text = t2i._insert_noise(text, aug, lang, EN_NOISE, ZH_NOISE)
         out.append((src, tgt, text))
     return out
@@ -529,7 +533,7 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    global AUGMENT, EMPTY, KIND_WEIGHTS
+    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -563,6 +567,13 @@ def main() -> None:
         "--kind-weights",
         default="",
         help="relative weights of the edit kinds, e.g. colour=2,shape=2 (default: all equal)",
+    )
+    ap.add_argument(
+        "--phrasings",
+        choices=("train", "train+"),
+        default=PHRASINGS,
+        help="instruction phrasings to train on: train (as every shipped model) or train+ (more sentence shapes, the "
+        "new value before the object too; never the held-out ones)",
     )
     ap.add_argument(
         "--empty", type=float, default=EMPTY, help="share of examples with no instruction (target = source)"
@@ -603,6 +614,7 @@ def main() -> None:
         raise SystemExit(f"--empty {args.empty}: a share from 0 up to (not including) 1")
     EMPTY = args.empty
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
+    PHRASINGS = args.phrasings
     if args.smoke:
         args.minutes, args.pool, args.eval_n, args.batch = 0.3, 64, 10, 8
     RESOLUTIONS.update({128: 1 - args.share256, 256: args.share256})
