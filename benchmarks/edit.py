@@ -13,6 +13,10 @@ weights, instruction, reference images and seed, runs:
 - ``qwennb``: the same pipeline after ``qwennb.pipeline.apply_plan`` with the plan ``qwennb.edit.plan_edit``
   makes for the card, called through ``qwennb.edit`` (references at the model's 1 megapixel, as stock).
 
+and, after each stock image, the rounding floor: stock again with SDPA's flash kernel instead of cuDNN (as
+``benchmarks/speed.py`` measures text-to-image's; ``--no-floor`` skips it), whose distance from stock is what
+rounding alone moves the latents; each qwennb row's ``err_over_floor`` is its error over that floor.
+
 with 1 and with 3 reference images of 1024x1024, CFG 4, after one warm-up image per configuration. Per run:
 median s/step over the denoising loop (GPU-synchronised in the step callback), total time, peak GPU memory,
 the relative L2 error of the final latents against stock on the same seed, and how many transformer forwards
@@ -81,7 +85,14 @@ def build(config: str, device: str) -> Any:
     return pipe
 
 
-def run_stock(pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, device: str) -> dict[str, Any]:
+def run_stock(
+    pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, device: str, sdpa: Any = None
+) -> dict[str, Any]:
+    """One stock image, timed per step; ``sdpa`` (a ``torch.nn.attention.SDPBackend``) forces SDPA's kernel."""
+    import contextlib
+
+    from torch.nn.attention import sdpa_kernel
+
     times: list[float] = []
     state: dict[str, Any] = {}
     mark = {"t": 0.0}
@@ -100,7 +111,7 @@ def run_stock(pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, dev
     sync(device)
     t0 = time.perf_counter()
     mark["t"] = t0
-    with torch.no_grad():
+    with torch.no_grad(), sdpa_kernel(sdpa) if sdpa is not None else contextlib.nullcontext():
         pipe(
             image=refs,
             prompt=INSTRUCTION,
@@ -170,13 +181,23 @@ def tuned_row(
         **base,
         s_per_step=round(q_med, 4),
         speedup_vs_stock=round(s_med / q_med, 3),
-        latent_rel_err=round(rel_err(q["latents"], s["latents"]), 5),
+        latent_rel_err=float(f"{rel_err(q['latents'], s['latents']):.3g}"),
         total_s=round(q["total_s"], 3),
         peak_gpu_gb=q["peak_gpu_gb"],
         tuned_forwards=q["tuned_forwards"],
         forwards=q["forwards"],
         plan=plan,
+        **floor_ratio(q, s),
     )
+
+
+def floor_ratio(q: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
+    """``err_over_floor``: the run's latent error against stock over the rounding floor (stock against itself with
+    another SDPA kernel), where the floor was measured."""
+    floor = s.get("floor")
+    if not floor:
+        return {}
+    return {"err_over_floor": round(rel_err(q["latents"], s["latents"]) / floor, 2)}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -191,19 +212,20 @@ def render(record: dict[str, Any], size: int, steps: int, cfg: float) -> str:
         f"{record['date']}, torch {record['torch']}, diffusers {record['diffusers']}; {size}x{size}, CFG "
         f"{cfg:g}, {steps} steps, seed {SEED}; random weights.",
         "",
-        "| model | refs | config | s/step | speed-up | latent rel. err | peak GiB | tuned forwards |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | refs | config | s/step | speed-up | latent rel. err | x floor | peak GiB | tuned forwards |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in record["runs"]:
         if "error" in r:
             lines.append(
-                f"| {r['model']} | {r.get('refs', '-')} | {r['config']} | failed: {r['error'][:100]} | | | | |"
+                f"| {r['model']} | {r.get('refs', '-')} | {r['config']} | failed: {r['error'][:100]} | | | | | |"
             )
             continue
         peak = f"{r['peak_gpu_gb']:.1f}" if r["peak_gpu_gb"] is not None else "-"
+        over = f"{r['err_over_floor']:.1f}" if r.get("err_over_floor") is not None else "-"
         lines.append(
             f"| {r['model']} | {r['refs']} | {r['config']} | {r['s_per_step']:.4f} | {r['speedup_vs_stock']:.2f}x | "
-            f"{r['latent_rel_err']:.2e} | {peak} | {r['tuned_forwards']} |"
+            f"{r['latent_rel_err']:.2e} | {over} | {peak} | {r['tuned_forwards']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -222,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--smoke", action="store_true", help="the whole flow on the tiny edit stand-in on the CPU"
+    )
+    ap.add_argument(
+        "--no-floor",
+        action="store_true",
+        help="skip the rounding floor (one more stock image per reference count, with another SDPA kernel)",
     )
     ap.add_argument(
         "--fa4",
@@ -261,6 +288,15 @@ def main(argv: list[str] | None = None) -> int:
             refs = references(n, size if device == "cuda" else 64)
             run_stock(pipe, refs, size, steps, args.cfg, device)  # warm-up
             stock[n] = run_stock(pipe, refs, size, steps, args.cfg, device)
+            if not args.no_floor:
+                # the rounding floor: stock against itself with SDPA's flash kernel instead of cuDNN (on the CPU,
+                # the math kernel instead of the CPU's flash), as benchmarks/speed.py measures text-to-image's
+                from torch.nn.attention import SDPBackend
+
+                kernel = SDPBackend.FLASH_ATTENTION if device == "cuda" else SDPBackend.MATH
+                other = run_stock(pipe, refs, size, steps, args.cfg, device, sdpa=kernel)
+                stock[n]["floor"] = rel_err(other["latents"], stock[n]["latents"])
+                stock[n]["floor_run"] = other
         from qwennb.edit import plan_edit
 
         name = "qwen-image-edit-synthetic" if device == "cuda" else "tiny-edit"
@@ -304,6 +340,21 @@ def main(argv: list[str] | None = None) -> int:
                     tuned_forwards=0,
                 )
             )
+            if "floor_run" in s:
+                f = s["floor_run"]
+                f_med = statistics.median(f["step_times_s"][1:] or f["step_times_s"])
+                record["runs"].append(
+                    dict(
+                        config="stock, other SDPA kernel (rounding floor)",
+                        **base,
+                        s_per_step=round(f_med, 4),
+                        speedup_vs_stock=round(s_med / f_med, 3),
+                        latent_rel_err=float(f"{s['floor']:.3g}"),
+                        total_s=round(f["total_s"], 3),
+                        peak_gpu_gb=f["peak_gpu_gb"],
+                        tuned_forwards=0,
+                    )
+                )
             record["runs"].append(tuned_row("qwennb", q, s, base, plan.arrangement))
             (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))
             (out / f"edit-{slug}.md").write_text(render(record, size, steps, args.cfg))

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -119,9 +121,14 @@ def test_edit_benchmark_smoke_rows_and_a_failed_row_renders(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "edit-cpu-smoke.json").read_text())
     rows = [(r["config"], r["refs"]) for r in record["runs"]]
-    assert rows == [("stock", 1), ("qwennb", 1), ("stock", 3), ("qwennb", 3)]
-    for r in record["runs"][1::2]:
+    floor = "stock, other SDPA kernel (rounding floor)"
+    assert rows == [("stock", 1), (floor, 1), ("qwennb", 1), ("stock", 3), (floor, 3), ("qwennb", 3)]
+    for f, r in zip(record["runs"][1::3], record["runs"][2::3], strict=True):
         assert r["tuned_forwards"] == r["forwards"] > 0 and r["latent_rel_err"] < 1e-4
+        # the floor: stock with SDPA's math kernel on the CPU, as far from stock as rounding goes, and not nothing
+        assert 0 < f["latent_rel_err"] < 1e-4 and f["tuned_forwards"] == 0
+        assert r["err_over_floor"] == pytest.approx(r["latent_rel_err"] / f["latent_rel_err"], rel=0.02)
+    assert f"| {floor} |" in (tmp_path / "edit-cpu-smoke.md").read_text()
     sys.path.insert(0, str(BENCH))
     import edit as bench_edit
 
