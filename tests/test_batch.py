@@ -350,11 +350,12 @@ def test_local_workers_sigint_then_resume(tmp_path, pipe):
     """Two local worker processes; SIGINT mid-run leaves a consistent manifest; the rerun redoes at most
     the items that were in flight, and skips the rest."""
     f = tmp_path / "p.jsonl"
-    # Six quick items, then ten that take about a second each: the Ctrl-C below always lands while items are
+    # Six quick items, then ten that take about two seconds each: the Ctrl-C below always lands while items are
     # being made (with sixteen quick ones the batch could end between two looks at the manifest, and the signal
-    # then hit the finished CLI).
+    # then hit the finished CLI; with ten of about a second, a second worker slow to start on a busy machine
+    # made its first image when the batch was nearly done, once).
     lines_ = [{"prompt": f"picture {i}"} for i in range(6)]
-    lines_ += [{"prompt": f"picture {i}", "size": "256x256", "steps": 8} for i in range(6, 16)]
+    lines_ += [{"prompt": f"picture {i}", "size": "256x256", "steps": 16} for i in range(6, 16)]
     f.write_text("".join(json.dumps(x) + "\n" for x in lines_))
     out = tmp_path / "out"
     proc = _cli(
