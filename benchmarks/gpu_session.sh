@@ -312,7 +312,9 @@ lane_b16() { :; }
 # one then `ROUND=17 PHASE0_S=560 PHASE1_S=0 WAIT=540 bash benchmarks/gpu_session.sh start`.
 # Session 10 measured 2.1 1.311x stock with FA4 in one run (two repeats) and edits 1.44x: three repeats of 2.1 with
 # and without FA4 (with torch.compile's caches on, as users have them: the cache-key tag is what keeps the cuDNN
-# graphs of the rows before from coming back), edits with one and three references.
+# graphs of the rows before from coming back), edits with one and three references. Run in session 11; run again,
+# it gives what that run could not: the `qwennb` rows with cuDNN beside the FA4 rows (the plan's default had made
+# them FA4 too), and the edit rounding floor (edit.py's stock row with another SDPA kernel, new since).
 first_17() {
   export CUDA_VISIBLE_DEVICES=0
   bash benchmarks/fa4_bundle.sh unpack > $W/fa4_unpack.log 2>&1 || return
