@@ -574,6 +574,35 @@ MUTATIONS: list[Mutation] = [
         "    return major >= 9",
         ("tests/test_attention.py", "-k", "capability or cannot_run"),
     ),
+    # ---------------------------------------------------------------- toy edit phrasings, edit floor (session 11)
+    Mutation(
+        "the train+ phrasings are the train ones (no new sentence shapes)",
+        "qwennb/toy.py",
+        '_EN_EDIT["train+"] = {k: v + _EN_EDIT_MORE.get(k, []) for k, v in _EN_EDIT["train"].items()}',
+        '_EN_EDIT["train+"] = {k: list(v) for k, v in _EN_EDIT["train"].items()}',
+        ("tests/test_toy.py", "-k", "more_training"),
+    ),
+    Mutation(
+        "an unknown phrasing split falls through to a KeyError",
+        "qwennb/toy.py",
+        "    if split not in _EN_EDIT:\n",
+        "    if False:\n",
+        ("tests/test_toy.py", "-k", "more_training"),
+    ),
+    Mutation(
+        "train_edit --phrasings never reaches the examples",
+        "training/toy/train_edit.py",
+        "    split = split or PHRASINGS\n",
+        '    split = split or "train"\n',
+        ("tests/test_toy_edit.py", "-k", "phrasings"),
+    ),
+    Mutation(
+        "the edit floor runs stock with the same SDPA kernel (a floor of nothing)",
+        "benchmarks/edit.py",
+        "other = run_stock(pipe, refs, size, steps, args.cfg, device, sdpa=kernel)",
+        "other = run_stock(pipe, refs, size, steps, args.cfg, device)",
+        ("tests/test_benchmark_smoke.py", "-k", "edit"),
+    ),
 ]
 
 
