@@ -325,7 +325,7 @@ first_17() {
 lane_a17() { :; }
 lane_b17() { :; }
 
-# ROUND=18 (prepared; about 800 s with PHASE1_S=780): the shipped toy edit model (edit-run9) 8 minutes more alone,
+# ROUND=18 (ran in session 11: edit-run10, not shipped; about 800 s with PHASE1_S=780): the shipped toy edit model (edit-run9) 8 minutes more alone,
 # with recolouring and reshaping drawn twice as often (session 10: the change shows in 71% and 58% of those, 92-100%
 # of the other kinds), from a copy of the tree as round 16.
 lane_a18() {
