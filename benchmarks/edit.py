@@ -11,7 +11,9 @@ weights, instruction, reference images and seed, runs:
 - ``stock``: the pipeline as built, called as a hand-written script would (``pipe(image=refs, prompt=...,
   negative_prompt=" ", true_cfg_scale=4, width=1024, height=1024)``);
 - ``qwennb``: the same pipeline after ``qwennb.pipeline.apply_plan`` with the plan ``qwennb.edit.plan_edit``
-  makes for the card, called through ``qwennb.edit`` (references at the model's 1 megapixel, as stock).
+  makes for the card, called through ``qwennb.edit`` (references at the model's 1 megapixel, as stock), with
+  cuDNN's attention (``flash4=False``; ``--fa4`` adds ``qwennb+fa4`` rows, the plan's default where flash-attn-4
+  is installed).
 
 and, after each stock image, the rounding floor: stock again with SDPA's flash kernel instead of cuDNN (as
 ``benchmarks/speed.py`` measures text-to-image's; ``--no-floor`` skips it), whose distance from stock is what
@@ -170,34 +172,47 @@ def run_qwennb(pipe: Any, refs: list[Any], size: int, steps: int, cfg: float, de
     }
 
 
-def tuned_row(
-    config: str, q: dict[str, Any], s: dict[str, Any], base: dict[str, Any], plan: str
-) -> dict[str, Any]:
-    """A results row of a qwennb run ``q`` against the stock run ``s`` of the same references."""
-    s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
-    q_med = statistics.median(q["step_times_s"][1:] or q["step_times_s"])
+def step_median(run: dict[str, Any]) -> float:
+    """Median s/step of a run, its first step (prompt and VAE encoding) left out."""
+    return statistics.median(run["step_times_s"][1:] or run["step_times_s"])
+
+
+def stock_row(config: str, run: dict[str, Any], s: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """A results row of a stock run ``run`` (stock itself, or its rounding-floor run) against stock ``s``."""
     return dict(
         config=config,
         **base,
-        s_per_step=round(q_med, 4),
-        speedup_vs_stock=round(s_med / q_med, 3),
-        latent_rel_err=float(f"{rel_err(q['latents'], s['latents']):.3g}"),
+        s_per_step=round(step_median(run), 4),
+        speedup_vs_stock=round(step_median(s) / step_median(run), 3),
+        latent_rel_err=float(f"{rel_err(run['latents'], s['latents']):.3g}"),
+        total_s=round(run["total_s"], 3),
+        peak_gpu_gb=run["peak_gpu_gb"],
+        tuned_forwards=0,
+    )
+
+
+def tuned_row(
+    config: str, q: dict[str, Any], s: dict[str, Any], base: dict[str, Any], plan: str
+) -> dict[str, Any]:
+    """A results row of a qwennb run ``q`` against the stock run ``s`` of the same references; where the rounding
+    floor was measured (``s["floor_run"]``), ``err_over_floor`` is the row's error over it."""
+    err = rel_err(q["latents"], s["latents"])
+    row = dict(
+        config=config,
+        **base,
+        s_per_step=round(step_median(q), 4),
+        speedup_vs_stock=round(step_median(s) / step_median(q), 3),
+        latent_rel_err=float(f"{err:.3g}"),
         total_s=round(q["total_s"], 3),
         peak_gpu_gb=q["peak_gpu_gb"],
         tuned_forwards=q["tuned_forwards"],
         forwards=q["forwards"],
         plan=plan,
-        **floor_ratio(q, s),
     )
-
-
-def floor_ratio(q: dict[str, Any], s: dict[str, Any]) -> dict[str, Any]:
-    """``err_over_floor``: the run's latent error against stock over the rounding floor (stock against itself with
-    another SDPA kernel), where the floor was measured."""
-    floor = s.get("floor")
-    if not floor:
-        return {}
-    return {"err_over_floor": round(rel_err(q["latents"], s["latents"]) / floor, 2)}
+    floor = rel_err(s["floor_run"]["latents"], s["latents"]) if "floor_run" in s else 0.0
+    if floor:
+        row["err_over_floor"] = round(err / floor, 2)
+    return row
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -294,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 from torch.nn.attention import SDPBackend
 
                 kernel = SDPBackend.FLASH_ATTENTION if device == "cuda" else SDPBackend.MATH
-                other = run_stock(pipe, refs, size, steps, args.cfg, device, sdpa=kernel)
-                stock[n]["floor"] = rel_err(other["latents"], stock[n]["latents"])
-                stock[n]["floor_run"] = other
+                stock[n]["floor_run"] = run_stock(pipe, refs, size, steps, args.cfg, device, sdpa=kernel)
         from qwennb.edit import plan_edit
 
         name = "qwen-image-edit-synthetic" if device == "cuda" else "tiny-edit"
@@ -326,34 +339,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 1
             s = stock[n]
-            s_med = statistics.median(s["step_times_s"][1:] or s["step_times_s"])
             base = dict(model=model, refs=n, width=size, height=size, cfg=args.cfg, steps=steps)
-            record["runs"].append(
-                dict(
-                    config="stock",
-                    **base,
-                    s_per_step=round(s_med, 4),
-                    speedup_vs_stock=1.0,
-                    latent_rel_err=0.0,
-                    total_s=round(s["total_s"], 3),
-                    peak_gpu_gb=s["peak_gpu_gb"],
-                    tuned_forwards=0,
-                )
-            )
+            record["runs"].append(stock_row("stock", s, s, base))
             if "floor_run" in s:
-                f = s["floor_run"]
-                f_med = statistics.median(f["step_times_s"][1:] or f["step_times_s"])
                 record["runs"].append(
-                    dict(
-                        config="stock, other SDPA kernel (rounding floor)",
-                        **base,
-                        s_per_step=round(f_med, 4),
-                        speedup_vs_stock=round(s_med / f_med, 3),
-                        latent_rel_err=float(f"{s['floor']:.3g}"),
-                        total_s=round(f["total_s"], 3),
-                        peak_gpu_gb=f["peak_gpu_gb"],
-                        tuned_forwards=0,
-                    )
+                    stock_row("stock, other SDPA kernel (rounding floor)", s["floor_run"], s, base)
                 )
             record["runs"].append(tuned_row("qwennb", q, s, base, plan.arrangement))
             (out / f"edit-{slug}.json").write_text(json.dumps(record, indent=2, default=str))

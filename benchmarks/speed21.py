@@ -12,7 +12,9 @@ images of ``--steps`` steps at 1024x1024 for each configuration (medians):
 - ``stock+compile``: plus ``transformer.compile_repeated_blocks(fullgraph=False)``;
 - ``qwennb``: ``qwennb.generate`` on the pipeline with qwennb's plan applied (``pipeline.apply_plan``): on 2.1 that
   is diffusers' regional compile (for the prefill step) and qwennb's 2.1 tuned path (``qwennb.speed21``: cached
-  steps with CFG's two passes as one forward, real RoPE, the shared modulation once, one compiled block function).
+  steps with CFG's two passes as one forward, real RoPE, the shared modulation once, one compiled block function),
+  with cuDNN's attention (``flash4=False``; the ``fa4`` variant is the plan's default where flash-attn-4 is
+  installed).
 
 ``--variants static cudnn flash autotune cudagraphs autotune-cudagraphs packed packed-autotune`` then adds rows
 ``qwennb[<variant>]``: the tuned path with static shapes, with cuDNN's or flash attention named instead of SDPA's
