@@ -422,3 +422,21 @@ def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monk
     assert te.PHRASINGS == "train" and new_shapes(te.make_examples(random.Random(6), 600)) == 0
     monkeypatch.setattr(te, "PHRASINGS", "train+")
     assert new_shapes(te.make_examples(random.Random(6), 600)) > 30
+
+
+def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():
+    """training/toy/per_item_edits.py: a kind or phrasing split that does not exist is one usage line, before any
+    model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "toy" / "per_item_edits.py"
+    for args, said in (
+        (["--kinds", "colour,texture"], "unknown edit kinds ['texture']"),
+        (["--split", "test"], "--split"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

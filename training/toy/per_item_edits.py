@@ -15,9 +15,6 @@ import sys
 import time
 
 from qwennb import toy
-from qwennb.edit import edit, plan_edit
-from qwennb.pipeline import build
-from qwennb.plan import describe_machine
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,12 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="toy-edit", help="registry name or folder of the edit model")
     ap.add_argument("--kinds", default=",".join(toy.EDIT_KINDS), help="edit kinds to run, comma-separated")
     ap.add_argument("--n", type=int, default=120, help="size of the held-out set the items are drawn from")
-    ap.add_argument("--split", default="heldout", help="phrasings: heldout, train or train+")
+    ap.add_argument("--split", default="heldout", choices=("heldout", "train", "train+"), help="phrasings")
     args = ap.parse_args(argv)
     kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
     unknown = kinds - set(toy.EDIT_KINDS)
     if unknown:
         ap.error(f"unknown edit kinds {sorted(unknown)}; the kinds: {', '.join(toy.EDIT_KINDS)}")
+    from qwennb.edit import edit, plan_edit  # after the options are checked: these import torch and diffusers
+    from qwennb.pipeline import build
+    from qwennb.plan import describe_machine
+
     pipe = build(plan_edit(describe_machine(host_ram_gb=16), args.model))
     pipe.set_progress_bar_config(disable=True)
     items = toy.edit_eval_set(args.n, sizes=((256, 256), (128, 128)), split=args.split)
