@@ -178,7 +178,8 @@ def step_median(run: dict[str, Any]) -> float:
 
 
 def stock_row(config: str, run: dict[str, Any], s: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    """A results row of a stock run ``run`` (stock itself, or its rounding-floor run) against stock ``s``."""
+    """A results row of a run against the stock run ``s`` of the same references (``tuned_row`` adds a tuned
+    run's counters)."""
     return dict(
         config=config,
         **base,
@@ -196,22 +197,11 @@ def tuned_row(
 ) -> dict[str, Any]:
     """A results row of a qwennb run ``q`` against the stock run ``s`` of the same references; where the rounding
     floor was measured (``s["floor_run"]``), ``err_over_floor`` is the row's error over it."""
-    err = rel_err(q["latents"], s["latents"])
-    row = dict(
-        config=config,
-        **base,
-        s_per_step=round(step_median(q), 4),
-        speedup_vs_stock=round(step_median(s) / step_median(q), 3),
-        latent_rel_err=float(f"{err:.3g}"),
-        total_s=round(q["total_s"], 3),
-        peak_gpu_gb=q["peak_gpu_gb"],
-        tuned_forwards=q["tuned_forwards"],
-        forwards=q["forwards"],
-        plan=plan,
-    )
+    row = stock_row(config, q, s, base)
+    row.update(tuned_forwards=q["tuned_forwards"], forwards=q["forwards"], plan=plan)
     floor = rel_err(s["floor_run"]["latents"], s["latents"]) if "floor_run" in s else 0.0
     if floor:
-        row["err_over_floor"] = round(err / floor, 2)
+        row["err_over_floor"] = round(rel_err(q["latents"], s["latents"]) / floor, 2)
     return row
 
 
