@@ -413,7 +413,7 @@ def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monk
     import train_edit as te
 
     more = [t for table in (toy._EN_EDIT_MORE, toy._ZH_EDIT_MORE) for ts in table.values() for t in ts]
-    fits = [re.compile(re.sub(r"\\\{(obj|new)\\\}", ".+", re.escape(t)), re.IGNORECASE) for t in more]
+    fits = [fits_phrasing(t) for t in more]
 
     def new_shapes(examples) -> int:
         return sum(any(f.fullmatch(text) for f in fits) for _, _, text in examples)
@@ -438,5 +438,87 @@ def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():
     ):
         proc = subprocess.run(
             [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_per_item_edit_reader_draws_the_scenes_its_seed_names():
+    """``--seed`` picks the draw of scenes (a validation draw beside the evaluation's 4321): each line is the item
+    of ``toy.edit_eval_set`` with that seed, read off a real edit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "toy" / "per_item_edits.py"
+    said = {}
+    for seed in (4321, 777):
+        proc = subprocess.run(
+            [sys.executable, str(script), "--n", "5", "--kinds", "background", "--seed", str(seed)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr
+        (line,) = proc.stdout.splitlines()
+        said[seed] = json.loads(line)
+        (want,) = [i for i in toy.edit_eval_set(5, seed=seed) if i.kind == "background"]
+        assert said[seed]["instruction"] == want.instruction
+        assert said[seed]["asked"] == want.target.background and said[seed]["was"] == want.source.background
+    assert said[4321]["instruction"] != said[777]["instruction"]
+
+
+def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(tmp_path):
+    """training/toy/average_edit.py: the saved transformer is (1 - w) * base + w * other, tensor by tensor; a share
+    outside 0-1 or a folder without a transformer is one usage line; two architectures are refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwennb.toy_edit import TOY_EDIT_DIR
+
+    training = Path(__file__).resolve().parents[1] / "training" / "toy"
+    sys.path.insert(0, str(training))
+    import average_edit as ae
+
+    shipped = Path(TOY_EDIT_DIR) / "transformer"
+    base = QwenImageTransformer2DModel.from_pretrained(shipped)
+    other = QwenImageTransformer2DModel.from_pretrained(shipped)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(3)
+    other.save_pretrained(tmp_path / "other")
+    assert ae.main(["--base", str(shipped), "--other", str(tmp_path / "other"), "--weight", "0.25"]
+                   + ["--out", str(tmp_path / "avg"), "--eval-n", "0"]) == 0  # fmt: skip
+    got = QwenImageTransformer2DModel.from_pretrained(tmp_path / "avg" / "transformer").state_dict()
+    for name, a in base.state_dict().items():  # 0.75 a + 0.25 * 3a = 1.5 a, rounded to fp16 as toy-edit ships
+        torch.testing.assert_close(got[name], (1.5 * a).half().float(), rtol=0, atol=0)
+    assert not (tmp_path / "avg" / "RESULTS.md").exists()  # --eval-n 0: no evaluation
+
+    small = {"w": torch.zeros(2)}
+    with pytest.raises(SystemExit, match="not one architecture"):
+        ae.average(small, {"w": torch.zeros(3)}, 0.5)
+    with pytest.raises(SystemExit, match="differ in their tensors"):
+        ae.average(small, {"v": torch.zeros(2)}, 0.5)
+    for args, said in (
+        (["--weight", "1.5"], "--weight 1.5: the other model's share, from 0 to 1"),
+        (["--other", str(tmp_path)], "not a transformer folder"),
+    ):
+        argv = [
+            "--base",
+            str(shipped),
+            "--other",
+            str(tmp_path / "other"),
+            "--out",
+            str(tmp_path / "x"),
+            *args,
+        ]
+        proc = subprocess.run(
+            [sys.executable, str(training / "average_edit.py"), *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(toy.EDIT_KINDS), help="edit kinds to run, comma-separated")
     ap.add_argument("--n", type=int, default=120, help="size of the held-out set the items are drawn from")
     ap.add_argument("--split", default="heldout", choices=("heldout", "train", "train+"), help="phrasings")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=4321,
+        help="the draw of scenes (4321: the evaluation's; another: a validation draw)",
+    )
     args = ap.parse_args(argv)
     kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
     unknown = kinds - set(toy.EDIT_KINDS)
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = build(plan_edit(describe_machine(host_ram_gb=16), args.model))
     pipe.set_progress_bar_config(disable=True)
-    items = toy.edit_eval_set(args.n, sizes=((256, 256), (128, 128)), split=args.split)
+    items = toy.edit_eval_set(args.n, seed=args.seed, sizes=((256, 256), (128, 128)), split=args.split)
     t = time.time()
     missed = done = 0
     for it in items:

@@ -478,7 +478,11 @@ def evaluate(pipe, n: int, out: Path, cfg: float = 1.0) -> dict:
     return report
 
 
-def write_results(out: Path, report: dict, history: list, args, timings: dict) -> None:
+def write_results(
+    out: Path, report: dict, history: list, args, timings: dict, script: str = "train_edit.py"
+) -> None:
+    """``results.json`` and ``RESULTS.md`` of a run (``script``: what made it, for the command that reruns it; the
+    loss table only where there was training)."""
     (out / "results.json").write_text(
         json.dumps({"report": report, "history": history, "timings": timings, "args": vars(args)}, indent=1)
         + "\n"
@@ -486,7 +490,7 @@ def write_results(out: Path, report: dict, history: list, args, timings: dict) -
     lines = [
         "# Toy edit model: training and evaluation",
         "",
-        f"Command: `{t2i.command_line('train_edit.py', args)}`",
+        f"Command: `{t2i.command_line(script, args)}`",
         f"Device: {timings.get('device')}; torch {torch.__version__}.",
         "",
         "| stage | seconds |",
@@ -507,8 +511,9 @@ def write_results(out: Path, report: dict, history: list, args, timings: dict) -
                     f"| {split} | {kind} | {r['n']} | {r['changed']:.3f} | {r['kept']:.3f} | {r['right']:.3f} | "
                     f"{r['mae']:.1f} | {r['mae_rest']:.1f} |"
                 )
-    lines += ["", "## Loss", "", "| step | loss | seconds |", "| --- | --- | --- |"]
-    lines += [f"| {h['step']} | {h['loss']} | {h['s']} |" for h in history[:: max(1, len(history) // 30)]]
+    if history:
+        lines += ["", "## Loss", "", "| step | loss | seconds |", "| --- | --- | --- |"]
+        lines += [f"| {h['step']} | {h['loss']} | {h['s']} |" for h in history[:: max(1, len(history) // 30)]]
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
