@@ -337,7 +337,8 @@ lane_a18() {
 }
 lane_b18() { :; }
 
-# ROUND=19 (prepared; about 800 s with PHASE1_S=780): the shipped toy edit model (edit-run9) 8 minutes more alone,
+# ROUND=19 (ran in session 12: edit-run11, averaged with edit-run9 into the shipped edit-run12 by
+# training/toy/average_edit.py; about 800 s with PHASE1_S=780): the toy edit model edit-run9 8 minutes more alone,
 # on more sentence shapes (`--phrasings train+`: the new value before the object too). Session 11's per-item reading
 # of edit-run9's held-out misses (CPU, 10 steps): all 9 missed reshapes name the new shape first ("draw a box in
 # place of ...", "用X替换Y") or say "swap ... for"; all 7 missed recolours are Chinese phrasings with words training
