@@ -401,11 +401,10 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
     assert proc.returncode != 0 and "--empty 1.5: a share from 0" in proc.stderr
 
 
-def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monkeypatch):
+def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monkeypatch, fits_phrasing):
     """--phrasings train+ draws instructions from the training phrasings and more sentence shapes (the new value before
     the object: "use a star instead of the circle"); the default stays the phrasings every shipped model saw."""
     import random
-    import re
     import sys
     from pathlib import Path
 
