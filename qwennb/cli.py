@@ -934,6 +934,7 @@ def add_edit_parser(sub: Any) -> None:
     e = sub.add_parser(
         "edit",
         help="edit images by an instruction (Qwen-Image-Edit; the embedded toy edit model when no weights are found)",
+        usage="%(prog)s [options] IMAGE [IMAGE ...] INSTRUCTION",
     )
     e.add_argument(
         "inputs", nargs="+", metavar="IMAGE... INSTRUCTION", help="1 to 3 image files, then the instruction"

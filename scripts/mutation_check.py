@@ -603,6 +603,34 @@ MUTATIONS: list[Mutation] = [
         "run_stock(pipe, refs, size, steps, args.cfg, device)",
         ("tests/test_benchmark_smoke.py", "-k", "edit"),
     ),
+    Mutation(
+        "a model average takes the other model's share backwards",
+        "training/toy/average_edit.py",
+        "torch.lerp(a.float(), b.float(), weight)",
+        "torch.lerp(a.float(), b.float(), 1 - weight)",
+        ("tests/test_toy_edit.py", "-k", "average_edit"),
+    ),
+    Mutation(
+        "a model average is evaluated unrounded, not as it ships in fp16",
+        "training/toy/average_edit.py",
+        ".to(store).to(a.dtype)",
+        ".to(a.dtype)",
+        ("tests/test_toy_edit.py", "-k", "average_edit"),
+    ),
+    Mutation(
+        "per_item_edits.py ignores --seed (always the evaluation's draw)",
+        "training/toy/per_item_edits.py",
+        "seed=args.seed, ",
+        "",
+        ("tests/test_toy_edit.py", "-k", "per_item_edit_reader_draws"),
+    ),
+    Mutation(
+        "qwennb edit's usage line back to argparse's (many instructions)",
+        "qwennb/cli.py",
+        '        usage="%(prog)s [options] IMAGE [IMAGE ...] INSTRUCTION",\n',
+        "",
+        ("tests/test_edit.py", "-k", "usage"),
+    ),
 ]
 
 

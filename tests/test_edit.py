@@ -423,6 +423,15 @@ def test_cli_edit_errors_are_one_line_before_loading(tmp_path, capsys, argv, mes
     assert err.count("\n") == 1 and message in err and "loaded" not in err
 
 
+def test_cli_edit_usage_says_images_then_one_instruction(capsys):
+    """argparse would render the positionals as "IMAGE... INSTRUCTION [IMAGE... INSTRUCTION ...]" (many
+    instructions); the usage line says what the command takes."""
+    with pytest.raises(SystemExit):
+        main(["edit", "--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage == "usage: qwennb edit [options] IMAGE [IMAGE ...] INSTRUCTION", usage
+
+
 def test_cli_generate_refuses_an_edit_model_before_loading(tmp_path, capsys):
     assert main(["generate", "a cat", "--model", EDIT_MODEL, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
