@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                 # stays allowed for what flash cannot run (the VAE's one-head attention over 384 channels)
                 from torch.nn.attention import SDPBackend
 
-                kernel = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH] if device == "cuda" else SDPBackend.MATH
+                kernel = (
+                    [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH] if device == "cuda" else SDPBackend.MATH
+                )
                 stock[n]["floor_run"] = run_stock(pipe, refs, size, steps, args.cfg, device, sdpa=kernel)
         from qwennb.edit import plan_edit
 
