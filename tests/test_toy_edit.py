@@ -489,8 +489,8 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
         for p in other.parameters():
             p.mul_(3)
     other.save_pretrained(tmp_path / "other")
-    assert ae.main(["--base", str(shipped), "--other", str(tmp_path / "other"), "--weight", "0.25"]
-                   + ["--out", str(tmp_path / "avg"), "--eval-n", "0"]) == 0  # fmt: skip
+    pair = ["--base", str(shipped), "--other", str(tmp_path / "other")]
+    assert ae.main([*pair, "--weight", "0.25", "--out", str(tmp_path / "avg"), "--eval-n", "0"]) == 0
     got = QwenImageTransformer2DModel.from_pretrained(tmp_path / "avg" / "transformer").state_dict()
     for name, a in base.state_dict().items():  # 0.75 a + 0.25 * 3a = 1.5 a, rounded to fp16 as toy-edit ships
         torch.testing.assert_close(got[name], (1.5 * a).half().float(), rtol=0, atol=0)
@@ -505,15 +505,7 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
         (["--weight", "1.5"], "--weight 1.5: the other model's share, from 0 to 1"),
         (["--other", str(tmp_path)], "not a transformer folder"),
     ):
-        argv = [
-            "--base",
-            str(shipped),
-            "--other",
-            str(tmp_path / "other"),
-            "--out",
-            str(tmp_path / "x"),
-            *args,
-        ]
+        argv = [*pair, "--out", str(tmp_path / "x"), *args]
         proc = subprocess.run(
             [sys.executable, str(training / "average_edit.py"), *argv],
             capture_output=True,
