@@ -395,10 +395,14 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "training" / "toy" / "train_edit.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--empty", "1.5"], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode != 0 and "--empty 1.5: a share from 0" in proc.stderr
+    for option, message in (
+        ("--empty", "--empty 1.5: a share from 0"),
+        ("--scramble", "--scramble 1.5: a share"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(script), option, "1.5"], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode != 0 and message in proc.stderr
 
 
 def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monkeypatch, fits_phrasing):
@@ -421,6 +425,65 @@ def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monk
     assert te.PHRASINGS == "train" and new_shapes(te.make_examples(random.Random(6), 600)) == 0
     monkeypatch.setattr(te, "PHRASINGS", "train+")
     assert new_shapes(te.make_examples(random.Random(6), 600)) > 30
+
+
+def test_scrambled_instructions_name_object_and_new_value_in_either_order_among_unknown_words(monkeypatch):
+    """train_edit.py --scramble: a share of training instructions is the object and the new value, in either order,
+    among words the toy world never says (so only the source image tells which named value is new); the scenes stay
+    the same, no held-out word slips in, and at 0 the examples are exactly those earlier runs trained on."""
+    import hashlib
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    # at --scramble 0 the augmentation's random stream is untouched: earlier runs' examples, byte for byte
+    assert te.SCRAMBLE == 0
+    digest = hashlib.sha256(repr(te.make_examples(random.Random(3), 300)).encode()).hexdigest()[:16]
+    assert digest == "cf24fb6f60abd6cd"
+    monkeypatch.setattr(te, "AUGMENT", 0.0)
+    plain = te.make_examples(random.Random(8), 400)
+    monkeypatch.setattr(te, "SCRAMBLE", 1.0)
+    scrambled = te.make_examples(random.Random(8), 400)
+    orders = {"new first": 0, "object first": 0}
+    allowed = {"a", "the", "it", "shape", "background"}
+    for table in (toy._EN["colour"], toy._EN["shape"], toy._EN["background"], toy._EN_EDIT_POSITION):
+        allowed |= {w for ws in table.values() for p in ws for w in p.split()}
+    allowed |= {w for ws in toy._EN_EDIT_SIZE["train"]["make"].values() for w in ws}
+    assert te._EN_HELD <= te._KNOWN_EN
+    for (s1, t1, a), (s2, t2, b) in zip(plain, scrambled, strict=True):
+        assert (s1, t1) == (s2, t2)
+        if s1 == t1:
+            assert b == a == " "
+            continue
+        kind = next(k for k in toy.EDIT_KINDS if getattr(s1, k) != getattr(t1, k))
+        new = getattr(t1, kind)
+        if all(ord(c) < 128 for c in b):
+            words = b.split()
+            # every held-out word is a known word, so no unknown word is one
+            unknown = [w for w in words if w not in te._KNOWN_EN]
+            assert 1 <= len(unknown) <= 2 and not set(unknown) & te._EN_HELD, b
+            assert set(words) - set(unknown) <= allowed, b  # the rest: attribute words, "a", "the", "it" ...
+            tables = {"position": toy._EN_EDIT_POSITION, "size": toy._EN_EDIT_SIZE["train"]["make"]}
+            table = tables[kind] if kind in tables else toy._EN[kind]
+            said = [w for w in table[new] if f" {w} " in f" {b} "]
+            obj = [w for w in toy._EN["shape"][s1.shape] if f" {w} " in f" {b} "]
+            if kind != "shape" and said and obj:
+                first_new = b.index(f"{said[0]}") < b.index(obj[0])
+                orders["new first" if first_new else "object first"] += 1
+        else:
+            assert not any(h in b for h in te._ZH_HELD), b
+            unknown = [c for c in b if ord(c) >= 0x4E00 and c not in te._KNOWN_ZH]
+            assert 1 <= len(unknown) <= 4 and set(unknown) <= set(te._UNKNOWN_ZH), b
+            table = toy._ZH_EDIT_SIZE["train"] if kind == "size" else toy._ZH[kind]
+            said = [w for w in table[new] if w in b]
+        assert said, (kind, new, b)  # the new value is named
+    assert orders["new first"] > 20 and orders["object first"] > 20, orders
+    s = toy.Scene("circle", "red", "left", "large", "white")
+    square = toy.edit_target(s, "shape", random.Random(0), "square")
+    assert te.scramble_instruction(s, square, random.Random(4)) == "box kagupi the red disk"
 
 
 def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():
@@ -495,6 +558,15 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
     for name, a in base.state_dict().items():  # 0.75 a + 0.25 * 3a = 1.5 a, rounded to fp16 as toy-edit ships
         torch.testing.assert_close(got[name], (1.5 * a).half().float(), rtol=0, atol=0)
     assert not (tmp_path / "avg" / "RESULTS.md").exists()  # --eval-n 0: no evaluation
+    # --val-seed: a validation draw of held-out edits on other scenes, scored beside the evaluation's own
+    argv = [*pair, "--weight", "0", "--out", str(tmp_path / "val"), "--eval-n", "5", "--val-seed", "777"]
+    assert ae.main([*argv, "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "val" / "results.json").read_text())["report"]
+    assert report["validation"]["all"]["n"] == report["heldout"]["all"]["n"] == 5
+    assert (
+        report["validation"] != report["heldout"]
+        and "| validation | all | 5 |" in (tmp_path / "val" / "RESULTS.md").read_text()
+    )
 
     small = {"w": torch.zeros(2)}
     with pytest.raises(SystemExit, match="not one architecture"):
@@ -504,6 +576,7 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
     for args, said in (
         (["--weight", "1.5"], "--weight 1.5: the other model's share, from 0 to 1"),
         (["--other", str(tmp_path)], "not a transformer folder"),
+        (["--val-seed", "4321"], "--val-seed 4321 is the evaluation's own draw"),
     ):
         argv = [*pair, "--out", str(tmp_path / "x"), *args]
         proc = subprocess.run(

@@ -65,17 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--eval-n", type=int, default=120, help="held-out edits to evaluate (0: none)")
     ap.add_argument("--eval-cfg", type=float, default=1.0)
+    ap.add_argument(
+        "--val-seed",
+        type=int,
+        default=0,
+        help="also score a validation draw of held-out edits on these scenes (e.g. 777; 0: none), to choose a share "
+        "on without looking at the evaluation's edits",
+    )
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     ap.add_argument("--ship", action="store_true", help="copy the average to qwennb/toy_edit_model")
     args = ap.parse_args(argv)
     if not 0 <= args.weight <= 1:
         ap.error(f"--weight {args.weight}: the other model's share, from 0 to 1")
+    if args.val_seed == 4321:
+        ap.error("--val-seed 4321 is the evaluation's own draw; a validation draw needs another seed")
     for folder in (args.base, args.other):
         if not (Path(folder) / "config.json").is_file():
             ap.error(f"{folder}: not a transformer folder (no config.json)")
     from diffusers import QwenImageTransformer2DModel
 
     other = QwenImageTransformer2DModel.from_pretrained(args.other).state_dict()
-    pipe = te.build(Path(args.base), torch.device("cpu"), args.text_encoder)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = te.build(Path(args.base), device, args.text_encoder)
     pipe.transformer.load_state_dict(average(pipe.transformer.state_dict(), other, args.weight))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     te.log(f"averaged: {1 - args.weight:g} x {args.base} + {args.weight:g} x {args.other}")
     if args.eval_n:
         t = time.time()
-        report = te.evaluate(pipe, args.eval_n, out, args.eval_cfg)
+        report = {}
+        if args.val_seed:
+            val = te.evaluate(pipe, args.eval_n, out, args.eval_cfg, seed=args.val_seed, splits=("heldout",))
+            report["validation"] = val["heldout"]
+        report.update(te.evaluate(pipe, args.eval_n, out, args.eval_cfg))
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
         te.write_results(
-            out, report, [], args, {"device": "cpu", "eval": round(time.time() - t, 1)}, "average_edit.py"
+            out, report, [], args, {"device": name, "eval": round(time.time() - t, 1)}, "average_edit.py"
         )
     if args.ship:
         te.ship(pipe, args.text_encoder)

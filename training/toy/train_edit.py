@@ -82,6 +82,90 @@ EN_NOISE = [w for w in t2i._EN_NOISE if not set(w.split()) & _EN_HELD]
 # no Chinese noise word with a two-character run that only held-out phrasings have ("画面中": "移动到画面")
 ZH_NOISE = [w for w in t2i._ZH_NOISE if not t2i.held_out_bigrams([w], []) & _ZH_HELD]
 
+# Share of training instructions (``--scramble``) said without a verb: the object and the new value in either order
+# among one or two words that no phrase of the toy world has (pseudo-words, CJK characters none of its phrases uses,
+# held-out ones included). Only the source image tells which named value is new ("the circle ... square" over a
+# circle: a reshape to a square), so the model learns to read the edit off the values and the image, and to pass
+# over words it never met: what the held-out phrasings that still fail have ("用X替换Y", "让X变为Y": EDIT.md).
+SCRAMBLE = 0.0
+
+
+def _toy_strings() -> list[str]:
+    """Every string in qwennb.toy's word tables (captions, edit phrasings of every split, attribute words)."""
+    out: list[str] = []
+
+    def walk(v) -> None:
+        if isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                walk(k)
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    for name, value in vars(toy).items():
+        if name.startswith("_") and isinstance(value, (dict, list, tuple)):
+            walk(value)
+    return out + ["it the shape", "它的"]  # how _edit_object refers to the shape, outside the tables
+
+
+_KNOWN_EN = {
+    w for s in _toy_strings() + t2i._EN_NOISE for w in s.lower().replace("{", " ").replace("}", " ").split()
+}
+_KNOWN_ZH = {c for s in _toy_strings() + t2i._ZH_NOISE for c in s if ord(c) >= 0x4E00}
+# The CJK characters of the common block that no phrase of the toy world uses.
+_UNKNOWN_ZH = [chr(c) for c in range(0x4E00, 0x9FA6) if chr(c) not in _KNOWN_ZH]
+
+
+def unknown_word(rng: random.Random, lang: str) -> str:
+    """A word the toy world never says: a pseudo-word of two or three syllables, or one or two CJK characters
+    outside every phrase of the toy world."""
+    if lang == "zh":
+        return "".join(rng.choice(_UNKNOWN_ZH) for _ in range(rng.choice((1, 2, 2))))
+    while True:
+        word = "".join(
+            rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.choice((2, 2, 3)))
+        )
+        if word not in _KNOWN_EN:
+            return word
+
+
+def scramble_instruction(source, target, rng: random.Random, lang: str = "en") -> str:
+    """``source`` -> ``target`` (one attribute apart) said as the object (now and then left out) and the new
+    value in either order, with one or two :func:`unknown_word` among them: no verb, no word order to go by.
+
+    Example:
+        >>> s = toy.Scene("circle", "red", "left", "large", "white")
+        >>> scramble_instruction(s, toy.edit_target(s, "shape", random.Random(0), "square"), random.Random(4))
+        'box kagupi the red disk'
+    """
+    kind = next(k for k in toy.EDIT_KINDS if getattr(source, k) != getattr(target, k))
+    new = getattr(target, kind)
+    if lang == "zh":
+        word = {
+            "size": lambda: rng.choice(toy._ZH_EDIT_SIZE["train"][new]),
+            "background": lambda: rng.choice(("背景{}", "{}背景", "{}的背景")).format(
+                rng.choice(toy._ZH["background"][new])
+            ),
+        }.get(kind, lambda: rng.choice(toy._ZH[kind][new]))()
+    else:
+        word = {
+            "shape": lambda: rng.choice(("", "a ")) + rng.choice(toy._EN["shape"][new]),
+            "position": lambda: rng.choice(toy._EN_EDIT_POSITION[new]),
+            "size": lambda: rng.choice(toy._EN_EDIT_SIZE["train"]["make"][new]),
+            "background": lambda: rng.choice(("{} background", "background {}", "the background {}")).format(
+                rng.choice(toy._EN["background"][new])
+            ),
+        }.get(kind, lambda: rng.choice(toy._EN["colour"][new]))()
+    keep_obj = rng.random() < (0.3 if kind == "background" else 0.85)
+    parts = [toy._edit_object(source, rng, lang), word] if keep_obj else [word]
+    rng.shuffle(parts)
+    for _ in range(rng.choice((1, 1, 2))):
+        parts.insert(rng.randint(0, len(parts)), unknown_word(rng, lang))
+    return ("" if lang == "zh" else " ").join(parts)
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -159,7 +243,11 @@ def make_examples(rng: random.Random, n: int, split: str | None = None) -> list[
         tgt = toy.edit_target(src, kind, rng)
         lang = "en" if rng.random() < 0.6 else "zh"
         text = toy.edit_instruction(src, tgt, rng, lang=lang, split=split)
-        if split != "heldout" and aug.random() < AUGMENT:
+        if (
+            split != "heldout" and SCRAMBLE and aug.random() < SCRAMBLE
+        ):  # no draw at 0: earlier runs reproduce
+            text = scramble_instruction(src, tgt, aug, lang)
+        elif split != "heldout" and aug.random() < AUGMENT:
             text = t2i._insert_noise(text, aug, lang, EN_NOISE, ZH_NOISE)
         out.append((src, tgt, text))
     return out
@@ -435,17 +523,32 @@ def train(
     return step
 
 
-def evaluate(pipe, n: int, out: Path, cfg: float = 1.0) -> dict:
+def evaluate(
+    pipe,
+    n: int,
+    out: Path,
+    cfg: float = 1.0,
+    seed: int = 4321,
+    splits: tuple[str, ...] = ("heldout", "train"),
+) -> dict:
     """Held-out phrasings (and, for the gap, training phrasings on new scenes) through ``qwennb.edit``, at
     ``toy-edit``'s default CFG 1 unless told otherwise (CFG against the empty instruction undoes what an edit keeps:
-    EDIT.md, session 9)."""
+    EDIT.md, session 9). ``seed``: the draw of held-out scenes (4321: the evaluation's; another: a validation draw,
+    where a choice between models is made without looking at the evaluation's edits)."""
     from qwennb.edit import edit
 
     pipe.set_progress_bar_config(disable=True)
     report = {}
     samples = []
     for split, sizes in (("heldout", ((256, 256), (128, 128))), ("train", ((128, 128),))):
-        items = toy.edit_eval_set(n if split == "heldout" else n // 2, sizes=sizes, split=split)
+        if split not in splits:
+            continue
+        items = toy.edit_eval_set(
+            n if split == "heldout" else n // 2,
+            seed=seed if split == "heldout" else 4321,
+            sizes=sizes,
+            split=split,
+        )
         imgs = []
         t = time.time()
         for it in items:
@@ -538,7 +641,7 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS
+    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, SCRAMBLE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -567,6 +670,13 @@ def main() -> None:
         type=float,
         default=AUGMENT,
         help="share of training instructions given empty words (0: off)",
+    )
+    ap.add_argument(
+        "--scramble",
+        type=float,
+        default=SCRAMBLE,
+        help="share of training instructions said without a verb: object and new value in either order among "
+        "words the toy world never says (0: off)",
     )
     ap.add_argument(
         "--kind-weights",
@@ -618,6 +728,9 @@ def main() -> None:
     if not 0 <= args.empty < 1:
         raise SystemExit(f"--empty {args.empty}: a share from 0 up to (not including) 1")
     EMPTY = args.empty
+    if not 0 <= args.scramble <= 1:
+        raise SystemExit(f"--scramble {args.scramble}: a share from 0 to 1")
+    SCRAMBLE = args.scramble
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     PHRASINGS = args.phrasings
     if args.smoke:
