@@ -352,7 +352,8 @@ lane_a19() {
 }
 lane_b19() { :; }
 
-# ROUND=20 (session 13; about 900 s with PHASE1_S=880): two toy edit models from the shipped edit-run12, side by side
+# ROUND=20 (ran in session 13: edit-run13 and edit-run14, not shipped; the two lanes' averages at once take 282 s
+# each, one alone about 90 s; about 1,100 s with PHASE1_S=950): two toy edit models from the shipped edit-run12, side by side
 # on one H200, 8 minutes each on the training phrasings and more sentence shapes, with a share of instructions said
 # without a verb among words the toy world never says (train_edit.py --scramble 0.25 and 0.5: only the source image
 # tells which named value is new). Session 12's misses are mostly verbs the model never met ("用X替换Y", "让X变为Y").

@@ -606,8 +606,8 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "a model average takes the other model's share backwards",
         "training/toy/average_edit.py",
-        "torch.lerp(a.float(), b.float(), weight)",
-        "torch.lerp(a.float(), b.float(), 1 - weight)",
+        "torch.lerp(a.float(), b.float().to(a.device), weight)",
+        "torch.lerp(a.float(), b.float().to(a.device), 1 - weight)",
         ("tests/test_toy_edit.py", "-k", "average_edit"),
     ),
     Mutation(
@@ -616,6 +616,34 @@ MUTATIONS: list[Mutation] = [
         ".to(store).to(a.dtype)",
         ".to(a.dtype)",
         ("tests/test_toy_edit.py", "-k", "average_edit"),
+    ),
+    Mutation(
+        "a model average leaves the other model on the CPU beside a base on the GPU",
+        "training/toy/average_edit.py",
+        "b.float().to(a.device)",
+        "b.float()",
+        ("tests/test_toy_edit.py", "-k", "average_edit"),
+    ),
+    Mutation(
+        "average_edit.py scores the evaluation's own draw as the validation draw",
+        "training/toy/average_edit.py",
+        "seed=args.val_seed, ",
+        "",
+        ("tests/test_toy_edit.py", "-k", "average_edit"),
+    ),
+    Mutation(
+        "scrambled instructions always name the object first",
+        "training/toy/train_edit.py",
+        "    rng.shuffle(parts)\n",
+        "",
+        ("tests/test_toy_edit.py", "-k", "scrambled"),
+    ),
+    Mutation(
+        "--scramble 0 still draws from the augmentation's stream (earlier runs no longer reproduce)",
+        "training/toy/train_edit.py",
+        'split != "heldout" and SCRAMBLE and aug.random()',
+        'split != "heldout" and aug.random()',
+        ("tests/test_toy_edit.py", "-k", "scrambled"),
     ),
     Mutation(
         "per_item_edits.py ignores --seed (always the evaluation's draw)",

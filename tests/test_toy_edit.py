@@ -568,6 +568,10 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
         and "| validation | all | 5 |" in (tmp_path / "val" / "RESULTS.md").read_text()
     )
 
+    # the base on the device it is evaluated on (a GPU), the other read from disk to the CPU: it follows the base
+    # (the meta device stands in for the GPU here: torch refuses a CPU tensor beside it as beside a CUDA one)
+    on_device = ae.average({"w": torch.zeros(2, device="meta")}, {"w": torch.ones(2)}, 0.5)
+    assert on_device["w"].device.type == "meta"
     small = {"w": torch.zeros(2)}
     with pytest.raises(SystemExit, match="not one architecture"):
         ae.average(small, {"w": torch.zeros(3)}, 0.5)

@@ -7,8 +7,10 @@ evaluate the result as ``train_edit.py`` evaluates a run, and optionally ship it
 ``--weight`` is the other model's share (0: the base, 1: the other). Both must have the same architecture (a run
 started with ``--init`` from the other, as every toy edit run after the first): a fine-tuned model and the one it
 started from lie in one basin, where the average keeps what each learnt. Session 12 (``EDIT.md``): edit-run9 and
-edit-run11, half and half, chosen on a validation draw of held-out edits (``per_item_edits.py --seed 777``).
-Runs on the CPU in about six minutes (measured: 6 min 20 s, of which 3.5 min evaluate 180 edits at 20 steps).
+edit-run11, half and half, chosen on a validation draw of held-out edits (``per_item_edits.py --seed 777``;
+``--val-seed 777`` here scores that draw beside the evaluation, so that the share is chosen on it).
+On a GPU when there is one (``--device``); on the 2-core CPU about six minutes (measured: 6 min 20 s, of which 3.5 min
+evaluate 180 edits at 20 steps; with ``--val-seed`` about 2.5 min more).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def average(
         b = other[name]
         if a.shape != b.shape:
             raise SystemExit(f"{name}: shape {tuple(a.shape)} against {tuple(b.shape)}: not one architecture")
-        out[name] = torch.lerp(a.float(), b.float(), weight).to(store).to(a.dtype)
+        out[name] = torch.lerp(a.float(), b.float().to(a.device), weight).to(store).to(a.dtype)
     return out
 
 
