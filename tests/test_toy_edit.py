@@ -563,10 +563,9 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
     assert ae.main([*argv, "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "val" / "results.json").read_text())["report"]
     assert report["validation"]["all"]["n"] == report["heldout"]["all"]["n"] == 5
-    assert (
-        report["validation"] != report["heldout"]
-        and "| validation | all | 5 |" in (tmp_path / "val" / "RESULTS.md").read_text()
-    )
+    assert "| validation | all | 5 |" in (tmp_path / "val" / "RESULTS.md").read_text()
+    # other scenes, so other scores (the same draw through the same model scores the same to the last digit)
+    assert report["validation"]["all"] != report["heldout"]["all"]
 
     # the base on the device it is evaluated on (a GPU), the other read from disk to the CPU: it follows the base
     # (the meta device stands in for the GPU here: torch refuses a CPU tensor beside it as beside a CUDA one)
