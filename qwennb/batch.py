@@ -315,6 +315,7 @@ def read_prompts(
         (3, 64, 64, True)
     """
     from .generation import MAX_SEED, largest_size_that_fits, parse_size, resolve_options
+    from .options import MAX_CFG
     from .presets import get_preset
 
     if plan is None:
@@ -386,8 +387,10 @@ def read_prompts(
             )
             if steps < 2 or steps > 1000:
                 raise _Bad(f"steps must be from 2 to 1000, got {steps}")
-            if not math.isfinite(cfg) or cfg < 1:
-                raise _Bad(f"cfg must be at least 1 (1 turns guidance off), got {cfg:g}")
+            if not math.isfinite(cfg) or not 1 <= cfg <= MAX_CFG:
+                raise _Bad(
+                    f"cfg must be at least 1 (1 turns guidance off) and at most {MAX_CFG:g}, got {cfg:g}"
+                )
             if (width, height) not in fits:
                 fits[(width, height)] = largest_size_that_fits(plan, width, height, 1)
             fit = fits[(width, height)]

@@ -200,7 +200,7 @@ def _add_generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--steps", type=int, help="denoising steps, at least 2 (default: the preset's, else the plan's)"
     )
-    g.add_argument("--cfg", type=float, help="true_cfg_scale, at least 1 (1 turns guidance off)")
+    g.add_argument("--cfg", type=float, help="true_cfg_scale, 1 to 100 (1 turns guidance off)")
     g.add_argument(
         "--seed",
         type=int,

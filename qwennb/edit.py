@@ -143,6 +143,8 @@ def read_image(value: Any, role: str = "image", mode: str = "RGB") -> InputImage
     w, h = image.size
     if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
         raise ImageInputError(f"{role} is {w}x{h}; sides from {MIN_SIDE} to {MAX_SIDE} pixels are accepted")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _wide_to_8bit(image, role)
     if image.mode != mode:
         if (
             mode == "RGB"
@@ -155,6 +157,29 @@ def read_image(value: Any, role: str = "image", mode: str = "RGB") -> InputImage
             image = Image.alpha_composite(white, rgba)
         image = image.convert(mode)
     return InputImage(image, source, role)
+
+
+def _wide_to_8bit(image: Any, role: str) -> Any:
+    """A one-channel image of more than 8 bits (a 16-bit grayscale PNG opens as ``I;16``; TIFFs as ``I`` or ``F``)
+    as 8-bit ``L``, its range scaled: PIL's own conversion clips at 255, which turns a 16-bit photo white."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        a = a / 257.0
+    elif not np.isfinite(a).all() or a.min() < 0:
+        raise ImageInputError(f"{role} holds {image.mode}-mode values below 0 or not finite")
+    elif image.mode == "F" and a.max() <= 1.0:
+        a = a * 255.0
+    elif a.max() > 255:
+        if image.mode == "F" or a.max() > 65535:
+            raise ImageInputError(
+                f"{role} holds {image.mode}-mode values up to {a.max():g}; give 8 or 16 bits a channel "
+                "(or floats in 0..1)"
+            )
+        a = a / 257.0  # 16-bit values in a 32-bit image
+    return Image.fromarray(np.round(a).astype(np.uint8), "L")
 
 
 def _from_array(a: Any, role: str) -> Any:

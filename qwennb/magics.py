@@ -80,6 +80,15 @@ def fill_prompt(body: str, namespace: dict[str, Any]) -> str:
         raise UsageError(f"cannot fill the prompt's {{...}} fields: {exc}") from None
 
 
+def _parse_options(magic: Any, name: str, line: str) -> Any:
+    """A cell magic's options line, as ``parse_argstring`` reads it; a quote left open (which shlex cannot split)
+    is a usage error like any other bad option, not a traceback."""
+    try:
+        return parse_argstring(magic, line)
+    except ValueError as exc:
+        raise UsageError(f"{name}: cannot read the options line ({exc}): close the quote") from None
+
+
 def _model_words(command: str, rest: str) -> list[str]:
     """The words of ``%qwen plan|load [MODEL] [key=value ...]``; ``--model NAME`` (the CLI's spelling) is taken
     as NAME, and any other ``--option`` is a usage error that says the form."""
@@ -408,7 +417,7 @@ class QwenMagics(Magics):
     @argument(
         "--steps", type=int, help="denoising steps, at least 2 (default: the preset's, else the plan's)"
     )
-    @argument("--cfg", type=float, help="true_cfg_scale, at least 1; 1 turns guidance off")
+    @argument("--cfg", type=float, help="true_cfg_scale, 1 to 100; 1 turns guidance off")
     @argument("--seed", type=int, help="random seed, 0 to 2**63-1 (drawn and shown when omitted)")
     @argument("--size", help="WIDTHxHEIGHT, multiples of 16 (others are rounded)")
     @argument("--aspect", help="official aspect ratio: 1:1 16:9 9:16 4:3 3:4 3:2 2:3")
@@ -444,7 +453,7 @@ class QwenMagics(Magics):
             %%qwen_generate --steps 20 --cfg 4 --seed 7 --aspect 16:9
             A coffee shop entrance with a chalkboard sign reading "Qwen Coffee 😊 $2 per cup"
         """
-        options = parse_argstring(self.qwen_generate, line)
+        options = _parse_options(self.qwen_generate, "%%qwen_generate", line)
         body = cell.strip()
         if not body:
             raise UsageError("the cell is empty: write the prompt in the cell body")
@@ -481,7 +490,7 @@ class QwenMagics(Magics):
             %%qwen_edit --image _ --seed 7
             Make the sky purple and keep everything else as it is
         """
-        options = parse_argstring(self.qwen_edit, line)
+        options = _parse_options(self.qwen_edit, "%%qwen_edit", line)
         body = cell.strip()
         if not body:
             raise UsageError("the cell is empty: write the edit instruction in the cell body")

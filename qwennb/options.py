@@ -72,10 +72,22 @@ def check_steps(steps: Any) -> int:
     return int(steps)
 
 
+# The largest CFG taken (ComfyUI's sampler stops at 100 too): far beyond any useful guidance (Qwen-Image's own is 4),
+# and well below where the guided prediction overflows to inf and the image comes out black.
+MAX_CFG = 100.0
+
+
 def check_cfg(cfg: Any) -> float:
-    """CFG (``true_cfg_scale``): a finite number of at least 1 (1 turns guidance off)."""
-    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or cfg < 1:
-        raise GenerationError(f"CFG must be at least 1 (1 turns guidance off), got {cfg!r}")
+    """CFG (``true_cfg_scale``): a finite number from 1 (1 turns guidance off) to :data:`MAX_CFG`."""
+    if (
+        isinstance(cfg, bool)
+        or not isinstance(cfg, (int, float))
+        or not math.isfinite(cfg)
+        or not 1 <= cfg <= MAX_CFG
+    ):
+        raise GenerationError(
+            f"CFG must be at least 1 (1 turns guidance off) and at most {MAX_CFG:g}, got {cfg!r}"
+        )
     return float(cfg)
 
 

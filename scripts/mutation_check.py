@@ -646,6 +646,27 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_toy_edit.py", "-k", "scrambled"),
     ),
     Mutation(
+        "images of more than 8 bits go through PIL's clipping conversion (a 16-bit photo turns white)",
+        "qwennb/edit.py",
+        "        image = _wide_to_8bit(image, role)\n",
+        "        pass\n",
+        ("tests/test_edit.py", "-k", "bits"),
+    ),
+    Mutation(
+        "CFG has no upper bound (1e308 overflows into a black image)",
+        "qwennb/options.py",
+        "or not 1 <= cfg <= MAX_CFG",
+        "or cfg < 1",
+        ("tests/test_magics.py", "-k", "bad_options"),
+    ),
+    Mutation(
+        "an open quote in a cell magic's options is a traceback, not a usage error",
+        "qwennb/magics.py",
+        '    except ValueError as exc:\n        raise UsageError(f"{name}: cannot read',
+        '    except KeyError as exc:\n        raise UsageError(f"{name}: cannot read',
+        ("tests/test_magics.py", "-k", "bad_options"),
+    ),
+    Mutation(
         "per_item_edits.py ignores --seed (always the evaluation's draw)",
         "training/toy/per_item_edits.py",
         "seed=args.seed, ",

@@ -113,13 +113,14 @@ def test_malformed_lines_are_reported_with_file_and_line(tmp_path, plan):
                 '{"prompt": "f", "id": "fine"}',
                 '{"prompt": "g", "cfg": 0.5}',
                 "[1, 2]",
+                '{"prompt": "h", "cfg": 1e308}',
             ]
         )
     )
     ps = read_prompts(f, model=MODEL, plan=plan)
     assert [i.prompt for i in ps.items] == ["fine", "e"]
     got = {p.source.rsplit(":", 1)[1]: p.message for p in ps.problems}
-    assert sorted(got, key=int) == ["2", "3", "4", "5", "6", "7", "9", "10", "11"]
+    assert sorted(got, key=int) == ["2", "3", "4", "5", "6", "7", "9", "10", "11", "12"]
     assert got["2"] == "steps must be from 2 to 1000, got 1"
     assert got["3"].startswith("not valid JSON")
     assert got["4"] == "the prompt is empty"
@@ -127,8 +128,9 @@ def test_malformed_lines_are_reported_with_file_and_line(tmp_path, plan):
     assert got["6"].startswith("unknown field 'stpes'")
     assert got["7"] == "give either a size or an aspect ratio, not both"
     assert got["9"] == f"id 'fine' is already used at {f}:8"
-    assert got["10"] == "cfg must be at least 1 (1 turns guidance off), got 0.5"
+    assert got["10"] == "cfg must be at least 1 (1 turns guidance off) and at most 100, got 0.5"
     assert got["11"] == "a line must be a JSON object"
+    assert got["12"] == "cfg must be at least 1 (1 turns guidance off) and at most 100, got 1e+308"
     assert ps.problems[0].text() == f"{f}:2: steps must be from 2 to 1000, got 1"
 
 

@@ -232,6 +232,29 @@ def test_not_an_image_file(tmp_path):
         read_image(str(bad))
 
 
+def test_images_of_more_than_8_bits_keep_their_tones(tmp_path):
+    """A 16-bit grayscale PNG (PIL opens it as I;16), a 32-bit integer image and a float image come in scaled to 8
+    bits, not clipped at 255 (which turned a 16-bit photo white); a mask of 16 bits keeps its black and white; values
+    beyond what the mode can mean are one clear line."""
+    from qwennb.edit import read_mask
+
+    ramp = np.linspace(0, 65535, 64 * 32).reshape(32, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    got = np.asarray(read_image(str(tmp_path / "gray16.png")).image)
+    assert Image.open(tmp_path / "gray16.png").mode.startswith("I;16") and got.shape == (32, 64, 3)
+    np.testing.assert_allclose(got[..., 0], ramp / 257.0, atol=0.51)
+    assert (got[..., 0] == got[..., 2]).all() and got.min() == 0 and got.max() == 255
+    for array, want in ((np.full((32, 32), 0.5, np.float32), 128), (np.full((32, 32), 200, np.int32), 200)):
+        assert (np.asarray(read_image(Image.fromarray(array)).image) == want).all()
+    mask = np.zeros((32, 32), np.uint16)
+    mask[:, 16:] = 65535
+    read = np.asarray(read_mask(Image.fromarray(mask), (32, 32)).image)
+    assert (read[:, :16] == 0).all() and (read[:, 16:] == 255).all()
+    for array in (np.full((32, 32), 70000, np.int32), np.full((32, 32), 300.0, np.float32)):
+        with pytest.raises(ImageInputError, match="values up to"):
+            read_image(Image.fromarray(array))
+
+
 def test_the_first_edit_model_takes_one_image():
     with pytest.raises(ImageInputError, match="qwen-image-edit takes exactly 1 input image, got 2"):
         check_edit_inputs("qwen-image-edit", [Image.new("RGB", (32, 32))] * 2, "x")
@@ -498,6 +521,8 @@ def magics(ip):
         ("--image img --seed -1", "seed must be a whole number"),
         ("--image img --cfg 0.5", "CFG must be at least 1"),
         ("--image img --size 10x10", "width must be a whole number from 16"),
+        ("--image img --cfg 1000", "at most 100"),
+        ("--image 'my photo.png", "%%qwen_edit: cannot read the options line"),
     ],
 )
 def test_qwen_edit_refuses_bad_inputs_before_loading(ip, line, message):

@@ -98,6 +98,7 @@ def test_aspect_ratio_and_presets(pipe):
     [
         (dict(steps=0), "steps must be"),
         (dict(cfg=0.5), "CFG must be at least 1"),
+        (dict(cfg=100.5), "and at most 100, got 100.5"),
         (dict(seed=-1), "seed must be"),
         (dict(preset="turbo-max"), "unknown preset"),
         (dict(aspect="5:4"), "unknown aspect"),

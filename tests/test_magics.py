@@ -87,8 +87,10 @@ def test_options_cfg_preset_aspect_negative(ip):
         ("--preset nope", "x", "unknown preset"),
         ("--aspect 5:4", "x", "unknown aspect"),
         ("--cfg 0.2", "x", "CFG must be"),
+        ("--cfg 1e308", "x", "at most 100"),  # else the guided prediction overflows: a black image
         ("--seed -4", "x", "seed must be"),
         ("--bogus 3", "x", "unrecognized arguments"),
+        ("--negative 'blurry", "x", "cannot read the options line.*No closing quotation"),
         ("", "   ", "cell is empty"),
     ],
 )
