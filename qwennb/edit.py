@@ -166,7 +166,7 @@ def _wide_to_8bit(image: Any, role: str) -> Any:
     from PIL import Image
 
     a = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16"):
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N"):  # unsigned 16 bits
         a = a / 257.0
     elif not np.isfinite(a).all() or a.min() < 0:
         raise ImageInputError(f"{role} holds {image.mode}-mode values below 0 or not finite")

@@ -243,9 +243,8 @@ def make_examples(rng: random.Random, n: int, split: str | None = None) -> list[
         tgt = toy.edit_target(src, kind, rng)
         lang = "en" if rng.random() < 0.6 else "zh"
         text = toy.edit_instruction(src, tgt, rng, lang=lang, split=split)
-        if (
-            split != "heldout" and SCRAMBLE and aug.random() < SCRAMBLE
-        ):  # no draw at 0: earlier runs reproduce
+        # no draw at --scramble 0, so that earlier runs' examples come out the same
+        if split != "heldout" and SCRAMBLE and aug.random() < SCRAMBLE:
             text = scramble_instruction(src, tgt, aug, lang)
         elif split != "heldout" and aug.random() < AUGMENT:
             text = t2i._insert_noise(text, aug, lang, EN_NOISE, ZH_NOISE)
