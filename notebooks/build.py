@@ -217,10 +217,12 @@ print(params)
         """
 ext = get_ipython().magics_manager.registry["QwenMagics"]
 again = ext.session.generate(**params)
-# The same parameters give the same pixels (on the CPU too: qwennb sets MKL_CBWR=AUTO,STRICT at import).
+# The same parameters give the same picture: pixel for pixel on a GPU and nearly always on the CPU (qwennb sets
+# MKL_CBWR=AUTO,STRICT at import), but on a busy CPU a few dozen pixels have now and then come out one level of 255
+# apart (twice in many test runs): "the same" here is every pixel within one level.
 a, b = np.asarray(first.images[0]).astype(int), np.asarray(again.images[0]).astype(int)
-print("same pixels:", np.array_equal(a, b))
-if not np.array_equal(a, b):  # say how far apart, should it ever happen
+print("same picture:", int(np.abs(a - b).max()) <= 1)
+if int(np.abs(a - b).max()) > 1:  # say how far apart, should it ever happen
     print("pixels that differ:", int((a != b).any(-1).sum()), "largest difference:", int(np.abs(a - b).max()))
 """
     ),
