@@ -315,7 +315,7 @@ def read_prompts(
         (3, 64, 64, True)
     """
     from .generation import MAX_SEED, largest_size_that_fits, parse_size, resolve_options
-    from .options import MAX_CFG
+    from .options import MAX_CFG, check_cfg
     from .presets import get_preset
 
     if plan is None:
@@ -387,10 +387,12 @@ def read_prompts(
             )
             if steps < 2 or steps > 1000:
                 raise _Bad(f"steps must be from 2 to 1000, got {steps}")
-            if not math.isfinite(cfg) or not 1 <= cfg <= MAX_CFG:
+            try:
+                check_cfg(cfg)  # the one place the CFG range lives
+            except QwennbError:
                 raise _Bad(
                     f"cfg must be at least 1 (1 turns guidance off) and at most {MAX_CFG:g}, got {cfg:g}"
-                )
+                ) from None
             if (width, height) not in fits:
                 fits[(width, height)] = largest_size_that_fits(plan, width, height, 1)
             fit = fits[(width, height)]

@@ -86,7 +86,7 @@ def _parse_options(magic: Any, name: str, line: str) -> Any:
     try:
         return parse_argstring(magic, line)
     except ValueError as exc:
-        raise UsageError(f"{name}: cannot read the options line ({exc}): close the quote") from None
+        raise UsageError(f"{name}: cannot read the options line: {exc}") from None
 
 
 def _model_words(command: str, rest: str) -> list[str]:

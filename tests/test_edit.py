@@ -253,6 +253,9 @@ def test_images_of_more_than_8_bits_keep_their_tones(tmp_path):
     for array in (np.full((32, 32), 70000, np.int32), np.full((32, 32), 300.0, np.float32)):
         with pytest.raises(ImageInputError, match="values up to"):
             read_image(Image.fromarray(array))
+    for array in (np.full((32, 32), -1, np.int32), np.full((32, 32), np.nan, np.float32)):
+        with pytest.raises(ImageInputError, match="values below 0 or not finite"):
+            read_image(Image.fromarray(array))
 
 
 def test_the_first_edit_model_takes_one_image():

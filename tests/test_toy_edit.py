@@ -580,6 +580,7 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
         (["--weight", "1.5"], "--weight 1.5: the other model's share, from 0 to 1"),
         (["--other", str(tmp_path)], "not a transformer folder"),
         (["--val-seed", "4321"], "--val-seed 4321 is the evaluation's own draw"),
+        (["--device", "cuda"], "--device cuda: no CUDA GPU here"),
     ):
         argv = [*pair, "--out", str(tmp_path / "x"), *args]
         proc = subprocess.run(

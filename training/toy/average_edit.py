@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.weight <= 1:
         ap.error(f"--weight {args.weight}: the other model's share, from 0 to 1")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(
+            f"--device {args.device}: no CUDA GPU here (torch {torch.__version__}); --device cpu runs anywhere"
+        )
     if args.val_seed == 4321:
         ap.error("--val-seed 4321 is the evaluation's own draw; a validation draw needs another seed")
     for folder in (args.base, args.other):

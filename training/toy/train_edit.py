@@ -143,22 +143,24 @@ def scramble_instruction(source, target, rng: random.Random, lang: str = "en") -
     """
     kind = next(k for k in toy.EDIT_KINDS if getattr(source, k) != getattr(target, k))
     new = getattr(target, kind)
-    if lang == "zh":
-        word = {
-            "size": lambda: rng.choice(toy._ZH_EDIT_SIZE["train"][new]),
-            "background": lambda: rng.choice(("背景{}", "{}背景", "{}的背景")).format(
-                rng.choice(toy._ZH["background"][new])
-            ),
-        }.get(kind, lambda: rng.choice(toy._ZH[kind][new]))()
+    if lang == "zh" and kind == "size":
+        word = rng.choice(toy._ZH_EDIT_SIZE["train"][new])
+    elif lang == "zh" and kind == "background":
+        form = rng.choice(("背景{}", "{}背景", "{}的背景"))
+        word = form.format(rng.choice(toy._ZH["background"][new]))
+    elif lang == "zh":
+        word = rng.choice(toy._ZH[kind][new])
+    elif kind == "shape":
+        word = rng.choice(("", "a ")) + rng.choice(toy._EN["shape"][new])
+    elif kind == "position":
+        word = rng.choice(toy._EN_EDIT_POSITION[new])
+    elif kind == "size":
+        word = rng.choice(toy._EN_EDIT_SIZE["train"]["make"][new])
+    elif kind == "background":
+        form = rng.choice(("{} background", "background {}", "the background {}"))
+        word = form.format(rng.choice(toy._EN["background"][new]))
     else:
-        word = {
-            "shape": lambda: rng.choice(("", "a ")) + rng.choice(toy._EN["shape"][new]),
-            "position": lambda: rng.choice(toy._EN_EDIT_POSITION[new]),
-            "size": lambda: rng.choice(toy._EN_EDIT_SIZE["train"]["make"][new]),
-            "background": lambda: rng.choice(("{} background", "background {}", "the background {}")).format(
-                rng.choice(toy._EN["background"][new])
-            ),
-        }.get(kind, lambda: rng.choice(toy._EN["colour"][new]))()
+        word = rng.choice(toy._EN["colour"][new])
     keep_obj = rng.random() < (0.3 if kind == "background" else 0.85)
     parts = [toy._edit_object(source, rng, lang), word] if keep_obj else [word]
     rng.shuffle(parts)
