@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=20 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=21 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -374,6 +374,31 @@ round20_lane() { # NAME RUN_DIR SCRAMBLE
 }
 lane_a20() { round20_lane a toy_edit_run0 0.25; }
 lane_b20() { round20_lane b toy_edit_run1 0.5; }
+
+# ROUND=21 (prepared in session 14; about 1,200 s with PHASE1_S=1100): two toy edit models from the shipped
+# edit-run12, side by side on one H200, 8 minutes each on the train+ phrasings. Lane a: a third of the instructions
+# reworded (train_edit.py --reword 0.3: a training phrasing's order, object, new value and the nouns background/colour
+# kept, every other word one the toy world never says; session 12's misses are known objects and values around verbs
+# the model never met, and the model then copies the source). Lane b: the same without rewording, another seed (the
+# control, and a second ingredient for a soup). Each averaged with edit-run12 (average_edit.py; lane a at shares 0.5
+# and 1, lane b at 0.5), scored on the validation draw (--val-seed 777: the choice is made there) and on the
+# evaluation's 120 held-out edits. From copies of the tree.
+round21_lane() { # NAME RUN_DIR REWORD SEED SHARES...
+  local name=$1 dir=$2 rw=$3 seed=$4 tree=/tmp/tree21$1
+  shift 4
+  rm -rf $tree && cp -r "$here" $tree && cd $tree || return
+  export PYTHONPATH=/tmp/site:$tree CUDA_VISIBLE_DEVICES=0
+  job 720 toy_edit_$name python3 training/toy/train_edit.py --out $W/$dir --minutes ${TOY_EDIT_MINUTES:-8} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 6 --eval-n 20 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword $rw --seed $seed
+  [ -f $W/$dir/transformer/config.json ] || return
+  for share in "$@"; do
+    job 300 avg_${name}_$share python3 training/toy/average_edit.py --base qwennb/toy_edit_model/transformer \
+      --other $W/$dir/transformer --weight $share --out $W/avg/$name-$share --eval-n 120 --val-seed 777
+  done
+}
+lane_a21() { round21_lane a toy_edit_run0 0.3 0 0.5 1; }
+lane_b21() { round21_lane b toy_edit_run1 0 1 0.5; }
 
 phases() {
   cd "$here" || exit 1

@@ -990,6 +990,18 @@ def edit_instruction(
         >>> edit_instruction(s, edit_target(s, "colour", random.Random(0), "blue"), random.Random(1))
         'Turn the disc blue'
     """
+    template, obj, word = _edit_parts(source, target, rng, lang, split)
+    text = template.format(obj=obj, new=word)
+    if lang == "en" and rng.random() < 0.3:
+        text = text[0].upper() + text[1:]
+    return text
+
+
+def _edit_parts(
+    source: Scene, target: Scene, rng: random.Random, lang: str, split: str
+) -> tuple[str, str, str]:
+    """What :func:`edit_instruction` says, before it is put together: the phrasing (with ``{obj}`` and ``{new}``),
+    the object's words and the new value's words, drawn in the order edit_instruction has always drawn them."""
     if split not in _EN_EDIT:
         raise ValueError(f"unknown phrasing split {split!r}; the splits: {', '.join(_EN_EDIT)}")
     changed = [k for k in EDIT_KINDS if getattr(source, k) != getattr(target, k)]
@@ -1007,7 +1019,7 @@ def edit_instruction(
             word = rng.choice(_ZH["background"][new])
         else:
             word = rng.choice(_ZH[kind][new])
-        return rng.choice(_ZH_EDIT[split][kind]).format(obj=obj, new=word)
+        return rng.choice(_ZH_EDIT[split][kind]), obj, word
     if kind == "size":
         template = rng.choice(_EN_EDIT[split]["size"])
         form = "verb" if template.startswith("{new}") or "you {new}" in template else "make"
@@ -1018,10 +1030,7 @@ def edit_instruction(
     else:
         template = rng.choice(_EN_EDIT[split][kind])
         word = rng.choice(_EN["background" if kind == "background" else kind][new])
-    text = template.format(obj=obj, new=word)
-    if rng.random() < 0.3:
-        text = text[0].upper() + text[1:]
-    return text
+    return template, obj, word
 
 
 @dataclass(frozen=True)

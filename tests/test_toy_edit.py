@@ -398,6 +398,7 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
     for option, message in (
         ("--empty", "--empty 1.5: a share from 0"),
         ("--scramble", "--scramble 1.5: a share"),
+        ("--reword", "--reword 1.5: a share"),
     ):
         proc = subprocess.run(
             [sys.executable, str(script), option, "1.5"], capture_output=True, text=True, timeout=300
@@ -484,6 +485,102 @@ def test_scrambled_instructions_name_object_and_new_value_in_either_order_among_
     s = toy.Scene("circle", "red", "left", "large", "white")
     square = toy.edit_target(s, "shape", random.Random(0), "square")
     assert te.scramble_instruction(s, square, random.Random(4)) == "box kagupi the red disk"
+
+
+def test_reworded_instructions_keep_order_values_and_nouns_but_say_every_other_word_unknown(
+    monkeypatch, fits_phrasing
+):
+    """train_edit.py --reword: a share of training instructions keeps a training phrasing's order, its object, its
+    new value and the nouns background/colour, and says each of its other words as a word the toy world never has
+    (the same number of words; Chinese, the same number of characters). Scenes stay the same, no held-out word slips
+    in, and at 0 the examples are exactly those earlier runs trained on."""
+    import hashlib
+    import random
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    assert te.REWORD == 0
+    digest = hashlib.sha256(repr(te.make_examples(random.Random(3), 300)).encode()).hexdigest()[:16]
+    assert digest == "cf24fb6f60abd6cd"
+    monkeypatch.setattr(te, "AUGMENT", 0.0)
+    monkeypatch.setattr(te, "PHRASINGS", "train+")
+    plain = te.make_examples(random.Random(8), 400)
+    monkeypatch.setattr(te, "REWORD", 1.0)
+    reworded = te.make_examples(random.Random(8), 400)
+    templates = {
+        lang: [t for table in tables for ts in table["train+"].values() for t in ts]
+        for lang, tables in (("en", (toy._EN_EDIT,)), ("zh", (toy._ZH_EDIT,)))
+    }
+    kept_nouns = 0
+    for (s1, t1, a), (s2, t2, b) in zip(plain, reworded, strict=True):
+        assert (s1, t1) == (s2, t2)
+        if s1 == t1:
+            assert b == a == " "
+            continue
+        kind = next(k for k in toy.EDIT_KINDS if getattr(s1, k) != getattr(t1, k))
+        new = getattr(t1, kind)
+        zh = any(ord(c) >= 0x4E00 for c in b)
+        if zh:
+            # no two-character run that only held-out phrasings have ("颜色" is a train+ phrasing's too)
+            assert not any(h in b for h in te._ZH_HELD if not any(h in t for t in templates["zh"])), b
+            table = toy._ZH_EDIT_SIZE["train"] if kind == "size" else toy._ZH[kind]
+        else:
+            tables = {"position": toy._EN_EDIT_POSITION, "size": toy._EN_EDIT_SIZE["train"]["make"]}
+            table = tables[kind] if kind in tables else toy._EN[kind]
+            if kind == "size":
+                table = {k: v + toy._EN_EDIT_SIZE["train"]["verb"][k] for k, v in table.items()}
+        assert any(w in b for w in table[new]), (kind, new, b)  # the new value is said as training says it
+        # some training phrasing, its own words each replaced by one unknown word (kept nouns stay)
+        fitted = []
+        for t in templates["zh" if zh else "en"]:
+            pieces = re.split(r"(\{obj\}|\{new\})", t)
+            pattern = ""
+            for piece in pieces:
+                if piece in ("{obj}", "{new}"):
+                    pattern += "(.+?)"
+                elif zh:
+                    pattern += "".join(
+                        re.escape(c) if c in te._KEEP_ZH or ord(c) < 0x4E00 else "[\u4e00-\u9fa5]"
+                        for c in piece
+                    )
+                else:
+                    pattern += re.sub(
+                        r"[A-Za-z']+",
+                        lambda m: m.group(0) if m.group(0).lower() in te._KEEP_EN else "[a-z]+",
+                        re.escape(piece),
+                    )
+            if re.fullmatch(pattern, b):
+                fitted.append(t)
+        assert fitted, b
+        literal = [w for t in fitted for p in re.split(r"\{obj\}|\{new\}", t) for w in p.split()]
+        kept_nouns += any(w in ("background", "colour") for w in literal) or "背景" in b or "颜色" in b
+        if zh:
+            unknown = [c for c in b if ord(c) >= 0x4E00 and c not in te._KNOWN_ZH]
+            assert set(unknown) <= set(te._UNKNOWN_ZH)
+        else:
+            words = re.findall(r"[A-Za-z'-]+", b)
+            unknown = [w for w in words if w.lower() not in te._KNOWN_EN]
+            assert not {w.lower() for w in unknown} & te._EN_HELD, b
+        replaced = {
+            sum(
+                w.lower() not in te._KEEP_EN and w not in te._KEEP_ZH
+                for p in re.split(r"\{obj\}|\{new\}", t)
+                for w in re.findall(r"[A-Za-z']+|[\u4e00-\u9fa5]", p)
+            )
+            for t in fitted
+        }
+        assert len(unknown) in replaced, (b, fitted)  # each replaced word is one unknown word
+    assert kept_nouns > 20
+    s = toy.Scene("circle", "red", "left", "large", "white")
+    blue = toy.edit_target(s, "colour", random.Random(0), "blue")
+    assert te.reword_instruction(s, blue, random.Random(2)) == "vikugu the colour of it to blue"
+    assert te.reword_instruction(s, blue, random.Random(2), lang="zh", split="train") != toy.edit_instruction(
+        s, blue, random.Random(2), lang="zh", split="train"
+    )
 
 
 def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -169,6 +170,45 @@ def scramble_instruction(source, target, rng: random.Random, lang: str = "en") -
     return ("" if lang == "zh" else " ").join(parts)
 
 
+# Share of training instructions (``--reword``) whose phrasing keeps its sentence shape and its nouns for what is
+# edited (background, colour) but says every other word of it as a word the toy world never has: "把{obj}换成{new}"
+# -> "丐{obj}夭丐{new}", "Turn {obj} {new}" -> "mopa {obj} {new}". Session 13's verb-less instructions
+# (``--scramble``) took away the nouns and the word order too, and the held-out background edits failed; these keep
+# them. The held-out phrasings that still fail say a known object and value around verbs the model never met
+# ("用X替换Y", "让X变为Y").
+REWORD = 0.0
+_KEEP_EN = {"background", "colour", "color", "a", "the", "to", "of"}
+_KEEP_ZH = set("背景颜色的")
+
+
+def reword_instruction(source, target, rng: random.Random, lang: str = "en", split: str | None = None) -> str:
+    """A training phrasing for ``source`` -> ``target`` (as ``qwennb.toy.edit_instruction`` draws one) with
+    the phrasing's own words, but for the nouns of :data:`_KEEP_EN` / :data:`_KEEP_ZH`, said as
+    :func:`unknown_word` (English word for word; Chinese character for character, the same length).
+
+    Example:
+        >>> s = toy.Scene("circle", "red", "left", "large", "white")
+        >>> reword_instruction(s, toy.edit_target(s, "colour", random.Random(0), "blue"), random.Random(2))
+        'vikugu the colour of it to blue'
+    """
+    template, obj, word = toy._edit_parts(source, target, rng, lang, split or PHRASINGS)
+    parts = re.split(r"(\{obj\}|\{new\})", template)
+    for i, part in enumerate(parts):
+        if part in ("{obj}", "{new}"):
+            continue
+        if lang == "zh":
+            parts[i] = "".join(
+                c if c in _KEEP_ZH or ord(c) < 0x4E00 else rng.choice(_UNKNOWN_ZH) for c in part
+            )
+        else:
+            parts[i] = re.sub(
+                r"[A-Za-z']+",
+                lambda m: m.group(0) if m.group(0).lower() in _KEEP_EN else unknown_word(rng, "en"),
+                part,
+            )
+    return "".join(parts).format(obj=obj, new=word)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -248,6 +288,8 @@ def make_examples(rng: random.Random, n: int, split: str | None = None) -> list[
         # no draw at --scramble 0, so that earlier runs' examples come out the same
         if split != "heldout" and SCRAMBLE and aug.random() < SCRAMBLE:
             text = scramble_instruction(src, tgt, aug, lang)
+        elif split != "heldout" and REWORD and aug.random() < REWORD:
+            text = reword_instruction(src, tgt, aug, lang, split)
         elif split != "heldout" and aug.random() < AUGMENT:
             text = t2i._insert_noise(text, aug, lang, EN_NOISE, ZH_NOISE)
         out.append((src, tgt, text))
@@ -642,7 +684,7 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, SCRAMBLE
+    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, REWORD, SCRAMBLE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -678,6 +720,13 @@ def main() -> None:
         default=SCRAMBLE,
         help="share of training instructions said without a verb: object and new value in either order among "
         "words the toy world never says (0: off)",
+    )
+    ap.add_argument(
+        "--reword",
+        type=float,
+        default=REWORD,
+        help="share of training instructions whose phrasing says its verbs and other words (not the nouns "
+        "background and colour) as words the toy world never says, in the phrasing's own order (0: off)",
     )
     ap.add_argument(
         "--kind-weights",
@@ -732,6 +781,13 @@ def main() -> None:
     if not 0 <= args.scramble <= 1:
         raise SystemExit(f"--scramble {args.scramble}: a share from 0 to 1")
     SCRAMBLE = args.scramble
+    if not 0 <= args.reword <= 1:
+        raise SystemExit(f"--reword {args.reword}: a share from 0 to 1")
+    if args.scramble + args.reword > 1:
+        raise SystemExit(
+            f"--scramble {args.scramble} and --reword {args.reword}: shares of one draw, 1 at most together"
+        )
+    REWORD = args.reword
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     PHRASINGS = args.phrasings
     if args.smoke:
