@@ -14,7 +14,8 @@ model that draws the wrong thing is no result).
 
 ``%load_ext qwennb``: ``--load-runs`` fresh Python processes each start an IPython ``InteractiveShell`` (not
 timed: a notebook kernel has one already) and time ``run_line_magic("load_ext", "qwennb")``, which detects the
-machine, plans and loads the default model, hub offline: the toy model where no Qwen-Image weights are found
+machine, plans and starts loading the default model on a thread (hub offline), and then the time until that load
+has ended (``Session.wait``): the toy model where no Qwen-Image weights are found
 (otherwise ``QWENNB_MODEL=toy`` is set, and the JSON says so). A further fresh process times the same work a
 step at a time (imports, detect, resolve, plan, ``from_pretrained`` + the plan's placement) for the
 breakdown. Python's bytecode: an installed package has its ``.pyc`` files, but a virtual environment built
@@ -56,12 +57,16 @@ CHILD_LOAD_EXT = """
 import json, os, time
 from IPython.core.interactiveshell import InteractiveShell
 shell = InteractiveShell.instance()
-w, c = time.perf_counter(), time.process_time()
+w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
 shell.run_line_magic("load_ext", "qwennb")
-w, c = time.perf_counter() - w, time.process_time() - c
+w, c = time.perf_counter() - w0, time.thread_time() - t0
 import qwennb
-report = qwennb._EXTENSION.session.report
-print("RESULT " + json.dumps({"wall_s": w, "cpu_s": c, "model": report.model if report else None}))
+report = qwennb._EXTENSION.session.wait()  # the load goes on in the background after %load_ext returns
+ready_w, ready_c = time.perf_counter() - w0, time.process_time() - c0
+print("RESULT " + json.dumps({
+    "wall_s": w, "cpu_s": c, "ready_wall_s": ready_w, "ready_cpu_s": ready_c,
+    "model": report.model if report else None,
+}))
 """
 
 CHILD_BREAKDOWN = """
@@ -189,6 +194,8 @@ def measure_load_ext(runs: int, pycache: str) -> dict[str, Any]:
         "runs": timed,
         "median_wall_s": statistics.median(r["wall_s"] for r in timed),
         "median_cpu_s": statistics.median(r["cpu_s"] for r in timed),
+        "median_ready_wall_s": statistics.median(r["ready_wall_s"] for r in timed),
+        "median_ready_cpu_s": statistics.median(r["ready_cpu_s"] for r in timed),
         "environment_as_is": as_is,
         "breakdown": breakdown,
     }
@@ -292,10 +299,15 @@ def markdown(rec: dict[str, Any]) -> str:
         "",
         f"## %load_ext qwennb in a fresh process (median of {len(le['runs'])}, bytecode cached)",
         "",
-        f"Wall {le['median_wall_s']:.2f} s, CPU {le['median_cpu_s']:.2f} s (target <= {TARGET_LOAD_EXT_S} s). With "
+        f"`%load_ext qwennb` returns in {le['median_wall_s']:.2f} s wall, {le['median_cpu_s']:.2f} s CPU of the kernel's "
+        f"thread (target <= {TARGET_LOAD_EXT_S} s); the model, loading on a thread meanwhile, is ready "
+        f"{le['median_ready_wall_s']:.2f} s after the call ({le['median_ready_cpu_s']:.2f} s CPU, every thread). With "
         f"the environment as it is ({rec['torch_py_without_pyc']['without_pyc']} of torch's "
-        f"{rec['torch_py_without_pyc']['py']} modules without a .pyc): wall {le['environment_as_is']['wall_s']:.2f} s, "
-        f"CPU {le['environment_as_is']['cpu_s']:.2f} s.",
+        f"{rec['torch_py_without_pyc']['py']} modules without a .pyc): returns in "
+        f"{le['environment_as_is']['wall_s']:.2f} s, ready in {le['environment_as_is']['ready_wall_s']:.2f} s.",
+        "",
+        "What the load does, a step at a time in the kernel's thread (what the thread does after `%load_ext` "
+        "returns, and what `%load_ext` did before it loaded in the background):",
         "",
         "| step (fresh process, bytecode cached) | wall s | CPU s |",
         "| --- | --- | --- |",

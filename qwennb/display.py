@@ -315,10 +315,14 @@ def load_report_html(report: Any) -> str:
     )
     g = report.hardware.best_gpu
     card = f"{g.name}, {g.total_memory_gb:.1f} GiB" if g else f"no GPU ({report.hardware.cpu_count} CPUs)"
-    head = (
-        f"<div><b>qwennb</b> · {html.escape(card)} · loaded <b>{html.escape(report.model)}</b> "
-        f"in {report.seconds:.1f} s</div>"
-    )
+    if getattr(report, "background", False):
+        done = (
+            f"loading <b>{html.escape(report.model)}</b> in the background (the next cells run meanwhile; "
+            "qwennb's commands wait for it)"
+        )
+    else:
+        done = f"loaded <b>{html.escape(report.model)}</b> in {report.seconds:.1f} s"
+    head = f"<div><b>qwennb</b> · {html.escape(card)} · {done}</div>"
     return head + note + plan_html(report.plan)
 
 

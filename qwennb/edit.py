@@ -642,7 +642,7 @@ def edit(
 
 
 TOY_EDIT_NOTICE = (
-    "No Qwen-Image-Edit weights found: loaded the embedded toy edit model (toy-edit; an early model that edits the "
+    "No Qwen-Image-Edit weights found: using the embedded toy edit model (toy-edit; an early model that edits the "
     "toy world of flat shapes only: the asked-for change shows in most edits, but a moved or resized shape is "
     "sometimes redrawn as another). Run `qwennb download --model "
     "qwen-image-edit-2511` or pass --model."

@@ -125,6 +125,11 @@ class QwenMagics(Magics):
         "", help="Model to load: registry name, hub id or folder (default: QWENNB_MODEL, local, toy)"
     ).tag(config=True)
     autoload = Bool(True, help="Load the model when the extension is loaded").tag(config=True)
+    background_load = Bool(
+        True,
+        help="At %load_ext, load the model on a thread: the kernel is free at once and qwennb's commands wait "
+        "for the model (False: %load_ext returns when it is loaded)",
+    ).tag(config=True)
     default_steps = Int(0, help="Steps when a cell gives none (0: the preset's or the plan's)").tag(
         config=True
     )
@@ -149,15 +154,25 @@ class QwenMagics(Magics):
         self.session = Session(history=_HISTORY)
         self.panel: Any = None  # the last %qwen_ui panel, for "send to panel"
         self._last_preview: Any = None
+        self._loading_model = "the model"  # the model a load in the background is loading
 
     # ------------------------------------------------------------------ plain functions (tested directly)
 
     def load(
-        self, model: str | None = None, overrides: dict[str, Any] | None = None, show: bool = True
+        self,
+        model: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        show: bool = True,
+        background: bool = False,
     ) -> Any:
-        """Load a model (replacing the current one) and show the banner."""
+        """Load a model (replacing the current one) and show the banner; ``background``: on a thread (one GPU), the
+        banner saying so at once, and the first qwennb command after it says when it ended (:meth:`ready`)."""
         name = model or self.model or None
         overrides = dict(overrides or {})
+        try:
+            self.ready()  # a load still running in the background ends first
+        except UsageError:
+            pass  # and if it failed, this load replaces it
         try:  # gpus=N [ulysses=K]: worker processes, one per GPU (qwennb.parallel)
             from .parallel import session_for
 
@@ -166,6 +181,15 @@ class QwenMagics(Magics):
             raise UsageError(str(exc)) from None
         if self.mode and "mode" not in (overrides or {}):
             overrides = {**(overrides or {}), "mode": self.mode}
+        if background and hasattr(self.session, "load_in_background"):
+            try:
+                report = self.session.load_in_background(name, overrides or None)
+            except QwennbError as exc:
+                raise UsageError(str(exc)) from None
+            self._loading_model = report.model
+            if show:
+                display(report)
+            return report
         if show:
             # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
             # banner as a separate output so that notebooks store and compare it.
@@ -177,6 +201,32 @@ class QwenMagics(Magics):
         if show:
             display(report)
         return report
+
+    def ready(self) -> None:
+        """Wait for a load running in the background (``%load_ext``'s), saying so, then how it ended, once: a
+        failed load is one ``UsageError`` (the kernel and the extension stay usable: ``%qwen load`` again)."""
+        session = self.session
+        if not getattr(session, "loading", False):
+            return
+        handle = display(
+            _Text(f"qwennb: waiting for {self._loading_model} to finish loading..."), display_id=True
+        )
+        try:
+            report = session.wait()
+        except KeyboardInterrupt:
+            handle.update(_Text("qwennb: still loading in the background"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of the load is the user's to see, in one line
+            handle.update(_Text(""))
+            lines = str(exc).strip().splitlines()
+            why = lines[0] if lines else ""
+            if not isinstance(exc, QwennbError):
+                why = f"{type(exc).__name__}: {why}" if why else type(exc).__name__
+            raise UsageError(f"the model could not be loaded: {why} (%qwen load MODEL tries again)") from None
+        if report is not None:
+            handle.update(
+                _Text(f"qwennb: loaded {report.model} in {report.seconds:.1f} s (in the background)")
+            )
 
     def cell_options(self, options: Any) -> dict[str, Any]:
         """Check a cell's options (with the traitlet defaults) before anything loads: ``UsageError`` if bad."""
@@ -210,6 +260,7 @@ class QwenMagics(Magics):
         opts = self.cell_options(options)  # every option is checked before the model loads
         images = self.image_options(options)  # --init-image, --strength, --mask: checked before loading
         out = opts.pop("out", None)
+        self.ready()
         if not self.session.loaded:
             self.load()
         if getattr(options, "lora", None):
@@ -331,6 +382,7 @@ class QwenMagics(Magics):
             self.resolve_image(t, f"image {i + 1}" if len(options.image) > 1 else "image")
             for i, t in enumerate(options.image)
         ]
+        self.ready()
         loaded = self.session.pipe if self.session.loaded else None
         try:
             if options.model:
@@ -507,6 +559,8 @@ class QwenMagics(Magics):
         handler = getattr(self, f"_qwen_{cmd}", None)
         if handler is None:
             raise UsageError(f"unknown %qwen command {cmd!r}; try %qwen help")
+        if cmd not in ("help", "presets", "history", "save", "load"):
+            self.ready()
         try:
             return handler(rest)
         except QwennbError as exc:
@@ -820,6 +874,7 @@ class QwenMagics(Magics):
         """The widget panel: prompt, sliders for steps and CFG, presets, Generate and Stop."""
         from .widgets import QwenPanel
 
+        self.ready()
         overrides = {"mode": self.mode} if self.mode else None
         try:  # the model loads at the first Generate (after the panel's options are checked), not here
             self.panel = QwenPanel(
@@ -955,7 +1010,7 @@ def load_extension(ip: Any) -> QwenMagics:
     register_figure_display(ip)
     if magics.autoload and os.environ.get("QWENNB_AUTOLOAD", "1") != "0":
         try:
-            magics.load()
+            magics.load(background=magics.background_load)
         except UsageError as exc:
             # The extension stays loaded; the magics say what to do.
             display(_Text(f"qwennb: could not load the model: {exc}"))

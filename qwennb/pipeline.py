@@ -30,7 +30,7 @@ from .plan import MMDIT_CLASSES, Plan, plan_sizes
 log = logging.getLogger("qwennb")
 
 TOY_NOTICE = (
-    "No Qwen-Image weights found: loaded the embedded toy model (Qwen-Image's classes at a small size, trained "
+    "No Qwen-Image weights found: using the embedded toy model (Qwen-Image's classes at a small size, trained "
     "on a toy world of one flat shape on a plain background; not Qwen-Image). It draws the colour, shape, "
     "position and background a prompt names, in its own words or yours. "
     "Run `qwennb download --model qwen-image` or set QWENNB_MODEL to a model folder for the real model."

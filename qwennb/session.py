@@ -11,9 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,41 @@ from .hardware import Hardware, detect
 from .lora import LoraInfo
 from .models import get_model
 from .plan import OptimizationConfig, Plan, make_plan
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off for a load in the background: a thread's output lands in
+    whichever notebook cell runs at that moment (the banner has said that the model is loading, and the first
+    command that needs it says when it ended)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [m.is_progress_bar_enabled() for m in (diffusers_logging, transformers_logging)]
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, on in zip((diffusers_logging, transformers_logging), was, strict=True):
+            if on:
+                module.enable_progress_bar()
+
+
+@dataclass
+class _Prepared:
+    """A load checked and planned, not yet done (:meth:`Session.prepare`)."""
+
+    model: str
+    path: str | None
+    plan: Plan
+    hardware: Hardware
+    notice: str | None
+    loras: list[tuple[str, float]] | None
+    args: tuple[Any, Any]
+
+    def report(self, seconds: float, background: bool = False) -> LoadReport:
+        return LoadReport(self.model, self.path, self.plan, self.hardware, seconds, self.notice, background)
 
 
 @dataclass
@@ -35,11 +74,16 @@ class LoadReport:
     hardware: Hardware
     seconds: float
     notice: str | None = None
+    background: bool = False  # the load was started on a thread and had not ended when this was made
 
     def text(self) -> str:
         g = self.hardware.best_gpu
         card = f"{g.name}, {g.total_memory_gb:.1f} GiB" if g else f"no GPU ({self.hardware.cpu_count} CPUs)"
-        lines = [f"qwennb: {card}", f"loaded {self.model} in {self.seconds:.1f} s: {self.plan.arrangement}"]
+        if self.background:
+            done = f"loading {self.model} in the background (the next cells run meanwhile; qwennb's commands wait for it)"
+        else:
+            done = f"loaded {self.model} in {self.seconds:.1f} s"
+        lines = [f"qwennb: {card}", f"{done}: {self.plan.arrangement}"]
         if self.notice:
             lines.append(f"NOTE: {self.notice}")
         return "\n".join(lines)
@@ -52,13 +96,65 @@ class LoadReport:
 
 @dataclass
 class Session:
-    """One loaded pipeline plus the results generated with it."""
+    """One loaded pipeline plus the results generated with it.
 
-    pipe: Any = None
-    report: LoadReport | None = None
+    ``pipe`` and ``report`` wait for a load started by :meth:`load_in_background` (``%load_ext qwennb`` starts one),
+    so every use of the model, from any layer, finds it loaded or gets the load's error.
+    """
+
     history: list[GenerationResult] = field(default_factory=list)
     max_history: int = 50
     _hardware: Hardware | None = None
+    _pipe: Any = field(default=None, repr=False)
+    _report: LoadReport | None = field(default=None, repr=False)
+    # (future, thread) of the load running in the background, until someone has waited for it
+    _loading: tuple[Future[LoadReport], threading.Thread] | None = field(default=None, repr=False)
+
+    @property
+    def pipe(self) -> Any:
+        """The loaded pipeline, or None (after waiting for a load running in the background)."""
+        self.wait()
+        return self._pipe
+
+    @pipe.setter
+    def pipe(self, value: Any) -> None:
+        self._pipe = value
+
+    @property
+    def report(self) -> LoadReport | None:
+        """What the last load did, or None (after waiting for a load running in the background)."""
+        self.wait()
+        return self._report
+
+    @report.setter
+    def report(self, value: LoadReport | None) -> None:
+        self._report = value
+
+    @property
+    def loading(self) -> bool:
+        """Whether a load started by :meth:`load_in_background` has not been waited for yet (it may have ended)."""
+        return self._loading is not None
+
+    def wait(self, timeout: float | None = None) -> LoadReport | None:
+        """Wait for the load running in the background (if any) and return its report; its error, if it failed,
+        is raised here, once. ``timeout``: seconds, then ``TimeoutError`` (the load goes on).
+
+        Example:
+            >>> s = Session()
+            >>> _ = s.load_in_background("tiny")
+            >>> s.wait().model
+            'tiny'
+        """
+        loading = self._loading
+        if loading is None or threading.current_thread() is loading[1]:
+            return self._report
+        future = loading[0]
+        try:
+            future.result(timeout)
+        finally:
+            if future.done():
+                self._loading = None
+        return self._report
 
     @property
     def hardware(self) -> Hardware:
@@ -87,8 +183,54 @@ class Session:
     ) -> LoadReport:
         """Resolve, plan and load a model, replacing (and freeing) any loaded one; ``loras`` are
         ``(source, scale)`` pairs loaded with it (checked against the model before anything loads)."""
+        self.wait()
+        return self._build(self.prepare(model, overrides, loras))
+
+    def load_in_background(
+        self,
+        model: str | None = None,
+        overrides: OptimizationConfig | dict[str, Any] | None = None,
+        loras: list[tuple[str, float]] | None = None,
+    ) -> LoadReport:
+        """:meth:`load` with the slow part (importing torch, diffusers and transformers, reading the weights) on a
+        thread: the model is resolved, planned and checked here (a bad name or LoRA is an error now), then this
+        returns at once with what the load will be (``background`` True, ``seconds`` 0). Everything that uses the model waits for it
+        (``pipe``, ``report``, ``generate``...; :meth:`wait` says how it ended).
+
+        Example:
+            >>> s = Session()
+            >>> s.load_in_background("tiny").plan.model
+            'tiny'
+            >>> s.generate("a red fox", steps=2, width=64, height=64, seed=1).seed  # waits for the load
+            1
+        """
+        self.wait()
+        prepared = self.prepare(model, overrides, loras)
+        self.unload()
+        future: Future[LoadReport] = Future()
+
+        def run() -> None:
+            t0 = time.perf_counter()  # the imports count: the user waits for them too
+            try:
+                with _quiet_loading():
+                    future.set_result(self._build(prepared, t0))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits, as load() would raise it
+                future.set_exception(exc)
+
+        thread = threading.Thread(target=run, name="qwennb-load", daemon=True)
+        self._loading = (future, thread)
+        thread.start()
+        return prepared.report(0.0, background=True)
+
+    def prepare(
+        self,
+        model: str | None = None,
+        overrides: OptimizationConfig | dict[str, Any] | None = None,
+        loras: list[tuple[str, float]] | None = None,
+    ) -> _Prepared:
+        """What :meth:`load` would load (model, folder, plan, notice), checked, without loading anything."""
         from .lora import check_for_model
-        from .pipeline import build, resolve_model
+        from .pipeline import resolve_model
 
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
@@ -122,19 +264,26 @@ class Session:
             gib = f"{swap.swap_gib:.1f}" if swap.swap_gib >= 1 else f"{swap.swap_gib:.3f}"
             line += f"; up to {gib} GiB of weights differ (qwennb reloads the whole pipeline)"
             notice = f"{notice} {line}" if notice else line
+        return _Prepared(name, path, plan, self.hardware, notice, loras, (model, overrides))
+
+    def _build(self, prepared: _Prepared, t0: float | None = None) -> LoadReport:
+        """Load what :meth:`prepare` planned; the report's time counts from ``t0`` (default: now)."""
+        from .pipeline import build
+
         self.unload()
-        t0 = time.perf_counter()
-        self.pipe = build(plan, path, loras=loras)
-        self.report = LoadReport(name, path, plan, self.hardware, time.perf_counter() - t0, notice)
-        self._load_args = (model, overrides)
-        return self.report
+        t0 = time.perf_counter() if t0 is None else t0
+        self._pipe = build(prepared.plan, prepared.path, loras=prepared.loras)
+        self._report = prepared.report(time.perf_counter() - t0)
+        self._load_args = prepared.args
+        return self._report
 
     def unload(self) -> None:
-        """Drop the pipeline and free its GPU memory."""
-        if self.pipe is None:
+        """Drop the pipeline and free its GPU memory (after a load running in the background has ended)."""
+        self.wait()
+        if self._pipe is None:
             return
-        self.pipe = None
-        self.report = None
+        self._pipe = None
+        self._report = None
         free_memory()
 
     def require(self) -> Any:

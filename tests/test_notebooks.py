@@ -90,6 +90,7 @@ def _sanitized(text):
             "a 50-step 1024x1024 image in 4.2 s against 18.6",
         ),
         ("same pixels: True", "same pixels: False"),
+        ("qwennb: loaded toy in 6.5 s (in the background)", "qwennb: loaded tiny in 6.5 s (in the background)"),
     ],
 )
 def test_the_sanitizer_keeps_deterministic_figures(stored, changed):
@@ -108,6 +109,7 @@ def test_the_sanitizer_keeps_deterministic_figures(stored, changed):
         ),
         ("qwennb: no GPU (2 CPUs)", "qwennb: no GPU (16 CPUs)"),
         ("qwennb: done: 8/8 steps in 0.8 s", "qwennb: encoding the prompt..."),
+        ("qwennb: loaded toy in 6.5 s (in the background)", "qwennb: waiting for toy to finish loading..."),
     ],
 )
 def test_the_sanitizer_masks_what_this_machine_measures(stored, changed):
