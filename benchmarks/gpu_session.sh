@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=21 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=22 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -399,6 +399,19 @@ round21_lane() { # NAME RUN_DIR REWORD SEED SHARES...
 }
 lane_a21() { round21_lane a toy_edit_run0 0.3 0 0.5 1; }
 lane_b21() { round21_lane b toy_edit_run1 0 1 0.5; }
+
+# ROUND=22 (ran in session 14 with the device time round 21 left; about 450 s with PHASE1_S=470): edit-run15 (carried
+# as .r15/transformer, fp16) 3.5 minutes more alone, reworded as before and with "background" itself reworded in
+# half of the reworded instructions (--reword-background 0.5): edit-run15 lifted recolours and broke the held-out
+# background edits, whose phrasings never say "background"; a background phrasing names no object, a recolour does.
+lane_a22() {
+  rm -rf /tmp/tree22 && cp -r "$here" /tmp/tree22 && cd /tmp/tree22 || return
+  export PYTHONPATH=/tmp/site:/tmp/tree22 CUDA_VISIBLE_DEVICES=0
+  job 460 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run0 --minutes ${TOY_EDIT_MINUTES:-3.5} \
+    --init ${INIT:-.r15/transformer} --pool 48000 --batch 1024 --workers 12 --eval-n 120 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 --reword-background 0.5
+}
+lane_b22() { :; }
 
 phases() {
   cd "$here" || exit 1

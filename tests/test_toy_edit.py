@@ -399,6 +399,7 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
         ("--empty", "--empty 1.5: a share from 0"),
         ("--scramble", "--scramble 1.5: a share"),
         ("--reword", "--reword 1.5: a share"),
+        ("--reword-background", "--reword-background 1.5: a share"),
     ):
         proc = subprocess.run(
             [sys.executable, str(script), option, "1.5"], capture_output=True, text=True, timeout=300
@@ -581,6 +582,39 @@ def test_reworded_instructions_keep_order_values_and_nouns_but_say_every_other_w
     assert te.reword_instruction(s, blue, random.Random(2), lang="zh", split="train") != toy.edit_instruction(
         s, blue, random.Random(2), lang="zh", split="train"
     )
+
+
+def test_reword_background_says_the_background_noun_unknown_too(monkeypatch):
+    """--reword-background 1: reworded background edits say neither "background" nor 背景 (a held-out background
+    phrasing never does) but still name the new background; recolours keep "colour"; at 0 nothing changes."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    monkeypatch.setattr(te, "AUGMENT", 0.0)
+    monkeypatch.setattr(te, "PHRASINGS", "train+")
+    monkeypatch.setattr(te, "REWORD", 1.0)
+    kept = te.make_examples(random.Random(9), 300)
+    monkeypatch.setattr(te, "REWORD_BACKGROUND", 1.0)
+    reworded = te.make_examples(random.Random(9), 300)
+    backgrounds = nouns_before = 0
+    for (s1, t1, a), (s2, t2, b) in zip(kept, reworded, strict=True):
+        assert (s1, t1) == (s2, t2)
+        if s1 == t1 or s1.background == t1.background:
+            continue
+        backgrounds += 1
+        nouns_before += "background" in a.lower() or "背景" in a
+        assert "background" not in b.lower() and "背景" not in b, b
+        zh = any(ord(c) >= 0x4E00 for c in b)
+        said = (toy._ZH if zh else toy._EN)["background"][t1.background]
+        assert any(w in b for w in said), b
+    assert backgrounds > 20 and nouns_before > backgrounds // 2
+    s = toy.Scene("circle", "red", "left", "large", "white")
+    blue = toy.edit_target(s, "colour", random.Random(0), "blue")
+    assert "colour" in te.reword_instruction(s, blue, random.Random(2))
 
 
 def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():

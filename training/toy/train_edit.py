@@ -179,6 +179,10 @@ def scramble_instruction(source, target, rng: random.Random, lang: str = "en") -
 REWORD = 0.0
 _KEEP_EN = {"background", "colour", "color", "a", "the", "to", "of"}
 _KEEP_ZH = set("背景颜色的")
+# Share of the reworded instructions' "background"/"背景" said as unknown words too (``--reword-background``): the
+# held-out background phrasings never say it ("swap the backdrop for a white one"), and a background phrasing names
+# no object where a recolour always does; at 0 (edit-run15) it is always kept, with no draw.
+REWORD_BACKGROUND = 0.0
 
 
 def reword_instruction(source, target, rng: random.Random, lang: str = "en", split: str | None = None) -> str:
@@ -193,17 +197,20 @@ def reword_instruction(source, target, rng: random.Random, lang: str = "en", spl
     """
     template, obj, word = toy._edit_parts(source, target, rng, lang, split or PHRASINGS)
     parts = re.split(r"(\{obj\}|\{new\})", template)
+    keep_en, keep_zh = _KEEP_EN, _KEEP_ZH
+    if REWORD_BACKGROUND and rng.random() < REWORD_BACKGROUND:
+        keep_en, keep_zh = _KEEP_EN - {"background"}, _KEEP_ZH - set("背景")
     for i, part in enumerate(parts):
         if part in ("{obj}", "{new}"):
             continue
         if lang == "zh":
             parts[i] = "".join(
-                c if c in _KEEP_ZH or ord(c) < 0x4E00 else rng.choice(_UNKNOWN_ZH) for c in part
+                c if c in keep_zh or ord(c) < 0x4E00 else rng.choice(_UNKNOWN_ZH) for c in part
             )
         else:
             parts[i] = re.sub(
                 r"[A-Za-z']+",
-                lambda m: m.group(0) if m.group(0).lower() in _KEEP_EN else unknown_word(rng, "en"),
+                lambda m: m.group(0) if m.group(0).lower() in keep_en else unknown_word(rng, "en"),
                 part,
             )
     return "".join(parts).format(obj=obj, new=word)
@@ -684,7 +691,7 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, REWORD, SCRAMBLE
+    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, REWORD, REWORD_BACKGROUND, SCRAMBLE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -727,6 +734,12 @@ def main() -> None:
         default=REWORD,
         help="share of training instructions whose phrasing says its verbs and other words (not the nouns "
         "background and colour) as words the toy world never says, in the phrasing's own order (0: off)",
+    )
+    ap.add_argument(
+        "--reword-background",
+        type=float,
+        default=REWORD_BACKGROUND,
+        help="share of the reworded instructions whose 'background' is said as an unknown word too (0: kept)",
     )
     ap.add_argument(
         "--kind-weights",
@@ -788,6 +801,9 @@ def main() -> None:
             f"--scramble {args.scramble} and --reword {args.reword}: shares of one draw, 1 at most together"
         )
     REWORD = args.reword
+    if not 0 <= args.reword_background <= 1:
+        raise SystemExit(f"--reword-background {args.reword_background}: a share from 0 to 1")
+    REWORD_BACKGROUND = args.reword_background
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     PHRASINGS = args.phrasings
     if args.smoke:
