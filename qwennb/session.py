@@ -135,6 +135,14 @@ class Session:
         """Whether a load started by :meth:`load_in_background` has not been waited for yet (it may have ended)."""
         return self._loading is not None
 
+    def _settle(self) -> None:
+        """Wait for a load running in the background; if it failed, nothing was loaded, and what follows (a new
+        load, an unload) replaces it: its error is not raised here."""
+        try:
+            self.wait()
+        except Exception:  # noqa: BLE001 - the failed load left no model; the caller loads or frees anyway
+            pass
+
     def wait(self, timeout: float | None = None) -> LoadReport | None:
         """Wait for the load running in the background (if any) and return its report; its error, if it failed,
         is raised here, once. ``timeout``: seconds, then ``TimeoutError`` (the load goes on).
@@ -183,7 +191,7 @@ class Session:
     ) -> LoadReport:
         """Resolve, plan and load a model, replacing (and freeing) any loaded one; ``loras`` are
         ``(source, scale)`` pairs loaded with it (checked against the model before anything loads)."""
-        self.wait()
+        self._settle()
         return self._build(self.prepare(model, overrides, loras))
 
     def load_in_background(
@@ -204,7 +212,7 @@ class Session:
             >>> s.generate("a red fox", steps=2, width=64, height=64, seed=1).seed  # waits for the load
             1
         """
-        self.wait()
+        self._settle()
         prepared = self.prepare(model, overrides, loras)
         self.unload()
         future: Future[LoadReport] = Future()
@@ -279,7 +287,7 @@ class Session:
 
     def unload(self) -> None:
         """Drop the pipeline and free its GPU memory (after a load running in the background has ended)."""
-        self.wait()
+        self._settle()
         if self._pipe is None:
             return
         self._pipe = None

@@ -680,6 +680,62 @@ MUTATIONS: list[Mutation] = [
         "",
         ("tests/test_edit.py", "-k", "usage"),
     ),
+    Mutation(
+        "the model's users do not wait for a load running in the background",
+        "qwennb/session.py",
+        "        if loading is None or threading.current_thread() is loading[1]:\n",
+        "        if True:\n",
+        ("tests/test_magics.py", "-k", "background or ctrl_c or returns_while"),
+    ),
+    Mutation(
+        "a failed background load is swallowed (the command runs on with no model, or loads silently)",
+        "qwennb/magics.py",
+        '            raise UsageError(f"the model could not be loaded: {why} (%qwen load MODEL tries again)") from None',
+        "            return",
+        ("tests/test_magics.py", "-k", "failed_background"),
+    ),
+    Mutation(
+        "%load_ext loads in the kernel's thread again (6-8 s)",
+        "qwennb/magics.py",
+        "            magics.load(background=magics.background_load)",
+        "            magics.load()",
+        ("tests/test_magics.py", "-k", "returns_while or fresh_process or quick"),
+    ),
+    Mutation(
+        "a background load prints diffusers' loading bars into whichever cell runs",
+        "qwennb/session.py",
+        "                with _quiet_loading():\n",
+        "                with contextlib.nullcontext():\n",
+        ("tests/test_magics.py", "-k", "returns_while"),
+    ),
+    Mutation(
+        "Ctrl-C while waiting forgets the load that goes on (a second load starts)",
+        "qwennb/session.py",
+        "            if future.done():\n                self._loading = None",
+        "            self._loading = None",
+        ("tests/test_magics.py", "-k", "ctrl_c_while_waiting"),
+    ),
+    Mutation(
+        "a load after a failed background load raises that old error instead of loading",
+        "qwennb/session.py",
+        "        self._settle()\n        return self._build(",
+        "        self.wait()\n        return self._build(",
+        ("tests/test_background_load.py",),
+    ),
+    Mutation(
+        "reworded instructions keep the phrasing's own verbs",
+        "training/toy/train_edit.py",
+        'lambda m: m.group(0) if m.group(0).lower() in keep_en else unknown_word(rng, "en")',
+        "lambda m: m.group(0)",
+        ("tests/test_toy_edit.py", "-k", "reword"),
+    ),
+    Mutation(
+        "--reword-background never rewords the background noun",
+        "training/toy/train_edit.py",
+        '        keep_en, keep_zh = _KEEP_EN - {"background"}, _KEEP_ZH - set("背景")\n',
+        "        pass\n",
+        ("tests/test_toy_edit.py", "-k", "reword_background"),
+    ),
 ]
 
 

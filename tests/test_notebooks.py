@@ -90,7 +90,10 @@ def _sanitized(text):
             "a 50-step 1024x1024 image in 4.2 s against 18.6",
         ),
         ("same pixels: True", "same pixels: False"),
-        ("qwennb: loaded toy in 6.5 s (in the background)", "qwennb: loaded tiny in 6.5 s (in the background)"),
+        (
+            "qwennb: loaded toy in 6.5 s (in the background)",
+            "qwennb: loaded tiny in 6.5 s (in the background)",
+        ),
     ],
 )
 def test_the_sanitizer_keeps_deterministic_figures(stored, changed):

@@ -1,0 +1,70 @@
+"""Session.load_in_background on the real tiny pipeline: what waits, what is raised where, and that a failed load
+costs nothing but itself."""
+
+import threading
+
+import pytest
+
+from qwennb import pipeline
+from qwennb.errors import QwennbError
+from qwennb.session import Session
+
+
+def test_the_model_users_wait_and_the_report_says_background_until_then():
+    s = Session()
+    started = s.load_in_background("tiny")
+    assert started.background and started.model == "tiny" and "in the background" in started.text()
+    r = s.generate("a red fox", steps=2, width=64, height=64, seed=4)  # waits for the load
+    assert r.images and not s.loading and s.report.model == "tiny" and not s.report.background
+    assert s.report.seconds > 0
+
+
+def test_a_bad_name_is_an_error_at_once_and_nothing_starts():
+    s = Session()
+    with pytest.raises(QwennbError):
+        s.load_in_background("no-such-model-anywhere")
+    assert not s.loading and s.pipe is None
+
+
+def test_a_failed_load_is_raised_once_then_a_new_load_or_unload_goes_on(monkeypatch):
+    real = pipeline.build
+    calls = []
+
+    def build(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise OSError("disk went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build", build)
+    s = Session()
+    s.load_in_background("tiny")
+    with pytest.raises(OSError, match="disk went away"):
+        s.wait()
+    assert s.wait() is None and not s.loading  # raised once; nothing loaded
+    with pytest.raises(QwennbError, match="no model is loaded"):
+        s.require()
+    s.load_in_background("tiny")  # the real build this time
+    s.unload()  # waits for it, then frees
+    assert s.pipe is None and calls == ["qwennb-load", "qwennb-load"]
+    calls.clear()
+    s.load_in_background("tiny")
+    assert s.load("tiny").model == "tiny"  # a load meanwhile waits for the one in the background, then runs
+    assert calls == ["qwennb-load", "MainThread"]
+
+
+def test_a_load_after_a_failed_background_load_is_not_blocked_by_its_error(monkeypatch):
+    real = pipeline.build
+    first = []
+
+    def build(*args, **kwargs):
+        if not first:
+            first.append(1)
+            raise RuntimeError("corrupt shard")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build", build)
+    s = Session()
+    s.load_in_background("tiny")
+    assert s.load("tiny").model == "tiny"  # the failed load is replaced, its error not raised here
+    assert s.loaded
