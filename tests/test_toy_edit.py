@@ -429,6 +429,18 @@ def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monk
     assert new_shapes(te.make_examples(random.Random(6), 600)) > 30
 
 
+def _edits_beside(plain, changed):
+    """(source, target, changed text, kind, new value) for each edit of two example lists drawn from one seed
+    (the scenes must be the same; an empty instruction stays empty in both)."""
+    for (s1, t1, a), (s2, t2, b) in zip(plain, changed, strict=True):
+        assert (s1, t1) == (s2, t2)
+        if s1 == t1:
+            assert b == a == " "
+            continue
+        kind = next(k for k in toy.EDIT_KINDS if getattr(s1, k) != getattr(t1, k))
+        yield s1, t1, b, kind, getattr(t1, kind)
+
+
 def test_scrambled_instructions_name_object_and_new_value_in_either_order_among_unknown_words(monkeypatch):
     """train_edit.py --scramble: a share of training instructions is the object and the new value, in either order,
     among words the toy world never says (so only the source image tells which named value is new); the scenes stay
@@ -455,13 +467,7 @@ def test_scrambled_instructions_name_object_and_new_value_in_either_order_among_
         allowed |= {w for ws in table.values() for p in ws for w in p.split()}
     allowed |= {w for ws in toy._EN_EDIT_SIZE["train"]["make"].values() for w in ws}
     assert te._EN_HELD <= te._KNOWN_EN
-    for (s1, t1, a), (s2, t2, b) in zip(plain, scrambled, strict=True):
-        assert (s1, t1) == (s2, t2)
-        if s1 == t1:
-            assert b == a == " "
-            continue
-        kind = next(k for k in toy.EDIT_KINDS if getattr(s1, k) != getattr(t1, k))
-        new = getattr(t1, kind)
+    for s1, _t1, b, kind, new in _edits_beside(plain, scrambled):
         if all(ord(c) < 128 for c in b):
             words = b.split()
             # every held-out word is a known word, so no unknown word is one
@@ -517,13 +523,7 @@ def test_reworded_instructions_keep_order_values_and_nouns_but_say_every_other_w
         for lang, tables in (("en", (toy._EN_EDIT,)), ("zh", (toy._ZH_EDIT,)))
     }
     kept_nouns = 0
-    for (s1, t1, a), (s2, t2, b) in zip(plain, reworded, strict=True):
-        assert (s1, t1) == (s2, t2)
-        if s1 == t1:
-            assert b == a == " "
-            continue
-        kind = next(k for k in toy.EDIT_KINDS if getattr(s1, k) != getattr(t1, k))
-        new = getattr(t1, kind)
+    for _s1, _t1, b, kind, new in _edits_beside(plain, reworded):
         zh = any(ord(c) >= 0x4E00 for c in b)
         if zh:
             # no two-character run that only held-out phrasings have ("颜色" is a train+ phrasing's too)
