@@ -681,11 +681,11 @@ MUTATIONS: list[Mutation] = [
         ("tests/test_edit.py", "-k", "usage"),
     ),
     Mutation(
-        "the model's users do not wait for a load running in the background",
+        "the pipeline's users do not wait for a load running in the background",
         "qwennb/session.py",
-        "        if loading is None or threading.current_thread() is loading[1]:\n",
-        "        if True:\n",
-        ("tests/test_magics.py", "-k", "background or ctrl_c or returns_while"),
+        "        self.wait()\n        return self._pipe\n",
+        "        return self._pipe\n",
+        ("tests/test_background_load.py",),
     ),
     Mutation(
         "a failed background load is swallowed (the command runs on with no model, or loads silently)",
