@@ -126,7 +126,9 @@ What you will learn:
         """
 ## 1. Load the extension
 
-`%load_ext qwennb` detects the GPU, plans, and loads the model. Which model: `%config QwenMagics.model`, the
+`%load_ext qwennb` detects the GPU, plans, and starts loading the model on a thread: it returns at once, the next
+cells run meanwhile, and the first qwennb command waits for the model (saying so, then how long the load took).
+Which model: `%config QwenMagics.model`, the
 `QWENNB_MODEL` environment variable, a complete Qwen-Image snapshot in the Hugging Face cache, or else the
 embedded **toy** model, loaded with `QwenImagePipeline.from_pretrained` from its folder as real weights are.
 This notebook runs unchanged on a GPU with the real weights.
