@@ -111,9 +111,11 @@ def test_hf_cache_scan(tmp_path, monkeypatch):
     _snapshot(snap)
     (cache / "models--Qwen--Qwen-Image" / "refs").mkdir()
     (cache / "models--Qwen--Qwen-Image" / "refs" / "main").write_text("abc123")
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # imported before the environment changes: a first import here would read the test's cache into its constants,
+    # and monkeypatch would then "restore" that (later tests, alone after this one, found qwen-image there)
     import huggingface_hub.constants as c
 
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     found = find_local_models()
     assert [m.hub_id for m in found] == ["Qwen/Qwen-Image"] and found[0].complete
