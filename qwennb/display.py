@@ -315,7 +315,7 @@ def load_report_html(report: Any) -> str:
     )
     g = report.hardware.best_gpu
     card = f"{g.name}, {g.total_memory_gb:.1f} GiB" if g else f"no GPU ({report.hardware.cpu_count} CPUs)"
-    if getattr(report, "background", False):
+    if report.background:
         done = (
             f"loading <b>{html.escape(report.model)}</b> in the background (the next cells run meanwhile; "
             "qwennb's commands wait for it)"

@@ -202,8 +202,8 @@ class Session:
     ) -> LoadReport:
         """:meth:`load` with the slow part (importing torch, diffusers and transformers, reading the weights) on a
         thread: the model is resolved, planned and checked here (a bad name or LoRA is an error now), then this
-        returns at once with what the load will be (``background`` True, ``seconds`` 0). Everything that uses the model waits for it
-        (``pipe``, ``report``, ``generate``...; :meth:`wait` says how it ended).
+        returns at once with what the load will be (``background`` True, ``seconds`` 0). Everything that uses the
+        model waits for it (``pipe``, ``report``, ``generate``...; :meth:`wait` says how it ended).
 
         Example:
             >>> s = Session()

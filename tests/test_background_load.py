@@ -68,3 +68,22 @@ def test_a_load_after_a_failed_background_load_is_not_blocked_by_its_error(monke
     s.load_in_background("tiny")
     assert s.load("tiny").model == "tiny"  # the failed load is replaced, its error not raised here
     assert s.loaded
+
+
+def test_wait_with_a_timeout_gives_up_and_the_load_goes_on(monkeypatch):
+    """wait(timeout) raises TimeoutError while the load runs on; a later wait gets the model."""
+    real = pipeline.build
+    gate = threading.Event()
+
+    def build(*args, **kwargs):
+        assert gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build", build)
+    s = Session()
+    s.load_in_background("tiny")
+    with pytest.raises(TimeoutError):
+        s.wait(timeout=0.05)
+    assert s.loading
+    gate.set()
+    assert s.wait().model == "tiny" and not s.loading and s.loaded

@@ -405,6 +405,13 @@ def test_kind_weights_and_the_empty_share_shape_the_training_examples(monkeypatc
             [sys.executable, str(script), option, "1.5"], capture_output=True, text=True, timeout=300
         )
         assert proc.returncode != 0 and message in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, str(script), "--scramble", "0.6", "--reword", "0.6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and "shares of one draw, 1 at most together" in proc.stderr
 
 
 def test_phrasings_train_plus_adds_sentence_shapes_to_the_training_examples(monkeypatch, fits_phrasing):

@@ -170,12 +170,12 @@ def scramble_instruction(source, target, rng: random.Random, lang: str = "en") -
     return ("" if lang == "zh" else " ").join(parts)
 
 
-# Share of training instructions (``--reword``) whose phrasing keeps its sentence shape and its nouns for what is
-# edited (background, colour) but says every other word of it as a word the toy world never has: "把{obj}换成{new}"
-# -> "丐{obj}夭丐{new}", "Turn {obj} {new}" -> "mopa {obj} {new}". Session 13's verb-less instructions
-# (``--scramble``) took away the nouns and the word order too, and the held-out background edits failed; these keep
-# them. The held-out phrasings that still fail say a known object and value around verbs the model never met
-# ("用X替换Y", "让X变为Y").
+# Share of training instructions (``--reword``) whose phrasing keeps its sentence shape, its nouns for what is
+# edited (background, colour) and its articles and "to"/"of" (_KEEP_EN / _KEEP_ZH), but says every other word of it
+# as a word the toy world never has: "把{obj}换成{new}" -> "丐{obj}夭丐{new}", "Turn {obj} {new}" -> "mopa {obj}
+# {new}". Session 13's verb-less instructions (``--scramble``) took away the nouns and the word order too, and the
+# held-out background edits failed; these keep them. The held-out phrasings that still fail say a known object and
+# value around verbs the model never met ("用X替换Y", "让X变为Y").
 REWORD = 0.0
 _KEEP_EN = {"background", "colour", "color", "a", "the", "to", "of"}
 _KEEP_ZH = set("背景颜色的")
@@ -187,7 +187,7 @@ REWORD_BACKGROUND = 0.0
 
 def reword_instruction(source, target, rng: random.Random, lang: str = "en", split: str | None = None) -> str:
     """A training phrasing for ``source`` -> ``target`` (as ``qwennb.toy.edit_instruction`` draws one) with
-    the phrasing's own words, but for the nouns of :data:`_KEEP_EN` / :data:`_KEEP_ZH`, said as
+    the phrasing's own words, but for those of :data:`_KEEP_EN` / :data:`_KEEP_ZH`, said as
     :func:`unknown_word` (English word for word; Chinese character for character, the same length).
 
     Example:
