@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=22 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=23 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -412,6 +412,29 @@ lane_a22() {
     --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 --reword-background 0.5
 }
 lane_b22() { :; }
+
+# ROUND=23 (prepared in session 15; about 800 s with PHASE1_S=780): two toy edit models from the shipped edit-run17,
+# side by side on one H200, 6.5 minutes each, edit-run17's recipe (--reword 0.3 --reword-background 0.5) with half of
+# the reworded instructions that name both object and new value saying them exchanged (--reword-swap 0.5: among
+# unknown words only the source image tells which shape or colour is there now; edit-run17's held-out misses are
+# mostly reshapes that copy the source, four of them with the new shape named first). Lane b the same with reshapes
+# drawn 1.5x as often, another seed (a second ingredient for a soup). Each scored alone on the validation draw and the
+# evaluation; the averages are made on the CPU from the transformers this packs.
+round23_lane() { # NAME RUN_DIR SEED EXTRA...
+  local name=$1 dir=$2 seed=$3 tree=/tmp/tree23$1
+  shift 3
+  rm -rf $tree && cp -r "$here" $tree && cd $tree || return
+  export PYTHONPATH=/tmp/site:$tree CUDA_VISIBLE_DEVICES=0
+  job 560 toy_edit_$name python3 training/toy/train_edit.py --out $W/$dir --minutes ${TOY_EDIT_MINUTES:-6.5} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 6 --eval-n 10 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
+    --reword-background 0.5 --reword-swap 0.5 --seed $seed "$@"
+  [ -f $W/$dir/transformer/config.json ] || return
+  job 300 avg_${name}_1 python3 training/toy/average_edit.py --base qwennb/toy_edit_model/transformer \
+    --other $W/$dir/transformer --weight 1 --out $W/avg/$name-1 --eval-n 120 --val-seed 777
+}
+lane_a23() { round23_lane a toy_edit_run0 0; }
+lane_b23() { round23_lane b toy_edit_run1 1 --kind-weights shape=1.5; }
 
 phases() {
   cd "$here" || exit 1

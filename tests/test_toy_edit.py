@@ -624,6 +624,60 @@ def test_reword_background_says_the_background_noun_unknown_too(monkeypatch):
     assert "colour" in te.reword_instruction(s, blue, random.Random(2))
 
 
+def test_reword_swap_exchanges_object_and_new_value_in_the_phrasing(monkeypatch):
+    """--reword-swap 1: a reworded phrasing that names both the object and the new value says each where the other
+    stood (only the source image then tells which is there now); phrasings naming one of them are unchanged; at 0
+    the reworded examples are exactly edit-run17's (no draw)."""
+    import hashlib
+    import random
+    import re
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training" / "toy"))
+    import train_edit as te
+
+    monkeypatch.setattr(te, "PHRASINGS", "train+")
+    monkeypatch.setattr(te, "REWORD", 0.4)
+    monkeypatch.setattr(te, "REWORD_BACKGROUND", 0.5)
+    assert te.REWORD_SWAP == 0
+    digest = hashlib.sha256(repr(te.make_examples(random.Random(3), 300)).encode()).hexdigest()[:16]
+    assert digest == "20af75ee85856b0b"  # the same examples as before --reword-swap existed
+    monkeypatch.setattr(te, "REWORD_SWAP", 1.0)
+    swapped = single = 0
+    for i in range(400):
+        rng = random.Random(i)
+        source = toy.random_scene(rng)
+        kind = rng.choice(toy.EDIT_KINDS)
+        target = toy.edit_target(source, kind, rng)
+        lang = rng.choice(("en", "zh"))
+        template, obj, word = toy._edit_parts(source, target, random.Random(1000 + i), lang, "train+")
+        text = te.reword_instruction(source, target, random.Random(1000 + i), lang, "train+")
+        pieces = [p for p in re.split(r"(\{obj\}|\{new\})", template) if p]
+
+        def says(values: dict, pieces=pieces, text=text) -> bool:
+            # the phrasing's own words are unknown words now: any run of characters
+            pattern = "".join(re.escape(values[p]) if p in values else ".*?" for p in pieces)
+            return re.fullmatch(pattern, text) is not None
+
+        if "{obj}" in pieces and "{new}" in pieces:
+            swapped += 1
+            assert says({"{obj}": word, "{new}": obj}), (template, obj, word, text)
+            assert not says({"{obj}": obj, "{new}": word}), (template, obj, word, text)
+        else:
+            single += 1
+            assert says({"{obj}": obj, "{new}": word}), (template, obj, word, text)
+    assert swapped > 100 and single > 20
+    for option in ("-0.1", "2"):
+        import subprocess
+
+        script = Path(__file__).resolve().parents[1] / "training" / "toy" / "train_edit.py"
+        proc = subprocess.run(
+            [sys.executable, str(script), "--reword-swap", option], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode != 0 and f"--reword-swap {float(option)}: a share" in proc.stderr
+
+
 def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():
     """training/toy/per_item_edits.py: a kind or phrasing split that does not exist is one usage line, before any
     model loads."""

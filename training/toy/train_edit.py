@@ -183,6 +183,11 @@ _KEEP_ZH = set("背景颜色的")
 # held-out background phrasings never say it ("swap the backdrop for a white one"), and a background phrasing names
 # no object where a recolour always does; at 0 (edit-run15) it is always kept, with no draw.
 REWORD_BACKGROUND = 0.0
+# Share of the reworded instructions that name both the object and the new value with the two exchanged
+# (``--reword-swap``): "丐{new}夭丐{obj}". Sentence shapes put the thing edited first or last ("用X替换Y" names the
+# new shape first, "swap X for Y" the old one); among unknown words only the source image tells which of two shapes
+# (or colours) is there now and which is asked for. At 0 (edit-run17's recipe) no draw.
+REWORD_SWAP = 0.0
 
 
 def reword_instruction(source, target, rng: random.Random, lang: str = "en", split: str | None = None) -> str:
@@ -200,6 +205,8 @@ def reword_instruction(source, target, rng: random.Random, lang: str = "en", spl
     keep_en, keep_zh = _KEEP_EN, _KEEP_ZH
     if REWORD_BACKGROUND and rng.random() < REWORD_BACKGROUND:
         keep_en, keep_zh = _KEEP_EN - {"background"}, _KEEP_ZH - set("背景")
+    if REWORD_SWAP and "{obj}" in parts and "{new}" in parts and rng.random() < REWORD_SWAP:
+        obj, word = word, obj
     for i, part in enumerate(parts):
         if part in ("{obj}", "{new}"):
             continue
@@ -691,7 +698,7 @@ def parse_kind_weights(text: str) -> dict[str, float]:
 
 
 def main() -> None:
-    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, REWORD, REWORD_BACKGROUND, SCRAMBLE
+    global AUGMENT, EMPTY, KIND_WEIGHTS, PHRASINGS, REWORD, REWORD_BACKGROUND, REWORD_SWAP, SCRAMBLE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="training/toy/runs/edit-run1")
     ap.add_argument(
@@ -740,6 +747,13 @@ def main() -> None:
         type=float,
         default=REWORD_BACKGROUND,
         help="share of the reworded instructions whose 'background' is said as an unknown word too (0: kept)",
+    )
+    ap.add_argument(
+        "--reword-swap",
+        type=float,
+        default=REWORD_SWAP,
+        help="share of the reworded instructions naming object and new value whose two are exchanged, so that "
+        "only the source image tells which is which (0: kept)",
     )
     ap.add_argument(
         "--kind-weights",
@@ -804,6 +818,9 @@ def main() -> None:
     if not 0 <= args.reword_background <= 1:
         raise SystemExit(f"--reword-background {args.reword_background}: a share from 0 to 1")
     REWORD_BACKGROUND = args.reword_background
+    if not 0 <= args.reword_swap <= 1:
+        raise SystemExit(f"--reword-swap {args.reword_swap}: a share from 0 to 1")
+    REWORD_SWAP = args.reword_swap
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     PHRASINGS = args.phrasings
     if args.smoke:
