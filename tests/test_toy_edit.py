@@ -673,7 +673,10 @@ def test_reword_swap_exchanges_object_and_new_value_in_the_phrasing(monkeypatch)
 
         script = Path(__file__).resolve().parents[1] / "training" / "toy" / "train_edit.py"
         proc = subprocess.run(
-            [sys.executable, str(script), "--reword-swap", option], capture_output=True, text=True, timeout=300
+            [sys.executable, str(script), "--reword-swap", option],
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert proc.returncode != 0 and f"--reword-swap {float(option)}: a share" in proc.stderr
 
