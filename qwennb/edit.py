@@ -7,10 +7,10 @@ provenance names every input image by its sha256. ``generate(pipe, prompt, init_
 mask=...)`` does image-to-image and inpainting with ``QwenImageImg2ImgPipeline`` / ``QwenImageInpaintPipeline``
 built from the loaded pipeline's own components (``from_pipe``: nothing is loaded again).
 
-Images may be PIL images, numpy arrays (``uint8``, or floats in 0..1), file paths or the bytes of an image
-file. Every input is checked, and refused with one line, before any model is touched: a missing file,
-something that is not an image, a mask of another size, too many reference images, a strength outside
-(0, 1]. The output size defaults to the (first) input's, rounded to a multiple of 16, and the result says so
+Images may be PIL images, numpy arrays (``uint8``, ``uint16`` scaled to 8 bits, or floats in 0..1), file paths or
+the bytes of an image file. Every input is checked, and refused with one line, before any model is touched: a
+missing file, something that is not an image, a mask of another size, too many reference images, a strength
+outside (0, 1]. The output size defaults to the (first) input's, rounded to a multiple of 16, and the result says so
 in one notice; nothing is resized without a notice.
 
 Example:
@@ -198,6 +198,8 @@ def _from_array(a: Any, role: str) -> Any:
                 f"{role} array holds floats outside 0..1; give uint8 (0..255) or floats in 0..1"
             )
         a = np.round(a * 255).astype(np.uint8)
+    elif a.dtype == np.uint16:  # OpenCV's and imageio's 16-bit PNGs: scaled, as PIL's I;16
+        a = np.round(a / 257.0).astype(np.uint8)
     elif a.dtype != np.uint8:
         if a.min() < 0 or a.max() > 255:
             raise ImageInputError(f"{role} array holds values outside 0..255")

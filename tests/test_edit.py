@@ -256,6 +256,15 @@ def test_images_of_more_than_8_bits_keep_their_tones(tmp_path):
     for array in (np.full((32, 32), -1, np.int32), np.full((32, 32), np.nan, np.float32)):
         with pytest.raises(ImageInputError, match="values below 0 or not finite"):
             read_image(Image.fromarray(array))
+    # a 16-bit array as OpenCV or imageio give it (HxWx3 uint16) is scaled as the 16-bit PNG is
+    rgb16 = np.stack([ramp, ramp[::-1], np.full_like(ramp, 32896)], axis=-1)
+    got = np.asarray(read_image(rgb16).image)
+    np.testing.assert_allclose(got, rgb16 / 257.0, atol=0.51)
+    assert got[..., 2].min() == got[..., 2].max() == 128
+    mask = np.asarray(read_mask(np.where(ramp > 30000, 65535, 0).astype(np.uint16), (64, 32)).image)
+    assert set(np.unique(mask)) == {0, 255}
+    with pytest.raises(ImageInputError, match="values outside 0..255"):
+        read_image(np.full((4, 4), 256, np.int64))
 
 
 def test_the_first_edit_model_takes_one_image():
