@@ -190,11 +190,14 @@ class QwenMagics(Magics):
             if show:
                 display(report)
             return report
-        if show:
-            # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
-            # banner as a separate output so that notebooks store and compare it.
-            display(_Text(f"qwennb: loading {name or 'the default model'}..."))
         try:
+            if show and hasattr(self.session, "prepare"):
+                # a bad name, option or plan is its one line before anything says "loading"
+                name = self.session.prepare(name, overrides or None).model
+            if show:
+                # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
+                # banner as a separate output so that notebooks store and compare it.
+                display(_Text(f"qwennb: loading {name or 'the default model'}..."))
             report = self.session.load(name, overrides or None)
         except QwennbError as exc:
             raise UsageError(str(exc)) from None

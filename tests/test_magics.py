@@ -310,10 +310,12 @@ def test_qwen_subcommands(ip, capsys):
     assert "%qwen load" in capsys.readouterr().out
     with pytest.raises(UsageError, match="unknown %qwen command"):
         ip.run_line_magic("qwen", "frobnicate")
+    capsys.readouterr()
     with pytest.raises(UsageError, match="unknown model"):
         ip.run_line_magic("qwen", "load not-a-model")
     with pytest.raises(UsageError, match="unknown plan option"):
         ip.run_line_magic("qwen", "load tiny bogus=1")
+    assert "loading" not in capsys.readouterr().out  # the one line comes before anything says "loading"
     assert magics(ip).session.loaded  # a failed load keeps the loaded model
 
 
