@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_session.sh start     # installs wheels carried in .whl/ (if any), starts the phases
 #                                            # detached, waits up to WAIT s, packs what is done into $OUT
 #   bash benchmarks/gpu_session.sh collect   # waits up to WAIT s more, packs again (repeat until "all done")
-#   ROUND=2 ... ROUND=23 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
+#   ROUND=2 ... ROUND=25 start                # the follow-up rounds defined below (first_N, lane_aN, lane_bN)
 #
 # On a lent machine that is given back after ~30 s idle, call `collect` the moment `start` returns and change
 # nothing in between: the detached jobs die with the machine. Never `pkill -f` a pattern that the command's own
@@ -435,6 +435,34 @@ round23_lane() { # NAME RUN_DIR SEED EXTRA...
 }
 lane_a23() { round23_lane a toy_edit_run0 0; }
 lane_b23() { round23_lane b toy_edit_run1 1 --kind-weights shape=1.5; }
+
+# ROUND=24 (session 15, after round 23's two trainings were cut by their 560 s limit before saving: the two pools
+# took 190 s side by side; about 560 s with PHASE1_S=580): lane a of round 23 alone, 4.5 minutes, 12 workers for the
+# pool, then scored on the validation draw and the evaluation.
+lane_a24() {
+  rm -rf /tmp/tree24 && cp -r "$here" /tmp/tree24 && cd /tmp/tree24 || return
+  export PYTHONPATH=/tmp/site:/tmp/tree24 CUDA_VISIBLE_DEVICES=0
+  job 430 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run0 --minutes ${TOY_EDIT_MINUTES:-4.5} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 10 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
+    --reword-background 0.5 --reword-swap 0.5
+  [ -f $W/toy_edit_run0/transformer/config.json ] || return
+  job 200 avg_1 python3 training/toy/average_edit.py --base qwennb/toy_edit_model/transformer \
+    --other $W/toy_edit_run0/transformer --weight 1 --out $W/avg/a-1 --eval-n 120 --val-seed 777
+}
+lane_b24() { :; }
+
+# ROUND=25 (session 15, with what round 24 left; about 400 s with PHASE1_S=420): round 24's recipe, another seed, 3.5
+# minutes: a second ingredient for a soup; scored on the CPU.
+lane_a25() {
+  rm -rf /tmp/tree25 && cp -r "$here" /tmp/tree25 && cd /tmp/tree25 || return
+  export PYTHONPATH=/tmp/site:/tmp/tree25 CUDA_VISIBLE_DEVICES=0
+  job 400 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run1 --minutes ${TOY_EDIT_MINUTES:-3.5} \
+    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 14 --eval-n 10 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
+    --reword-background 0.5 --reword-swap 0.5 --seed 1
+}
+lane_b25() { :; }
 
 phases() {
   cd "$here" || exit 1

@@ -758,7 +758,7 @@ The read-backs show what this early toy edit model can and cannot do (training/t
 asked-for change happens here (colour, place, shape, size, background), and what was not asked for (the yellow, the
 place, the size, the gray) stays; the star itself survives being recoloured, resized and a new background, but
 moved it comes back as a rounded blob (read as a circle). Over 120 held-out edits (128x128 and 256x256) it makes the
-asked-for change in 89%, keeps the rest in 80% and gets the whole edit right in 72% at its default 10 steps and
+asked-for change in 89%, keeps the rest in 80% and gets the whole edit right in 73% at its default 10 steps and
 CFG 1 (no CFG:
 with CFG 4, true CFG pushes the picture away from the unchanged source and loses what it should keep). The edit
 pipeline, sizes, hashes and messages are those of the real edit models.

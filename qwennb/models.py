@@ -231,9 +231,9 @@ REGISTRY: dict[str, ModelSpec] = {
             ("transformer", "text_encoder", "vae"),
             description="Embedded toy edit model (7 MB more, in the package): the toy model's VAE and text encoder "
             "with a transformer fine-tuned on edits of the toy world (recolour, reshape, move, resize, change the "
-            "background; training/toy/train_edit.py, 78 CPU and 33.5 H200 minutes), in QwenImageEditPlusPipeline. "
+            "background; training/toy/train_edit.py, 78 CPU and 57.5 H200 minutes), in QwenImageEditPlusPipeline. "
             "An early model, best without CFG (its default, CFG 1): on held-out instructions the asked-for change "
-            "shows in 84% of edits and the rest of the picture is kept in 80% (a moved or resized shape is "
+            "shows in 89% of edits and the rest of the picture is kept in 80% (a moved or resized shape is "
             "sometimes redrawn as another). Not Qwen-Image-Edit.",
         ),
         ModelSpec(

@@ -7,7 +7,7 @@ transformer fine-tuned for edits (``qwennb/toy_edit_model/transformer``, 7 MB in
 shape and changing the background, asked in English or Chinese; the references go to the transformer at the
 output's own size (what it was trained with). An early model (``training/toy/EDIT.md``), best without CFG (its
 default, CFG 1): the asked-for change shows in 89% of held-out edits and the rest of the picture is kept in 80%
-(edit-run17, 120 edits at 128x128 and 256x256, 10 steps); a moved or resized shape is sometimes redrawn as another.
+(edit-run18, 120 edits at 128x128 and 256x256, 10 steps); a moved or resized shape is sometimes redrawn as another.
 An edit model trained against another text encoder ships it beside its transformer
 (``qwennb/toy_edit_model/text_encoder``), and that one is used.
 
