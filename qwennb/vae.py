@@ -1,0 +1,81 @@
+"""Qwen-Image's VAE on single images: its causal 3D convolutions as the 2D convolutions they are for one frame.
+
+``AutoencoderKLQwenImage`` (Wan's video VAE) pads every causal ``Conv3d`` with ``kernel_t - 1`` frames of zeros
+before the first frame, so on an image (one frame, nothing cached) each convolution computes ``kernel_t`` temporal
+taps of which all but the last multiply zeros. The last tap alone, as a ``conv2d``, gives the same output up to the
+order of the float sums: measured on the toy VAE's 256x256 decode on the 2-core CPU, 0.85 s -> 0.20 s with a
+relative error of 6e-7 (``benchmarks/NOTES.md``, session 15). Anything else (several frames, a cached frame, a
+temporal stride) goes through diffusers' own ``forward``. Applied by the plan on the CPU; on a GPU it has not been
+measured, so it is not applied there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _image_conv_class() -> type:
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    class ImageCausalConv3d(QwenImageCausalConv3d):
+        """A ``QwenImageCausalConv3d`` that runs a lone frame, with nothing cached, as its last temporal tap."""
+
+        def forward(self, x: Any, cache_x: Any = None) -> Any:
+            kt = self.kernel_size[0]
+            pad = self._padding
+            if (
+                x.shape[2] == 1
+                and cache_x is None
+                and pad[4] == kt - 1
+                and pad[5] == 0
+                and self.stride[0] == 1
+                and self.dilation[0] == 1
+            ):
+                y = F.conv2d(
+                    F.pad(x[:, :, 0], pad[:4]),
+                    self.weight[:, :, kt - 1],
+                    self.bias,
+                    self.stride[1:],
+                    0,
+                    self.dilation[1:],
+                    self.groups,
+                )
+                return y.unsqueeze(2)
+            return super().forward(x, cache_x)
+
+    return ImageCausalConv3d
+
+
+_CLASS: type | None = None
+
+
+def use_image_convolutions(vae: Any) -> int:
+    """Make ``vae``'s causal 3D convolutions take the 2D path for single frames (weights and state dict unchanged);
+    returns how many it changed (0 for a VAE that is not Qwen-Image's). Idempotent.
+
+    Example:
+        >>> from qwennb.stand_ins import build_tiny_pipeline
+        >>> use_image_convolutions(build_tiny_pipeline().vae) > 0
+        True
+    """
+    global _CLASS
+    try:
+        from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+    except ImportError:  # a diffusers without Qwen-Image's VAE: nothing to change
+        return 0
+    if _CLASS is None:
+        _CLASS = _image_conv_class()
+    n = 0
+    for m in vae.modules():
+        if type(m) is QwenImageCausalConv3d:
+            m.__class__ = _CLASS
+            n += 1
+        elif type(m) is _CLASS:
+            n += 1
+    return n
+
+
+def image_convolutions(vae: Any) -> int:
+    """How many of ``vae``'s convolutions take the 2D path for single frames (0: diffusers' own everywhere)."""
+    return sum(1 for m in vae.modules() if _CLASS is not None and type(m) is _CLASS)

@@ -1,0 +1,61 @@
+"""qwennb.vae: the VAE's causal 3D convolutions as 2D ones on single images, exact up to the order of float sums,
+and diffusers' own path for anything else (several frames, cached frames)."""
+
+import copy
+
+import pytest
+import torch
+
+from qwennb.vae import image_convolutions, use_image_convolutions
+
+
+@pytest.fixture(scope="module")
+def toy_vae():
+    from diffusers import AutoencoderKLQwenImage
+
+    from qwennb.models import TOY_MODEL_DIR
+
+    return AutoencoderKLQwenImage.from_pretrained(f"{TOY_MODEL_DIR}/vae").eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def test_one_image_decodes_and_encodes_as_before(toy_vae):
+    exact = toy_vae
+    fast = copy.deepcopy(toy_vae)
+    n = use_image_convolutions(fast)
+    assert n > 10 and image_convolutions(fast) == n and image_convolutions(exact) == 0
+    assert use_image_convolutions(fast) == n  # again: nothing more changes
+    assert fast.state_dict().keys() == exact.state_dict().keys()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 16, 1, 24, 40, generator=g)  # not square: height and width kept apart
+    want, got = exact.decode(z).sample, fast.decode(z).sample
+    assert got.shape == want.shape == (1, 3, 1, 192, 320)
+    assert rel(got, want) < 1e-5
+    image = torch.rand(1, 3, 1, 128, 96, generator=g) * 2 - 1
+    want, got = exact.encode(image).latent_dist.mean, fast.encode(image).latent_dist.mean
+    assert rel(got, want) < 1e-5
+
+
+@torch.no_grad()
+def test_several_frames_take_diffusers_own_path(toy_vae):
+    """A second frame sees the first through the convolutions' cache: the 2D path must not run there."""
+    fast = copy.deepcopy(toy_vae)
+    use_image_convolutions(fast)
+    z = torch.randn(1, 16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    want, got = toy_vae.decode(z).sample, fast.decode(z).sample
+    assert got.shape == want.shape and rel(got, want) < 1e-5
+    # and the later frames do depend on the earlier ones (so this checks the cache is used)
+    alone = toy_vae.decode(z[:, :, 2:3]).sample
+    assert alone.shape == want[:, :, -1:].shape and rel(want[:, :, -1:], alone) > 1e-3
+
+
+def test_the_cpu_plan_applies_it_and_says_so():
+    from qwennb.pipeline import build, validate_optimization
+    from qwennb.plan import describe_machine, make_plan
+
+    pipe = build(make_plan(describe_machine(host_ram_gb=8), "tiny"))
+    assert validate_optimization(pipe)["vae_image_convolutions"] > 0
