@@ -420,15 +420,22 @@ lane_b22() { :; }
 # mostly reshapes that copy the source, four of them with the new shape named first). Lane b the same with reshapes
 # drawn 1.5x as often, another seed (a second ingredient for a soup). Each scored alone on the validation draw and the
 # evaluation; the averages are made on the CPU from the transformers this packs.
+# JOB LIMIT RUN_DIR MINUTES WORKERS SEED EXTRA...: edit-run17's recipe with --reword-swap 0.5 (rounds 23-25), from the
+# package's toy-edit (edit-run17 when these ran; edit-run18 since: INIT=folder to start from another).
+swap_train() {
+  local name=$1 limit=$2 dir=$3 minutes=$4 workers=$5 seed=$6
+  shift 6
+  job $limit $name python3 training/toy/train_edit.py --out $W/$dir --minutes ${TOY_EDIT_MINUTES:-$minutes} \
+    --init ${INIT:-qwennb/toy_edit_model/transformer} --pool 48000 --batch 1024 --workers $workers --eval-n 10 \
+    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
+    --reword-background 0.5 --reword-swap 0.5 --seed $seed "$@"
+}
 round23_lane() { # NAME RUN_DIR SEED EXTRA...
   local name=$1 dir=$2 seed=$3 tree=/tmp/tree23$1
   shift 3
   rm -rf $tree && cp -r "$here" $tree && cd $tree || return
   export PYTHONPATH=/tmp/site:$tree CUDA_VISIBLE_DEVICES=0
-  job 560 toy_edit_$name python3 training/toy/train_edit.py --out $W/$dir --minutes ${TOY_EDIT_MINUTES:-6.5} \
-    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 6 --eval-n 10 \
-    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
-    --reword-background 0.5 --reword-swap 0.5 --seed $seed "$@"
+  swap_train toy_edit_$name 560 $dir 6.5 6 $seed "$@"
   [ -f $W/$dir/transformer/config.json ] || return
   job 300 avg_${name}_1 python3 training/toy/average_edit.py --base qwennb/toy_edit_model/transformer \
     --other $W/$dir/transformer --weight 1 --out $W/avg/$name-1 --eval-n 120 --val-seed 777
@@ -442,10 +449,7 @@ lane_b23() { round23_lane b toy_edit_run1 1 --kind-weights shape=1.5; }
 lane_a24() {
   rm -rf /tmp/tree24 && cp -r "$here" /tmp/tree24 && cd /tmp/tree24 || return
   export PYTHONPATH=/tmp/site:/tmp/tree24 CUDA_VISIBLE_DEVICES=0
-  job 430 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run0 --minutes ${TOY_EDIT_MINUTES:-4.5} \
-    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 12 --eval-n 10 \
-    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
-    --reword-background 0.5 --reword-swap 0.5
+  swap_train toy_edit 430 toy_edit_run0 4.5 12 0
   [ -f $W/toy_edit_run0/transformer/config.json ] || return
   job 200 avg_1 python3 training/toy/average_edit.py --base qwennb/toy_edit_model/transformer \
     --other $W/toy_edit_run0/transformer --weight 1 --out $W/avg/a-1 --eval-n 120 --val-seed 777
@@ -457,10 +461,7 @@ lane_b24() { :; }
 lane_a25() {
   rm -rf /tmp/tree25 && cp -r "$here" /tmp/tree25 && cd /tmp/tree25 || return
   export PYTHONPATH=/tmp/site:/tmp/tree25 CUDA_VISIBLE_DEVICES=0
-  job 400 toy_edit python3 training/toy/train_edit.py --out $W/toy_edit_run1 --minutes ${TOY_EDIT_MINUTES:-3.5} \
-    --init qwennb/toy_edit_model/transformer --pool 48000 --batch 1024 --workers 14 --eval-n 10 \
-    --text-encoder qwennb/toy_model/text_encoder --lr 2e-4 --phrasings train+ --reword 0.3 \
-    --reword-background 0.5 --reword-swap 0.5 --seed 1
+  swap_train toy_edit 400 toy_edit_run1 3.5 14 1
 }
 lane_b25() { :; }
 
