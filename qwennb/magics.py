@@ -191,13 +191,14 @@ class QwenMagics(Magics):
                 display(report)
             return report
         try:
+            shown = name or "the default model"
             if show and hasattr(self.session, "prepare"):
                 # a bad name, option or plan is its one line before anything says "loading"
-                name = self.session.prepare(name, overrides or None).model
+                shown = self.session.prepare(name, overrides or None).model
             if show:
                 # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
                 # banner as a separate output so that notebooks store and compare it.
-                display(_Text(f"qwennb: loading {name or 'the default model'}..."))
+                display(_Text(f"qwennb: loading {shown}..."))
             report = self.session.load(name, overrides or None)
         except QwennbError as exc:
             raise UsageError(str(exc)) from None

@@ -285,9 +285,11 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
             pipe.vae.enable_tiling()
         if plan.vae_slicing:
             pipe.vae.enable_slicing()
-        from .vae import use_image_convolutions
+        # exact up to float order; a 4x faster decode of an image (measured on CPUs only)
+        if plan.device == "cpu":
+            from .vae import use_image_convolutions
 
-        use_image_convolutions(pipe.vae)  # exact up to float order; 4x faster decode of one image on a CPU
+            use_image_convolutions(pipe.vae)
         if plan.attention_backend and plan.attention_backend != "native":
             pipe.transformer.set_attention_backend(plan.attention_backend)
         if plan.cache:

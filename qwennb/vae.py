@@ -13,69 +13,52 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _image_conv_class() -> type:
-    import torch.nn.functional as F
-    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
-
-    class ImageCausalConv3d(QwenImageCausalConv3d):
-        """A ``QwenImageCausalConv3d`` that runs a lone frame, with nothing cached, as its last temporal tap."""
-
-        def forward(self, x: Any, cache_x: Any = None) -> Any:
-            kt = self.kernel_size[0]
-            pad = self._padding
-            if (
-                x.shape[2] == 1
-                and cache_x is None
-                and pad[4] == kt - 1
-                and pad[5] == 0
-                and self.stride[0] == 1
-                and self.dilation[0] == 1
-            ):
-                y = F.conv2d(
-                    F.pad(x[:, :, 0], pad[:4]),
-                    self.weight[:, :, kt - 1],
-                    self.bias,
-                    self.stride[1:],
-                    0,
-                    self.dilation[1:],
-                    self.groups,
-                )
-                return y.unsqueeze(2)
-            return super().forward(x, cache_x)
-
-    return ImageCausalConv3d
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
 
 
-_CLASS: type | None = None
+class ImageCausalConv3d(QwenImageCausalConv3d):
+    """A ``QwenImageCausalConv3d`` that runs a lone frame, with nothing cached, as its last temporal tap."""
+
+    def forward(self, x: Any, cache_x: Any = None) -> Any:
+        kt = self.kernel_size[0]
+        pad = self._padding
+        if (
+            x.shape[2] == 1
+            and cache_x is None
+            and pad[4] == kt - 1
+            and pad[5] == 0
+            and self.stride[0] == 1
+            and self.dilation[0] == 1
+        ):
+            y = F.conv2d(
+                F.pad(x[:, :, 0], pad[:4]),
+                self.weight[:, :, kt - 1],
+                self.bias,
+                self.stride[1:],
+                0,
+                self.dilation[1:],
+                self.groups,
+            )
+            return y.unsqueeze(2)
+        return super().forward(x, cache_x)
 
 
 def use_image_convolutions(vae: Any) -> int:
     """Make ``vae``'s causal 3D convolutions take the 2D path for single frames (weights and state dict unchanged);
-    returns how many it changed (0 for a VAE that is not Qwen-Image's). Idempotent.
+    returns how many take it (0 for a VAE that is not Qwen-Image's). Idempotent.
 
     Example:
         >>> from qwennb.stand_ins import build_tiny_pipeline
         >>> use_image_convolutions(build_tiny_pipeline().vae) > 0
         True
     """
-    global _CLASS
-    try:
-        from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
-    except ImportError:  # a diffusers without Qwen-Image's VAE: nothing to change
-        return 0
-    if _CLASS is None:
-        _CLASS = _image_conv_class()
-    n = 0
     for m in vae.modules():
         if type(m) is QwenImageCausalConv3d:
-            m.__class__ = _CLASS
-            n += 1
-        elif type(m) is _CLASS:
-            n += 1
-    return n
+            m.__class__ = ImageCausalConv3d
+    return image_convolutions(vae)
 
 
 def image_convolutions(vae: Any) -> int:
     """How many of ``vae``'s convolutions take the 2D path for single frames (0: diffusers' own everywhere)."""
-    return sum(1 for m in vae.modules() if _CLASS is not None and type(m) is _CLASS)
+    return sum(1 for m in vae.modules() if type(m) is ImageCausalConv3d)

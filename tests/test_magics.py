@@ -342,6 +342,22 @@ def test_unload_and_load(ip, capsys):
     assert magics(ip).session.loaded
 
 
+def test_load_from_a_folder_loads_that_folder(ip, tmp_path, capsys):
+    """%qwen load FOLDER loads the weights in that folder, and says which model they are before it loads them."""
+    import shutil
+
+    from qwennb.models import TOY_MODEL_DIR
+
+    folder = tmp_path / "my-toy"
+    shutil.copytree(TOY_MODEL_DIR, folder)
+    capsys.readouterr()
+    ip.run_line_magic("qwen", f"load {folder}")
+    report = magics(ip).session.report
+    assert report.path == str(folder)
+    assert f"qwennb: loading {report.model}..." in capsys.readouterr().out
+    ip.run_line_magic("qwen", "load tiny")
+
+
 def test_reload_ext_frees_and_reloads(ip):
     old = magics(ip).session
     ip.run_line_magic("reload_ext", "qwennb")

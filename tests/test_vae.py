@@ -2,6 +2,7 @@
 and diffusers' own path for anything else (several frames, cached frames)."""
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ def test_one_image_decodes_and_encodes_as_before(toy_vae):
     assert n > 10 and image_convolutions(fast) == n and image_convolutions(exact) == 0
     assert use_image_convolutions(fast) == n  # again: nothing more changes
     assert fast.state_dict().keys() == exact.state_dict().keys()
+    assert image_convolutions(pickle.loads(pickle.dumps(fast))) == n  # a copy sent to a worker keeps it
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 16, 1, 24, 40, generator=g)  # not square: height and width kept apart
     want, got = exact.decode(z).sample, fast.decode(z).sample
