@@ -681,6 +681,45 @@ def test_reword_swap_exchanges_object_and_new_value_in_the_phrasing(monkeypatch)
         assert proc.returncode != 0 and f"--reword-swap {float(option)}: a share" in proc.stderr
 
 
+def test_a_training_cut_by_sigterm_saves_what_it_trained(tmp_path):
+    """train_edit.py stopped by SIGTERM (``timeout``'s first signal) while training saves the transformer, writes
+    results.json saying so, skips the evaluation and exits 143: a job limit never loses the whole run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(root / "training" / "toy" / "train_edit.py"), "--smoke", "--minutes", "5",
+         "--out", str(out), "--init", str(root / "qwennb" / "toy_edit_model" / "transformer"),
+         "--text-encoder", str(root / "qwennb" / "toy_model" / "text_encoder"), "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if " step 0 loss " in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.time() < deadline, "".join(lines[-20:])
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode == 143, text[-2000:]
+    assert "the evaluation skipped" in text and "eval heldout" not in text
+    assert (out / "transformer" / "config.json").is_file()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["timings"]["stopped"] == "SIGTERM" and saved["timings"]["steps"] >= 1
+    assert saved["timings"]["train"] < 12  # stopped at the next step, not at the smoke run's 18 s
+
+
 def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():
     """training/toy/per_item_edits.py: a kind or phrasing split that does not exist is one usage line, before any
     model loads."""

@@ -31,7 +31,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -221,6 +223,11 @@ def reword_instruction(source, target, rng: random.Random, lang: str = "en", spl
                 part,
             )
     return "".join(parts).format(obj=obj, new=word)
+
+
+# Set by SIGTERM (what ``timeout`` sends first): the training ends at the next step and what it trained is saved, the
+# evaluation skipped. Round 23 lost two runs that their job limit cut a few seconds before the one save at the end.
+STOP = threading.Event()
 
 
 def log(msg: str) -> None:
@@ -527,7 +534,7 @@ def train(
     weights = [RESOLUTIONS[k] for k in keys]
     t0 = time.time()
     step, running = 0, None
-    while time.time() - t0 < seconds:
+    while time.time() - t0 < seconds and not STOP.is_set():
         frac = (time.time() - t0) / seconds
         scale = min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -849,12 +856,22 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     history: list = []
     t = time.time()
+    signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     steps = train(
         pipe, pool, device, args.minutes * 60, args.batch, history, args.fg_weight, args.lr, args.high_sigma
     )
     timings["train"] = round(time.time() - t, 1)
     timings["steps"] = steps
+    if STOP.is_set() and not steps:
+        log("stopped (SIGTERM) before any training step: nothing saved")
+        raise SystemExit(143)
     pipe.transformer.save_pretrained(out / "transformer")
+    if STOP.is_set():
+        timings["stopped"] = "SIGTERM"
+        write_results(out, {}, history, args, timings)
+        log(f"stopped (SIGTERM) after {steps} steps: the transformer saved to {out}, the evaluation skipped")
+        raise SystemExit(143)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the evaluation is cut at once, as before
     t = time.time()
     report = evaluate(pipe, args.eval_n, out, args.eval_cfg)
     timings["eval"] = round(time.time() - t, 1)
