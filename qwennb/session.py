@@ -242,18 +242,18 @@ class Session:
 
         name, path, notice = resolve_model(model)
         if name == "tiny" and notice is None:
-            notice = "the tiny stand-in is loaded: its images are noise (no real Qwen-Image weights)."
+            notice = "the tiny stand-in: its images are noise (no real Qwen-Image weights)."
         if name == "toy" and notice is None:
-            notice = "the embedded toy model is loaded: a toy world of flat shapes on plain backgrounds, not Qwen-Image."
+            notice = (
+                "the embedded toy model: a toy world of flat shapes on plain backgrounds, not Qwen-Image."
+            )
         if name == "toy-edit" and notice is None:
             notice = (
-                "the embedded toy edit model is loaded: an early model of the toy world of flat shapes, not photos "
+                "the embedded toy edit model: an early model of the toy world of flat shapes, not photos "
                 "(the asked-for change shows in most edits; a moved or resized shape is sometimes redrawn as another)."
             )
         if name == "tiny-edit" and notice is None:
-            notice = (
-                "the tiny edit stand-in is loaded: its edits are noise (no real Qwen-Image-Edit weights)."
-            )
+            notice = "the tiny edit stand-in: its edits are noise (no real Qwen-Image-Edit weights)."
         plan = _make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
         licence = get_model(name).licence
         if licence:
