@@ -593,7 +593,8 @@ def validate_optimization(pipe: Any) -> dict[str, Any]:
 
     Returns per component the device holding most parameters, the storage dtype, and the diffusers or
     accelerate hooks installed (group offloading, layerwise casting, offload); plus the attention
-    backend, whether the repeated blocks are compiled, VAE tiling/slicing and the TF32/cuDNN flags.
+    backend, whether the repeated blocks are compiled, VAE tiling/slicing, how many VAE convolutions take the 2D
+    path for single images (:mod:`qwennb.vae`) and the TF32/cuDNN flags.
     """
     import torch
 
