@@ -720,6 +720,26 @@ def test_a_training_cut_by_sigterm_saves_what_it_trained(tmp_path):
     assert saved["timings"]["train"] < 12  # stopped at the next step, not at the smoke run's 18 s
 
 
+def test_choose_edit_refuses_the_evaluation_draw_and_non_model_folders(tmp_path):
+    """training/toy/choose_edit.py never chooses on the evaluation's draw (seed 4321) and names a folder without a
+    transformer config, each in one usage line before any model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "training" / "toy" / "choose_edit.py"
+    shipped = Path(__file__).resolve().parents[1] / "qwennb" / "toy_edit_model" / "transformer"
+    for argv, message in (
+        ([str(shipped), "--seeds", "778", "4321"], "seed 4321 is the evaluation's draw"),
+        ([str(shipped), str(tmp_path)], f"not a transformer folder (no config.json): {tmp_path}"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_per_item_edit_reader_refuses_unknown_kinds_and_splits_in_one_line():
     """training/toy/per_item_edits.py: a kind or phrasing split that does not exist is one usage line, before any
     model loads."""

@@ -684,6 +684,12 @@ def write_results(
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
+def check_share(flag: str, value: float) -> None:
+    """One usage line (before anything loads) for a share outside 0..1."""
+    if not 0 <= value <= 1:
+        raise SystemExit(f"{flag} {value}: a share from 0 to 1")
+
+
 def parse_kind_weights(text: str) -> dict[str, float]:
     """``"colour=2,shape=2"`` -> ``{"colour": 2.0, "shape": 2.0}`` (kinds not named weigh 1)."""
     out: dict[str, float] = {}
@@ -812,21 +818,17 @@ def main() -> None:
     if not 0 <= args.empty < 1:
         raise SystemExit(f"--empty {args.empty}: a share from 0 up to (not including) 1")
     EMPTY = args.empty
-    if not 0 <= args.scramble <= 1:
-        raise SystemExit(f"--scramble {args.scramble}: a share from 0 to 1")
+    check_share("--scramble", args.scramble)
     SCRAMBLE = args.scramble
-    if not 0 <= args.reword <= 1:
-        raise SystemExit(f"--reword {args.reword}: a share from 0 to 1")
+    check_share("--reword", args.reword)
     if args.scramble + args.reword > 1:
         raise SystemExit(
             f"--scramble {args.scramble} and --reword {args.reword}: shares of one draw, 1 at most together"
         )
     REWORD = args.reword
-    if not 0 <= args.reword_background <= 1:
-        raise SystemExit(f"--reword-background {args.reword_background}: a share from 0 to 1")
+    check_share("--reword-background", args.reword_background)
     REWORD_BACKGROUND = args.reword_background
-    if not 0 <= args.reword_swap <= 1:
-        raise SystemExit(f"--reword-swap {args.reword_swap}: a share from 0 to 1")
+    check_share("--reword-swap", args.reword_swap)
     REWORD_SWAP = args.reword_swap
     KIND_WEIGHTS = parse_kind_weights(args.kind_weights)
     PHRASINGS = args.phrasings
