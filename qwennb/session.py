@@ -24,6 +24,7 @@ from typing import Any
 from .errors import QwennbError
 from .generation import GenerationResult, free_memory, generate
 from .hardware import Hardware, detect
+from .held_output import Held, hold
 from .lora import LoraInfo
 from .models import get_model
 from .plan import OptimizationConfig, Plan, make_plan
@@ -37,6 +38,8 @@ def _quiet_loading() -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    for module in (diffusers_logging, transformers_logging):
+        module.get_verbosity()  # sets up the library's log handler now, so that held_output.hold watches it
     was = [m.is_progress_bar_enabled() for m in (diffusers_logging, transformers_logging)]
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -107,8 +110,8 @@ class Session:
     _hardware: Hardware | None = None
     _pipe: Any = field(default=None, repr=False)
     _report: LoadReport | None = field(default=None, repr=False)
-    # (future, thread) of the load running in the background, until someone has waited for it
-    _loading: tuple[Future[LoadReport], threading.Thread] | None = field(default=None, repr=False)
+    # (future, thread, what it said) of the load running in the background, until someone has waited for it
+    _loading: tuple[Future[LoadReport], threading.Thread, Held] | None = field(default=None, repr=False)
 
     @property
     def pipe(self) -> Any:
@@ -145,7 +148,9 @@ class Session:
 
     def wait(self, timeout: float | None = None) -> LoadReport | None:
         """Wait for the load running in the background (if any) and return its report; its error, if it failed,
-        is raised here, once. ``timeout``: seconds, then ``TimeoutError`` (the load goes on).
+        is raised here, once. ``timeout``: seconds, then ``TimeoutError`` (the load goes on). The warnings the load
+        gave (Python's, and the log records of diffusers, transformers...) are held while it runs and said here,
+        in the waiting thread: a notebook would otherwise show them in whichever cell ran at that moment.
 
         Example:
             >>> s = Session()
@@ -156,12 +161,13 @@ class Session:
         loading = self._loading
         if loading is None or threading.current_thread() is loading[1]:
             return self._report
-        future = loading[0]
+        future, _, held = loading
         try:
             future.result(timeout)
         finally:
             if future.done():
                 self._loading = None
+                held.replay()
         return self._report
 
     @property
@@ -216,17 +222,20 @@ class Session:
         prepared = self.prepare(model, overrides, loras)
         self.unload()
         future: Future[LoadReport] = Future()
+        held = Held()
 
         def run() -> None:
             t0 = time.perf_counter()  # the imports count: the user waits for them too
             try:
-                with _quiet_loading():
-                    future.set_result(self._build(prepared, t0))
+                with _quiet_loading(), hold(held):
+                    report = self._build(prepared, t0)
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits, as load() would raise it
                 future.set_exception(exc)
+            else:
+                future.set_result(report)
 
         thread = threading.Thread(target=run, name="qwennb-load", daemon=True)
-        self._loading = (future, thread)
+        self._loading = (future, thread, held)
         thread.start()
         return prepared.report(0.0, background=True)
 

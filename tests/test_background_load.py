@@ -87,3 +87,71 @@ def test_wait_with_a_timeout_gives_up_and_the_load_goes_on(monkeypatch):
     assert s.loading
     gate.set()
     assert s.wait().model == "tiny" and not s.loading and s.loaded
+
+
+def _listen(logger_name: str):
+    """A handler of the test's own on a library logger: what reaches it, as text."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger(logger_name).addHandler(handler)
+    return stream, handler
+
+
+def test_what_the_load_says_is_held_until_someone_waits_and_said_there(monkeypatch, recwarn):
+    """A notebook shows a thread's output in whichever cell runs then: the load's warnings and library log records
+    wait for the cell that waits for the model; what other threads say meanwhile goes out at once."""
+    import logging
+    import warnings
+
+    real = pipeline.build
+    said, gate = threading.Event(), threading.Event()
+
+    def build(*args, **kwargs):
+        warnings.warn("a deprecation from the load", FutureWarning, stacklevel=1)
+        logging.getLogger("diffusers.loaders.probe").warning("a record from the load")
+        said.set()
+        assert gate.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build", build)
+    stream, handler = _listen("diffusers")
+    try:
+        s = Session()
+        s.load_in_background("tiny")
+        assert said.wait(60)
+        warnings.warn("the main thread's own warning", UserWarning, stacklevel=1)
+        logging.getLogger("diffusers.loaders.probe").warning("the main thread's own record")
+        assert stream.getvalue() == "the main thread's own record\n"
+        assert [str(w.message) for w in recwarn] == ["the main thread's own warning"]
+        gate.set()
+        assert s.wait().model == "tiny"
+        assert stream.getvalue().splitlines() == ["the main thread's own record", "a record from the load"]
+        assert [str(w.message) for w in recwarn][-1] == "a deprecation from the load"
+        assert recwarn[-1].category is FutureWarning
+        s.wait()  # said once
+        assert len(stream.getvalue().splitlines()) == 2 and len(recwarn) == 2
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert warnings.showwarning.__module__ != "qwennb.held_output"  # nothing left hooked once no load holds
+
+
+def test_a_failed_load_still_says_what_it_said_before_its_error(monkeypatch):
+    import logging
+
+    def build(*args, **kwargs):
+        logging.getLogger("transformers.modeling_utils").warning("shard 3 looks short")
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(pipeline, "build", build)
+    stream, handler = _listen("transformers")
+    try:
+        s = Session()
+        s.load_in_background("tiny")
+        with pytest.raises(OSError, match="disk went away"):
+            s.wait()
+        assert stream.getvalue() == "shard 3 looks short\n"
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
