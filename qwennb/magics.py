@@ -191,15 +191,19 @@ class QwenMagics(Magics):
                 display(report)
             return report
         try:
-            shown = name or "the default model"
-            if show and hasattr(self.session, "prepare"):
+            prepared = None
+            if show and hasattr(self.session, "load_prepared"):
                 # a bad name, option or plan is its one line before anything says "loading"
-                shown = self.session.prepare(name, overrides or None).model
+                prepared = self.session.prepare(name, overrides or None)
             if show:
                 # Shown as it happens (real weights take a while; diffusers' own bars show the shards), then the
                 # banner as a separate output so that notebooks store and compare it.
+                shown = prepared.model if prepared is not None else name or "the default model"
                 display(_Text(f"qwennb: loading {shown}..."))
-            report = self.session.load(name, overrides or None)
+            if prepared is not None:
+                report = self.session.load_prepared(prepared)
+            else:
+                report = self.session.load(name, overrides or None)
         except QwennbError as exc:
             raise UsageError(str(exc)) from None
         if show:

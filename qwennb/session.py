@@ -200,6 +200,18 @@ class Session:
         self._settle()
         return self._build(self.prepare(model, overrides, loras))
 
+    def load_prepared(self, prepared: _Prepared) -> LoadReport:
+        """Load what :meth:`prepare` checked and planned (a caller that shows the plan first plans once).
+
+        Example:
+            >>> s = Session()
+            >>> ready = s.prepare("tiny")
+            >>> s.load_prepared(ready).model
+            'tiny'
+        """
+        self._settle()
+        return self._build(prepared)
+
     def load_in_background(
         self,
         model: str | None = None,

@@ -332,14 +332,20 @@ def test_mode_from_config_reaches_the_plan(ip):
     assert "mode" not in magics(ip).session.report.plan.overrides
 
 
-def test_unload_and_load(ip, capsys):
+def test_unload_and_load(ip, capsys, monkeypatch):
+    from qwennb import session as session_module
+
     ip.run_line_magic("qwen", "unload")
     assert not magics(ip).session.loaded and "unloaded tiny" in capsys.readouterr().out
     assert "model: none loaded" in ip.run_line_magic("qwen", "info").text
     with pytest.raises(QwennbError, match="no model is loaded"):
         magics(ip).session.require()
+    planned = []
+    real = session_module._make_plan
+    monkeypatch.setattr(session_module, "_make_plan", lambda *a, **k: planned.append(a) or real(*a, **k))
     ip.run_line_magic("qwen", "load tiny")
     assert magics(ip).session.loaded
+    assert len(planned) == 1  # the plan it says it loads is the plan it loads: made once
 
 
 def test_load_from_a_folder_loads_that_folder(ip, tmp_path, capsys):
