@@ -844,3 +844,39 @@ def test_average_edit_interpolates_two_transformers_and_refuses_what_it_cannot(t
             timeout=300,
         )
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_choose_edit_scores_a_candidate_as_the_training_evaluation_does(tmp_path):
+    """choose_edit.py and train_edit.evaluate carry out edits through one function: on the same validation draw, at
+    the same steps, the shipped model scores the same in both; choose_edit writes every score and a table row."""
+    import importlib
+    import io
+    import sys
+    from contextlib import redirect_stdout
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "training" / "toy"
+    sys.path.insert(0, str(folder))
+    try:
+        choose = importlib.import_module("choose_edit")
+        te = importlib.import_module("train_edit")
+    finally:
+        sys.path.remove(str(folder))
+    shipped = Path(__file__).resolve().parents[1] / "qwennb" / "toy_edit_model" / "transformer"
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = choose.main(
+            [str(shipped), "--seeds", "778", "--n", "5", "--steps", "3", "--out", str(tmp_path / "c.json")]
+        )
+    assert rc == 0 and f"| {shipped} |" in out.getvalue()
+    saved = json.loads((tmp_path / "c.json").read_text())["results"][str(shipped)]
+    assert saved["pooled"]["all"]["n"] == 5
+    from qwennb.toy_edit import assemble_toy_edit
+
+    report = te.evaluate(assemble_toy_edit(), 5, tmp_path, seed=778, splits=("heldout",), steps=3)
+    for score in (saved["draws"]["778"], report["heldout"]):
+        score.pop("seconds")
+    assert saved["draws"]["778"] == report["heldout"]
+    assert (tmp_path / "samples.png").is_file() and len(
+        (tmp_path / "samples.txt").read_text().splitlines()
+    ) == 5

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from qwennb import toy
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_edit as te  # noqa: E402  (how the evaluation carries out an edit, shared)
+
 EVALUATION_SEED = 4321  # the draw the shipped model is reported on; never chosen on
 
 
 def score(transformer: Path, seeds: list[int], n: int, steps: int, cfg: float) -> dict:
     """Each draw's scores (``toy.score_edits``) for one candidate, and the items' pooled scores."""
-    from qwennb.edit import edit
     from qwennb.toy_edit import assemble_toy_edit
 
     pipe = assemble_toy_edit(init_transformer=transformer)
@@ -34,14 +36,8 @@ def score(transformer: Path, seeds: list[int], n: int, steps: int, cfg: float) -
     every_item, every_image = [], []
     for seed in seeds:
         items = toy.edit_eval_set(n, seed=seed, sizes=((256, 256), (128, 128)), split="heldout")
-        images = []
         t = time.time()
-        for it in items:
-            res = edit(
-                pipe, [toy.render(it.source, it.width, it.height)], it.instruction, seed=it.seed, steps=steps,
-                cfg=cfg, width=it.width, height=it.height, reference_area=it.width * it.height,
-            )  # fmt: skip
-            images.append(res.images[0])
+        images = te.run_edits(pipe, items, steps, cfg)
         out["draws"][seed] = toy.score_edits(items, images)
         out["draws"][seed]["seconds"] = round(time.time() - t, 1)
         every_item += items

@@ -587,6 +587,21 @@ def train(
     return step
 
 
+def run_edits(pipe, items: list, steps: int = 20, cfg: float = 1.0) -> list:
+    """Each of ``items`` (``toy.edit_eval_set``) carried out by ``pipe`` through ``qwennb.edit``: its source
+    rendered at its size, its seed, the reference kept at its own area; the edited images in order."""
+    from qwennb.edit import edit
+
+    images = []
+    for it in items:
+        res = edit(
+            pipe, [toy.render(it.source, it.width, it.height)], it.instruction, seed=it.seed, steps=steps, cfg=cfg,
+            width=it.width, height=it.height, reference_area=it.width * it.height,
+        )  # fmt: skip
+        images.append(res.images[0])
+    return images
+
+
 def evaluate(
     pipe,
     n: int,
@@ -594,13 +609,13 @@ def evaluate(
     cfg: float = 1.0,
     seed: int = 4321,
     splits: tuple[str, ...] = ("heldout", "train"),
+    steps: int = 20,
 ) -> dict:
     """Held-out phrasings (and, for the gap, training phrasings on new scenes) through ``qwennb.edit``, at
     ``toy-edit``'s default CFG 1 unless told otherwise (CFG against the empty instruction undoes what an edit keeps:
     EDIT.md, session 9). ``seed``: the draw of held-out scenes (4321: the evaluation's; another: a validation draw,
-    where a choice between models is made without looking at the evaluation's edits)."""
-    from qwennb.edit import edit
-
+    where a choice between models is made without looking at the evaluation's edits). Writes a sheet of the first
+    16 held-out edits (``samples.png``, ``samples.txt``) to ``out``."""
     pipe.set_progress_bar_config(disable=True)
     report = {}
     samples = []
@@ -613,24 +628,13 @@ def evaluate(
             sizes=sizes,
             split=split,
         )
-        imgs = []
         t = time.time()
-        for it in items:
-            src = toy.render(it.source, it.width, it.height)
-            res = edit(
-                pipe,
-                [src],
-                it.instruction,
-                seed=it.seed,
-                steps=20,
-                cfg=cfg,
-                width=it.width,
-                height=it.height,
-                reference_area=it.width * it.height,
-            )
-            imgs.append(res.images[0])
-            if split == "heldout" and len(samples) < 16:
-                samples.append((src, res.images[0], it.instruction))
+        imgs = run_edits(pipe, items, steps, cfg)
+        if split == "heldout":
+            samples = [
+                (toy.render(it.source, it.width, it.height), im, it.instruction)
+                for it, im in zip(items[:16], imgs[:16], strict=True)
+            ]
         report[split] = toy.score_edits(items, imgs)
         report[split]["seconds"] = round(time.time() - t, 1)
         log(f"eval {split}: {json.dumps(report[split]['all'])}")
