@@ -4,9 +4,11 @@
 before the first frame, so on an image (one frame, nothing cached) each convolution computes ``kernel_t`` temporal
 taps of which all but the last multiply zeros. The last tap alone, as a ``conv2d``, gives the same output up to the
 order of the float sums: measured on the toy VAE's 256x256 decode on the 2-core CPU, 0.85 s -> 0.20 s with a
-relative error of 6e-7 (``benchmarks/NOTES.md``, session 15). Anything else (several frames, a cached frame, a
-temporal stride) goes through diffusers' own ``forward``. Applied by the plan on the CPU; on a GPU it has not been
-measured, so it is not applied there.
+relative error of 6e-7 (``benchmarks/NOTES.md``, session 15); on an H200 the full-size VAE in bf16 decodes a
+1024x1024 image in 0.045 s against 0.067 and encodes one in 0.028 against 0.044 (1.5x), its error against float32
+the same as stock's to three digits (``benchmarks/results/vae2d-nvidia-h200.md``). Anything else (several frames,
+a cached frame, a temporal stride) goes through diffusers' own ``forward``. Applied by the plan on CPUs and CUDA
+GPUs (where it was measured); not on Apple's MPS (not measured).
 """
 
 from __future__ import annotations
@@ -57,6 +59,20 @@ def use_image_convolutions(vae: Any) -> int:
         if type(m) is QwenImageCausalConv3d:
             m.__class__ = ImageCausalConv3d
     return image_convolutions(vae)
+
+
+# The devices the 2D path was measured on (exact up to float order, faster): the plan applies it there.
+MEASURED_ON = ("cpu", "cuda")
+
+
+def image_convolutions_measured(device: str | None) -> bool:
+    """Whether the 2D path was measured on ``device`` (a plan's ``"cpu"``, ``"cuda"``, ``"mps"``), so applied.
+
+    Example:
+        >>> image_convolutions_measured("cuda"), image_convolutions_measured("mps")
+        (True, False)
+    """
+    return str(device).split(":")[0] in MEASURED_ON
 
 
 def image_convolutions(vae: Any) -> int:

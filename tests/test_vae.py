@@ -61,3 +61,15 @@ def test_the_cpu_plan_applies_it_and_says_so():
 
     pipe = build(make_plan(describe_machine(host_ram_gb=8), "tiny"))
     assert validate_optimization(pipe)["vae_image_convolutions"] > 0
+
+
+def test_it_is_applied_where_it_was_measured_only():
+    """CPUs and CUDA GPUs (benchmarks/results/vae2d-nvidia-h200: 1.5x, at bf16's rounding floor); not MPS."""
+    from qwennb.plan import describe_machine, make_plan
+    from qwennb.vae import image_convolutions_measured
+
+    gpu_plan = make_plan(describe_machine(gpu_memory_gb=80, host_ram_gb=128), "qwen-image")
+    cpu_plan = make_plan(describe_machine(host_ram_gb=8), "tiny")
+    assert gpu_plan.device == "cuda" and image_convolutions_measured(gpu_plan.device)
+    assert cpu_plan.device == "cpu" and image_convolutions_measured(cpu_plan.device)
+    assert image_convolutions_measured("cuda:1") and not image_convolutions_measured("mps")
