@@ -1,6 +1,7 @@
 """Qwen-Image's VAE on one image, diffusers' causal 3D convolutions against ``qwennb.vae``'s 2D path, on a GPU.
 
     python benchmarks/vae2d.py            # writes benchmarks/results/vae2d-<card>.{json,md}
+    python benchmarks/vae2d.py --smoke    # on a CPU: the tiny VAE at 64x64, the same rows (vae2d-cpu-smoke)
 
 The full-size VAE (Qwen-Image's shipped config, random weights, bf16 as the plan loads it) decodes a latent and
 encodes an image at each size (``--sizes``), stock first, then the same module with
@@ -18,6 +19,7 @@ import json
 import platform
 import re
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -27,12 +29,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def timed(fn, runs: int, warmup: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of ``fn()`` over ``runs`` calls after ``warmup``, and its last output."""
+    """Median seconds of ``fn()`` over ``runs`` calls after ``warmup`` (CUDA events on a GPU), and its last
+    output."""
     out = None
     for _ in range(warmup):
         out = fn()
     times = []
     for _ in range(runs):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         out = fn()
@@ -54,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--smoke", action="store_true", help="on a CPU: the tiny VAE config at 64x64, float32")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        ap.error("needs a CUDA GPU (the CPU figures are in benchmarks/results/cpu-toy-*)")
+    if args.smoke:
+        args.sizes, args.dtype, args.runs, args.warmup = "64", "float32", 2, 1
+    elif not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (--smoke checks the script on a CPU)")
+    device = "cuda" if not args.smoke else "cpu"
     from diffusers import AutoencoderKLQwenImage
 
     from qwennb.stand_ins import load_component_config
@@ -64,22 +76,24 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    stock = AutoencoderKLQwenImage.from_config(load_component_config("qwen-image", "vae"))
-    stock = stock.to("cuda", dtype).eval()
+    stock = AutoencoderKLQwenImage.from_config(
+        load_component_config("tiny" if args.smoke else "qwen-image", "vae")
+    )
+    stock = stock.to(device, dtype).eval()
     two_d = copy.deepcopy(stock)
     n2d = use_image_convolutions(two_d)
     # The rounding floor: both paths against stock in float32 (TF32 off), on the same input.
     reference = copy.deepcopy(stock).float()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    card = torch.cuda.get_device_name()
+    card = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     rows = []
     with torch.inference_mode():
         for size in (int(s) for s in args.sizes.split(",")):
-            g = torch.Generator("cuda").manual_seed(size)
+            g = torch.Generator(device).manual_seed(size)
             z = torch.randn(
-                1, stock.config.z_dim, 1, size // 8, size // 8, device="cuda", dtype=dtype, generator=g
+                1, stock.config.z_dim, 1, size // 8, size // 8, device=device, dtype=dtype, generator=g
             )
-            x = torch.rand(1, 3, 1, size, size, device="cuda", dtype=dtype, generator=g) * 2 - 1
+            x = torch.rand(1, 3, 1, size, size, device=device, dtype=dtype, generator=g) * 2 - 1
             for op, fn_of in (
                 ("decode", lambda m, v=z: m.decode(v).sample),
                 ("encode", lambda m, v=x: m.encode(v).latent_dist.mode()),
@@ -100,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                         "stock_rerun_rel_err": rel_err(y_again, y_stock),
                         "stock_vs_float32": rel_err(y_stock, y_ref),
                         "image_convolutions_vs_float32": rel_err(y_2d, y_ref),
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "convolutions_left": image_convolutions(stock),
         "rows": rows,
     }
-    name = re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
+    name = "cpu-smoke" if args.smoke else re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"vae2d-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Qwen-Image VAE, one image: diffusers' causal 3D convolutions against qwennb's 2D path ({card})",
         "",
         f"torch {result['torch']}, diffusers {result['diffusers']}, {args.dtype}, median of {args.runs} after "
-        f"{args.warmup} warm-up calls (CUDA events); {n2d} convolutions take the 2D path. Rerun: "
+        f"{args.warmup} warm-up calls ({'CUDA events' if device == 'cuda' else 'wall clock'}); {n2d} convolutions take the 2D path. Rerun: "
         "`python benchmarks/vae2d.py`.",
         "",
         "Relative errors: the 2D path against stock (same dtype), stock against itself on a rerun, and each against "

@@ -135,3 +135,18 @@ def test_edit_benchmark_smoke_rows_and_a_failed_row_renders(tmp_path):
     record["runs"].append({"config": "qwennb+fa4", "model": "m", "error": "RuntimeError('no CUDA GPU')"})
     md = bench_edit.render(record, 64, 2, 4.0)
     assert "| m | - | qwennb+fa4 | failed: RuntimeError('no CUDA GPU') |" in md
+
+
+def test_vae2d_smoke_compares_both_paths_and_refuses_without_a_gpu(tmp_path):
+    """benchmarks/vae2d.py --smoke: decode and encode rows, the 2D path exact to float order on the CPU."""
+    proc = run("vae2d.py", "--smoke", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((tmp_path / "vae2d-cpu-smoke.json").read_text())
+    assert [(r["op"], r["size"]) for r in record["rows"]] == [("decode", 64), ("encode", 64)]
+    assert record["image_convolutions"] > 0 and record["convolutions_left"] == 0
+    for r in record["rows"]:
+        assert r["rel_err"] < 1e-5 and r["stock_rerun_rel_err"] == 0 and r["image_convolutions_s"] > 0
+    assert "| decode | 64² |" in (tmp_path / "vae2d-cpu-smoke.md").read_text()
+    other = tmp_path / "real"
+    proc = run("vae2d.py", "--out", str(other))
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and not other.exists()
