@@ -508,6 +508,10 @@ def _print_notices(notices: list[str]) -> None:
 def _cmd_enhance(args: argparse.Namespace) -> int:
     from . import enhance as en
 
+    if not args.prompt.strip():  # refused before a model loads, as a bad --image is
+        raise QwennbError("the prompt is empty")
+    if args.image:
+        en.load_image(args.image)
     chosen = en._cli_model(args.model, args.device)
     context = args.context
     if args.image:

@@ -392,6 +392,16 @@ def test_cli_enhance_json_has_the_documented_keys(capsys):
     assert out["language"] == "zh" and out["model"] == "tiny-vl"
 
 
+def test_cli_enhance_refuses_an_empty_prompt_or_a_missing_image_before_loading_a_model(tmp_path, capsys):
+    for argv, said in (
+        (["enhance", "  "], "qwennb: error: the prompt is empty"),
+        (["enhance", "a cat", "--image", str(tmp_path / "no.png")], "no.png"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err  # one line: nothing loaded first
+
+
 def test_cli_describe(tmp_path, capsys):
     path = tmp_path / "ref.png"
     _image(100, 80).save(path)
