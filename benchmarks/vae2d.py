@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tiled", action="store_true", help="also the largest size with the VAE tiled")
     ap.add_argument("--smoke", action="store_true", help="on a CPU: the tiny VAE config at 64x64, float32")
     args = ap.parse_args(argv)
     if args.smoke:
-        args.sizes, args.dtype, args.runs, args.warmup = "64", "float32", 2, 1
+        args.sizes, args.dtype, args.runs, args.warmup, args.tiled = "64", "float32", 2, 1, True
     elif not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (--smoke checks the script on a CPU)")
     device = "cuda" if not args.smoke else "cpu"
@@ -87,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     card = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
     rows = []
+    sizes = [int(s) for s in args.sizes.split(",")]
+    # untiled at every size; then tiled (what the plan turns on for small cards) at the largest
+    passes = [(size, False) for size in sizes] + ([(max(sizes), True)] if args.tiled else [])
     with torch.inference_mode():
-        for size in (int(s) for s in args.sizes.split(",")):
+        for size, tiled in passes:
+            for m in (stock, two_d, reference):
+                m.enable_tiling() if tiled else m.disable_tiling()
             g = torch.Generator(device).manual_seed(size)
             z = torch.randn(
                 1, stock.config.z_dim, 1, size // 8, size // 8, device=device, dtype=dtype, generator=g
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 y_ref = fn_of(reference, z.float()) if op == "decode" else fn_of(reference, x.float())
                 rows.append(
                     {
-                        "op": op,
+                        "op": op + (" (tiled)" if tiled else ""),
                         "size": size,
                         "stock_s": s_stock,
                         "stock_again_s": s_again,

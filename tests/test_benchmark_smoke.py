@@ -142,7 +142,8 @@ def test_vae2d_smoke_compares_both_paths_and_refuses_without_a_gpu(tmp_path):
     proc = run("vae2d.py", "--smoke", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "vae2d-cpu-smoke.json").read_text())
-    assert [(r["op"], r["size"]) for r in record["rows"]] == [("decode", 64), ("encode", 64)]
+    ops = [(r["op"], r["size"]) for r in record["rows"]]
+    assert ops == [("decode", 64), ("encode", 64), ("decode (tiled)", 64), ("encode (tiled)", 64)]
     assert record["image_convolutions"] > 0 and record["convolutions_left"] == 0
     for r in record["rows"]:
         assert r["rel_err"] < 1e-5 and r["stock_rerun_rel_err"] == 0 and r["image_convolutions_s"] > 0
