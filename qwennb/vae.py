@@ -6,9 +6,11 @@ taps of which all but the last multiply zeros. The last tap alone, as a ``conv2d
 order of the float sums: measured on the toy VAE's 256x256 decode on the 2-core CPU, 0.85 s -> 0.20 s with a
 relative error of 6e-7 (``benchmarks/NOTES.md``, session 15); on an H200 the full-size VAE in bf16 decodes a
 1024x1024 image in 0.045 s against 0.067 and encodes one in 0.028 against 0.044 (1.5x), its error against float32
-the same as stock's to three digits (``benchmarks/results/vae2d-nvidia-h200.md``). Anything else (several frames,
-a cached frame, a temporal stride) goes through diffusers' own ``forward``. Applied by the plan on CPUs and CUDA
-GPUs (where it was measured); not on Apple's MPS (not measured).
+the same as stock's to three digits (``benchmarks/results/vae2d-nvidia-h200.md``). Tiled (the plan tiles the VAE
+on small cards) it was slower on the H200: 1.13 s against 0.72-0.86 for a 1328x1328 decode, where many small tiles
+make the decode wait on Python and kernel launches and the 2D path adds a few tensor operations a convolution.
+Anything else (several frames, a cached frame, a temporal stride) goes through diffusers' own ``forward``. Applied
+by the plan where it was measured faster: CPUs and CUDA GPUs, the VAE untiled; not on Apple's MPS (not measured).
 """
 
 from __future__ import annotations
@@ -61,18 +63,22 @@ def use_image_convolutions(vae: Any) -> int:
     return image_convolutions(vae)
 
 
-# The devices the 2D path was measured on (exact up to float order, faster): the plan applies it there.
+# The devices the 2D path was measured faster on (exact up to float order), with the VAE untiled: the plan applies
+# it there.
 MEASURED_ON = ("cpu", "cuda")
 
 
-def image_convolutions_measured(device: str | None) -> bool:
-    """Whether the 2D path was measured on ``device`` (a plan's ``"cpu"``, ``"cuda"``, ``"mps"``), so applied.
+def image_convolutions_measured(device: str | None, tiled: bool = False) -> bool:
+    """Whether the 2D path was measured faster on ``device`` (a plan's ``"cpu"``, ``"cuda"``, ``"mps"``) with the
+    VAE tiled or not, so applied by the plan.
 
     Example:
-        >>> image_convolutions_measured("cuda"), image_convolutions_measured("mps")
+        >>> image_convolutions_measured("cuda"), image_convolutions_measured("cuda", tiled=True)
         (True, False)
+        >>> image_convolutions_measured("mps")
+        False
     """
-    return str(device).split(":")[0] in MEASURED_ON
+    return str(device).split(":")[0] in MEASURED_ON and not tiled
 
 
 def image_convolutions(vae: Any) -> int:

@@ -73,3 +73,15 @@ def test_it_is_applied_where_it_was_measured_only():
     assert gpu_plan.device == "cuda" and image_convolutions_measured(gpu_plan.device)
     assert cpu_plan.device == "cpu" and image_convolutions_measured(cpu_plan.device)
     assert image_convolutions_measured("cuda:1") and not image_convolutions_measured("mps")
+
+
+def test_a_tiled_vae_keeps_diffusers_own_path():
+    """Tiled, the 2D path measured slower on an H200 (vae2d-nvidia-h200: 0.64x at 1328x1328): a plan that tiles the
+    VAE leaves it alone."""
+    from qwennb.pipeline import build, validate_optimization
+    from qwennb.plan import describe_machine, make_plan
+
+    plan = make_plan(describe_machine(host_ram_gb=8), "tiny", overrides={"enable_vae_tiling": True})
+    assert plan.vae_tiling
+    report = validate_optimization(build(plan))
+    assert report["vae_tiling"] and report["vae_image_convolutions"] == 0
