@@ -42,9 +42,6 @@ class Held:
     warnings: list[warnings.WarningMessage] = field(default_factory=list)
     records: list[logging.LogRecord] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.warnings) + len(self.records)
-
     def replay(self) -> None:
         """Say everything held, in the calling thread, through the handlers it was meant for; then forget it."""
         said, self.warnings = self.warnings, []

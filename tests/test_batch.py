@@ -466,8 +466,11 @@ def test_a_local_worker_killed_mid_item_costs_that_item_only(tmp_path):
     out = tmp_path / "out"
     started: list[str] = []
     killed: dict[str, str] = {}
+    retries: list[tuple[str, str]] = []
 
     def on_event(e):
+        if e.kind == "item_retry":
+            retries.append((e.item_id, e.message))
         if e.kind == "item_start":
             started.append(e.item_id)
             if len(started) == 5 and e.worker:  # kill the process that has just begun this item
@@ -476,6 +479,9 @@ def test_a_local_worker_killed_mid_item_costs_that_item_only(tmp_path):
 
     r = run_batch(prompts, out, model=MODEL, workers=2, on_event=on_event, steps=4, size="64x64")
     assert len(killed) == 1
+    (lost_id,) = killed
+    # the retry says why: the worker's process died (the outcome's message; the worker sent no error of its own)
+    assert [i for i, _ in retries] == [lost_id] and "died" in retries[0][1], retries
     assert (r.total, r.done, r.failed, r.pending) == (12, 12, 0, 0), r.failures
     rows = lines(r.manifest)
     assert {x["status"] for x in rows} == {"done"} and len({x["id"] for x in rows}) == 12

@@ -225,6 +225,15 @@ def test_bad_edit_inputs_are_refused_in_one_line(images, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_array_likes_that_are_not_numpy_are_refused_by_type():
+    """Only numpy arrays are read as arrays: a torch tensor (channels first, -1..1 or 0..1: no one convention) is
+    named in the error rather than guessed at."""
+    import torch
+
+    with pytest.raises(ImageInputError, match="image must be a PIL image, a numpy array, .* got Tensor"):
+        read_image(torch.zeros(3, 32, 32))
+
+
 def test_not_an_image_file(tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("hello")

@@ -488,6 +488,18 @@ def test_session_lora_api_and_a_bad_lora_at_load_keeps_the_model(files, tmp_path
     assert [d["name"] for d in s.info()["loras"]] == ["same_kohya", "other"]
     s.lora_remove()
     assert s.lora_list() == []
+    # LoRAs asked for by a generation on a plan that keeps them unfused (bf16/float32): applied in place, the
+    # pipeline not reloaded (a reload is for fp8 plans, whose weights the LoRA is fused into)
+    pipe = s.pipe
+    s.generate(
+        "a red circle",
+        steps=2,
+        width=64,
+        height=64,
+        seed=1,
+        loras=[{"source": str(files["other"]), "scale": 0.4}],
+    )
+    assert s.pipe is pipe
     s.unload()
 
 

@@ -142,6 +142,13 @@ def test_validate_generate_options_normalises_and_names_the_bad_value():
         validate_generate_options({"steps": 1001})
     with pytest.raises(GenerationError, match="give cfg or true_cfg_scale, not both"):
         validate_generate_options({"cfg": 2.0, "true_cfg_scale": 3.0})
+    # the bounds themselves are allowed: 1 (guidance off) and MAX_CFG
+    from qwennb.options import MAX_CFG
+
+    assert validate_generate_options({"cfg": 1})["cfg"] == 1
+    assert validate_generate_options({"cfg": MAX_CFG})["cfg"] == MAX_CFG
+    with pytest.raises(GenerationError, match="CFG must be at least 1"):
+        validate_generate_options({"cfg": MAX_CFG + 0.5})
 
 
 def test_cli_progress_has_no_stray_zero_step_bar(tmp_path):

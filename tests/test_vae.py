@@ -43,6 +43,26 @@ def test_one_image_decodes_and_encodes_as_before(toy_vae):
 
 
 @torch.no_grad()
+def test_one_image_never_takes_diffusers_3d_path(toy_vae, monkeypatch):
+    """The 2D path really runs for a lone frame: diffusers' own forward is not called once in a decode or an
+    encode (a condition that never holds would leave the outputs equal and only the speed gone)."""
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    fast = copy.deepcopy(toy_vae)
+    use_image_convolutions(fast)
+    calls = []
+    real = QwenImageCausalConv3d.forward
+    monkeypatch.setattr(
+        QwenImageCausalConv3d, "forward", lambda self, *a, **k: calls.append(1) or real(self, *a, **k)
+    )
+    fast.decode(torch.randn(1, 16, 1, 8, 8))
+    fast.encode(torch.rand(1, 3, 1, 64, 64) * 2 - 1)
+    assert calls == []
+    toy_vae.decode(torch.randn(1, 16, 1, 8, 8))  # and the spy does see diffusers' path where it runs
+    assert calls
+
+
+@torch.no_grad()
 def test_several_frames_take_diffusers_own_path(toy_vae):
     """A second frame sees the first through the convolutions' cache: the 2D path must not run there."""
     fast = copy.deepcopy(toy_vae)
