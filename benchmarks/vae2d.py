@@ -55,6 +55,42 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def profile_tiled(stock, two_d, size: int, device: str, dtype) -> dict:
+    """One tiled decode of each path under torch.profiler: kernel (device) time, kernels launched, operators
+    dispatched on the host and the wall time, to tell a decode that waits on the host from one that computes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    z = torch.randn(1, stock.config.z_dim, 1, size // 8, size // 8, device=device, dtype=dtype)
+    out = {"size": size}
+    for name, m in (("stock", stock), ("image_convolutions", two_d)):
+        m.enable_tiling()
+        m.decode(z)  # warm
+        if device == "cuda":
+            torch.cuda.synchronize()
+        with torch.inference_mode(), profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            m.decode(z)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        rows = prof.key_averages()
+
+        def dev(r):
+            return getattr(r, "self_device_time_total", None) or getattr(r, "self_cuda_time_total", 0) or 0
+
+        out[name] = {
+            "wall_s": wall,
+            "kernel_ms": sum(dev(r) for r in rows) / 1000,
+            "kernels": sum(r.count for r in rows if dev(r) > 0),
+            "aten_ops": sum(r.count for r in rows if r.key.startswith("aten::")),
+            "top_ops": sorted(
+                ((r.key, r.count) for r in rows if r.key.startswith("aten::")), key=lambda kv: -kv[1]
+            )[:8],
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1024,1328", help="square image sizes, comma-separated")
@@ -63,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--tiled", action="store_true", help="also the largest size with the VAE tiled")
+    ap.add_argument(
+        "--profile", action="store_true", help="profile one tiled decode of each path at the largest size"
+    )
     ap.add_argument("--smoke", action="store_true", help="on a CPU: the tiny VAE config at 64x64, float32")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -124,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+    profile = {}
+    if args.profile:
+        profile = profile_tiled(stock, two_d, max(sizes), device, dtype)
+        print(json.dumps(profile), flush=True)
     result = {
+        "profile_tiled_decode": profile,
         "card": card,
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
