@@ -139,9 +139,11 @@ def test_edit_benchmark_smoke_rows_and_a_failed_row_renders(tmp_path):
 
 def test_vae2d_smoke_compares_both_paths_and_refuses_without_a_gpu(tmp_path):
     """benchmarks/vae2d.py --smoke: decode and encode rows, the 2D path exact to float order on the CPU."""
-    proc = run("vae2d.py", "--smoke", "--out", str(tmp_path))
+    proc = run("vae2d.py", "--smoke", "--profile", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "vae2d-cpu-smoke.json").read_text())
+    prof = record["profile_tiled_decode"]
+    assert prof["size"] == 64 and prof["stock"]["aten_ops"] > 0 and prof["image_convolutions"]["aten_ops"] > 0
     ops = [(r["op"], r["size"]) for r in record["rows"]]
     assert ops == [("decode", 64), ("encode", 64), ("decode (tiled)", 64), ("encode (tiled)", 64)]
     assert record["image_convolutions"] > 0 and record["convolutions_left"] == 0
