@@ -69,3 +69,9 @@ def test_quick_commands_import_neither_diffusers_nor_transformers(argv):
     wall = time.perf_counter() - t0
     assert out[1:] == ["False", "False"], out
     assert float(out[0]) < 3.0 and wall < 6.0  # about 0.5 s on an idle CI machine
+
+
+def test_no_command_is_one_usage_line():
+    proc = subprocess.run([sys.executable, "-m", "qwennb.cli"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the following arguments are required: command" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -195,6 +195,20 @@ def test_generate_cell_returns_the_result_and_saves(ip, capsys):
     assert "done: 3/3 steps" in capsys.readouterr().out
 
 
+def test_an_image_that_cannot_be_saved_is_kept_and_the_error_says_why_in_words(ip, tmp_path):
+    """The folder is checked before a generation; if saving still fails after it (a disk that filled, a folder
+    that went away), the image stays in the history and the error gives the OS's reason in words."""
+    r = ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --seed 3 --no-save", "a red fox")
+    index = magics(ip).session.history.index(r)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UsageError) as info:
+        magics(ip)._save(r, str(blocker / "sub"))
+    message = str(info.value)
+    assert "could not be saved" in message and "(Not a directory)" in message and "Errno" not in message
+    assert f"%qwen history entry #{index}" in message and magics(ip).session.history[index] is r
+
+
 def test_run_cell_sets_underscore(ip):
     ip.run_cell("%%qwen_generate --steps 2 --size 64x64 --seed 8 --no-save\na small boat", store_history=True)
     assert isinstance(ip.user_ns["_"], GenerationResult) and ip.user_ns["_"].seed == 8

@@ -225,6 +225,17 @@ def test_a_mask_of_another_size_is_refused_in_one_line_before_anything_runs(pane
     assert panel.input_image is not None and panel.painter.mask  # nothing lost
 
 
+def test_a_painted_mask_that_is_not_base64_is_refused_as_such(panel):
+    panel.set_input(Image.new("RGB", (64, 64), "white"))
+    panel.painter.mask = "data:image/png;base64,@@not*base64@@"
+    assert panel.mask_info.value == "mask refused: the painted mask is not valid base64"
+    # a real mask with a stray character is refused too, not read with the character skipped
+    good = _painted(Image.new("L", (64, 64), 255))
+    head, body = good.split(",", 1)
+    panel.painter.mask = f"{head},{body[:40]}*{body[40:]}"
+    assert panel.mask_info.value == "mask refused: the painted mask is not valid base64"
+
+
 def test_painter_controls_move_the_brush_erase_and_clear(panel):
     panel.set_input(Image.new("RGB", (120, 60), "white"))
     assert panel.brush.value == panel.painter.brush == 12  # a tenth of the long side
