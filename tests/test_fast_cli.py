@@ -75,3 +75,24 @@ def test_no_command_is_one_usage_line():
     proc = subprocess.run([sys.executable, "-m", "qwennb.cli"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "the following arguments are required: command" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_plan_force_on_a_cpu_plans_qwen_image_not_the_embedded_model():
+    """Without a GPU, `qwennb plan` plans the embedded model; --force asks for Qwen-Image on the CPU anyway (which a
+    24 GiB machine cannot hold: refused in one line; a larger one plans it)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU plans Qwen-Image without --force")
+    cmd = [sys.executable, "-m", "qwennb.cli", "plan", "--json"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 0 and json.loads(plain.stdout)["model"] == "toy"
+    forced = subprocess.run([*cmd, "--force"], capture_output=True, text=True, timeout=120)
+    if forced.returncode == 0:
+        assert json.loads(forced.stdout)["model"] == "qwen-image"
+    else:
+        assert (
+            forced.returncode == 2
+            and "qwen-image needs" in forced.stderr
+            and "Traceback" not in forced.stderr
+        )

@@ -803,6 +803,7 @@ def test_panel_save_error_keeps_the_image(panel):
 
 
 def test_panel_keep_to_compare(panel):
+    assert panel.compare_button.disabled  # nothing to keep before the first image
     panel.prompt.value = "a cat"
     panel.steps.value = 2
     for _ in range(2):
