@@ -559,3 +559,24 @@ def test_download_lora_fetches_the_lightning_lora_into_the_cache(hub, capsys, mo
     assert file_sha256(found) == res["sha256"]
     assert main(["download", "--lora", "lightning-4"]) == 2
     assert "switched off" in capsys.readouterr().err
+
+
+def test_a_lora_named_by_its_repository_is_listed_picked_and_fetched(hub):
+    """owner/repo: its one .safetensors file; several: refused with their names unless one is named (as a path
+    inside the repository or as weight_name), and then that one."""
+    from qwennb.lora import LoraError, resolve_file
+
+    a, b = make_repo(seed=4), make_repo(seed=5)
+    one = a["transformer/diffusion_pytorch_model-00001-of-00002.safetensors"]
+    two = b["transformer/diffusion_pytorch_model-00001-of-00002.safetensors"]
+    assert one != two
+    hub.repos["someone/one-lora"] = {"README.md": b"# a LoRA", "style.safetensors": one}
+    hub.repos["someone/two-loras"] = {"a.safetensors": one, "b.safetensors": two, "notes.txt": b"x"}
+    assert resolve_file("someone/one-lora").read_bytes() == one
+    with pytest.raises(
+        LoraError, match=r"someone/two-loras has 2 \.safetensors files \(a\.safetensors, b\.safetensors\)"
+    ):
+        resolve_file("someone/two-loras")
+    assert resolve_file("someone/two-loras", weight_name="b.safetensors").read_bytes() == two
+    assert resolve_file("someone/two-loras/a.safetensors").read_bytes() == one
+    assert resolve_file("someone/two-loras/a.safetensors", weight_name="b.safetensors").read_bytes() == two
