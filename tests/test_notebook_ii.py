@@ -21,7 +21,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from qwennb.errors import GenerationError, QwennbError
-from qwennb.generation import PipelineBusyError, generate, load_params
+from qwennb.generation import PipelineBusyError, generate, is_busy, load_params
 from qwennb.options import validate_generate_options
 from qwennb.session import Session
 
@@ -399,6 +399,26 @@ def test_a_busy_pipeline_refuses_at_once_with_wait_false(session):
         release.set()
         t.join(60)
     assert generate(pipe, "a dog", steps=2, width=64, height=64, wait=False).steps_completed == 2
+
+
+def test_acquire_run_waits_by_default_for_the_run_holding_the_pipeline():
+    """``acquire_run(pipe)`` (its default, what a caller that does not say gets) waits for the holder, then runs."""
+    from qwennb.generation import acquire_run
+
+    class Pipe:
+        pass
+
+    pipe = Pipe()
+    first = acquire_run(pipe)
+    got: list = []
+    t = threading.Thread(target=lambda: got.append(acquire_run(pipe)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and got == []  # waiting, not refused
+    first.release()
+    t.join(10)
+    assert len(got) == 1 and is_busy(pipe)
+    got[0].release()
 
 
 def test_load_params_on_invalid_json_metadata_is_one_line(tmp_path):
