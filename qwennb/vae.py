@@ -5,12 +5,14 @@ before the first frame, so on an image (one frame, nothing cached) each convolut
 taps of which all but the last multiply zeros. The last tap alone, as a ``conv2d``, gives the same output up to the
 order of the float sums: measured on the toy VAE's 256x256 decode on the 2-core CPU, 0.85 s -> 0.20 s with a
 relative error of 6e-7 (``benchmarks/NOTES.md``, session 15); on an H200 the full-size VAE in bf16 decodes a
-1024x1024 image in 0.045 s against 0.067 and encodes one in 0.028 against 0.044 (1.5x), its error against float32
-the same as stock's to three digits (``benchmarks/results/vae2d-nvidia-h200.md``). Tiled (the plan tiles the VAE
-on small cards) it was slower on the H200: 1.13 s against 0.72-0.86 for a 1328x1328 decode, where many small tiles
-make the decode wait on Python and kernel launches and the 2D path adds a few tensor operations a convolution.
-Anything else (several frames, a cached frame, a temporal stride) goes through diffusers' own ``forward``. Applied
-by the plan where it was measured faster: CPUs and CUDA GPUs, the VAE untiled; not on Apple's MPS (not measured).
+1024x1024 image in 0.042 s against 0.069 and encodes one in 0.027 against 0.044 (1.6x), its error against float32
+the same as stock's to three digits (``benchmarks/results/vae2d-nvidia-h200.md``). The spatial padding is left to
+``conv2d`` (one operation less than diffusers' ``F.pad`` + ``conv3d``). Tiled (the plan tiles the VAE on small
+cards) the decode waits on the host rather than the GPU: there the 2D path measured 0.64-0.73x with a separate
+``F.pad``, and 1.03x (decode) / 1.06x (encode) with the padding in ``conv2d``, within the run-to-run spread of stock
+itself (0.72-0.92 s for a 1328x1328 decode). Anything else (several frames, a cached frame, a temporal stride) goes
+through diffusers' own ``forward``. Applied by the plan where it was measured faster: CPUs and CUDA GPUs, the VAE
+untiled; not on Apple's MPS (not measured).
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ class ImageCausalConv3d(QwenImageCausalConv3d):
             and self.stride[0] == 1
             and self.dilation[0] == 1
         ):
+            if pad[0] == pad[1] and pad[2] == pad[3]:  # symmetric, as diffusers pads: conv2d pads itself
+                x2, padding = x[:, :, 0], (pad[2], pad[0])
+            else:
+                x2, padding = F.pad(x[:, :, 0], pad[:4]), (0, 0)
             y = F.conv2d(
-                F.pad(x[:, :, 0], pad[:4]),
+                x2,
                 self.weight[:, :, kt - 1],
                 self.bias,
                 self.stride[1:],
-                0,
+                padding,
                 self.dilation[1:],
                 self.groups,
             )

@@ -105,3 +105,22 @@ def test_a_tiled_vae_keeps_diffusers_own_path():
     assert plan.vae_tiling
     report = validate_optimization(build(plan))
     assert report["vae_tiling"] and report["vae_image_convolutions"] == 0
+
+
+@torch.no_grad()
+def test_uneven_padding_takes_the_2d_path_exactly_too():
+    """diffusers pads symmetrically (conv2d then pads itself, width and height apart); a convolution padded
+    unevenly is padded first."""
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageCausalConv3d
+
+    from qwennb.vae import ImageCausalConv3d
+
+    torch.manual_seed(0)
+    stock = QwenImageCausalConv3d(4, 6, 3, padding=1)
+    fast = copy.deepcopy(stock)
+    fast.__class__ = ImageCausalConv3d
+    x = torch.randn(1, 4, 1, 9, 7)
+    for pad in ((1, 1, 1, 1, 2, 0), (2, 2, 1, 1, 2, 0), (2, 0, 1, 0, 2, 0)):
+        stock._padding = fast._padding = pad
+        want, got = stock(x), fast(x)
+        assert got.shape == want.shape and rel(got, want) < 1e-6, pad
