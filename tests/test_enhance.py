@@ -304,6 +304,19 @@ def test_a_7b_vl_model_is_refused_with_numbers_before_any_file_is_touched():
 # ------------------------------------------------------------------------------------------ images
 
 
+def test_pixel_limits_prefer_the_processors_own_then_its_size_then_qwen25vls():
+    from types import SimpleNamespace
+
+    both = SimpleNamespace(min_pixels=100, max_pixels=1000, size={"shortest_edge": 5, "longest_edge": 50})
+    assert enhance._pixel_limits(both) == (100, 1000)
+    assert enhance._pixel_limits(SimpleNamespace(size={"shortest_edge": 5, "longest_edge": 50})) == (5, 50)
+    assert enhance._pixel_limits(SimpleNamespace(size={"min_pixels": 7, "max_pixels": 70})) == (7, 70)
+    assert enhance._pixel_limits(SimpleNamespace()) == (
+        enhance.QWEN25VL_MIN_PIXELS,
+        enhance.QWEN25VL_MAX_PIXELS,
+    )
+
+
 def test_image_tokens_match_the_processors_grid(pipe):
     ip = pipeline_image_processor(pipe)
     assert (ip.patch_size, ip.merge_size, ip.temporal_patch_size) == (14, 2, 2)

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -10,7 +11,7 @@ from qwennb.hardware import GPU, detect, detect_frontend, visible_gpus
 def test_detect_without_gpu_says_so():
     hw = detect()
     assert hw.gpus == []
-    assert hw.host_ram_gb > 0 and hw.cpu_count >= 1
+    assert hw.host_ram_gb > 0 and hw.cpu_count == (os.cpu_count() or 1)
     assert any("No CUDA GPU" in n for n in hw.notes)
 
 

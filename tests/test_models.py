@@ -19,6 +19,25 @@ def test_registry_names_and_hub_ids():
         get_model("stable-diffusion")
 
 
+def test_the_stand_ins_are_the_random_weight_models_and_entries_are_fixed():
+    """Stand-ins (random weights: images are noise) are exactly these; the trained toy models are not among them.
+    Registry entries cannot be changed in place."""
+    import dataclasses
+
+    from qwennb.models import REGISTRY
+
+    assert sorted(m.name for m in REGISTRY.values() if m.stand_in) == [
+        "qwen-image-2.1-synthetic",
+        "qwen-image-edit-synthetic",
+        "qwen-image-synthetic",
+        "tiny",
+        "tiny-2.1",
+        "tiny-edit",
+    ]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        get_model("toy").stand_in = True
+
+
 def test_parameter_counts_come_from_the_configs():
     sizes = component_sizes("qwen-image")
     assert sizes["transformer"].params == 20_430_401_088
