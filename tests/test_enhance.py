@@ -304,6 +304,14 @@ def test_a_7b_vl_model_is_refused_with_numbers_before_any_file_is_touched():
 # ------------------------------------------------------------------------------------------ images
 
 
+def test_decoding_gives_back_the_text_as_written(pipe):
+    """The model's words come back as tokenised: no clean-up of spaces before punctuation (" ," stays), which
+    would change what a prompt says in languages and notations that space them."""
+    text = "a cat , on a mat . 3 : 4"
+    ids = pipe.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert enhance._decode(pipe.tokenizer, ids) == text
+
+
 def test_pixel_limits_prefer_the_processors_own_then_its_size_then_qwen25vls():
     from types import SimpleNamespace
 
