@@ -75,6 +75,20 @@ def test_tiny_configs_match_the_real_classes_and_pipeline_constraints():
         assert tiny["vae"][key] == real["vae"][key]
 
 
+def test_tiny_weights_are_drawn_by_role(tiny_pipe):
+    """Embeddings ~ std 1, weights within PyTorch's fan-in bound, norm weights 1, biases 0."""
+    emb = tiny_pipe.text_encoder.get_input_embeddings().weight
+    assert 0.9 < float(emb.float().std()) < 1.1
+    lin = next(
+        m for m in tiny_pipe.transformer.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None
+    )
+    bound = 1 / lin.weight.shape[1] ** 0.5
+    assert float(lin.weight.abs().max()) <= bound + 1e-6 and float(lin.weight.std()) > bound / 3
+    assert torch.count_nonzero(lin.bias) == 0
+    norms = [m.weight for m in tiny_pipe.text_encoder.modules() if "RMSNorm" in type(m).__name__]
+    assert norms and all(bool((w == 1).all()) for w in norms)
+
+
 def test_tiny_component_sizes(tiny_pipe):
     sizes = {n: count_parameters(getattr(tiny_pipe, n)) for n in ("transformer", "vae", "text_encoder")}
     assert all(0 < s < 5_000_000 for s in sizes.values()), sizes
