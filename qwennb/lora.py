@@ -170,7 +170,7 @@ def _pick_in_folder(folder: Path, weight_name: str | None, source: str) -> Path:
 
 
 def _hub_file(repo: str, filename: str | None, source: str) -> Path:
-    from huggingface_hub import hf_hub_download, list_repo_files
+    from huggingface_hub import HfApi, hf_hub_download
 
     from .pipeline import offline
 
@@ -182,7 +182,8 @@ def _hub_file(repo: str, filename: str | None, source: str) -> Path:
                 f"offline, or run {fetch_cmd} where it is reachable"
             )
         try:
-            files = [f for f in list_repo_files(repo) if f.endswith(".safetensors")]
+            # a client made now, as download.py's: the endpoint as configured at the call, not at import
+            files = [f for f in HfApi().list_repo_files(repo) if f.endswith(".safetensors")]
         except Exception as exc:  # noqa: BLE001 - hub errors are many; one line says which
             raise LoraError(f"{source}: cannot list the repository: {_first_line(exc)}") from None
         if len(files) != 1:
