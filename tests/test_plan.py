@@ -176,6 +176,14 @@ def test_performance_analysis_is_computed_from_the_plan():
     )
     assert fast["expected_s_per_step"] < r["expected_s_per_step"]
     assert any("Edit" in w for w in svc.analyze_performance_characteristics("qwen-image-edit")["warnings"])
+    # what limits the speed, said from the plan: on 80 GB nothing but compute; on 24 GB the streaming
+    assert fast["bottlenecks"] == ["compute-bound: the transformer's matrix products on the GPU"]
+    assert any(b.startswith("transformer group_offload") for b in r["bottlenecks"])
+    assert any(b.startswith("text encoder group_offload") for b in r["bottlenecks"])
+    cpu = ModelDetectionService(hardware=describe_machine(host_ram_gb=8)).analyze_performance_characteristics(
+        "toy"
+    )
+    assert cpu["bottlenecks"] == ["runs on the cpu: no CUDA GPU"]
 
 
 def test_streamed_blocks_are_spread_between_resident_ones():
