@@ -261,11 +261,25 @@ def _build_stand_in(plan: Plan) -> Any:
     )
 
 
+def _apply_vae_plan(pipe: Any, plan: Plan) -> None:
+    """VAE tiling and slicing as planned, and (where measured faster: :func:`qwennb.vae.image_convolutions_measured`)
+    its causal 3D convolutions run as 2D ones on single images: exact up to float order (at bf16's rounding floor
+    on an H200); an image decodes 4x faster on a CPU and 1.6x on an H200 untiled, tiled no faster there."""
+    from .vae import image_convolutions_measured, use_image_convolutions
+
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+    if plan.vae_slicing:
+        pipe.vae.enable_slicing()
+    if image_convolutions_measured(plan.device, tiled=plan.vae_tiling):
+        use_image_convolutions(pipe.vae)
+
+
 def apply_plan(pipe: Any, plan: Plan) -> Any:
     """Apply a plan's placement and speed options to a pipeline whose weights are loaded (on any device). Off
     CUDA the pipeline moves to the plan's device and takes what runs there: group offload of the transformer
-    (no streams), a step cache, an attention backend, VAE tiling and slicing, and the VAE's causal 3D convolutions
-    run as 2D ones on single images (:mod:`qwennb.vae`)."""
+    (no streams), a step cache, an attention backend and the VAE's options (tiling, slicing, the 2D path for single
+    images: :mod:`qwennb.vae`); on CUDA the VAE takes the same options."""
     import torch
 
     dtype = _torch_dtype(plan.dtype)
@@ -281,16 +295,7 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
                 low_cpu_mem_usage=True,
                 use_stream=False,
             )
-        if plan.vae_tiling:
-            pipe.vae.enable_tiling()
-        if plan.vae_slicing:
-            pipe.vae.enable_slicing()
-        # exact up to float order (at bf16's rounding floor on an H200); an image decodes 4x faster on a CPU, 1.6x
-        # on an H200 untiled (tiled no faster there: not applied)
-        from .vae import image_convolutions_measured, use_image_convolutions
-
-        if image_convolutions_measured(plan.device, tiled=plan.vae_tiling):
-            use_image_convolutions(pipe.vae)
+        _apply_vae_plan(pipe, plan)
         if plan.attention_backend and plan.attention_backend != "native":
             pipe.transformer.set_attention_backend(plan.attention_backend)
         if plan.cache:
@@ -376,10 +381,7 @@ def apply_plan(pipe: Any, plan: Plan) -> Any:
                 )
             else:  # cpu: encodes there; qwennb.generate moves the embeddings to the GPU
                 pipe.text_encoder.to("cpu")
-    if plan.vae_tiling:
-        pipe.vae.enable_tiling()
-    if plan.vae_slicing:
-        pipe.vae.enable_slicing()
+    _apply_vae_plan(pipe, plan)
     if plan.attention_backend and plan.attention_backend != "native":
         pipe.transformer.set_attention_backend(plan.attention_backend)
     if plan.compile and not fast:

@@ -95,6 +95,23 @@ def test_it_is_applied_where_it_was_measured_only():
     assert image_convolutions_measured("cuda:1") and not image_convolutions_measured("mps")
 
 
+def test_a_gpu_plan_takes_it_too():
+    """The plan's VAE options are one step for CPUs and CUDA alike (it once sat in the CPU branch only): with a GPU
+    plan the 2D path goes on untiled, not tiled. The VAE stays where it is (nothing moves to a GPU here)."""
+    from qwennb.pipeline import _apply_vae_plan, build
+    from qwennb.plan import describe_machine, make_plan
+    from qwennb.vae import image_convolutions
+
+    gpu = describe_machine(gpu_memory_gb=80, host_ram_gb=128)
+    for tiling, want in ((False, True), (True, False)):
+        pipe = build(make_plan(describe_machine(host_ram_gb=8), "tiny", overrides={"enable_vae_tiling": True}))
+        assert image_convolutions(pipe.vae) == 0  # tiled on the CPU: diffusers' path
+        plan = make_plan(gpu, "tiny", overrides={"enable_vae_tiling": tiling})
+        assert plan.device == "cuda" and plan.vae_tiling == tiling
+        _apply_vae_plan(pipe, plan)
+        assert (image_convolutions(pipe.vae) > 0) is want
+
+
 def test_a_tiled_vae_keeps_diffusers_own_path():
     """Tiled, the 2D path measured slower on an H200 (vae2d-nvidia-h200: 0.64x at 1328x1328): a plan that tiles the
     VAE leaves it alone."""
