@@ -51,6 +51,18 @@ def _quiet_loading() -> Iterator[None]:
                 module.enable_progress_bar()
 
 
+# What a model of the package (no real weights) is, said when it loads.
+_STAND_IN_NOTICES = {
+    "tiny": "the tiny stand-in: its images are noise (no real Qwen-Image weights).",
+    "toy": "the embedded toy model: a toy world of flat shapes on plain backgrounds, not Qwen-Image.",
+    "toy-edit": (
+        "the embedded toy edit model: an early model of the toy world of flat shapes, not photos "
+        "(the asked-for change shows in most edits; a moved or resized shape is sometimes redrawn as another)."
+    ),
+    "tiny-edit": "the tiny edit stand-in: its edits are noise (no real Qwen-Image-Edit weights).",
+}
+
+
 @dataclass
 class _Prepared:
     """A load checked and planned, not yet done (:meth:`Session.prepare`)."""
@@ -197,8 +209,8 @@ class Session:
     ) -> LoadReport:
         """Resolve, plan and load a model, replacing (and freeing) any loaded one; ``loras`` are
         ``(source, scale)`` pairs loaded with it (checked against the model before anything loads)."""
-        self._settle()
-        return self._build(self.prepare(model, overrides, loras))
+        self._settle()  # first: a failed background load is replaced, not raised by prepare
+        return self.load_prepared(self.prepare(model, overrides, loras))
 
     def load_prepared(self, prepared: _Prepared) -> LoadReport:
         """Load what :meth:`prepare` checked and planned (a caller that shows the plan first plans once).
@@ -262,19 +274,8 @@ class Session:
         from .pipeline import resolve_model
 
         name, path, notice = resolve_model(model)
-        if name == "tiny" and notice is None:
-            notice = "the tiny stand-in: its images are noise (no real Qwen-Image weights)."
-        if name == "toy" and notice is None:
-            notice = (
-                "the embedded toy model: a toy world of flat shapes on plain backgrounds, not Qwen-Image."
-            )
-        if name == "toy-edit" and notice is None:
-            notice = (
-                "the embedded toy edit model: an early model of the toy world of flat shapes, not photos "
-                "(the asked-for change shows in most edits; a moved or resized shape is sometimes redrawn as another)."
-            )
-        if name == "tiny-edit" and notice is None:
-            notice = "the tiny edit stand-in: its edits are noise (no real Qwen-Image-Edit weights)."
+        if notice is None:
+            notice = _STAND_IN_NOTICES.get(name)
         plan = _make_plan(self.hardware, path if model and path and os.path.isdir(model) else name, overrides)
         licence = get_model(name).licence
         if licence:
