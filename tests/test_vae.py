@@ -104,7 +104,9 @@ def test_a_gpu_plan_takes_it_too():
 
     gpu = describe_machine(gpu_memory_gb=80, host_ram_gb=128)
     for tiling, want in ((False, True), (True, False)):
-        pipe = build(make_plan(describe_machine(host_ram_gb=8), "tiny", overrides={"enable_vae_tiling": True}))
+        pipe = build(
+            make_plan(describe_machine(host_ram_gb=8), "tiny", overrides={"enable_vae_tiling": True})
+        )
         assert image_convolutions(pipe.vae) == 0  # tiled on the CPU: diffusers' path
         plan = make_plan(gpu, "tiny", overrides={"enable_vae_tiling": tiling})
         assert plan.device == "cuda" and plan.vae_tiling == tiling
