@@ -717,7 +717,7 @@ def _prepare_loras(pipe: Any, loras: Any, preset: Any, model: str, steps: int, c
         notices += lora_mod.ensure(pipe, list(loras))
     if preset is not None and preset.lora:
         spec = REGISTRY.get(model)
-        notices += lora_mod.ensure_preset_lora(pipe, preset, model, stand_in=spec is None or spec.stand_in)
+        notices += lora_mod.ensure_preset_lora(pipe, preset, model, stand_in=spec is None or spec.unpublished)
     elif cfg > 1 or steps > 8:
         fast = [i.name for i in lora_mod.list_loras(pipe) if lora_mod.is_lightning(i)]
         if fast and not getattr(pipe, "qwennb", {}).get("loras_disabled"):

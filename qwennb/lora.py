@@ -1086,8 +1086,8 @@ def is_lightning(info: LoraInfo) -> bool:
 def ensure_preset_lora(pipe: Any, preset: Any, model: str, stand_in: bool = False) -> list[str]:
     """Load the preset's LoRA for ``model`` unless it is on the pipeline already; returns notices.
 
-    A stand-in (tiny, synthetic) has no published Lightning LoRA: only the steps, CFG and scheduler apply, and
-    a notice says so.
+    A stand-in (tiny, synthetic, the toy models) has no published Lightning LoRA: only the steps, CFG and
+    scheduler apply, and a notice says so.
     """
     if not preset.lora:
         return []

@@ -45,6 +45,12 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     licence: str = ""  # shown at download and at load when it restricts use (not Apache-2.0)
 
+    @property
+    def unpublished(self) -> bool:
+        """No published checkpoint of its own (a stand-in, or the toy models in the package): no hub LoRAs such as
+        Lightning's were made for it."""
+        return self.stand_in or self.hub_id is None
+
 
 QWEN_IMAGE_21_LICENCE = (
     "Qwen-Image-2.1's weights are under a non-commercial licence: research and personal use only; read "

@@ -337,7 +337,7 @@ class Session:
             from .presets import get_preset
 
             p = get_preset(preset)
-            if p.lora and self.report is not None and not get_model(self.report.model).stand_in:
+            if p.lora and self.report is not None and not get_model(self.report.model).unpublished:
                 source = lora.lightning_source(self.report.model, p.name)
                 have = [(i.source, i.scale) for i in lora.list_loras(self.pipe)]
                 if lora.adapter_name(source) not in {i.name for i in lora.list_loras(self.pipe)}:

@@ -89,3 +89,22 @@ def test_positive_magic_follows_the_prompts_language():
     assert zh.prompt == "灯塔, 超清，4K，电影级构图." and zh.original_prompt == "灯塔"
     plain = generate(pipe, "a lighthouse", seed=1, steps=2, width=64, height=64, preset="balanced")
     assert plain.prompt == "a lighthouse" and (plain.steps, plain.cfg) == (2, 3.5)  # explicit steps win
+
+
+@pytest.mark.parametrize("preset", ["lightning-8", "lightning-4"])
+def test_a_lightning_preset_on_the_embedded_toy_runs_its_steps_and_says_there_is_no_lora(preset):
+    # The toy is what a machine without weights runs (and the panel offers the Lightning presets there too): no
+    # Lightning LoRA exists for it, so the preset's steps, CFG 1 and scheduler apply and a notice says so.
+    from qwennb import toy
+
+    pipe = build(make_plan(describe_machine(host_ram_gb=16), "toy"))
+    prompt = "blue triangle, top of the picture, white backdrop"
+    r = generate(pipe, prompt, preset=preset, seed=2, width=256, height=256)
+    steps = get_preset(preset).steps
+    assert (len(r.step_times_s), r.steps, r.cfg, r.preset) == (steps, steps, 1.0, preset)
+    assert [n for n in r.notices if "no Lightning" in n or "stand-in with no" in n] == [
+        f"toy is a stand-in with no {preset} LoRA: only its steps, CFG 1 and scheduler apply"
+    ]
+    assert r.loras == []
+    seen = toy.read_image(r.images[0])
+    assert (seen.colour, seen.shape) == ("blue", "triangle")
