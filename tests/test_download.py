@@ -22,7 +22,7 @@ import pytest
 from huggingface_hub import constants
 
 from qwennb.cli import main
-from qwennb.download import download, human_bytes, verify_snapshot
+from qwennb.download import download, free_disk_bytes, human_bytes, verify_snapshot
 from qwennb.errors import LoadError
 from qwennb.models import find_local_models
 from qwennb.pipeline import resolve_model
@@ -375,6 +375,11 @@ def test_dry_run_lists_files_and_fetches_nothing(hub, tmp_path, capsys):
     assert not res["downloaded"] and not res["complete"] and res["fits"]
     assert res["needed_bytes"] == res["total_bytes"] == sum(_weights(hub.files).values())
     assert not hub.cache.exists()
+    # Into the cache, in words: the free space is measured where the cache is (its nearest existing folder).
+    assert main(["download", "--optimal", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"free at {free_disk_bytes(hub.cache)[1]}: fits" in out and "dry run: nothing was fetched" in out
+    assert not hub.cache.exists()
 
 
 def test_interrupted_download_resumes_on_the_next_call(hub, capsys):
@@ -580,3 +585,28 @@ def test_a_lora_named_by_its_repository_is_listed_picked_and_fetched(hub):
     assert resolve_file("someone/two-loras", weight_name="b.safetensors").read_bytes() == two
     assert resolve_file("someone/two-loras/a.safetensors").read_bytes() == one
     assert resolve_file("someone/two-loras/a.safetensors", weight_name="b.safetensors").read_bytes() == two
+
+
+def test_a_lightning_preset_offline_uses_the_downloaded_lora(hub, capsys, monkeypatch):
+    """Downloaded once (`qwennb download --lora`), the Lightning LoRA loads offline from the cache for its preset."""
+    from safetensors.torch import save
+
+    from qwennb import lora
+    from qwennb.presets import get_preset
+    from qwennb.stand_ins import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    sd = lora.random_lora_state_dict(pipe.transformer, rank=4, layout="lightning", blocks=[0])
+    data = save(sd)
+    hub.repos["lightx2v/Qwen-Image-Lightning"] = {"Qwen-Image-Lightning-8steps-V2.0.safetensors": data}
+    assert main(["download", "--lora", "lightning-8", "--for-model", "qwen-image"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    notices = lora.ensure_preset_lora(pipe, get_preset("lightning-8"), "qwen-image")
+    assert notices == [
+        "loaded the lightning-8 LoRA for qwen-image "
+        "(lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-8steps-V2.0.safetensors)"
+    ]
+    (info,) = lora.list_loras(pipe)
+    assert info.sha256 == hashlib.sha256(data).hexdigest() and lora.is_lightning(info)

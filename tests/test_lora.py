@@ -350,6 +350,23 @@ def test_a_file_changed_after_it_was_read_is_given_no_hash(tmp_path):
     assert lora.file_sha256(f) == hashlib.sha256(b"abcd").hexdigest()
 
 
+def test_a_file_removed_while_it_is_hashed_is_given_no_hash(tmp_path, monkeypatch):
+    f = tmp_path / "gone.safetensors"
+    f.write_bytes(b"abc")
+    when_read = lora._stat_key(f)
+    real = lora._hash_file
+
+    def hash_then_remove(path):  # the file goes between the hash and the check that it is still the same
+        digest = real(path)
+        os.remove(path)
+        return digest
+
+    monkeypatch.setattr(lora, "_hash_file", hash_then_remove)
+    with pytest.raises(lora.LoraError, match="changed while it was loaded"):
+        lora.sha256_soon(f, when_read).result()
+    assert when_read not in lora._SHA_CACHE
+
+
 def test_a_lora_is_read_straight_to_the_transformers_device(pipe, files, monkeypatch):
     """On a GPU the LoRA's tensors are read to the card (safetensors' ``load_file(device=...)``), so diffusers
     converts them there and its hotswap copies device to device, instead of one host-to-device copy per tensor;
@@ -471,6 +488,22 @@ def test_the_lightning_scheduler_is_the_published_one():
     assert np.allclose(s.sigmas[:-1].numpy(), 3 * x / (1 + 2 * x), atol=1e-6)
     assert get_preset("lightning-8").scheduler is LIGHTNING_SCHEDULER
     assert lightning_lora("qwen-image", "lightning-4")[1] == "Qwen-Image-Lightning-4steps-V2.0.safetensors"
+
+
+def test_a_lightning_preset_on_the_tuned_path_reads_modulation_from_its_own_schedule():
+    """The tuned path's modulation table is built from the scheduler's timesteps: under a few-step preset it must
+    be the preset's scheduler (every step then a table row), and the model's own comes back after."""
+    from qwennb import speed
+    from qwennb.stand_ins import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    state = speed.enable_fast_path(pipe.transformer, compile=False, scheduler=pipe.scheduler)
+    own = pipe.scheduler
+    r = generate(pipe, "a red circle", preset="lightning-8", width=64, height=64, seed=5)
+    assert r.steps == 8
+    assert state.stats["modulation_from_schedule"] == 8  # CFG 1: one forward a step, each a row of the table
+    assert state.scheduler is own and pipe.scheduler is own
+    speed.disable_fast_path(pipe.transformer)
 
 
 def test_session_lora_api_and_a_bad_lora_at_load_keeps_the_model(files, tmp_path):

@@ -108,3 +108,19 @@ def test_a_lightning_preset_on_the_embedded_toy_runs_its_steps_and_says_there_is
     assert r.loras == []
     seen = toy.read_image(r.images[0])
     assert (seen.colour, seen.shape) == ("blue", "triangle")
+
+
+def test_each_lightning_lora_is_the_file_for_its_step_count_and_checkpoint():
+    from qwennb.models import get_model
+    from qwennb.presets import LIGHTNING_LORAS, lightning_lora
+
+    for model, table in LIGHTNING_LORAS.items():
+        spec = get_model(model)  # a registry model
+        assert not spec.unpublished and spec.hub_id
+        for steps, (repo, file) in table.items():
+            assert get_preset(f"lightning-{steps}").steps == steps
+            assert f"-{steps}steps-" in file and repo.startswith("lightx2v/")
+            # the file of this checkpoint, not another's: Qwen-Image-Edit-2509's, Edit's, 2512's or Qwen-Image's
+            stem = file.rsplit("/", 1)[-1].split("-Lightning-")[0]
+            assert stem == spec.hub_id.split("/")[1], (model, file)
+            assert lightning_lora(model, f"lightning-{steps}") == (repo, file)

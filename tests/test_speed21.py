@@ -253,3 +253,28 @@ def test_cuda_graph_modes_copy_each_block_output_out_of_the_graph(pipe, monkeypa
         finally:
             speed21.disable_fast_path_21(pipe.transformer)
         assert len(marks) == expected  # 3 cached steps, one paired forward each
+
+
+def test_the_kv_pair_is_reused_unless_a_hook_is_on_the_blocks(pipe):
+    """A diffusers hook on the blocks (a cache, offload) may skip or move work between the pair's two calls, so the
+    pair is not reused then; a hook registry left empty (diffusers keeps one after a hook is removed) is no hook."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    ref = latents(pipe)
+    block = pipe.transformer.transformer_blocks[0]
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    try:
+        for hooked in (False, True):
+            if hooked:
+                registry.register_hook(ModelHook(), "qwennb-test-hook")
+            state = speed21.enable_fast_path_21(pipe.transformer, compile=False)
+            try:
+                got = latents(pipe)
+            finally:
+                speed21.disable_fast_path_21(pipe.transformer)
+            assert rel(got, ref) < 1e-5
+            assert state.stats["cfg_reused"] == (0 if hooked else 3), hooked
+    finally:
+        if registry.get_hook("qwennb-test-hook") is not None:
+            registry.remove_hook("qwennb-test-hook")
+        del block._diffusers_hook
