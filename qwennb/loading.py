@@ -157,11 +157,15 @@ def load_transformer(
     layerwise_fp8: bool = False,
     device: Any = "cpu",
     gpu_blocks: set[int] | None = None,
+    loras: list[tuple[str, float]] | None = None,
 ) -> Any:
     """A ``QwenImageTransformer2DModel`` read from a diffusers folder's ``transformer/`` safetensors, block by
     block, into its stored form (fp8 blocks when ``fp8``; quantised on ``quantize_on``, e.g. the GPU): everything
     on ``device``, except blocks whose index is in ``gpu_blocks``, which go to ``quantize_on``. Host RAM peaks at
     what stays there plus one block in ``dtype``.
+
+    ``loras`` (``(source, scale)`` pairs) are fused into each block's weights before it is stored, as an fp8 plan
+    needs them (:func:`qwennb.lora.fuse_layers_`); their infos are on the model as ``_qwennb_fused_loras``.
 
     Example:
         >>> import tempfile, torch
@@ -202,7 +206,16 @@ def load_transformer(
                 for k in group:
                     set_module_tensor_to_device(model, k, "cpu", value=sf.get_tensor(k), dtype=dtype)
 
+    fused: list[Any] = []
+    if loras:
+        from .lora import fuse_layers_, read_for_fusing
+
+        fused = read_for_fusing(
+            list(loras), model
+        )  # checked against the model's layers before any weight is read
     load([k for k in where if block_of(k) is None])
+    if fused:
+        fuse_layers_(model, "", fused, quantize_on)
     for name, child in model.named_children():
         if name != "transformer_blocks":
             child.to(device)
@@ -213,6 +226,8 @@ def load_transformer(
             by_block.setdefault(b, []).append(k)
     for i, block in enumerate(model.transformer_blocks):
         load(by_block.get(i, []))
+        if fused:
+            fuse_layers_(block, f"transformer_blocks.{i}", fused, quantize_on)
         _store_block_(block, fp8, layerwise_fp8, quantize_on)
         block.to(quantize_on if quantize_on is not None and i in (gpu_blocks or ()) else device)
     from .stand_ins import _meta_tensors, _recompute_rotary_
@@ -223,4 +238,6 @@ def load_transformer(
         raise LoadError(f"{root}: weights missing for {', '.join(left[:3])}")
     model.eval()
     model.requires_grad_(False)
+    if fused:
+        model._qwennb_fused_loras = [info for info, _ in fused]
     return model

@@ -114,7 +114,7 @@ def resolve_model(name: str | None = None, folder: str | None = None) -> tuple[s
     return "toy", TOY_MODEL_DIR, TOY_NOTICE
 
 
-def _load_pretrained(plan: Plan, path: str | None) -> Any:
+def _load_pretrained(plan: Plan, path: str | None, loras: list[tuple[str, float]] | None = None) -> Any:
     import diffusers
     import torch
 
@@ -164,6 +164,8 @@ def _load_pretrained(plan: Plan, path: str | None) -> Any:
             layerwise_fp8=layerwise,
             device=cuda if t.placement == "gpu" and cuda is not None else "cpu",
             gpu_blocks=_gpu_blocks(plan),
+            # an fp8 plan's LoRAs are fused into each block before it is quantised
+            loras=loras if loras and lora_needs_fusing(plan) else None,
         )
     try:
         return cls.from_pretrained(source, **kwargs)
@@ -538,13 +540,16 @@ def build(plan: Plan, path: str | None = None, loras: list[tuple[str, float]] | 
 
         pipe = assemble_toy_edit(dtype=_torch_dtype(plan.dtype))
     else:
-        pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path)
-    fuse = bool(loras) and lora_needs_fusing(plan)
-    if fuse:
+        pipe = _build_stand_in(plan) if spec.stand_in else _load_pretrained(plan, path, loras)
+    # an fp8 plan's LoRAs: fused into each block while it loads into fp8 on a GPU (qwennb.loading), else here
+    fused_at_load = getattr(pipe.transformer, "_qwennb_fused_loras", None)
+    fused: dict[str, Any] = {}
+    if fused_at_load:
+        fused = {i.name: i for i in fused_at_load}
+    elif loras and lora_needs_fusing(plan):
         from .lora import fuse_before_quantising
 
-        fuse_before_quantising(pipe, list(loras or []))
-    fused = getattr(pipe, "qwennb", {}).get("loras", {})
+        fused = {i.name: i for i in fuse_before_quantising(pipe, list(loras))}
     apply_plan(pipe, plan)
     pipe.set_progress_bar_config(disable=True)
     pipe.qwennb = {"model": plan.model, "path": path, "plan": plan, "load_s": time.perf_counter() - t0}

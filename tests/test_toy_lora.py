@@ -203,3 +203,49 @@ def test_the_few_step_lora_keeps_adherence_in_4_unguided_steps(session):
     assert all(
         np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again, without, strict=True)
     )  # removed: as before
+
+
+# --------------------------------------------------------------------------- fused block by block (fp8 plans on GPUs)
+
+
+def _weights(transformer) -> dict:
+    return {k: v.detach().float().clone() for k, v in transformer.state_dict().items()}
+
+
+def test_loras_fused_block_by_block_at_load_equal_diffusers_fused_weights(same_base, tmp_path):
+    """An fp8 plan on a GPU loads the transformer block by block straight into fp8 (qwennb.loading), so its LoRAs
+    are fused into each block before it is quantised: the weights must be those diffusers' own loading and fusing
+    gives (``fuse_before_quantising``), for every key layout, for two LoRAs at once at their scales, and for layers
+    outside the blocks. (The GPU side, fp8 and meaning: tests/test_gpu.py.)"""
+    from safetensors.torch import save_file
+
+    from qwennb import lora
+    from qwennb.loading import load_transformer
+    from qwennb.pipeline import build
+    from qwennb.plan import describe_machine, make_plan
+
+    pipe = build(make_plan(describe_machine(host_ram_gb=16), "toy"))
+    t = pipe.transformer
+    g = torch.Generator().manual_seed(0)
+    extra = {}  # a diffusers-layout LoRA on two layers outside the blocks too
+    for name in ("img_in", "proj_out", "transformer_blocks.1.attn.to_q"):
+        layer = t.get_submodule(name)
+        extra[f"transformer.{name}.lora_A.weight"] = torch.randn(2, layer.in_features, generator=g) * 0.1
+        extra[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 2, generator=g) * 0.1
+    save_file(extra, str(tmp_path / "outside.safetensors"))
+    cases = [[(path_of(layout), 0.8)] for layout in LAYOUTS]
+    cases.append([(path_of("kohya"), 0.5), (str(tmp_path / "outside.safetensors"), -1.5)])
+    for specs in cases:
+        want_pipe = build(make_plan(describe_machine(host_ram_gb=16), "toy"))
+        lora.fuse_before_quantising(want_pipe, specs)
+        want = _weights(want_pipe.transformer)
+        got_t = load_transformer(TOY_MODEL_DIR, torch.float32, fp8=False, loras=specs)
+        got = _weights(got_t)
+        assert set(got) == set(want)
+        worst = max(float((got[k] - want[k]).abs().max() / (want[k].abs().max() + 1e-12)) for k in want)
+        assert worst < 1e-5, (specs, worst)
+        changed = [k for k in want if not torch.equal(want[k], _weights(t)[k])]
+        assert changed, specs  # the LoRA changed weights (and the load put the same changes in)
+        infos = got_t._qwennb_fused_loras
+        assert [(i.source, i.scale, i.fused) for i in infos] == [(s, float(c), True) for s, c in specs]
+        assert infos[0].sha256 == hashlib.sha256(Path(specs[0][0]).read_bytes()).hexdigest()
