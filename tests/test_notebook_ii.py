@@ -149,6 +149,15 @@ def test_validate_generate_options_normalises_and_names_the_bad_value():
     assert validate_generate_options({"cfg": MAX_CFG})["cfg"] == MAX_CFG
     with pytest.raises(GenerationError, match="CFG must be at least 1"):
         validate_generate_options({"cfg": MAX_CFG + 0.5})
+    # and every other bound: the sides 16 and MAX_SIDE, steps 1000, seed 0 and 2**63 - 1, 16 images
+    from qwennb.options import MAX_IMAGES, MAX_SEED, MAX_SIDE, MAX_STEPS
+
+    edges = {"width": MAX_SIDE, "height": 16, "steps": MAX_STEPS, "seed": MAX_SEED, "num_images": MAX_IMAGES}
+    assert {k: validate_generate_options(edges)[k] for k in edges} == edges
+    assert validate_generate_options({"width": 16, "height": MAX_SIDE, "seed": 0})["seed"] == 0
+    for name, bad in (("width", 15), ("height", MAX_SIDE + 1), ("seed", MAX_SEED + 1), ("num_images", 17)):
+        with pytest.raises(GenerationError):
+            validate_generate_options({name: bad})
 
 
 def test_cli_progress_has_no_stray_zero_step_bar(tmp_path):
