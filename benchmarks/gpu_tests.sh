@@ -3,6 +3,7 @@
 # suite on the same GPU, on any CUDA machine:
 #
 #     bash benchmarks/gpu_tests.sh [more test files...]
+#     bash benchmarks/gpu_tests.sh --only tests/test_x.py     # those files without tests/test_gpu.py
 #
 # With qwennb installed (pip install -e ".[test]") nothing else is needed. On a bare machine with torch and
 # transformers only, put wheels into .whl/ first (pip download --no-deps -d .whl diffusers==0.42.1 peft pytest
@@ -11,6 +12,11 @@
 # of each file; the whole pytest output goes to $OUT/gpu-tests-full.log (or /tmp). PER_FILE=seconds (default 300).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+own=tests/test_gpu.py
+if [ "${1:-}" = "--only" ]; then
+  own=
+  shift
+fi
 site=$(mktemp -d)
 if [ -d .whl ]; then
   for pair in diffusers:diffusers importlib_metadata:importlib_metadata zipp:zipp peft:peft pytest:pytest \
@@ -27,7 +33,7 @@ out=benchmarks/results/gpu-tests-$card.txt
   python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name(0))"
 } >"$out"
 status=0
-for f in tests/test_gpu.py "$@"; do
+for f in $own "$@"; do
   echo "## $f" | tee -a "$out"
   # a test that hangs has its threads' stacks dumped after 120 s, and a file is stopped after ${PER_FILE:-300} s
   timeout "${PER_FILE:-300}" python3 -m pytest -o addopts="" -o faulthandler_timeout=120 -p no:cacheprovider -v \
