@@ -167,6 +167,9 @@ def test_upload_sets_the_input_and_shows_strength_and_the_painter(panel):
     assert panel.input_thumb.layout.display == "" and panel.input_thumb.value[:4] == b"\x89PNG"
     assert panel.strength.layout.display == "" and panel.mask_box.layout.display == ""
     assert (panel.painter.width, panel.painter.height) == (80, 48)
+    # what the browser's canvas gets (the synced state): the mask is painted at the input's size
+    state = panel.painter.get_state()
+    assert (state["width"], state["height"], state["image"]) == (80, 48, panel.painter.image)
     assert panel.painter.image.startswith("data:image/png;base64,") and panel.painter.mask == ""
     assert panel.aspect.disabled and "80x48 (upload orange.png)" in panel.status.value
     assert "no mask painted" in panel.mask_info.value
