@@ -210,9 +210,8 @@ def load_transformer(
     if loras:
         from .lora import fuse_layers_, read_for_fusing
 
-        fused = read_for_fusing(
-            list(loras), model
-        )  # checked against the model's layers before any weight is read
+        # read and checked against the model's layers (still on the meta device) before any weight is read
+        fused = read_for_fusing(list(loras), model)
     load([k for k in where if block_of(k) is None])
     if fused:
         fuse_layers_(model, "", fused, quantize_on)

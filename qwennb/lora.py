@@ -957,8 +957,9 @@ def fuse_layers_(
     ``prefix`` (``"transformer_blocks.3"``; ``""``: the transformer itself, its blocks left out), in float32 and
     rounded once to the weight's dtype (``compute_on``: where to multiply, e.g. the GPU). Returns the layers changed.
 
-    The same weights as loading the LoRAs with diffusers and fusing them (``fuse_before_quantising``), to the last
-    bit of the weight's dtype, without a PEFT layer or a whole bf16 transformer in memory.
+    The weights of loading the LoRAs with diffusers and fusing them (``fuse_before_quantising``; tested to 1e-5
+    relative in float32, every key layout), without PEFT layers or a whole bf16 transformer in memory; in bf16 the
+    sum is rounded once.
     """
     import torch
 
