@@ -1566,6 +1566,26 @@ def _prepare(
     return folder, name, path, plan, hardware, pset
 
 
+def _check_gpus(gpus: int | list[int], plan: Any, hardware: Any) -> None:
+    """Refuse GPUs asked for that this machine cannot give, before anything loads (they were dropped silently)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, list)):
+        raise BatchError(f"gpus must be a count or a list of GPU indices, got {gpus!r}")
+    if isinstance(gpus, int) and gpus < 1:
+        raise BatchError(f"gpus must be at least 1, got {gpus}")
+    if plan.device != "cuda":
+        raise BatchError(
+            f"GPUs were asked for ({gpus}), but {plan.model} runs on the {plan.device} here (no CUDA GPU): leave "
+            "them out, or ask for CPU worker processes (workers, --workers)"
+        )
+    if isinstance(gpus, list):
+        there = [g.index for g in hardware.gpus]
+        missing = [g for g in gpus if g not in there]
+        if missing:
+            raise BatchError(
+                f"no GPU {', '.join(map(str, missing))} on this machine; its GPUs are {', '.join(map(str, there))}"
+            )
+
+
 def run_batch(
     prompts: str | os.PathLike[str] | Iterable[str | dict[str, Any]],
     out: str | os.PathLike[str],
@@ -1593,7 +1613,8 @@ def run_batch(
 
     Engines: ``pipe=`` runs in this process on a loaded pipeline; ``ray="auto"`` (the running cluster),
     ``"local"`` (start one here) or an address runs on Ray actors; otherwise one worker process per GPU
-    with enough free memory (``gpus``: at most this many, or these indices), or ``workers`` CPU processes
+    with enough free memory (``gpus``: at most this many, or these indices; refused where there is no CUDA GPU or
+    no such index), or ``workers`` CPU processes
     (default 1); ``warmup`` has each worker make one throwaway image first (compiled graphs ready, for
     timing). Prompt problems are found before
     anything loads: with ``strict`` they raise :class:`BatchError`, otherwise the lines are skipped and
@@ -1631,6 +1652,8 @@ def run_batch(
         preset=preset,
         negative=negative,
     )
+    if gpus is not None and pipe is None and not ray:
+        _check_gpus(gpus, plan, hardware)
     stop = stop if stop is not None else StopSignal()
     with FolderLock(folder):
         for tmp in (folder / IMAGES).glob(".*.tmp"):

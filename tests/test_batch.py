@@ -323,6 +323,9 @@ def test_cli_errors_are_one_line_before_anything_loads(tmp_path, capsys):
     assert "no such prompt file" in capsys.readouterr().err
     for extra, message in [
         (["--gpus", "two"], "--gpus must be a count or a list like 0,1; got 'two'"),
+        (["--gpus", "0"], "gpus must be at least 1, got 0"),
+        (["--gpus", "2"], "GPUs were asked for (2), but toy runs on the cpu here (no CUDA GPU)"),
+        (["--gpus", "0,1"], "GPUs were asked for ([0, 1]), but toy runs on the cpu here"),
         (["--workers", "0"], "--workers must be at least 1, got 0"),
         (["--size", "64x64", "--aspect", "1:1"], "give --size or --aspect, not both"),
         (["--preset", "nope"], "unknown preset 'nope'"),
@@ -778,3 +781,20 @@ def test_the_summary_hold_is_a_no_op_off_the_main_thread(tmp_path, capsys):
     assert box["rc"] == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"] == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_gpus_that_the_machine_lacks_are_refused_before_anything_loads():
+    from qwennb.batch import _check_gpus
+    from qwennb.plan import describe_machine, make_plan
+
+    hw = describe_machine(80, gpu_count=2, host_ram_gb=256)
+    plan = make_plan(hw, "qwen-image")
+    _check_gpus(2, plan, hw)
+    _check_gpus(5, plan, hw)  # "at most five": the two there are
+    _check_gpus([1], plan, hw)
+    with pytest.raises(BatchError, match=r"^no GPU 3, 7 on this machine; its GPUs are 0, 1$"):
+        _check_gpus([0, 3, 7], plan, hw)
+    with pytest.raises(BatchError, match="at least 1"):
+        _check_gpus(0, plan, hw)
+    with pytest.raises(BatchError, match="a count or a list"):
+        _check_gpus(True, plan, hw)
