@@ -208,7 +208,9 @@ def _add_generation_options(g: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1024x1024 (multiples of 16; others are rounded)")
     g.add_argument("--aspect", choices=list(ASPECT_RATIOS), help="an official aspect ratio and its size")
-    g.add_argument("--negative", default=None, help="negative prompt (default ' ' when CFG > 1)")
+    g.add_argument(
+        "--negative", "--negative-prompt", default=None, help="negative prompt (default ' ' when CFG > 1)"
+    )
     presets = "; ".join(f"{p.name}: {p.steps} steps, CFG {p.cfg:g}" for p in PRESETS.values())
     g.add_argument("--preset", help=f"named steps and CFG ({presets}); explicit options win")
     g.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
@@ -735,7 +737,7 @@ def add_batch_arguments(b: argparse.ArgumentParser, out_default: str | None = No
     b.add_argument("--size", help="WIDTHxHEIGHT for lines that give none")
     b.add_argument("--aspect", help="official aspect ratio for lines that give none")
     b.add_argument("--preset", help="preset for lines that give none")
-    b.add_argument("--negative", help="negative prompt for lines that give none")
+    b.add_argument("--negative", "--negative-prompt", help="negative prompt for lines that give none")
     b.add_argument(
         "--ray",
         metavar="auto|local|ADDRESS",
@@ -954,7 +956,7 @@ def add_edit_parser(sub: Any) -> None:
     e.add_argument(
         "--size", help="output WIDTHxHEIGHT (default: the first image's, rounded to multiples of 16)"
     )
-    e.add_argument("--negative", default=None, help="negative prompt")
+    e.add_argument("--negative", "--negative-prompt", default=None, help="negative prompt")
     e.add_argument("--out", default="outputs", help="folder for the PNGs (default: outputs)")
     e.add_argument("--no-metadata", action="store_true", help="do not embed the parameters in the PNGs")
     e.add_argument("--json", action="store_true", help="print one JSON object")

@@ -17,8 +17,9 @@ from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
+from IPython.utils.process import arg_split
 from traitlets import Bool, Float, Int, Unicode
 
 from .display import history_html, history_text, progress_html, progress_line
@@ -80,13 +81,25 @@ def fill_prompt(body: str, namespace: dict[str, Any]) -> str:
         raise UsageError(f"cannot fill the prompt's {{...}} fields: {exc}") from None
 
 
+def _unquote(word: str) -> str:
+    """One word of an options line without the quotes that grouped it: ``"a b"`` gives ``a b``, ``--seed="7"``
+    gives ``--seed=7``. IPython splits magic lines as Windows does and keeps the quotes in the words
+    (``--negative "blurry, low"`` was the negative prompt ``"blurry, low"``, quotes and all); a POSIX split would eat
+    the backslashes of Windows paths instead."""
+    head, eq, value = word.partition("=") if word.startswith("--") else ("", "", word)
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+    return head + eq + value
+
+
 def _parse_options(magic: Any, name: str, line: str) -> Any:
-    """A cell magic's options line, as ``parse_argstring`` reads it; a quote left open (which shlex cannot split)
-    is a usage error like any other bad option, not a traceback."""
+    """A cell magic's options line, split as ``parse_argstring`` splits it, each word without its grouping quotes;
+    a quote left open (which cannot be split) is a usage error like any other bad option, not a traceback."""
     try:
-        return parse_argstring(magic, line)
+        words = arg_split(line)
     except ValueError as exc:
         raise UsageError(f"{name}: cannot read the options line: {exc}") from None
+    return magic.parser.parse_args([_unquote(w) for w in words])
 
 
 def _model_words(command: str, rest: str) -> list[str]:
@@ -481,7 +494,7 @@ class QwenMagics(Magics):
     @argument("--seed", type=int, help="random seed, 0 to 2**63-1 (drawn and shown when omitted)")
     @argument("--size", help="WIDTHxHEIGHT, multiples of 16 (others are rounded)")
     @argument("--aspect", help="official aspect ratio: 1:1 16:9 9:16 4:3 3:4 3:2 2:3")
-    @argument("--negative", help="negative prompt (default ' ' when CFG > 1)")
+    @argument("--negative", "--negative-prompt", help="negative prompt (default ' ' when CFG > 1)")
     @argument("--preset", help=_PRESET_HELP)
     @argument("--n", type=int, default=1, help="number of images")
     @argument("--out", help="folder for the PNGs (default: QwenMagics.save_dir)")
@@ -534,7 +547,7 @@ class QwenMagics(Magics):
     @argument("--cfg", type=float, help="true_cfg_scale; 1 turns guidance off")
     @argument("--seed", type=int, help="random seed (drawn and shown when omitted)")
     @argument("--size", help="output WIDTHxHEIGHT (default: the first image's, rounded to multiples of 16)")
-    @argument("--negative", help="negative prompt (default ' ' when CFG > 1)")
+    @argument("--negative", "--negative-prompt", help="negative prompt (default ' ' when CFG > 1)")
     @argument("--out", help="folder for the PNGs (default: QwenMagics.save_dir)")
     @argument("--no-save", action="store_true", help="do not write PNGs")
     @cell_magic

@@ -5,6 +5,7 @@ import time
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from PIL import Image
 
 import qwennb
 from qwennb.errors import QwennbError
@@ -231,6 +232,25 @@ def test_options_cfg_preset_aspect_negative(ip):
     assert r.cfg == 1 and r.width > r.height and r.transformer_passes_per_step == 1
     r = ip.run_cell_magic("qwen_generate", "--steps 2 --size 64x64 --n 2 --no-save", "x")
     assert len(r.images) == 2
+
+
+def test_quoted_option_values_lose_their_quotes(ip, tmp_path):
+    # IPython splits an options line keeping the quotes in each word: the negative prompt was '"blurry, dark"'
+    r = ip.run_cell_magic(
+        "qwen_generate", '--steps 2 --size 64x64 --cfg 2 --no-save --negative "blurry, dark"', "x"
+    )
+    assert r.negative_prompt == "blurry, dark"
+    # diffusers' name for it is taken too
+    r = ip.run_cell_magic(
+        "qwen_generate", "--steps 2 --size 64x64 --cfg 2 --no-save --negative-prompt 'dark'", "x"
+    )
+    assert r.negative_prompt == "dark"
+    photo = tmp_path / "my photo.png"
+    Image.new("RGB", (64, 64), "white").save(photo)
+    r = ip.run_cell_magic(
+        "qwen_generate", f'--init-image "{photo}" --strength 0.5 --steps 2 --no-save --preset "balanced"', "x"
+    )
+    assert (r.task, r.preset, r.inputs[0]["source"]) == ("img2img", "balanced", str(photo))
 
 
 @pytest.mark.parametrize(
