@@ -844,3 +844,22 @@ def test_panel_keep_to_compare(panel):
         panel.wait(120)
         panel.keep()
     assert len(panel.compare.children) == 2 and panel.compare.layout.display != "none"
+
+
+def test_saving_the_history_writes_only_the_images_not_saved_yet(tmp_path):
+    from qwennb.generation import generate
+    from qwennb.pipeline import build
+    from qwennb.plan import describe_machine, make_plan
+    from qwennb.session import load_history, save_history
+
+    pipe = build(make_plan(describe_machine(host_ram_gb=8), "tiny"))
+    saved = generate(pipe, "a fox", steps=2, width=64, height=64, seed=1)
+    first = saved.save(tmp_path / "out")
+    unsaved = generate(pipe, "a cat", steps=2, width=64, height=64, seed=2)
+    history = tmp_path / "h" / "history.jsonl"
+    save_history([saved, unsaved], history)
+    pngs = sorted(p.name for p in history.parent.glob("*.png"))
+    assert len(pngs) == 1 and saved.paths == first  # the saved one is not written a second time
+    assert unsaved.paths == [str(history.parent / pngs[0])]
+    back = load_history(history)
+    assert [r.paths for r in back] == [first, unsaved.paths] and [r.seed for r in back] == [1, 2]
