@@ -92,6 +92,14 @@ def _unquote(word: str) -> str:
     return head + eq + value
 
 
+def _split_words(rest: str, what: str) -> list[str]:
+    """The words of a ``%qwen`` command's arguments, quotes grouping words as in the cell magics' options."""
+    try:
+        return [_unquote(w) for w in arg_split(rest)]
+    except ValueError as exc:
+        raise UsageError(f"cannot read {what}: {exc}") from None
+
+
 def _parse_options(magic: Any, name: str, line: str) -> Any:
     """A cell magic's options line, split as ``parse_argstring`` splits it, each word without its grouping quotes;
     a quote left open (which cannot be split) is a usage error like any other bad option, not a traceback."""
@@ -702,7 +710,7 @@ class QwenMagics(Magics):
         return self.panel.widget
 
     def _qwen_save(self, rest: str) -> None:
-        words = rest.split()
+        words = _split_words(rest, "the %qwen save line")
         if len(words) == 1:
             index, folder = -1, words[0]
         elif len(words) == 2:
@@ -818,7 +826,7 @@ class QwenMagics(Magics):
 
     def _qwen_lora(self, rest: str) -> Any:
         """``%qwen lora add PATH [SCALE] [name=NAME] | list | scale NAME SCALE | remove NAME|all | off | on``."""
-        words = rest.split()
+        words = _split_words(rest, "the %qwen lora line")
         usage = "usage: %qwen lora add PATH [SCALE] [name=NAME] | list | scale NAME SCALE | remove NAME|all | off | on"
         if not words:
             raise UsageError(usage)

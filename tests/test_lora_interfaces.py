@@ -53,6 +53,18 @@ def test_qwen_lora_add_list_scale_remove(ip, path):
     assert ip.run_line_magic("qwen", "lora list").text == "no LoRA loaded"
 
 
+def test_qwen_lora_add_a_quoted_path_with_a_space(ip, path, tmp_path):
+    spaced = tmp_path / "my inks" / "ink two.safetensors"
+    spaced.parent.mkdir()
+    spaced.write_bytes(path.read_bytes())
+    out = ip.run_line_magic("qwen", f'lora add "{spaced}" 0.5 name=ink2')
+    assert out.text.startswith("qwennb: LoRA ink2: scale 0.5")
+    assert [i.path for i in session(ip).lora_list()] == [str(spaced)]
+    ip.run_line_magic("qwen", "lora remove ink2")
+    with pytest.raises(UsageError, match="cannot read the %qwen lora line: No closing quotation"):
+        ip.run_line_magic("qwen", f'lora add "{spaced}')
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

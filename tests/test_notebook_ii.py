@@ -701,7 +701,7 @@ def test_a_broken_history_file_is_a_one_line_error(tmp_path):
             load_history(path)
 
 
-def test_history_regenerate_and_send_to_panel(ip):
+def test_history_regenerate_and_send_to_panel(ip, tmp_path):
     m = _magics(ip)
     if not m.session.loaded:
         m.load(show=False)
@@ -711,6 +711,9 @@ def test_history_regenerate_and_send_to_panel(ip):
     i = len(m.session.history) - 1
     again = ip.run_line_magic("qwen", f"history regenerate {i}")
     assert again.seed == 33 and again.cfg == 2.5 and np.array_equal(px(again), px(m.session.history[i]))
+    folder = tmp_path / "my pictures"
+    ip.run_line_magic("qwen", f'save {i} "{folder}"')  # a quoted folder with a space
+    assert len(list(folder.glob("*.png"))) == 1
     ip.run_line_magic("qwen", f"history panel {i}")
     p = m.panel
     assert (p.prompt.value, p.seed.value, p.randomize.value, p.cfg.value) == ("a yellow kite", 33, False, 2.5)
