@@ -474,7 +474,9 @@ def generate(
 
     validate_generate_options(
         {
-            "prompt": prompt,
+            "prompt": ""
+            if prompt is None
+            else prompt,  # None is "not given" to the validator: here it is empty
             "negative_prompt": negative_prompt,
             "steps": steps,
             "cfg": cfg,

@@ -146,7 +146,13 @@ def check_writable_folder(folder: str | os.PathLike[str]) -> Path:
 
 @option("prompt")
 def _prompt(name: str, value: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
+        several = isinstance(value, (list, tuple))
+        raise GenerationError(
+            f"the prompt must be text, got {type(value).__name__}"
+            + ("; for several prompts, qwennb.batch.run_batch (or `qwennb batch FILE`)" if several else "")
+        )
+    if not value.strip():
         raise GenerationError("the prompt is empty")
     return {"prompt": value}
 

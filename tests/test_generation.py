@@ -115,6 +115,10 @@ def test_bad_options_are_refused_clearly(pipe, kwargs, message):
 def test_empty_prompt(pipe):
     with pytest.raises(GenerationError, match="empty"):
         generate(pipe, "   ")
+    with pytest.raises(GenerationError, match="^the prompt is empty$"):
+        generate(pipe, None)  # not a TypeError from diffusers' encoder
+    with pytest.raises(GenerationError, match="^the prompt must be text, got list; for several prompts"):
+        generate(pipe, ["a cat", "a dog"])
 
 
 def test_size_over_the_budget_is_refused_with_the_largest_that_fits(pipe):

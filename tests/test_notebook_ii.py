@@ -136,6 +136,12 @@ def test_validate_generate_options_normalises_and_names_the_bad_value():
         validate_generate_options({"stepz": 3})
     with pytest.raises(GenerationError, match="the prompt is empty"):
         validate_generate_options({"prompt": "  "})
+    with pytest.raises(
+        GenerationError, match=r"^the prompt must be text, got list; for several prompts, qwennb"
+    ):
+        validate_generate_options({"prompt": ["a fox", "a cat"]})
+    with pytest.raises(GenerationError, match=r"^the prompt must be text, got bytes$"):
+        validate_generate_options({"prompt": b"a fox"})
     with pytest.raises(GenerationError, match=r"height must be a whole number from 16 to 4096, got 5000"):
         validate_generate_options({"width": 256, "height": 5000})
     with pytest.raises(GenerationError, match="steps must be at most 1000, got 1001"):
