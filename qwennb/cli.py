@@ -30,6 +30,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .hardware import detect
     from .models import find_local_models
 
+    if args.dir and not os.path.isdir(args.dir):
+        raise QwennbError(f"--dir {args.dir}: no such folder")
     hw = detect()
     models = find_local_models(args.dir) if args.dir else find_local_models()
     if args.json:

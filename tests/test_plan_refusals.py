@@ -54,9 +54,26 @@ def test_the_smallest_refusal_is_not_a_refusal_of_a_card_that_fits(capsys):
     [
         (["--gpu-memory", "lots"], "cannot read 'lots' as a memory size"),
         (["--gpu-memory", "0GB"], "memory size must be positive"),
+        (["--gpu-memory", "24GB", "--gpus", "0"], "gpus is a whole number of at least 1"),
+        (["--gpu-memory", "24GB", "--gpus", "-2"], "gpus is a whole number of at least 1"),
     ],
 )
 def test_cli_plan_bad_input_is_one_line_exit_2(argv, message, capsys):
     assert main(["plan", "--model", "qwen-image", *argv]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("overrides", [{"gpus": 0}, {"gpus": 1.5}, {"gpus": True}, {"resident_blocks": -1}])
+def test_make_plan_refuses_gpu_counts_and_resident_blocks_that_mean_nothing(overrides):
+    from qwennb.errors import PlanError
+    from qwennb.plan import describe_machine, make_plan
+
+    with pytest.raises(PlanError, match="is a whole number of at least"):
+        make_plan(describe_machine(24, gpu_count=2), "qwen-image", overrides)
+    make_plan(describe_machine(24, gpu_count=2), "qwen-image", {"gpus": 2, "resident_blocks": 0})
+
+
+def test_detect_with_a_folder_that_is_not_there_says_so(tmp_path, capsys):
+    assert main(["detect", "--dir", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"qwennb: error: --dir {tmp_path / 'nope'}: no such folder\n"
