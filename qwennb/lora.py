@@ -1251,5 +1251,7 @@ def parse_spec(text: str) -> tuple[str, float]:
         try:
             return source, float(tail)
         except ValueError:
-            pass
+            # "ink.safetensors:strong": a scale that is not a number (a Windows drive's colon is not one)
+            if source.endswith(".safetensors") or (os.path.isfile(source) and not os.path.exists(text)):
+                raise LoraError(f"a LoRA scale is a number, got {tail!r} (in {text!r})") from None
     return text, 1.0

@@ -539,6 +539,11 @@ def test_session_lora_api_and_a_bad_lora_at_load_keeps_the_model(files, tmp_path
 def test_records_and_specs_parse():
     assert lora.parse_spec("C:/x/y.safetensors:0.25") == ("C:/x/y.safetensors", 0.25)
     assert lora.parse_spec("C:/x/y.safetensors") == ("C:/x/y.safetensors", 1.0)
+    assert lora.parse_spec("C:\\x\\y.safetensors") == ("C:\\x\\y.safetensors", 1.0)  # a drive's colon
+    with pytest.raises(
+        lora.LoraError, match=r"^a LoRA scale is a number, got 'strong' \(in 'ink.safetensors:strong'\)$"
+    ):
+        lora.parse_spec("ink.safetensors:strong")
     assert lora.detect_format(["diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight"]) == "comfyui"
     assert json.loads(json.dumps(lora.LoraInfo("a", "b", "c", "d").record())) == {
         "name": "a",
