@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -559,6 +560,10 @@ def load_history(path: str | os.PathLike[str]) -> list[GenerationResult]:
         text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise QwennbError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise QwennbError(
+            f"{path} is not a qwennb history file (not text; %qwen history save writes one)"
+        ) from None
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -573,7 +578,12 @@ def load_history(path: str | os.PathLike[str]) -> list[GenerationResult]:
                         images.append(im.convert("RGB"))
             out.append(GenerationResult.from_dict(d, images))
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
-            raise QwennbError(f"{path} line {n} is not a qwennb history entry ({exc})") from None
+            why = str(exc)
+            missing = re.search(r"missing \d+ required positional arguments?: (.*)", why)
+            if missing:  # "'seed', 'steps', ..." from the dataclass: the first few fields it lacks
+                names = re.findall(r"'(\w+)'", missing.group(1))
+                why = f"no {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+            raise QwennbError(f"{path} line {n} is not a qwennb history entry ({why})") from None
     return out
 
 

@@ -872,3 +872,24 @@ def test_saving_the_history_writes_only_the_images_not_saved_yet(tmp_path):
     assert unsaved.paths == [str(history.parent / pngs[0])]
     back = load_history(history)
     assert [r.paths for r in back] == [first, unsaved.paths] and [r.seed for r in back] == [1, 2]
+
+
+def test_a_history_file_that_is_not_one_is_refused_in_one_line(tmp_path):
+    from PIL import Image
+
+    from qwennb.errors import QwennbError
+    from qwennb.session import load_history
+
+    png = tmp_path / "picture.png"
+    Image.new("RGB", (8, 8)).save(png)
+    with pytest.raises(QwennbError, match=r"picture.png is not a qwennb history file \(not text"):
+        load_history(png)
+    lines = tmp_path / "other.jsonl"
+    lines.write_text('{"prompt": "a fox"}\n')
+    with pytest.raises(
+        QwennbError, match=r"other.jsonl line 1 is not a qwennb history entry \(no negative_prompt, seed"
+    ):
+        load_history(lines)
+    lines.write_text("\n\nnot json\n")
+    with pytest.raises(QwennbError, match=r"line 3 is not a qwennb history entry"):
+        load_history(lines)
