@@ -926,9 +926,10 @@ def read_for_fusing(
     specs: list[tuple[str, float]], transformer: Any
 ) -> list[tuple[LoraInfo, dict[str, tuple[Any, Any]]]]:
     """Read, convert and check LoRAs (``(source, scale)`` pairs) against ``transformer`` (its weights may still
-    be on the meta device) for :func:`fuse_layers_`: each LoRA's info (fused) and its ``{layer: (A, B)}`` with the
-    alpha folded in, as diffusers' converters give them. What a transformer loaded block by block into fp8 needs:
-    each block's LoRA layers are fused in before the block is quantised (``qwennb.loading.load_transformer``).
+    be on the meta device) for :func:`qwennb.loading.fuse_lora_layers_`: each LoRA's info (fused) and its
+    ``{layer: (A, B)}`` with the alpha folded in, as diffusers' converters give them. What a transformer loaded
+    block by block into fp8 needs: each block's LoRA layers are fused in before the block is quantised
+    (``qwennb.loading.load_transformer(..., read_loras=...)``).
     """
     _require_peft()
     out: list[tuple[LoraInfo, dict[str, tuple[Any, Any]]]] = []
@@ -948,38 +949,6 @@ def read_for_fusing(
         )
         out.append((info, {n: (ab["A"], ab["B"]) for n, ab in pairs.items()}))
     return out
-
-
-def fuse_layers_(
-    module: Any, prefix: str, loras: list[tuple[LoraInfo, dict[str, tuple[Any, Any]]]], compute_on: Any = None
-) -> int:
-    """Add ``scale * B @ A`` of each LoRA into the Linear weights of ``module``, the transformer's part named
-    ``prefix`` (``"transformer_blocks.3"``; ``""``: the transformer itself, its blocks left out), in float32 and
-    rounded once to the weight's dtype (``compute_on``: where to multiply, e.g. the GPU). Returns the layers changed.
-
-    The weights of loading the LoRAs with diffusers and fusing them (``fuse_before_quantising``; tested to 1e-5
-    relative in float32, every key layout), without PEFT layers or a whole bf16 transformer in memory; in bf16 the
-    sum is rounded once.
-    """
-    import torch
-
-    done = 0
-    for info, pairs in loras:
-        for name, (a, b) in pairs.items():
-            if prefix:
-                if not name.startswith(prefix + "."):
-                    continue
-                sub = name[len(prefix) + 1 :]
-            elif name.startswith("transformer_blocks."):
-                continue
-            else:
-                sub = name
-            w = module.get_submodule(sub).weight
-            dev = compute_on if compute_on is not None else w.device
-            delta = b.to(dev, torch.float32) @ a.to(dev, torch.float32)
-            w.data = (w.data.to(dev, torch.float32) + info.scale * delta).to(w.dtype).to(w.device)
-            done += 1
-    return done
 
 
 def ensure(pipe: Any, records: list[dict[str, Any]]) -> list[str]:

@@ -165,13 +165,20 @@ def _load_pretrained(plan: Plan, path: str | None, loras: list[tuple[str, float]
             device=cuda if t.placement == "gpu" and cuda is not None else "cpu",
             gpu_blocks=_gpu_blocks(plan),
             # an fp8 plan's LoRAs are fused into each block before it is quantised
-            loras=loras if loras and lora_needs_fusing(plan) else None,
+            read_loras=_lora_reader(loras) if loras and lora_needs_fusing(plan) else None,
         )
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"could not load {source}: {first}") from exc
+
+
+def _lora_reader(loras: list[tuple[str, float]]) -> Any:
+    """``read_loras`` for :func:`qwennb.loading.load_transformer`: the LoRAs read and checked against its model."""
+    from .lora import read_for_fusing
+
+    return lambda model: read_for_fusing(list(loras), model)
 
 
 def _stored_form(plan: Plan) -> bool:

@@ -221,7 +221,7 @@ def test_loras_fused_block_by_block_at_load_equal_diffusers_fused_weights(same_b
 
     from qwennb import lora
     from qwennb.loading import load_transformer
-    from qwennb.pipeline import build
+    from qwennb.pipeline import _lora_reader, build
     from qwennb.plan import describe_machine, make_plan
 
     pipe = build(make_plan(describe_machine(host_ram_gb=16), "toy"))
@@ -239,7 +239,8 @@ def test_loras_fused_block_by_block_at_load_equal_diffusers_fused_weights(same_b
         want_pipe = build(make_plan(describe_machine(host_ram_gb=16), "toy"))
         lora.fuse_before_quantising(want_pipe, specs)
         want = _weights(want_pipe.transformer)
-        got_t = load_transformer(TOY_MODEL_DIR, torch.float32, fp8=False, loras=specs)
+        # the reader the GPU's fp8 load gets from build() (qwennb.pipeline._load_pretrained)
+        got_t = load_transformer(TOY_MODEL_DIR, torch.float32, fp8=False, read_loras=_lora_reader(specs))
         got = _weights(got_t)
         assert set(got) == set(want)
         worst = max(float((got[k] - want[k]).abs().max() / (want[k].abs().max() + 1e-12)) for k in want)
