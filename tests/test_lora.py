@@ -463,6 +463,23 @@ def test_fp8_plans_fuse_loras_before_quantising(files, base):
     assert generate(p, "x", **SMALL).loras[0]["scale"] == 0.8
 
 
+def test_a_session_on_an_fp8_plan_reloads_with_the_lora_it_is_given(files):
+    """On an fp8 plan a LoRA is fused at load: ``Session.lora_add`` reloads with the LoRAs there and the new one.
+    (The CPU plans a small model in float32 whatever it is told, so the plan is made fp8 here; the reload replans,
+    so what it fuses is checked on a GPU: tests/test_gpu.py.)"""
+    s = Session()
+    prepared = s.prepare(MODEL)
+    comps = dict(prepared.plan.components)
+    comps["transformer"] = dataclasses.replace(comps["transformer"], storage_dtype="float8_e4m3fn")
+    s.load_prepared(dataclasses.replace(prepared, plan=dataclasses.replace(prepared.plan, components=comps)))
+    before = s.pipe
+    info = s.lora_add(str(files["kohya"]), 0.8)
+    assert s.pipe is not before  # reloaded, not added beside fp8 weights
+    assert (info.source, info.scale) == (str(files["kohya"]), 0.8)
+    assert [(i.source, i.scale) for i in s.lora_list()] == [(str(files["kohya"]), 0.8)]
+    s.unload()
+
+
 def test_the_lightning_presets_use_the_lightning_scheduler_and_cfg_1(pipe, base):
     r = generate(pipe, "a red circle", preset="lightning-8", width=64, height=64, seed=5)
     assert (r.steps, r.cfg, r.transformer_passes_per_step) == (8, 1.0, 1)
