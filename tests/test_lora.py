@@ -463,6 +463,16 @@ def test_fp8_plans_fuse_loras_before_quantising(files, base):
     assert generate(p, "x", **SMALL).loras[0]["scale"] == 0.8
 
 
+@pytest.mark.parametrize("record", [{"scale": 0.5}, "ink.safetensors", None, ["ink.safetensors", 0.5]])
+def test_a_lora_record_without_a_source_is_refused_in_one_line(pipe, record):
+    # loras=[...] of generate() and a PNG's records: each a dict with at least a source
+    with pytest.raises(lora.LoraError, match=r"^a LoRA record needs at least a source, got "):
+        lora.ensure(pipe, [record])
+    with pytest.raises(lora.LoraError, match="needs at least a source"):
+        generate(pipe, "x", loras=[record], **SMALL)
+    assert lora.list_loras(pipe) == []
+
+
 def test_a_session_on_an_fp8_plan_reloads_with_the_lora_it_is_given(files):
     """On an fp8 plan a LoRA is fused at load: ``Session.lora_add`` reloads with the LoRAs there and the new one.
     (The CPU plans a small model in float32 whatever it is told, so the plan is made fp8 here; the reload replans,
