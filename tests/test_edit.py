@@ -6,6 +6,7 @@ EDIT_MODEL and T2I_MODEL name the models: the trained toy models (``toy-edit``, 
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -580,6 +581,7 @@ def test_qwen_generate_then_edit_the_last_result(ip):
     )
     r = ip.user_ns["_"]
     assert r.task == "edit" and r.images[0].size == (64, 48) and r.seed == 3 and len(r.paths) == 1
+    assert os.path.dirname(r.paths[0]) == os.path.abspath(magics(ip).save_dir)  # without --out: save_dir
     assert r.inputs[0]["sha256"] == image_sha256(first.images[0])  # run_cell_magic does not set `_`
     assert magics(ip).session.report.model == EDIT_MODEL
     assert f"switching from {T2I_MODEL}" in magics(ip).session.report.notice

@@ -1,5 +1,6 @@
 """The magics in a real IPython shell, on the real tiny pipeline."""
 
+import os
 import time
 
 import pytest
@@ -189,6 +190,7 @@ def test_generate_cell_returns_the_result_and_saves(ip, capsys):
         and (r.width, r.height) == (64, 64)
     )
     assert len(r.paths) == 1 and qwennb.load_params(r.paths[0])["seed"] == 5
+    assert os.path.dirname(r.paths[0]) == os.path.abspath(magics(ip).save_dir)  # without --out: save_dir
     assert magics(ip).session.history[-1] is r
     bundle = r._repr_mimebundle_()
     assert "qwennb-timing" in bundle["text/html"] and "<img" in bundle["text/html"]
