@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,14 @@ class GenerationResult:
     def from_dict(cls, d: dict[str, Any], images: list[Any] | None = None) -> GenerationResult:
         """The inverse of :meth:`to_dict` (images are given separately, e.g. read back from ``d["images"]``)."""
         names = {f.name for f in fields(cls)} - {"images"}
+        required = [
+            f.name
+            for f in fields(cls)
+            if f.name in names and f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [n for n in required if n not in d]
+        if missing:  # a record of something else: say which fields, not the constructor's TypeError
+            raise ValueError(f"no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         kept = {k: v for k, v in d.items() if k in names}
         kept["paths"] = list(d.get("images") or d.get("paths") or [])
         return cls(images=list(images or []), **kept)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -578,12 +577,7 @@ def load_history(path: str | os.PathLike[str]) -> list[GenerationResult]:
                         images.append(im.convert("RGB"))
             out.append(GenerationResult.from_dict(d, images))
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as exc:
-            why = str(exc)
-            missing = re.search(r"missing \d+ required positional arguments?: (.*)", why)
-            if missing:  # "'seed', 'steps', ..." from the dataclass: the first few fields it lacks
-                names = re.findall(r"'(\w+)'", missing.group(1))
-                why = f"no {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
-            raise QwennbError(f"{path} line {n} is not a qwennb history entry ({why})") from None
+            raise QwennbError(f"{path} line {n} is not a qwennb history entry ({exc})") from None
     return out
 
 
