@@ -1035,14 +1035,10 @@ def _resolve(overrides: OptimizationConfig | dict[str, Any] | None) -> tuple[Opt
         raise PlanError(f"unknown cache {cfg.cache!r}; choose one of: {', '.join(CACHE_MODES)}")
     if cfg.flash4 is not None and not isinstance(cfg.flash4, bool):
         raise PlanError(f"flash4 is True, False or None (where it can run), got {cfg.flash4!r}")
-    if cfg.gpus is not None and (isinstance(cfg.gpus, bool) or not isinstance(cfg.gpus, int) or cfg.gpus < 1):
-        raise PlanError(f"gpus is a whole number of at least 1 (GPUs for one request), got {cfg.gpus!r}")
-    if cfg.resident_blocks is not None and (
-        isinstance(cfg.resident_blocks, bool)
-        or not isinstance(cfg.resident_blocks, int)
-        or cfg.resident_blocks < 0
-    ):
-        raise PlanError(f"resident_blocks is a whole number of at least 0, got {cfg.resident_blocks!r}")
+    for name, low in (("gpus", 1), ("resident_blocks", 0)):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise PlanError(f"{name} is a whole number of at least {low}, got {value!r}")
     if cfg.dtype and cfg.dtype not in ("bfloat16", "float32"):
         raise PlanError(
             f"dtype {cfg.dtype!r} is not supported: Qwen-Image needs bfloat16 or float32 (fp16 overflows)"
